@@ -1,0 +1,1 @@
+"""sitiancal.api layer."""

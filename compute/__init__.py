@@ -1,0 +1,1 @@
+"""sitiancal.compute layer."""

@@ -1,0 +1,1 @@
+"""sitiancal.service layer."""
