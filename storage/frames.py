@@ -1,0 +1,550 @@
+"""Fast reads of raw camera frames and the FITS header walk they share with the scan.
+
+Every camera frame of the network is a plain uncompressed FITS image with
+``BITPIX = 16``, ``BZERO = 32768``, ``BSCALE = 1``: unsigned 16-bit counts stored
+as big-endian signed integers. astropy refuses to memory-map scaled data and its
+scaled read goes through a float or a second integer array, so this module reads
+such frames itself: it locates the data block from the header, reads it straight
+into the output array and converts it in place (byte swap, then XOR ``0x8000``,
+which equals adding 32768 modulo 2**16). Everything else (tile-compressed
+``CompImageHDU``, 8-bit data, signed 16-bit data with ``BZERO = 0``) goes through
+astropy; gzip-compressed files are decompressed first and then take the same
+paths.
+
+Header helpers: :func:`walk_hdus` reads header blocks only (never pixel data) and
+returns, for each HDU, its parsed :class:`astropy.io.fits.Header`, where its data
+start and how many bytes the header says the data occupy. The scan uses it to
+classify files and to detect truncation by comparing sizes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import math
+import os
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO
+
+import numpy as np
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
+
+#: FITS logical record length (bytes): headers and data are padded to it.
+BLOCK = 2880
+#: FITS header card length (bytes).
+CARD = 80
+#: The first bytes of every FITS file (the SIMPLE keyword and its value indicator).
+FITS_MAGIC = b"SIMPLE  ="
+#: The first bytes of a gzip stream.
+GZIP_MAGIC = b"\x1f\x8b"
+#: Largest header accepted (bytes); a real header is a few blocks.
+MAX_HEADER_BYTES = 1000 * BLOCK
+
+_END_CARD = b"END" + b" " * (CARD - 3)
+
+PathLike = str | os.PathLike[str]
+
+
+class FrameReadError(ValueError):
+    """A frame or header cannot be read; ``reason`` says precisely why.
+
+    Parameters
+    ----------
+    path
+        The file (or a description of the buffer) that failed.
+    reason
+        Human-readable reason, e.g. ``"truncated: 1024 bytes of pixel data missing"``.
+    """
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(self.path, reason)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class HduInfo:
+    """Where one HDU lies in a FITS stream and what its header says.
+
+    Attributes
+    ----------
+    index
+        HDU number (0 is the primary HDU).
+    header
+        The parsed header (astropy, lazily parsed cards).
+    header_offset, data_offset
+        Byte offsets of the header and of the data block.
+    data_size
+        Size of the data in bytes as implied by the header, before padding.
+    """
+
+    index: int
+    header: fits.Header
+    header_offset: int
+    data_offset: int
+    data_size: int
+
+    @property
+    def data_end(self) -> int:
+        """Offset just after the (unpadded) data, bytes."""
+        return self.data_offset + self.data_size
+
+    @property
+    def padded_end(self) -> int:
+        """Offset of the next HDU (data padded to a whole block), bytes."""
+        return self.data_offset + _pad(self.data_size)
+
+    @property
+    def xtension(self) -> str | None:
+        """``XTENSION`` value (``None`` for the primary HDU)."""
+        value = self.header.get("XTENSION")
+        return str(value).strip().upper() if value is not None else None
+
+    @property
+    def is_compressed_image(self) -> bool:
+        """True for a tile-compressed image (a BINTABLE with ``ZIMAGE = T``)."""
+        return self.xtension == "BINTABLE" and self.header.get("ZIMAGE") is True
+
+    @property
+    def is_image(self) -> bool:
+        """True when the HDU holds an image with at least one axis."""
+        if self.is_compressed_image:
+            return _int_card(self.header, "ZNAXIS", 0) > 0
+        if self.xtension not in (None, "IMAGE"):
+            return False
+        return _int_card(self.header, "NAXIS", 0) > 0
+
+    @property
+    def kind(self) -> str:
+        """Short description: ``primary``, ``IMAGE``, ``compressed image``, ``BINTABLE``..."""
+        if self.is_compressed_image:
+            return "compressed image"
+        return self.xtension or "primary"
+
+    @property
+    def bitpix(self) -> int:
+        """BITPIX of the image (``ZBITPIX`` for a compressed image)."""
+        return _int_card(self.header, "ZBITPIX" if self.is_compressed_image else "BITPIX", 0)
+
+    @property
+    def image_axes(self) -> tuple[int, ...]:
+        """Image axis lengths in numpy order (slowest first), e.g. ``(ny, nx)``."""
+        prefix = "ZNAXIS" if self.is_compressed_image else "NAXIS"
+        naxis = _int_card(self.header, prefix, 0)
+        return tuple(_int_card(self.header, f"{prefix}{i}", 0) for i in range(naxis, 0, -1))
+
+    @property
+    def bzero(self) -> float:
+        """BZERO (0 when absent)."""
+        return _float_card(self.header, "BZERO", 0.0)
+
+    @property
+    def bscale(self) -> float:
+        """BSCALE (1 when absent)."""
+        return _float_card(self.header, "BSCALE", 1.0)
+
+    @property
+    def is_fast_path(self) -> bool:
+        """True for plain uncompressed unsigned 16-bit images (``BZERO = 32768``)."""
+        return (not self.is_compressed_image and self.is_image and self.bitpix == 16
+                and self.bzero == 32768.0 and self.bscale == 1.0)
+
+
+def _pad(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def _int_card(header: fits.Header, key: str, default: int) -> int:
+    value = header.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"header keyword {key} = {value!r} is not an integer")
+    if value != int(value):
+        raise ValueError(f"header keyword {key} = {value!r} is not an integer")
+    return int(value)
+
+
+def _float_card(header: fits.Header, key: str, default: float) -> float:
+    value = header.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"header keyword {key} = {value!r} is not a number")
+    return float(value)
+
+
+def _data_size(header: fits.Header) -> int:
+    """Bytes of data implied by a header (FITS standard 4.0, eq. 2), unpadded."""
+    naxis = _int_card(header, "NAXIS", 0)
+    if naxis == 0:
+        return 0
+    bitpix = _int_card(header, "BITPIX", 0)
+    if bitpix not in (8, 16, 32, 64, -32, -64):
+        raise ValueError(f"BITPIX = {bitpix} is not a FITS pixel type")
+    axes = [_int_card(header, f"NAXIS{i}", 0) for i in range(1, naxis + 1)]
+    if any(a < 0 for a in axes):
+        raise ValueError(f"negative axis length in {axes}")
+    gcount = _int_card(header, "GCOUNT", 1)
+    pcount = _int_card(header, "PCOUNT", 0)
+    return abs(bitpix) // 8 * gcount * (pcount + math.prod(axes))
+
+
+ReadAt = Callable[[int, int], bytes]
+
+
+def _read_header(read_at: ReadAt, offset: int, name: str, first: bool) -> tuple[fits.Header, int]:
+    """Read header blocks from ``offset`` up to the END card; return (header, data offset)."""
+    chunks: list[bytes] = []
+    pos = offset
+    while True:
+        block = read_at(pos, BLOCK)
+        if not chunks:
+            magic = FITS_MAGIC if first else b"XTENSION="
+            if not block.startswith(magic):
+                if first:
+                    raise FrameReadError(
+                        name, "not a FITS file (it does not begin with a 'SIMPLE  =' card)")
+                raise FrameReadError(name, f"no XTENSION card at byte {offset}")
+        if len(block) < BLOCK:
+            what = "the file" if first else f"the extension header at byte {offset}"
+            raise FrameReadError(
+                name, f"truncated: {what} ends inside its header "
+                      f"({pos + len(block) - offset} header bytes, no END card)")
+        chunks.append(block)
+        pos += BLOCK
+        end = -1
+        for k in range(0, BLOCK, CARD):
+            if block[k:k + CARD] == _END_CARD or block[k:k + 8] == b"END     ":
+                end = k
+                break
+        if end >= 0:
+            break
+        if pos - offset >= MAX_HEADER_BYTES:
+            raise FrameReadError(name, f"no END card in the first {MAX_HEADER_BYTES} header bytes")
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise FrameReadError(name, f"header holds a non-ASCII byte at {offset + exc.start}") from None
+    try:
+        header = fits.Header.fromstring(text)
+    except Exception as exc:  # astropy raises several types for malformed cards
+        raise FrameReadError(name, f"unparsable header: {exc}") from None
+    return header, pos
+
+
+def walk_hdus(read_at: ReadAt, name: str, *, stop: Callable[[HduInfo], bool] | None = None,
+              size: int | None = None) -> Iterator[HduInfo]:
+    """Yield the HDUs of a FITS stream, reading header blocks only.
+
+    Parameters
+    ----------
+    read_at
+        ``read_at(offset, n) -> bytes``: at most ``n`` bytes from ``offset``
+        (fewer at the end of the stream).
+    name
+        File name used in error messages.
+    stop
+        Optional predicate; the walk ends after the first HDU for which it is true.
+    size
+        Stream size in bytes, if known; the walk ends when the next HDU would
+        start at or beyond it.
+
+    Raises
+    ------
+    FrameReadError
+        Not a FITS stream, a header without END card, or a malformed header.
+    """
+    offset = 0
+    index = 0
+    while True:
+        header, data_offset = _read_header(read_at, offset, name, first=index == 0)
+        try:
+            data_size = _data_size(header)
+        except ValueError as exc:
+            raise FrameReadError(name, f"invalid header of HDU {index}: {exc}") from None
+        info = HduInfo(index, header, offset, data_offset, data_size)
+        yield info
+        if stop is not None and stop(info):
+            return
+        offset = info.padded_end
+        index += 1
+        if size is not None and offset >= size:
+            return
+        if read_at(offset, 9) != b"XTENSION=":
+            return  # end of stream, or trailing bytes that are not an extension
+
+
+def _file_read_at(f: IO[bytes]) -> ReadAt:
+    def read_at(offset: int, n: int) -> bytes:
+        f.seek(offset)
+        return f.read(n)
+    return read_at
+
+
+def _buffer_read_at(buf: bytes | bytearray | memoryview | np.ndarray) -> ReadAt:
+    view = memoryview(buf).cast("B")
+
+    def read_at(offset: int, n: int) -> bytes:
+        return bytes(view[offset:offset + n])
+    return read_at
+
+
+def find_image_hdu(read_at: ReadAt, name: str, hdu: int | None = None,
+                   size: int | None = None) -> tuple[HduInfo, HduInfo]:
+    """Return ``(primary, image)``: the primary HDU and the image HDU to read.
+
+    With ``hdu=None`` the image is the first HDU holding an image (the primary
+    HDU, or an IMAGE or tile-compressed extension).
+
+    Raises
+    ------
+    FrameReadError
+        No image HDU (listing what was found), or ``hdu`` is not an image.
+    """
+    seen: list[HduInfo] = []
+    for info in walk_hdus(read_at, name, size=size,
+                          stop=lambda i: (i.index == hdu) if hdu is not None else i.is_image):
+        seen.append(info)
+    last = seen[-1]
+    if hdu is not None and last.index != hdu:
+        raise FrameReadError(name, f"HDU {hdu} does not exist (the file has {len(seen)} HDUs)")
+    if not last.is_image:
+        kinds = ", ".join(f"{i.index}: {i.kind}" + (" (empty)" if i.data_size == 0 else "")
+                          for i in seen)
+        raise FrameReadError(name, f"no image HDU (found {kinds})")
+    return seen[0], last
+
+
+def _check_2d(info: HduInfo, name: str) -> tuple[int, int]:
+    axes = info.image_axes
+    if len(axes) != 2:
+        raise FrameReadError(name, f"expected a 2-D image, HDU {info.index} has "
+                                   f"{len(axes)} axes {axes}")
+    return axes[0], axes[1]
+
+
+def _to_unsigned_inplace(raw: np.ndarray) -> np.ndarray:
+    """Turn big-endian BZERO=32768 int16 bytes (held as uint16) into native uint16, in place."""
+    if sys.byteorder == "little":
+        raw.byteswap(inplace=True)
+    raw ^= np.uint16(0x8000)
+    return raw
+
+
+def _fast_read_file(f: IO[bytes], info: HduInfo, name: str, size: int) -> np.ndarray:
+    ny, nx = _check_2d(info, name)
+    if size < info.data_end:
+        raise FrameReadError(name, truncation_reason(size, info.data_end))
+    out = np.empty((ny, nx), dtype=np.uint16)
+    view = memoryview(out).cast("B")
+    f.seek(info.data_offset)
+    got = 0
+    while got < out.nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise FrameReadError(name, truncation_reason(info.data_offset + got, info.data_end))
+        got += n
+    return _to_unsigned_inplace(out)
+
+
+def truncation_reason(size: int, expected: int) -> str:
+    """Rejection text for a file of ``size`` bytes whose header implies ``expected`` bytes."""
+    return (f"truncated: {expected - size} bytes of pixel data missing "
+            f"(the file has {size} bytes, its header implies {expected})")
+
+
+def _astropy_read(source: IO[bytes], info: HduInfo, name: str) -> np.ndarray:
+    """Read one image HDU with astropy and return native-endian uint16 or uint8 counts."""
+    _check_2d(info, name)
+    try:
+        with fits.open(source, memmap=False, uint=True, lazy_load_hdus=True) as hdul:
+            data = hdul[info.index].data
+            if data is None:
+                raise FrameReadError(name, f"HDU {info.index} holds no data")
+            data = np.asarray(data)
+            return _as_counts(data, name)
+    except FrameReadError:
+        raise
+    except (OSError, ValueError, IndexError, TypeError, zlib.error, VerifyError) as exc:
+        raise FrameReadError(name, f"astropy cannot read HDU {info.index}: {exc}") from None
+
+
+def _as_counts(data: np.ndarray, name: str) -> np.ndarray:
+    """Native-endian uint16/uint8 copy of integer pixel data, refusing anything else."""
+    if data.dtype.kind == "u" and data.dtype.itemsize in (1, 2):
+        return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("="))
+    if data.dtype.kind == "i" and data.dtype.itemsize <= 2:
+        lo = int(data.min()) if data.size else 0
+        if lo < 0:
+            raise FrameReadError(name, f"negative counts (minimum {lo}) in signed "
+                                       f"{8 * data.dtype.itemsize}-bit data without BZERO offset")
+        return np.ascontiguousarray(data, dtype=np.uint16 if data.dtype.itemsize == 2
+                                    else np.uint8)
+    raise FrameReadError(name, f"pixel type {data.dtype} is not raw 8- or 16-bit counts")
+
+
+def read_frame(path: PathLike, hdu: int | None = None) -> np.ndarray:
+    """Read the raw counts of one frame.
+
+    Parameters
+    ----------
+    path
+        FITS file (``.fits``, ``.fits.gz``, ``.fz``...); a local path or an
+        fsspec URL.
+    hdu
+        HDU number of the image; ``None`` picks the first image HDU.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(ny, nx)`` native-endian ``uint16`` counts (ADU); ``uint8`` for
+        8-bit data.
+
+    Raises
+    ------
+    FrameReadError
+        The file cannot be read, is truncated, or does not hold raw integer counts.
+    """
+    name = str(path)
+    try:
+        with open_binary(path) as f:
+            head = f.read(2)
+            if head == GZIP_MAGIC:
+                f.seek(0)
+                return read_frame_bytes(read_all(f, name), hdu, name=name)
+            size = stream_size(f)
+            read_at = _file_read_at(f)
+            _, info = find_image_hdu(read_at, name, hdu, size=size)
+            if info.is_fast_path:
+                return _fast_read_file(f, info, name, size)
+            if size < info.data_end:
+                raise FrameReadError(name, truncation_reason(size, info.data_end))
+            f.seek(0)
+            return _astropy_read(f, info, name)
+    except OSError as exc:
+        raise FrameReadError(name, f"unreadable: {exc.strerror or exc}") from None
+
+
+def read_frame_bytes(buf: bytes | bytearray | np.ndarray, hdu: int | None = None, *,
+                     name: str = "<buffer>") -> np.ndarray:
+    """Parse the raw counts of one frame from the bytes of its file.
+
+    When ``buf`` is writable (a ``bytearray`` or a uint8 array such as
+    :func:`read_file_bytes` returns) and holds a plain ``BZERO = 32768``
+    frame, the conversion happens in place: the returned array shares memory
+    with ``buf`` (which then no longer holds the file's bytes), so reading
+    costs no second frame-sized buffer. Hash the bytes before calling this.
+
+    Parameters
+    ----------
+    buf
+        The whole file's content (gzip-compressed content is accepted).
+    hdu
+        HDU number of the image; ``None`` picks the first image HDU.
+    name
+        Name used in error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(ny, nx)`` native-endian ``uint16`` counts (ADU); ``uint8`` for 8-bit data.
+    """
+    if bytes(memoryview(buf)[:2]) == GZIP_MAGIC:
+        try:
+            buf = bytearray(gzip.decompress(buf))
+        except (OSError, EOFError, zlib.error) as exc:
+            raise FrameReadError(name, f"corrupt gzip stream: {exc}") from None
+    size = memoryview(buf).nbytes
+    _, info = find_image_hdu(_buffer_read_at(buf), name, hdu, size=size)
+    if size < info.data_end:
+        raise FrameReadError(name, truncation_reason(size, info.data_end))
+    if info.is_fast_path:
+        ny, nx = _check_2d(info, name)
+        raw = np.frombuffer(buf, dtype=np.uint16, count=ny * nx, offset=info.data_offset)
+        if not raw.flags.writeable:
+            raw = raw.copy()
+        return _to_unsigned_inplace(raw).reshape(ny, nx)
+    return _astropy_read(io.BytesIO(buf), info, name)
+
+
+def open_binary(path: PathLike) -> IO[bytes]:
+    """Open a local path or an fsspec URL for binary reading."""
+    text = os.fspath(path)
+    if "://" in text:
+        import fsspec
+
+        return fsspec.open(text, "rb").open()
+    return open(text, "rb")
+
+
+def stream_size(f: IO[bytes]) -> int:
+    """Size in bytes of an open file (local or fsspec)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        size = getattr(f, "size", None)
+        if size is not None:
+            return int(size)
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+        return end
+
+
+def read_all(f: IO[bytes], name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+    """Read a whole open file into one preallocated uint8 array (one copy, no growth).
+
+    ``buffer`` (a 1-D uint8 array) is reused when it is large enough; the
+    result is then a view of its first bytes. Fresh memory is not zero-filled.
+    """
+    size = stream_size(f)
+    f.seek(0)
+    if buffer is not None and buffer.size >= size:
+        out = buffer[:size]
+    else:
+        out = np.empty(size, dtype=np.uint8)
+    view = memoryview(out)
+    got = 0
+    while got < size:
+        n = f.readinto(view[got:])
+        if not n:
+            raise FrameReadError(name, f"file shrank while reading ({got} of {size} bytes)")
+        got += n
+    return out
+
+
+def read_file_bytes(path: PathLike, *, buffer: np.ndarray | None = None) -> np.ndarray:
+    """Read a whole file (local path or fsspec URL) into a writable uint8 array.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL.
+    buffer
+        Optional 1-D uint8 array to reuse (avoids page faults when many files
+        are read in turn); the result is a view of it when it is large enough.
+    """
+    name = str(path)
+    try:
+        with open_binary(path) as f:
+            return read_all(f, name, buffer)
+    except OSError as exc:
+        raise FrameReadError(name, f"unreadable: {exc.strerror or exc}") from None
+
+
+def file_sha256(path: PathLike, *, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in ``chunk``-byte pieces."""
+    digest = hashlib.sha256()
+    try:
+        with open_binary(path) as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    except OSError as exc:
+        raise FrameReadError(str(path), f"unreadable: {exc.strerror or exc}") from None
+    return digest.hexdigest()

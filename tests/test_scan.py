@@ -1,0 +1,306 @@
+"""Scan (headers only) and fast frame reads, on the FITS corpus of every convention."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from click.testing import CliRunner
+from fitscorpus import STATE, CorpusFile, write_camera_set, write_corpus, write_fits
+
+from sitiancal.service.cli import main as cli
+from sitiancal.storage.frames import (
+    FrameReadError,
+    file_sha256,
+    read_file_bytes,
+    read_frame,
+    read_frame_bytes,
+)
+from sitiancal.storage.scan import (
+    FrameType,
+    Inventory,
+    ScanError,
+    classify_frame_type,
+    scan,
+)
+
+SHAPE = (24, 40)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[CorpusFile], Inventory]:
+    root = tmp_path_factory.mktemp("corpus")
+    files = write_corpus(root, SHAPE, seed=1)
+    return root, files, scan(root)
+
+
+def _by_path(inventory: Inventory, root: Path) -> tuple[dict, dict]:
+    frames = {str(Path(r.path).relative_to(root)): r for r in inventory.frames}
+    rejected = {str(Path(r.file).relative_to(root)): r.reason for r in inventory.rejected}
+    return frames, rejected
+
+
+def test_every_good_frame_is_classified(corpus) -> None:
+    root, files, inventory = corpus
+    frames, rejected = _by_path(inventory, root)
+    good = [f for f in files if f.kind == "good"]
+    assert len(good) >= 30
+    for f in good:
+        assert f.name in frames, f"{f.name} rejected: {rejected.get(f.name)}"
+        record = frames[f.name]
+        assert record.type == f.frame_type, f.name
+        assert record.exptime == pytest.approx(f.exptime, abs=1e-9), f.name
+        assert record.temperature == pytest.approx(f.temperature), f.name
+        assert record.shape == SHAPE
+        assert record.state.gain == STATE["GAIN"] and record.state.offset == STATE["OFFSET"]
+        if f.time is None:
+            assert record.time is None, f.name
+        else:
+            assert abs((record.time - f.time).total_seconds()) < 1e-3, f.name
+            assert record.time.utcoffset().total_seconds() == 0
+    assert len(frames) == len(good)
+    assert inventory.counts == {t: sum(f.frame_type == t for f in good) for t in
+                                ("bias", "dark", "flat")}
+
+
+def test_every_bad_file_is_rejected_with_its_reason(corpus) -> None:
+    root, files, inventory = corpus
+    _, rejected = _by_path(inventory, root)
+    bad = [f for f in files if f.kind == "bad"]
+    assert len(bad) >= 19
+    for f in bad:
+        assert f.name in rejected, f"{f.name} was not rejected"
+        assert f.reason in rejected[f.name], (f.name, rejected[f.name])
+    assert len(rejected) == len(bad)
+
+
+def test_ignored_files_are_neither_frames_nor_rejections(corpus) -> None:
+    root, files, inventory = corpus
+    frames, rejected = _by_path(inventory, root)
+    for f in files:
+        if f.kind == "ignored":
+            assert f.name not in frames and f.name not in rejected
+    assert inventory.n_files == len(frames) + len(rejected)
+
+
+def test_file_names_are_not_trusted(corpus) -> None:
+    root, _, inventory = corpus
+    frames, _ = _by_path(inventory, root)
+    assert frames["bias_001.fits"].type is FrameType.DARK
+    assert frames["odd/frame_without_suffix"].type is FrameType.DARK
+
+
+def test_expected_warnings_name_their_files(corpus) -> None:
+    root, files, inventory = corpus
+    text = "\n".join(inventory.warnings)
+    for f in files:
+        if f.warning:
+            line = next((w for w in inventory.warnings if f.warning in w), None)
+            assert line is not None, f"no warning {f.warning!r} in {text}"
+            assert str(root / f.name) in line
+    assert not any("spread" in w for w in inventory.warnings)
+
+
+def test_operating_state_and_readouts(corpus) -> None:
+    root, _, inventory = corpus
+    frames, _ = _by_path(inventory, root)
+    assert frames["layout/ext1_dark.fits"].hdu == 1
+    assert frames["layout/tile_dark.fz"].hdu == 1 and frames["layout/tile_dark.fz"].compression
+    assert frames["layout/gzip_flat.fits.gz"].compression == "gzip"
+    assert frames["layout/uint8_bias.fits"].bitpix == 8
+    assert frames["maxim/bias_frame.fits"].state.gain == 100  # GAIN, not EGAIN = 0.25
+    assert inventory.operating_state["instrument"] == "ZWO ASI6200MM Pro"
+    assert inventory.temperature == {"min": -10.1, "max": -9.9}
+    assert inventory.exposure_times["dark"] == [1.0, 10.0, 30.0, 60.0]
+    assert inventory.exposure_times["flat"] == [1.0, 2.0]
+
+
+def test_inventory_json_matches_the_api(corpus) -> None:
+    _, _, inventory = corpus
+    doc = json.loads(inventory.model_dump_json(exclude={"frames"}))
+    api_fields = {"source", "shape", "counts", "exposure_times", "temperature",
+                  "operating_state", "rejected", "warnings"}
+    assert api_fields <= set(doc)
+    assert doc["shape"] == list(SHAPE)
+    assert set(doc["counts"]) == {"bias", "dark", "flat"}
+    assert {"dark", "flat"} <= set(doc["exposure_times"])
+    assert set(doc["temperature"]) == {"min", "max"}
+    assert all(set(r) == {"file", "reason"} for r in doc["rejected"])
+    assert {"gain", "offset", "xbinning", "ybinning"} <= set(doc["operating_state"])
+
+
+def test_scan_is_deterministic(corpus) -> None:
+    root, _, inventory = corpus
+    again = scan(root)
+    assert again.model_dump_json() == inventory.model_dump_json()
+    assert [r.path for r in inventory.frames] == sorted(r.path for r in inventory.frames)
+
+
+def test_mixed_states_can_be_allowed(corpus) -> None:
+    root, _, _ = corpus
+    inventory = scan(root, allow_mixed_states=True)
+    frames, rejected = _by_path(inventory, root)
+    assert frames["bad/gain200_dark.fits"].state.gain == 200
+    assert "bad/gain200_dark.fits" not in rejected
+    assert any("mixed operating states accepted" in w and "gain=200" in w
+               for w in inventory.warnings)
+
+
+def test_temperature_spread_warns(tmp_path: Path) -> None:
+    write_camera_set(tmp_path, SHAPE, n_bias=2, dark_exptimes=(), flat_exptimes=())
+    write_fits(tmp_path / "warm.fits", np.full(SHAPE, 500, np.uint16),
+               {**STATE, "IMAGETYP": "BIAS", "EXPTIME": 0.0, "CCD-TEMP": -6.5})
+    inventory = scan(tmp_path)
+    assert inventory.counts["bias"] == 3
+    assert any("spread" in w and "-6.50" in w for w in inventory.warnings)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("Bias Frame", "bias"), ("Dark Frame", "dark"), ("Flat Field", "flat"),
+    ("Flat Frame", "flat"), ("BIAS", "bias"), ("DARK", "dark"), ("FLAT", "flat"),
+    ("DARKFLAT", "dark"), ("Dark Flat", "dark"), ("Bias", "bias"), ("Dark", "dark"),
+    ("Flat", "flat"), ("ZERO", "bias"), ("Zero", "bias"), ("zero", "bias"),
+    ("FLATFIELD", "flat"), ("flat_field", "flat"), ("  dark   frame ", "dark"),
+    ("LIGHT", None), ("Light Frame", None),
+])
+def test_frame_type_conventions(value: str, expected: str | None) -> None:
+    assert classify_frame_type(value) == (FrameType(expected) if expected else None)
+
+
+def test_unknown_frame_type_raises() -> None:
+    with pytest.raises(KeyError):
+        classify_frame_type("Focus Frame")
+
+
+def test_missing_path_is_a_scan_error(tmp_path: Path) -> None:
+    with pytest.raises(ScanError, match="no such file"):
+        scan(tmp_path / "nope")
+
+
+def test_empty_folder_and_single_file(tmp_path: Path) -> None:
+    empty = scan(tmp_path)
+    assert empty.frames == [] and any("no FITS files" in w for w in empty.warnings)
+    files = write_camera_set(tmp_path / "set", SHAPE, n_bias=1, dark_exptimes=(),
+                             flat_exptimes=())
+    one = scan(tmp_path / "set" / files[0].name)
+    assert [r.type for r in one.frames] == [FrameType.BIAS]
+
+
+def test_fsspec_url_source(corpus) -> None:
+    import fsspec
+
+    root, files, _ = corpus
+    fs = fsspec.filesystem("memory")
+    names = ["nina/DARK_30s.fits", "layout/tile_dark.fz", "bad/float32.fits"]
+    for name in names:
+        fs.pipe(f"/corpus-test/{name}", (root / name).read_bytes())
+    try:
+        inventory = scan("memory://corpus-test")
+        assert [r.type for r in inventory.frames] == [FrameType.DARK, FrameType.DARK]
+        assert [r.reason[:19] for r in inventory.rejected] == ["floating-point data"]
+        pixels = next(f.pixels for f in files if f.name == names[0])
+        np.testing.assert_array_equal(read_frame(inventory.frames[1].path), pixels)
+    finally:
+        fs.rm("/corpus-test", recursive=True)
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def test_read_frame_matches_the_written_pixels_and_astropy(corpus) -> None:
+    root, files, inventory = corpus
+    frames, _ = _by_path(inventory, root)
+    for f in files:
+        if f.kind != "good":
+            continue
+        path = root / f.name
+        record = frames[f.name]
+        got = read_frame(path, record.hdu)
+        assert got.dtype == f.pixels.dtype and got.dtype.isnative, f.name
+        np.testing.assert_array_equal(got, f.pixels, err_msg=f.name)
+        with fits.open(path) as hdul:
+            np.testing.assert_array_equal(got, hdul[record.hdu].data, err_msg=f.name)
+        np.testing.assert_array_equal(read_frame(path), got)  # first image HDU by default
+        np.testing.assert_array_equal(read_frame_bytes(path.read_bytes(), record.hdu), got)
+
+
+def test_fast_path_converts_every_uint16_value(tmp_path: Path) -> None:
+    # Every uint16 value once: the in-place byte swap and XOR 0x8000 must agree with
+    # astropy's BZERO=32768 scaling over the whole range.
+    data = np.random.default_rng(3).permutation(np.arange(65536, dtype=np.uint16))
+    data = data.reshape(256, 256)
+    path = tmp_path / "all.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    assert fits.getheader(path)["BZERO"] == 32768
+    got = read_frame(path)
+    np.testing.assert_array_equal(got, fits.getdata(path))
+    np.testing.assert_array_equal(got, data)
+    buf = read_file_bytes(path)
+    digest = hashlib.sha256(buf).hexdigest()
+    assert digest == file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    in_place = read_frame_bytes(buf)
+    np.testing.assert_array_equal(in_place, data)
+    assert np.shares_memory(in_place, np.frombuffer(buf, dtype=np.uint8))
+
+
+def test_read_frame_errors(corpus, tmp_path: Path) -> None:
+    root, _, _ = corpus
+    with pytest.raises(FrameReadError, match="truncated: 920 bytes of pixel data missing"):
+        read_frame(root / "bad/truncated.fits")
+    with pytest.raises(FrameReadError, match="not a FITS file"):
+        read_frame(root / "bad/not_fits.fits")
+    with pytest.raises(FrameReadError, match="no image HDU"):
+        read_frame(root / "bad/table_only.fits")
+    with pytest.raises(FrameReadError, match="expected a 2-D image"):
+        read_frame(root / "bad/cube3d.fits")
+    with pytest.raises(FrameReadError, match="corrupt gzip"):
+        read_frame(root / "bad/corrupt.fits.gz")
+    with pytest.raises(FrameReadError, match="unreadable"):
+        read_frame(tmp_path / "missing.fits")
+    negative = np.full(SHAPE, 5, np.int16)
+    negative[3, 4] = -7
+    write_fits(tmp_path / "neg.fits", negative, {"IMAGETYP": "BIAS"})
+    with pytest.raises(FrameReadError, match=r"negative counts \(minimum -7\)"):
+        read_frame(tmp_path / "neg.fits")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_scan_json(corpus) -> None:
+    root, files, _ = corpus
+    result = CliRunner().invoke(cli, ["scan", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert "frames" not in doc
+    assert sum(doc["counts"].values()) == sum(f.kind == "good" for f in files)
+    assert len(doc["rejected"]) == sum(f.kind == "bad" for f in files)
+
+
+def test_cli_scan_summary(corpus) -> None:
+    root, _, _ = corpus
+    result = CliRunner().invoke(cli, ["scan", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "rejected (" in result.stdout and "truncated" in result.stdout
+    assert "operating state: gain=100" in result.stdout
+
+
+def test_cli_scan_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    result = CliRunner().invoke(cli, ["scan", str(missing)])
+    assert result.exit_code == 2
+    assert str(missing) in result.stderr and "no such file or directory" in result.stderr
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_cli_scan_without_frames_exits_1(tmp_path: Path) -> None:
+    shutil.copy(Path(__file__), tmp_path / "x.fits")
+    result = CliRunner().invoke(cli, ["scan", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not a FITS file" in result.stdout
