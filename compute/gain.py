@@ -1,0 +1,387 @@
+"""Per-pixel gain from each pixel's temporal mean and variance over the flat levels.
+
+For one pixel at flat level ``i`` with ``n_i`` frames, the temporal mean ``m_i``
+(ADU, bias-subtracted, illumination-corrected) and the sample variance ``v_i``
+(ADU^2, ddof=1) follow
+
+    E[v_i] = m_i / g + s^2,    Var(v_i) = 2 E[v_i]^2 / (n_i - 1),
+
+``(n_i - 1) v_i / E[v_i]`` being chi-square with ``n_i - 1`` degrees of freedom.
+Fitting ``v = a m + s^2`` with ``a = 1/g`` is therefore a gamma GLM with an
+identity link; its maximum-likelihood estimate is found by iteratively
+reweighted least squares with weights from the *model* variance
+``w_i = (n_i - 1) / (2 (a m_i + s^2)^2)``. Weighting with the observed ``v_i``
+instead would bias the slope low, because low fluctuations of ``v_i`` get
+larger weights.
+
+Units: ADU, ADU^2, gain ``g`` in e-/ADU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sitiancal.compute.mixture import MixtureFit, fit_mixture
+
+__all__ = [
+    "PixelGainFit",
+    "fit_pixel_gain",
+    "frames_for_precision",
+    "gain_populations",
+    "gain_rel_err",
+]
+
+# Defaults of the frame budget, from the reference study (Mini-SiTian IMX455):
+# gain 0.252-0.255 e-/ADU, read noise 1.028 e- -> (1.028 / 0.254)^2 ~ 16.4 ADU^2,
+# and the per-pixel fit stops at ~70 % of the 65535 ADU range.
+_REF_GAIN = 0.254
+_REF_READ_VAR = (1.028 / _REF_GAIN) ** 2
+_REF_MAX_MEAN = 0.7 * 65535.0
+
+#: Pixels fitted per vectorised block: bounds the float64 temporaries at
+#: ~1 MB per level and array whatever the size of the input.
+_CHUNK_PIXELS = 131_072
+#: Pixels (evenly strided) whose per-level median variance starts the iteration.
+_POOL_SAMPLE = 100_000
+
+
+@dataclass(frozen=True)
+class PixelGainFit:
+    """Per-pixel gain maps.
+
+    Attributes
+    ----------
+    gain : numpy.ndarray
+        Gain ``1/a`` (e-/ADU), NaN where the fit is undefined.
+    gain_err : numpy.ndarray
+        1-sigma error of the gain (e-/ADU), propagated from the slope error.
+    read_var : numpy.ndarray
+        Fitted intercept ``s^2`` (ADU^2): read-noise (and quantisation) variance.
+    chi2_red : numpy.ndarray
+        Reduced chi-square of each pixel's fit (expected ~1), a fit-quality map;
+        NaN with fewer than 3 levels.
+    n_used : numpy.ndarray
+        Number of levels used per pixel (int).
+    """
+
+    gain: np.ndarray
+    gain_err: np.ndarray
+    read_var: np.ndarray
+    chi2_red: np.ndarray
+    n_used: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary of the maps (medians and counts)."""
+        ok = np.isfinite(self.gain)
+        if not ok.any():
+            return {"n_pixels": int(self.gain.size), "n_fitted": 0}
+        g = self.gain[ok]
+        q16, q50, q84 = np.percentile(g, [15.865, 50.0, 84.135])
+        return {
+            "n_pixels": int(self.gain.size),
+            "n_fitted": int(ok.sum()),
+            "gain_median": float(q50),
+            "gain_spread": float(0.5 * (q84 - q16)),
+            "gain_err_median": float(np.median(self.gain_err[ok])),
+            "read_var_median": float(np.median(self.read_var[ok])),
+            "chi2_red_median": float(np.nanmedian(self.chi2_red[ok]))
+            if np.isfinite(self.chi2_red[ok]).any()
+            else None,
+        }
+
+
+def _wls_line(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Closed-form weighted line ``y = a x + b`` along the last axis (w = 0 drops a point).
+
+    Returns slope, intercept, Var(slope), Var(intercept) (from the weights,
+    taken as inverse variances) and the determinant of the normal equations.
+    """
+    s = w.sum(axis=-1)
+    sx = (w * x).sum(axis=-1)
+    sy = (w * y).sum(axis=-1)
+    sxx = (w * x * x).sum(axis=-1)
+    sxy = (w * x * y).sum(axis=-1)
+    det = s * sxx - sx * sx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (s * sxy - sx * sy) / det
+        icpt = (sxx * sy - sx * sxy) / det
+        var_slope = s / det
+        var_icpt = sxx / det
+    return slope, icpt, var_slope, var_icpt, det
+
+
+def fit_pixel_gain(
+    mean: np.ndarray,
+    var: np.ndarray,
+    n: np.ndarray,
+    *,
+    max_mean: float,
+    min_levels: int = 3,
+    n_iter: int = 3,
+) -> PixelGainFit:
+    """Weighted least-squares fit of ``v = m/g + s^2`` for every pixel at once.
+
+    Parameters
+    ----------
+    mean : numpy.ndarray
+        ``(..., L)`` bias-subtracted, illumination-corrected temporal mean per
+        level (ADU). NaN marks a missing level.
+    var : numpy.ndarray
+        ``(..., L)`` temporal variance per level with ddof=1 (ADU^2).
+    n : numpy.ndarray
+        Frames per level, ``(L,)`` or ``(..., L)``.
+    max_mean : float
+        Levels with ``mean > max_mean`` (ADU) are not used (about 70 % of
+        saturation, chosen by the caller); levels with ``mean <= 0`` neither.
+    min_levels : int
+        Pixels with fewer usable levels get NaN (minimum 2).
+    n_iter : int
+        Reweighting iterations with the model variance after the start from
+        pooled weights (the per-level median variance over an evenly strided
+        sample of at most 1e5 pixels).
+
+    Returns
+    -------
+    PixelGainFit
+        Maps of shape ``mean.shape[:-1]``: gain and error (e-/ADU), read
+        variance (ADU^2), reduced chi-square and number of levels used.
+
+    Notes
+    -----
+    Each iteration uses ``w_i = (n_i - 1) / (2 p_i^2)`` with ``p_i`` the model
+    variance of the previous iteration (floored at 1e-3 of the pooled level
+    variance to keep a pathological pixel finite). The slope and intercept
+    errors are the inverse-Fisher errors from these weights; ``chi2_red`` uses
+    the same weights. Sums are in float64; pixels are processed in blocks of
+    131072 so memory does not grow with the input beyond the outputs. After
+    the default 3 iterations a pixel's gain is within ~0.03 sigma of the
+    converged value. The error of ``m`` itself (``v/n``) is neglected: it
+    enters ``Var(v - a m)`` at a relative level ``~1 / (2 g m)``, below 1 %
+    above 200 ADU.
+
+    ``a`` is unbiased; ``g = 1/a`` is its maximum-likelihood transform, whose
+    mean over pixels is biased by ~``(sigma_g/g)^2`` (+0.9 % for 40 frames x
+    12 levels, sigma_g/g = 9.4 %) while the median over pixels stays within
+    ~0.1 %. Summaries should use medians (or average ``1/g``).
+    """
+    if min_levels < 2:
+        raise ValueError("min_levels must be >= 2")
+    m_in = np.asarray(mean)
+    v_in = np.asarray(var)
+    if m_in.shape != v_in.shape:
+        raise ValueError(f"mean and var differ in shape: {m_in.shape} vs {v_in.shape}")
+    n_levels = m_in.shape[-1]
+    lead_shape = m_in.shape[:-1]
+    m2 = m_in.reshape(-1, n_levels)
+    v2 = v_in.reshape(-1, n_levels)
+    n_arr = np.asarray(n, dtype=np.float64)
+    n2 = (
+        n_arr[None, :]
+        if n_arr.ndim == 1
+        else np.broadcast_to(n_arr, m_in.shape).reshape(-1, n_levels)
+    )
+    n_pix = m2.shape[0]
+
+    # Pooled start: per-level median variance over an evenly strided sample of pixels
+    # (independent of each pixel's own fluctuation, so the first pass is unbiased too).
+    take = slice(None, None, max(1, n_pix // _POOL_SAMPLE))
+    ms, vs = np.asarray(m2[take], np.float64), np.asarray(v2[take], np.float64)
+    ns = n2 if n2.shape[0] == 1 else n2[take]
+    valid_s = _valid_levels(ms, vs, ns, max_mean)
+    has = valid_s.any(axis=0)
+    pooled = np.ones(n_levels)
+    if has.any():
+        pooled[has] = np.nanmedian(np.where(valid_s, vs, np.nan)[:, has], axis=0)
+    floor = 1e-3 * np.where(pooled > 0, pooled, 1.0)
+    start = np.maximum(pooled, floor)
+
+    out = {k: np.full(n_pix, np.nan) for k in ("gain", "gain_err", "read_var", "chi2_red")}
+    n_used = np.zeros(n_pix, dtype=np.int64)
+    for lo in range(0, n_pix, _CHUNK_PIXELS):
+        sl = slice(lo, lo + _CHUNK_PIXELS)
+        chunk_n = n2 if n2.shape[0] == 1 else n2[sl]
+        res = _fit_chunk(m2[sl], v2[sl], chunk_n, max_mean, start, floor, min_levels, n_iter)
+        for k, arr in zip(("gain", "gain_err", "read_var", "chi2_red"), res[:4], strict=True):
+            out[k][sl] = arr
+        n_used[sl] = res[4]
+    return PixelGainFit(
+        gain=out["gain"].reshape(lead_shape),
+        gain_err=out["gain_err"].reshape(lead_shape),
+        read_var=out["read_var"].reshape(lead_shape),
+        chi2_red=out["chi2_red"].reshape(lead_shape),
+        n_used=n_used.reshape(lead_shape),
+    )
+
+
+def _valid_levels(m: np.ndarray, v: np.ndarray, n: np.ndarray, max_mean: float) -> np.ndarray:
+    """Levels usable in a pixel's fit: finite, n > 1, 0 < m <= max_mean."""
+    with np.errstate(invalid="ignore"):
+        return (
+            np.isfinite(m) & np.isfinite(v) & np.isfinite(n) & (n > 1) & (m > 0) & (m <= max_mean)
+        )
+
+
+def _fit_chunk(
+    mean: np.ndarray,
+    var: np.ndarray,
+    n: np.ndarray,
+    max_mean: float,
+    start: np.ndarray,
+    floor: np.ndarray,
+    min_levels: int,
+    n_iter: int,
+) -> tuple[np.ndarray, ...]:
+    """IRLS fit of one block of pixels, (P, L) in; gain, gain_err, read_var, chi2_red, n_used out."""
+    m = np.asarray(mean, dtype=np.float64)
+    v = np.asarray(var, dtype=np.float64)
+    nn = np.asarray(n, dtype=np.float64)
+    valid = _valid_levels(m, v, nn, max_mean)
+    m = np.where(valid, m, 0.0)
+    v = np.where(valid, v, 0.0)
+    dof = np.where(valid, nn - 1.0, 0.0)
+    n_used = valid.sum(axis=-1)
+
+    pred = np.broadcast_to(start, m.shape)
+    for _ in range(n_iter + 1):
+        w = dof / (2.0 * pred * pred)
+        slope, icpt, var_slope, _, det = _wls_line(m, v, w)
+        pred = np.maximum(slope[:, None] * m + icpt[:, None], floor)
+
+    ok = (n_used >= min_levels) & (det > 0) & np.isfinite(slope) & (slope > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(ok, 1.0 / slope, np.nan)
+        gain_err = np.where(ok, np.sqrt(var_slope) / slope**2, np.nan)
+        resid = v - (slope[:, None] * m + icpt[:, None])
+        chi2 = (w * resid * resid).sum(axis=-1)
+        chi2_red = np.where(ok & (n_used > 2), chi2 / (n_used - 2), np.nan)
+    read_var = np.where(ok, icpt, np.nan)
+    return gain, gain_err, read_var, chi2_red, n_used
+
+
+def gain_populations(
+    gain: np.ndarray, gain_err: np.ndarray, *, max_components: int = 3, seed: int = 0,
+    max_samples: int = 1_000_000,
+) -> MixtureFit:
+    """Gaussian-mixture populations of the per-pixel gain, aware of each pixel's error.
+
+    Parameters
+    ----------
+    gain, gain_err : numpy.ndarray
+        Gain map and its 1-sigma error (e-/ADU), any shape; non-finite values and
+        non-positive errors are ignored.
+    max_components : int
+        Largest number of components tried; the best is chosen by BIC.
+    seed : int
+        Seed of the mixture fit's subsampling and initialisation.
+    max_samples : int
+        At most this many pixels (a seeded random subset) enter the fit.
+
+    Returns
+    -------
+    MixtureFit
+        From :func:`sitiancal.compute.mixture.fit_mixture`; ``best.sigmas`` are
+        intrinsic (deconvolved) population widths (e-/ADU).
+    """
+    g = np.asarray(gain, dtype=np.float64).ravel()
+    e = np.asarray(gain_err, dtype=np.float64).ravel()
+    ok = np.isfinite(g) & np.isfinite(e) & (e > 0)
+    if not ok.any():
+        raise ValueError("no pixel with a finite gain and a positive error")
+    return fit_mixture(g[ok], e[ok], max_components=max_components, seed=seed,
+                       max_samples=max_samples)
+
+
+def gain_rel_err(
+    n_frames: int,
+    signal_fraction: np.ndarray,
+    *,
+    max_mean: float = _REF_MAX_MEAN,
+    gain: float = _REF_GAIN,
+    read_var: float = _REF_READ_VAR,
+) -> float:
+    """Expected relative 1-sigma error of one pixel's gain (inverse Fisher information).
+
+    Parameters
+    ----------
+    n_frames : int
+        Frames per level (>= 2).
+    signal_fraction : numpy.ndarray
+        Mean signal of each level as a fraction of ``max_mean``.
+    max_mean : float
+        Highest fitted mean (ADU).
+    gain : float
+        Gain (e-/ADU).
+    read_var : float
+        Read-noise variance (ADU^2).
+
+    Returns
+    -------
+    float
+        ``sigma_g / g`` (= ``sigma_a / a`` for ``a = 1/g``).
+    """
+    if n_frames < 2:
+        raise ValueError("n_frames must be >= 2")
+    m = np.asarray(signal_fraction, dtype=np.float64) * max_mean
+    v = m / gain + read_var
+    w = (n_frames - 1) / (2.0 * v * v)
+    fisher = np.array([[np.sum(w * m * m), np.sum(w * m)], [np.sum(w * m), np.sum(w)]])
+    var_slope = np.linalg.inv(fisher)[0, 0]
+    return float(np.sqrt(var_slope) * gain)
+
+
+def frames_for_precision(
+    target_rel_err: float,
+    n_levels: int,
+    *,
+    signal_fraction: np.ndarray | None = None,
+    max_mean: float = _REF_MAX_MEAN,
+    gain: float = _REF_GAIN,
+    read_var: float = _REF_READ_VAR,
+) -> int:
+    """Frames per flat level needed for a target per-pixel gain precision.
+
+    Parameters
+    ----------
+    target_rel_err : float
+        Wanted relative 1-sigma error of one pixel's gain (e.g. 0.05).
+    n_levels : int
+        Number of flat levels (>= 2).
+    signal_fraction : numpy.ndarray, optional
+        Level signals as fractions of ``max_mean``; default evenly spaced,
+        ``(1..n_levels) / n_levels``.
+    max_mean : float
+        Highest fitted mean (ADU); default 70 % of the 16-bit range.
+    gain : float
+        Expected gain (e-/ADU); default from the reference study.
+    read_var : float
+        Expected read-noise variance (ADU^2); default from the reference study.
+
+    Returns
+    -------
+    int
+        Smallest number of frames per level ``n`` whose expected relative gain
+        error is <= ``target_rel_err``.
+
+    Notes
+    -----
+    The Fisher information of the per-pixel fit is proportional to ``n - 1``
+    (``Var(v) = 2 v^2 / (n - 1)``), so ``sigma(n) = sigma(2) / sqrt(n - 1)``
+    and ``n = 1 + ceil((sigma(2) / target)^2)``.
+    """
+    if not target_rel_err > 0:
+        raise ValueError("target_rel_err must be positive")
+    if signal_fraction is None:
+        if n_levels < 2:
+            raise ValueError("n_levels must be >= 2")
+        signal_fraction = np.arange(1, n_levels + 1) / n_levels
+    elif len(signal_fraction) != n_levels:
+        raise ValueError("signal_fraction must have n_levels entries")
+    unit = gain_rel_err(2, signal_fraction, max_mean=max_mean, gain=gain, read_var=read_var)
+    # Guard against the ceil landing one frame high through rounding of an exact ratio.
+    need = (unit / target_rel_err) ** 2
+    return int(1 + np.ceil(need - 1e-9))

@@ -1,0 +1,190 @@
+"""Tests of the per-pixel gain fit, the frame budget and the gain populations.
+
+Per-pixel data are drawn the way a sensor works: every pixel has its own true
+gain and read noise; either whole frames are drawn (Poisson electrons +
+Gaussian read noise, converted to ADU) or, for large populations, the sample
+mean and the sample variance are drawn from their exact distributions
+(normal, and scaled chi-square with n - 1 degrees of freedom).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sitiancal.compute import gain as gain_module
+from sitiancal.compute.gain import (
+    PixelGainFit,
+    fit_pixel_gain,
+    frames_for_precision,
+    gain_populations,
+    gain_rel_err,
+)
+
+GAIN = 0.254  # e-/ADU (reference study)
+RN_E = 1.03  # e-
+MAX_MEAN = 45000.0  # ADU, ~70 % of the 16-bit range: the brightest level
+FIT_LIMIT = 1.05 * MAX_MEAN  # max_mean of the fits: keeps the brightest level despite its noise
+
+
+def _levels(n_levels: int) -> np.ndarray:
+    """Evenly spaced mean levels up to MAX_MEAN (ADU)."""
+    return np.arange(1, n_levels + 1) / n_levels * MAX_MEAN
+
+
+def _draw_moments(
+    rng: np.random.Generator, gain: np.ndarray, read_var: np.ndarray, levels: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample mean and sample variance (ddof=1) of n frames per level, exact distributions."""
+    mt = np.broadcast_to(levels, gain.shape + levels.shape)
+    vt = np.abs(mt) / gain[..., None] + read_var[..., None]
+    var = vt * rng.chisquare(n - 1, size=vt.shape) / (n - 1)
+    mean = mt + np.sqrt(vt / n) * rng.standard_normal(vt.shape)
+    return mean, var
+
+
+def _draw_frames(
+    rng: np.random.Generator, gain: np.ndarray, rn_e: np.ndarray, levels: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Temporal mean and variance from n simulated frames per level (Poisson + Gaussian)."""
+    mean = np.empty(gain.shape + levels.shape)
+    var = np.empty_like(mean)
+    for i, level in enumerate(levels):
+        electrons = rng.poisson(np.repeat((level * gain)[:, None], n, axis=1))
+        adu = (electrons + rn_e[:, None] * rng.standard_normal((gain.size, n))) / gain[:, None]
+        mean[:, i] = adu.mean(axis=1)
+        var[:, i] = adu.var(axis=1, ddof=1)
+    return mean, var
+
+
+@pytest.fixture(scope="module")
+def population() -> dict[str, np.ndarray]:
+    """50k pixels, 1 % gain spread, 10 % read-noise spread, 40 frames x 14 levels."""
+    rng = np.random.default_rng(7)
+    n_pix, n, levels = 50_000, 40, _levels(14)
+    gain = GAIN * (1 + 0.01 * rng.standard_normal(n_pix))
+    rn_e = RN_E * (1 + 0.1 * rng.standard_normal(n_pix))
+    mean, var = _draw_moments(rng, gain, (rn_e / gain) ** 2, levels, n)
+    fit = fit_pixel_gain(mean, var, np.full(levels.size, n), max_mean=FIT_LIMIT)
+    return {"gain": gain, "rn_e": rn_e, "fit": fit, "levels": levels, "n": n}
+
+
+def test_median_gain_and_pulls(population) -> None:
+    fit: PixelGainFit = population["fit"]
+    gain = population["gain"]
+    assert np.isfinite(fit.gain).all() and (fit.n_used == 14).all()
+    # Median within 0.2 %. Per-pixel precision is 8.7 %; the slope a = 1/g is unbiased
+    # (next test) but its sampling distribution has skewness ~0.08, which moves the
+    # median of g = 1/a by +skew * sigma / 6 = +0.11 %; the median's statistical error
+    # is 1.25 * 8.7 % / sqrt(5e4) = 0.05 % (0.11 +- 0.05 % over seeds, measured).
+    assert np.median(fit.gain) / np.median(gain) == pytest.approx(1.0, abs=2e-3)
+    pull = (fit.gain - gain) / fit.gain_err
+    assert abs(np.mean(pull)) < 0.1
+    assert np.std(pull) == pytest.approx(1.0, rel=0.1)
+    # The intercept (read variance) is poorly determined per pixel from flat levels
+    # >= 3750 ADU, but it is unbiased: its mean matches the truth within its error.
+    d_read = fit.read_var - (population["rn_e"] / gain) ** 2
+    assert abs(np.mean(d_read)) < 4 * np.std(d_read) / np.sqrt(d_read.size)
+    # chi2_red ~ 1 (E = 1, sd ~ 0.45 per pixel).
+    assert np.mean(fit.chi2_red) == pytest.approx(1.0, abs=0.02)
+
+
+def test_slope_is_unbiased(population) -> None:
+    # a = 1/g is the fitted parameter: its mean must match the truth within the
+    # statistical error of the mean. Weighting with the observed variance would
+    # bias it by ~ -10 % here (2 / (n - 1) per effective degree of freedom).
+    ratio = population["gain"] / population["fit"].gain  # a_hat / a_true
+    assert abs(np.mean(ratio) - 1) < 4 * np.std(ratio) / np.sqrt(ratio.size)
+
+
+def test_frames_drawn_as_poisson_plus_gaussian() -> None:
+    rng = np.random.default_rng(8)
+    n_pix, n, levels = 10_000, 40, _levels(14)
+    gain = GAIN * (1 + 0.01 * rng.standard_normal(n_pix))
+    rn_e = RN_E * (1 + 0.1 * rng.standard_normal(n_pix))
+    mean, var = _draw_frames(rng, gain, rn_e, levels, n)
+    fit = fit_pixel_gain(mean, var, np.full(levels.size, n), max_mean=FIT_LIMIT)
+    # Statistical error of the median: 1.25 * 8.7 % / sqrt(1e4) = 0.11 %; allow 3 sigma + bias.
+    assert np.median(fit.gain) / np.median(gain) == pytest.approx(1.0, abs=4.5e-3)
+    pull = (fit.gain - gain) / fit.gain_err
+    assert abs(np.mean(pull)) < 0.1
+    assert np.std(pull) == pytest.approx(1.0, rel=0.1)
+
+
+def test_masked_levels_dead_pixels_and_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(9)
+    levels = np.concatenate([[-5.0], _levels(10), [60000.0]])  # below 0 and above max_mean
+    shape = (20, 30)
+    gain = np.full(shape, GAIN)
+    mean, var = _draw_moments(rng, gain, np.full(shape, 16.0), levels, 40)
+    n = np.full(shape + levels.shape, 40)
+    mean[0, 0, :] = np.nan  # dead pixel
+    mean[0, 1, 3:] = np.nan  # only 2 usable levels (1 and 2)
+    var[0, 2, 2:] = np.nan  # only 1 usable level
+    n[1, 1, 5] = 1  # a level with one frame has no variance
+    fit = fit_pixel_gain(mean, var, n, max_mean=FIT_LIMIT, min_levels=3)
+    assert fit.gain.shape == shape and fit.n_used.dtype.kind == "i"
+    assert fit.n_used[0, 0] == 0 and np.isnan(fit.gain[0, 0])
+    assert fit.n_used[0, 1] == 2  # levels 1 and 2 (level 0 is below 0 ADU)
+    assert np.isnan(fit.gain[0, 1]) and np.isnan(fit.gain_err[0, 1])
+    assert fit.n_used[0, 2] == 1 and np.isnan(fit.gain[0, 2])
+    assert fit.n_used[1, 1] == 9 and np.isfinite(fit.gain[1, 1])
+    # The -5 ADU and 60000 ADU levels are never used.
+    assert fit.n_used[5, 5] == 10
+    good = np.isfinite(fit.gain)
+    assert good.sum() == np.prod(shape) - 3
+    assert np.median(fit.gain[good]) == pytest.approx(GAIN, rel=0.02)
+    # A 1-D n per level gives the same answer as the same n given per pixel.
+    one_d = fit_pixel_gain(mean, var, np.full(levels.size, 40), max_mean=FIT_LIMIT)
+    full = fit_pixel_gain(mean, var, np.full(shape + levels.shape, 40), max_mean=FIT_LIMIT)
+    assert np.array_equal(one_d.gain, full.gain, equal_nan=True)
+    # Processing in blocks of pixels does not change the answer.
+    monkeypatch.setattr(gain_module, "_CHUNK_PIXELS", 7)
+    chunked = fit_pixel_gain(mean, var, n, max_mean=FIT_LIMIT, min_levels=3)
+    assert np.array_equal(chunked.gain, fit.gain, equal_nan=True)
+    assert np.array_equal(chunked.n_used, fit.n_used)
+    # The default three reweighting iterations are within 5 % of a sigma of convergence.
+    more = fit_pixel_gain(mean, var, n, max_mean=FIT_LIMIT, n_iter=15)
+    assert np.nanmax(np.abs(more.gain - fit.gain) / fit.gain_err) < 0.05
+    summary = fit.to_dict()
+    assert summary["n_fitted"] == int(good.sum())
+
+
+def test_frames_for_precision_matches_empirical_scatter() -> None:
+    target, n_levels = 0.06, 12
+    n = frames_for_precision(target, n_levels, max_mean=MAX_MEAN, gain=GAIN, read_var=16.4)
+    assert gain_rel_err(n, _levels(n_levels) / MAX_MEAN, max_mean=MAX_MEAN) <= target
+    assert gain_rel_err(n - 1, _levels(n_levels) / MAX_MEAN, max_mean=MAX_MEAN) > target
+    rng = np.random.default_rng(11)
+    n_pix = 20_000
+    gain = np.full(n_pix, GAIN)
+    mean, var = _draw_moments(rng, gain, np.full(n_pix, 16.4), _levels(n_levels), n)
+    fit = fit_pixel_gain(mean, var, np.full(n_levels, n), max_mean=FIT_LIMIT)
+    q16, q84 = np.percentile(fit.gain / GAIN, [15.865, 84.135])
+    scatter = 0.5 * (q84 - q16)
+    # The error of the robust scatter of 2e4 points is ~0.7 %; the budget rounds n up.
+    assert 0.93 * target < scatter < 1.03 * target
+    # Precision scales as 1/sqrt(n - 1): four times the frames, about half the error.
+    assert frames_for_precision(
+        target / 2, n_levels, max_mean=MAX_MEAN, gain=GAIN, read_var=16.4
+    ) in (4 * (n - 1) - 3 + np.arange(8))
+    with pytest.raises(ValueError):
+        frames_for_precision(0.0, n_levels)
+
+
+def test_gain_populations_recovers_bimodal_fraction() -> None:
+    rng = np.random.default_rng(12)
+    n_pix, n, levels = 20_000, 200, _levels(12)
+    high = rng.random(n_pix) < 0.3
+    gain = np.where(high, 0.32, GAIN) * (1 + 0.005 * rng.standard_normal(n_pix))
+    mean, var = _draw_moments(rng, gain, (RN_E / gain) ** 2, levels, n)
+    fit = fit_pixel_gain(mean, var, np.full(levels.size, n), max_mean=FIT_LIMIT)
+    pops = gain_populations(fit.gain, fit.gain_err, max_components=3, seed=0)
+    best = pops.best
+    assert best.weights.size == 2
+    frac = high.mean()
+    # Fraction of the upper population within a few tenths of a percent of the sample's.
+    assert abs(best.weights[1] - frac) < 0.005
+    assert best.means == pytest.approx([GAIN, 0.32], rel=0.01)
+    with pytest.raises(ValueError):
+        gain_populations(np.full(3, np.nan), np.ones(3))
