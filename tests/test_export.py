@@ -1,0 +1,135 @@
+"""FITS export: layout, headers, units, mask bit names and deterministic bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from sitiancal.storage.export import export_fits
+from sitiancal.storage.store import ProductArray, ProductPayload, ProductStore, ProductTable
+
+SEED = 6388
+
+
+def gain_payload() -> ProductPayload:
+    rng = np.random.default_rng(SEED)
+    gain = rng.normal(0.253, 0.004, (12, 16)).astype(np.float32)
+    return ProductPayload(
+        camera="MST3", type="gain",
+        arrays=[ProductArray("GAIN", gain, "e-/ADU", "per-pixel gain"),
+                ProductArray("GAIN_ERR", np.full((12, 16), 0.004, np.float32), "e-/ADU",
+                             "1-sigma gain uncertainty (σ)"),
+                ProductArray("FIT_OK", gain > 0.25, "1", "fit accepted")],
+        tables=[ProductTable("POPULATIONS", {"weight": np.array([0.9, 0.1]),
+                                             "mean": np.array([0.253, 0.262]),
+                                             "component": np.array(["main", "second"])},
+                             {"weight": "", "mean": "e-/ADU"}, "gain populations")],
+        stats={"gain_median": 0.253},
+        inputs=[{"path": "/data/mst3/flat_0001.fits", "sha256": "1" * 64},
+                {"path": "/data/mst3/flat_Ω.fits", "sha256": "2" * 64}],
+        date_beg=datetime(2026, 3, 14, 1, 2, 3, tzinfo=UTC),
+        date_end=datetime(2026, 3, 14, 4, 5, 6, tzinfo=UTC),
+        params={"max_level": 0.7}, code_version="0.1.0+git.abc1234")
+
+
+def open_fits(data: bytes) -> fits.HDUList:
+    return fits.open(io.BytesIO(data))
+
+
+def test_layout_headers_and_units(tmp_path) -> None:
+    store = ProductStore(tmp_path / "store")
+    p = gain_payload()
+    key = store.publish(store.stage(p, 7))
+    with open_fits(store.fits_bytes(key)) as hdul:
+        assert [h.name for h in hdul] == ["GAIN", "GAIN_ERR", "FIT_OK", "POPULATIONS", "INPUTS"]
+        h = hdul[0].header
+        assert (h["CAMERA"], h["PRODTYPE"], h["VERSION"]) == ("MST3", "gain", 7)
+        assert h["SHA256"] == p.content_key
+        assert (h["DATE-BEG"], h["DATE-END"], h["TIMESYS"]) == (
+            "2026-03-14T01:02:03", "2026-03-14T04:05:06", "UTC")
+        assert h["SWVERSN"] == "0.1.0+git.abc1234"
+        assert h["BUNIT"] == "e-/ADU" and hdul["GAIN_ERR"].header["BUNIT"] == "e-/ADU"
+        assert hdul["GAIN_ERR"].header["LONGNAME"] == "1-sigma gain uncertainty (\\u03c3)"
+        assert "MASKB0" not in h  # only mask products carry bit names
+        np.testing.assert_array_equal(hdul[0].data, p.arrays[0].data)
+        np.testing.assert_array_equal(hdul["FIT_OK"].data, p.arrays[2].data.astype(np.uint8))
+        pops = hdul["POPULATIONS"]
+        assert pops.columns["mean"].unit == "e-/ADU" and pops.columns["weight"].unit is None
+        assert list(pops.data["component"]) == ["main", "second"]
+        np.testing.assert_array_equal(pops.data["weight"], [0.9, 0.1])
+        inputs = hdul["INPUTS"].data
+        assert list(inputs["path"]) == ["/data/mst3/flat_0001.fits", "/data/mst3/flat_\\u03a9.fits"]
+        assert h["NINPUTS"] == 2 and list(inputs["sha256"]) == ["1" * 64, "2" * 64]
+
+
+def test_bytes_are_deterministic(tmp_path) -> None:
+    p = gain_payload()
+    first, second = ProductStore(tmp_path / "a"), ProductStore(tmp_path / "b")
+    s1 = first.stage(p, 3)
+    s2 = second.stage(p, 3)  # another store, another moment
+    assert s1.checksums == s2.checksums
+    key = first.publish(s1)
+    data = first.fits_bytes(key)
+    assert hashlib.sha256(data).hexdigest() == s1.checksums.fits
+    assert export_fits(first.open_zarr(key)) == data  # re-export of the stored version
+    other_version = second.stage(p, 4)
+    assert other_version.checksums.fits != s1.checksums.fits  # VERSION differs
+    assert other_version.checksums.arrays == s1.checksums.arrays  # the arrays do not
+
+
+def test_mask_product_bit_names_and_exact_uint16(tmp_path) -> None:
+    from sitiancal.compute.defects import MaskBit
+
+    rng = np.random.default_rng(SEED)
+    mask = rng.integers(0, 512, (10, 14), dtype=np.uint16)
+    mask[0, 0] = 65535
+    store = ProductStore(tmp_path / "store")
+    p = ProductPayload(camera="MST3", type="mask",
+                       arrays=[ProductArray("MASK", mask, "1", "defect bitmask")],
+                       stats={"fraction": 0.0007}, code_version="0.1.0")
+    key = store.publish(store.stage(p, 1))
+    with open_fits(store.fits_bytes(key)) as hdul:
+        h = hdul[0].header
+        assert [h[f"MASKB{b}"] for b in range(9)] == [bit.name for bit in MaskBit]
+        assert hdul[0].data.dtype == np.uint16
+        np.testing.assert_array_equal(hdul[0].data, mask)
+    p.mask_bits = {0: "HOT", 4: "NOISY"}
+    key2 = store.publish(store.stage(p, 2))
+    with open_fits(store.fits_bytes(key2)) as hdul:
+        h = hdul[0].header
+        assert (h["MASKB0"], h["MASKB4"]) == ("HOT", "NOISY") and "MASKB1" not in h
+
+
+def test_table_only_product(tmp_path) -> None:
+    store = ProductStore(tmp_path / "store")
+    p = ProductPayload(camera="MST3", type="ptc", arrays=[],
+                       tables=[ProductTable("PTC", {"mean": np.array([100.0, 2000.0]),
+                                                    "variance": np.array([400.0, 8000.0])},
+                                            {"mean": "ADU", "variance": "ADU2"})],
+                       units="e-/ADU", stats={"gain": 0.253}, code_version="0.1.0")
+    key = store.publish(store.stage(p, 1))
+    with open_fits(store.fits_bytes(key)) as hdul:
+        assert hdul[0].data is None and hdul[0].header["BUNIT"] == "e-/ADU"
+        assert hdul["PTC"].columns["variance"].unit == "ADU2"
+
+
+def test_invalid_payloads_are_refused(tmp_path) -> None:
+    store = ProductStore(tmp_path / "store")
+    p = gain_payload()
+    p.camera = "../escape"
+    with pytest.raises(ValueError, match="invalid camera name"):
+        store.stage(p, 1)
+    p = gain_payload()
+    p.date_beg = datetime(2026, 3, 14)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.stage(p, 1)
+    p = gain_payload()
+    p.arrays[1].dims = ("y",)
+    with pytest.raises(ValueError, match="2 dimensions but 1 names"):
+        store.stage(p, 1)
+    assert store.list_staging() == []
