@@ -146,5 +146,96 @@ def cube(path: Path, store: str, progress: bool) -> None:
                f"({ds.sizes['y']} x {ds.sizes['x']}) written to {store}")
 
 
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--camera", required=True, help="Camera identifier, e.g. MST3.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Data directory of the embedded deployment (default: SITIANCAL_DATA_DIR or ./data).")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Write <type>.fits per product and report.json here.")
+@click.option("--products", default=None, metavar="TYPE,...",
+              help="Product types to compute (default: all the dataset supports).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Job parameter (JSON value), repeatable, e.g. --param clip_sigma=4.")
+@click.option("--force", is_flag=True, help="Publish new versions even if identical ones exist.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def calibrate(path: Path, camera: str, data_dir: Path | None, export_dir: Path | None,
+              products: str | None, params: tuple[str, ...], force: bool, progress: bool) -> None:
+    """Run the whole calibration of the camera dataset at PATH and store its products."""
+    from sitiancal.service.pipeline import calibrate as run_calibrate
+    from sitiancal.service.settings import Settings
+
+    settings = Settings(**({"data_dir": data_dir} if data_dir is not None else {}))
+    wanted = [p.strip() for p in products.split(",") if p.strip()] if products else None
+    job_params: dict[str, Any] = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            _fail(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            job_params[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            job_params[key.strip()] = raw
+    bar = _stage_bar() if progress else None
+    try:
+        run = run_calibrate(path, camera, settings, wanted=wanted, params=job_params, force=force,
+                            export_dir=export_dir, progress=bar)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(_report_table(run.report))
+    click.echo(f"\ndataset {run.dataset_id}, job {run.job_id}: {len(run.product_ids)} products "
+               f"stored in {settings.product_store_url} (catalog {settings.catalog_url})")
+    for item in run.exported:
+        click.echo(f"  exported {item}")
+
+
+class _StageBar:
+    """A tqdm bar for ``progress(stage, fraction)`` callbacks."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, desc="calibrate", unit="", dynamic_ncols=True,
+                        bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}")
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        n = int(1000 * min(max(fraction, 0.0), 1.0))
+        if stage == self.bar.desc and n - self.bar.n < 10:
+            return  # redraw at most every 1% within a stage
+        self.bar.set_description(stage, refresh=False)
+        self.bar.n = n
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _stage_bar() -> _StageBar:
+    return _StageBar()
+
+
+def _report_table(report: dict[str, Any]) -> str:
+    rows = report.get("table", [])
+    width = max((len(r[0]) for r in rows), default=10)
+    lines = [f"QC report for camera {report.get('camera')}", "-" * (width + 32)]
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    for name, reason in report.get("missing", {}).items():
+        lines.append(f"{name} not computed: {reason}")
+    return "\n".join(lines)
+
+
+def _register_groups() -> None:
+    from sitiancal.service.products_cli import db, products
+
+    main.add_command(products)
+    main.add_command(db)
+
+
+_register_groups()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

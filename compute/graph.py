@@ -1,0 +1,120 @@
+"""Dask graph builders over a frame cube.
+
+The per-pixel pass is one dask task per tile (a tile is one zarr chunk of a
+frame, e.g. 1597 x 1368 pixels for a 61 MP frame): each task reads its tile of
+every frame exactly once, group by group, and reduces it with
+:func:`~sitiancal.compute.tile.process_tile`. Tasks carry seconds of work
+(far above dask's ~ms per-task overhead), memory is bounded by one group's
+stack for one tile per running task, and nothing is rechunked.
+
+I/O is injected so that this module never touches storage:
+
+- ``reader(indices, ys, xs) -> ndarray (F, ty, tx)`` reads raw counts;
+- ``sink(ys, xs, result)`` stores a tile's maps (into memory or a zarr store)
+  and returns nothing; only the small partial sums travel back to the client.
+
+Building the graph computes nothing (tested with ``raise_if_dask_computes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import dask
+import numpy as np
+from dask.delayed import Delayed
+
+from sitiancal.compute.tile import CalibrationParams, TilePlan, TileResult, process_tile
+
+#: ``reader(indices, ys, xs) -> (F, ty, tx)`` raw counts (ADU).
+TileReader = Callable[[Sequence[int], slice, slice], np.ndarray]
+#: ``sink(ys, xs, result)`` stores one tile's maps.
+TileSink = Callable[[slice, slice, TileResult], None]
+
+
+def iter_tiles(shape: tuple[int, int], tile: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
+    """Yield the ``(ys, xs)`` slices of the tiles covering a frame, row-major."""
+    ny, nx = shape
+    ty, tx = tile
+    for y0 in range(0, ny, ty):
+        for x0 in range(0, nx, tx):
+            yield slice(y0, min(y0 + ty, ny)), slice(x0, min(x0 + tx, nx))
+
+
+def _run_tile(reader: TileReader, sink: TileSink, ys: slice, xs: slice, plan: TilePlan,
+              params: CalibrationParams) -> dict[str, float]:
+    result = process_tile(partial(_load, reader, ys, xs), plan, params)
+    sink(ys, xs, result)
+    return result.partials
+
+
+def _load(reader: TileReader, ys: slice, xs: slice, indices: Sequence[int]) -> np.ndarray:
+    return reader(list(indices), ys, xs)
+
+
+def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, int],
+                     tile: tuple[int, int], plan: TilePlan,
+                     params: CalibrationParams) -> list[Delayed]:
+    """One delayed task per tile; computing them fills the sink and returns partial sums.
+
+    Parameters
+    ----------
+    reader, sink : callable
+        Pixel I/O (see module docstring); both must be picklable for distributed.
+    shape : tuple of int
+        Frame shape ``(ny, nx)`` (pixels).
+    tile : tuple of int
+        Tile shape ``(ty, tx)``; use the cube's chunk shape so each chunk is read once.
+    plan, params
+        Dataset plan and job parameters.
+
+    Returns
+    -------
+    list of Delayed
+        Each evaluates to the tile's partial sums (dict of float).
+    """
+    run = dask.delayed(_run_tile, pure=False)
+    return [run(reader, sink, ys, xs, plan, params,
+                dask_key_name=f"tile-{ys.start}-{xs.start}")
+            for ys, xs in iter_tiles(shape, tile)]
+
+
+def sum_partials(partials: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Add the partial sums returned by the tile tasks."""
+    total: dict[str, float] = {}
+    for part in partials:
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+class ArrayReader:
+    """``TileReader`` over an in-memory ``(F, ny, nx)`` array (tests, small data)."""
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self.frames = frames
+
+    def __call__(self, indices: Sequence[int], ys: slice, xs: slice) -> np.ndarray:
+        return self.frames[list(indices), ys, xs]
+
+
+class MemorySink:
+    """``TileSink`` that assembles full-frame maps in memory (threaded scheduler only).
+
+    Attributes
+    ----------
+    maps : dict of str to ndarray
+        Full-frame float32 maps, NaN where no tile wrote (``lin_resid`` is ``(K, ny, nx)``).
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.maps: dict[str, np.ndarray] = {}
+
+    def __call__(self, ys: slice, xs: slice, result: TileResult) -> None:
+        for name, tile_map in result.maps.items():
+            if name not in self.maps:
+                lead = tile_map.shape[:-2]
+                self.maps[name] = np.full(lead + self.shape, np.nan, dtype=np.float32)
+            self.maps[name][..., ys, xs] = tile_map

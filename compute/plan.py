@@ -1,0 +1,293 @@
+"""Dataset-wide analysis that precedes the per-pixel pass.
+
+Everything here works on per-frame scalars (recorded while the cube was
+built) and on small central regions of a few frames: grouping frames by type
+and exposure time, lamp-flicker correction factors, the conventional photon
+transfer curve and read noise (frame-pair differences), the linearity ladder
+and the saturation level. The result is a :class:`~sitiancal.compute.tile.TilePlan`
+that every tile task receives, plus the scalar products of this stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sitiancal.compute.bias import BiasStability, bias_stability, temporal_row_noise
+from sitiancal.compute.linearity import LinearityFit, fit_linearity
+from sitiancal.compute.ptc import PairStats, PTCFit, fit_ptc, pair_stats
+from sitiancal.compute.readnoise import ConventionalReadNoise, conventional_read_noise
+from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
+
+#: ``read_region(indices) -> (F, ry, rx)`` raw counts of the central region of frames.
+RegionReader = Callable[[Sequence[int]], np.ndarray]
+
+#: Largest raw count of a 16-bit ADC (ADU).
+ADC_MAX = 65535.0
+
+
+@dataclass(frozen=True)
+class FrameTable:
+    """Per-frame metadata and statistics of a cube, one entry per frame.
+
+    Attributes
+    ----------
+    frame_type : ndarray of str
+        ``bias``, ``dark`` or ``flat``.
+    exptime : ndarray
+        Exposure time (s).
+    time_s : ndarray
+        Start time (s from the first frame; NaN when unknown).
+    frame_mean, frame_clipped_mean, center_mean : ndarray
+        Whole-frame mean, 3-sigma clipped mean and mean of the central box (ADU).
+    temperature : ndarray
+        Sensor temperature (deg C; NaN when unknown).
+    row_mean : ndarray or None
+        ``(F, ny)`` per-frame row means (ADU), for temporal row noise.
+    """
+
+    frame_type: np.ndarray
+    exptime: np.ndarray
+    time_s: np.ndarray
+    frame_mean: np.ndarray
+    frame_clipped_mean: np.ndarray
+    center_mean: np.ndarray
+    temperature: np.ndarray
+    row_mean: np.ndarray | None = None
+
+    def indices(self, kind: str) -> np.ndarray:
+        """Indices of the frames of one type, in time order."""
+        idx = np.flatnonzero(self.frame_type == kind)
+        order = np.argsort(np.nan_to_num(self.time_s[idx], nan=0.0), kind="stable")
+        return idx[order]
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """Output of :func:`make_plan`: the tile plan and the scalar products of this stage."""
+
+    plan: TilePlan
+    bias_stability: BiasStability | None
+    row_noise: dict | None
+    conventional_rn: ConventionalReadNoise | None
+    ptc_points: list[dict]
+    ptc: PTCFit | None
+    ptc_astier: PTCFit | None
+    linearity: LinearityFit | None
+    linearity_points: list[dict]
+    bias_level: float | None
+    missing: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def group_by_exptime(table: FrameTable, kind: str, *, rtol: float = 1e-3) -> list[FrameGroup]:
+    """Group the frames of one type by exposure time (relative tolerance ``rtol``)."""
+    idx = table.indices(kind)
+    groups: list[list[int]] = []
+    keys: list[float] = []
+    for i in sorted(idx, key=lambda j: (table.exptime[j], np.nan_to_num(table.time_s[j]))):
+        t = float(table.exptime[i])
+        if keys and abs(t - keys[-1]) <= rtol * max(abs(keys[-1]), 1e-6):
+            groups[-1].append(int(i))
+        else:
+            keys.append(t)
+            groups.append([int(i)])
+    return [FrameGroup(kind=kind, exptime=k, indices=tuple(g)) for k, g in zip(keys, groups, strict=True)]
+
+
+def _pairs(group: FrameGroup, limit: int) -> list[tuple[int, int]]:
+    """Consecutive disjoint frame pairs of a group, at most ``limit``."""
+    idx = group.indices
+    return [(idx[i], idx[i + 1]) for i in range(0, len(idx) - 1, 2)][:limit]
+
+
+def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationParams,
+              *, ny: int, nx: int) -> PlanResult:
+    """Group frames, run the frame-pair analyses and decide the per-pixel work.
+
+    Parameters
+    ----------
+    table : FrameTable
+        Per-frame metadata and statistics of the cube.
+    read_region : callable
+        Reads the central region (``params.ptc_region`` square) of given frames.
+    params : CalibrationParams
+        Job parameters.
+    ny, nx : int
+        Frame shape (pixels).
+
+    Returns
+    -------
+    PlanResult
+    """
+    missing: dict[str, str] = {}
+    notes: list[str] = []
+    bias_idx = table.indices("bias")
+    bias = FrameGroup("bias", 0.0, tuple(int(i) for i in bias_idx)) if len(bias_idx) else None
+    darks = group_by_exptime(table, "dark")
+    flats = group_by_exptime(table, "flat")
+
+    # ---- bias series ----------------------------------------------------------
+    stability = None
+    row_noise = None
+    bias_level: float | None = None
+    bias_region: np.ndarray | float = 0.0
+    conv_rn = None
+    if bias is not None and bias.n >= 2:
+        levels = table.frame_clipped_mean[bias_idx]
+        t = table.time_s[bias_idx]
+        bias_level = float(np.mean(levels))
+        if np.all(np.isfinite(t)):
+            stability = bias_stability(t - t[0], levels)
+        else:
+            notes.append("bias frames without DATE-OBS: no bias stability series")
+        regions = read_region(bias.indices[: max(2, min(bias.n, 16))]).astype(np.float64)
+        bias_region = regions.mean(axis=0)
+        conv_rn = conventional_read_noise(regions[0], regions[1])
+        if table.row_mean is not None:
+            pixel_var = float(conv_rn.read_noise_adu) ** 2
+            row_noise = temporal_row_noise(table.row_mean[bias_idx], pixel_var=pixel_var,
+                                           nx=nx).to_dict()
+    else:
+        missing["bias"] = "the dataset has fewer than two bias frames"
+        missing["read_noise"] = "the dataset has fewer than two bias frames"
+
+    # ---- dark matching for flats (EMVA 1288: darks of the same exposure time) --
+    dark_times = [g.exptime for g in darks]
+    flat_dark: list[int | None] = []
+    for g in flats:
+        match = [k for k, t in enumerate(dark_times) if abs(t - g.exptime) <= 1e-3 * max(t, 1e-6)]
+        flat_dark.append(match[0] if match else None)
+    if bias is None and flats and not all(m is not None for m in flat_dark):
+        notes.append("no bias frames and not every flat level has darks of its exposure "
+                     "time: those levels use the dark-fit intercept as offset")
+
+    # ---- per-frame signal and lamp-flicker correction -------------------------
+    def offset_level(li: int, region: bool) -> float:
+        stat = table.center_mean if region else table.frame_mean
+        match = flat_dark[li]
+        if match is not None:
+            return float(np.mean(stat[list(darks[match].indices)]))
+        if bias is not None:
+            return float(np.mean(stat[list(bias.indices)]))
+        if darks:
+            return float(np.mean(stat[list(darks[0].indices)]))
+        return 0.0
+
+    scaled: list[FrameGroup] = []
+    lin_points: list[dict] = []
+    for li, g in enumerate(flats):
+        sig = table.frame_mean[list(g.indices)] - offset_level(li, region=False)
+        ok = sig > 0
+        scale = np.where(ok, np.mean(sig[ok]) / np.where(ok, sig, 1.0), 1.0) if ok.any() else np.ones_like(sig)
+        scaled.append(FrameGroup("flat", g.exptime, g.indices, tuple(float(s) for s in scale)))
+        csig = table.center_mean[list(g.indices)] - offset_level(li, region=True)
+        err = float(np.std(csig, ddof=1) / np.sqrt(len(csig))) if len(csig) > 1 else float("nan")
+        lin_points.append({"level": li, "exptime": g.exptime, "signal": float(np.mean(csig)),
+                           "signal_err": err, "n_frames": g.n})
+    flats = scaled
+
+    # ---- conventional PTC ------------------------------------------------------
+    points: list[dict] = []
+    for li, g in enumerate(flats):
+        pairs = _pairs(g, params.ptc_pairs_per_level)
+        if not pairs:
+            continue
+        stats: list[PairStats] = []
+        for a, b in pairs:
+            region = read_region([a, b]).astype(np.float64)
+            match = flat_dark[li]
+            off = bias_region
+            if match is not None:
+                off = read_region(darks[match].indices[:8]).astype(np.float64).mean(axis=0)
+            stats.append(pair_stats(region[0], region[1], offset=off))
+        mean = float(np.mean([s.mean for s in stats]))
+        var = float(np.mean([s.var for s in stats]))
+        var_err = float(np.sqrt(np.sum([s.var_err ** 2 for s in stats])) / len(stats))
+        points.append({"level": li, "exptime": g.exptime, "mean": mean, "var": var,
+                       "var_err": var_err, "n_pairs": len(stats)})
+    ptc = ptc_astier = None
+    if len(points) >= 3:
+        m = np.array([p["mean"] for p in points])
+        v = np.array([p["var"] for p in points])
+        e = np.array([p["var_err"] for p in points])
+        ptc = fit_ptc(m, v, e, model="linear")
+        try:
+            ptc_astier = fit_ptc(m, v, e, model="astier")
+        except (RuntimeError, ValueError) as exc:  # curve_fit may not converge
+            notes.append(f"Astier+19 PTC fit did not converge: {exc}")
+    else:
+        missing["ptc"] = ("the conventional PTC needs at least three flat levels with a "
+                          f"frame pair each; the dataset has {len(points)}")
+
+    # ---- saturation ------------------------------------------------------------
+    level0 = bias_level if bias_level is not None else 0.0
+    adc_limit = ADC_MAX - level0
+    saturation = adc_limit
+    if ptc is not None and np.isfinite(ptc.turnoff_adu) and ptc.turnoff_adu < 0.99 * adc_limit:
+        saturation = float(ptc.turnoff_adu)
+    elif flats:
+        notes.append("the flat ladder does not reach a PTC turnoff below the ADC limit; "
+                     "saturation taken as the ADC limit minus the bias level")
+
+    # ---- linearity -------------------------------------------------------------
+    lin = None
+    lin_used = tuple(params.lin_lo * saturation <= p["signal"] <= params.lin_hi * saturation
+                     for p in lin_points)
+    if sum(lin_used) >= 3:
+        lin = fit_linearity(np.array([p["exptime"] for p in lin_points]),
+                            np.array([p["signal"] for p in lin_points]),
+                            np.array([p["signal_err"] for p in lin_points]),
+                            saturation=saturation, lo=params.lin_lo, hi=params.lin_hi)
+    elif flats:
+        missing["linearity"] = ("linearity needs at least three flat levels between "
+                                f"{params.lin_lo:.0%} and {params.lin_hi:.0%} of saturation; "
+                                f"the dataset has {sum(lin_used)}")
+    used_idx = [i for i, u in enumerate(lin_used) if u]
+    k = min(params.lin_levels, len(used_idx))
+    lin_at = tuple(used_idx[round(j)] for j in np.linspace(0, len(used_idx) - 1, k)) if k else ()
+
+    # ---- per-pixel gain levels and reference flat ------------------------------
+    gain_levels = tuple(
+        0 < p["signal"] <= params.gain_max_fraction * saturation and g.n >= params.min_gain_frames
+        for p, g in zip(lin_points, flats, strict=True)
+    )
+    if not flats:
+        for name in ("gain", "flat", "ptc", "linearity"):
+            missing.setdefault(name, "the dataset has no flat frames")
+    elif sum(gain_levels) < 3:
+        most = max((g.n for g in flats), default=0)
+        missing["gain"] = (
+            "per-pixel gain needs at least three flat levels below "
+            f"{params.gain_max_fraction:.0%} of saturation with >= {params.min_gain_frames} "
+            f"frames each (temporal statistics per pixel); the dataset has {sum(gain_levels)} "
+            f"such levels (at most {most} frames per level)"
+        )
+        gain_levels = tuple(False for _ in flats)
+    flat_ref = None
+    candidates = [i for i, p in enumerate(lin_points) if 0 < p["signal"] < saturation * 0.95]
+    if candidates:
+        flat_ref = min(candidates, key=lambda i: abs(lin_points[i]["signal"] - 0.5 * saturation))
+    elif flats:
+        missing["flat"] = "no flat level below saturation"
+    if not darks:
+        missing["dark"] = "the dataset has no dark frames"
+    elif len({g.exptime for g in darks} | ({0.0} if bias is not None else set())) < 2:
+        missing["dark"] = "the dark rate needs at least two exposure times (bias counts as 0 s)"
+
+    plan = TilePlan(
+        bias=bias if bias is not None and bias.n >= 2 else None,
+        bias_time_s=tuple(float(x) for x in (table.time_s[bias_idx] - table.time_s[bias_idx][0]))
+        if bias is not None and np.all(np.isfinite(table.time_s[bias_idx]))
+        else tuple(float(i) for i in range(len(bias_idx))),
+        bias_frame_level=tuple(float(x) for x in table.frame_clipped_mean[bias_idx]),
+        darks=tuple(darks), flats=tuple(flats), flat_dark=tuple(flat_dark),
+        saturation=float(saturation), gain_levels=gain_levels, lin_used=lin_used,
+        lin_at=lin_at, flat_ref=flat_ref,
+    )
+    return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
+                      conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,
+                      linearity=lin, linearity_points=lin_points, bias_level=bias_level,
+                      missing=missing, notes=notes)

@@ -1,0 +1,487 @@
+"""Calibration products from the per-pixel maps of the tile pass.
+
+After the tile pass every per-pixel map exists; what is left needs the whole
+map at once: global medians and robust widths, population mixtures (on a
+seeded subsample), local medians for the flat, the defect mask, and the
+scalar figures of each product. The result is a :class:`ProductContent` per
+product type of DESIGN.md section 4, ready to be stored.
+
+``maps`` is any mapping of name to array-like (numpy arrays, or lazily loaded
+zarr arrays); each map is materialised only while its product is assembled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sitiancal.compute.bias import dsnu_emva, row_column_profiles
+from sitiancal.compute.dark import dark_populations, dark_summary
+from sitiancal.compute.defects import (
+    MaskBit,
+    build_mask,
+    dead_low,
+    gain_outlier,
+    hot_warm,
+    local_median,
+    mask_counts,
+    noisy,
+    nonlinear,
+    robust_center_scale,
+    unstable_bias,
+)
+from sitiancal.compute.flat import master_flat, prnu_emva
+from sitiancal.compute.gain import frames_for_precision, gain_populations
+from sitiancal.compute.mixture import MixtureFit
+from sitiancal.compute.plan import PlanResult
+from sitiancal.compute.readnoise import read_noise_map, read_noise_summary
+from sitiancal.compute.tile import CalibrationParams
+
+#: Product types, in the order they are assembled (the mask needs the others).
+PRODUCT_TYPES = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask")
+
+
+@dataclass
+class ProductArray:
+    """One named array of a product (the first array of a product is its main map)."""
+
+    name: str
+    data: np.ndarray
+    units: str
+    long_name: str
+    dims: tuple[str, ...] = ("y", "x")
+
+
+@dataclass
+class ProductTable:
+    """A small table of a product (stored as a FITS BinTable and zarr 1-D arrays)."""
+
+    name: str
+    columns: dict[str, np.ndarray]
+    units: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass
+class ProductContent:
+    """Everything computed for one product type.
+
+    Attributes
+    ----------
+    type : str
+        Product type (DESIGN.md section 4).
+    units : str
+        Units of the main array (or of the main figure for table-only products).
+    arrays, tables : list
+        The maps and tables.
+    stats : dict
+        JSON-able scalar figures (and small nested dicts) of the product.
+    """
+
+    type: str
+    units: str
+    arrays: list[ProductArray] = field(default_factory=list)
+    tables: list[ProductTable] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def _f(x: object) -> float | None:
+    """A JSON-able float (None for NaN/inf)."""
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def _subsample(mask: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Flat indices of at most ``limit`` pixels where ``mask`` is True (seeded)."""
+    idx = np.flatnonzero(mask)
+    if idx.size > limit:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
+    return idx
+
+
+def _to_log(gain: np.ndarray, gain_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ln g and its error (the relative error of g) from a gain (e-/ADU) and its error."""
+    g = np.asarray(gain, dtype=np.float64)
+    return np.log(g), np.asarray(gain_err, dtype=np.float64) / g
+
+
+def _mixture_table(fit: MixtureFit, name: str, units: str) -> ProductTable:
+    best = fit.best
+    return ProductTable(
+        name=name,
+        columns={"weight": np.asarray(best.weights), "mean": np.asarray(best.means),
+                 "sigma": np.asarray(best.sigmas)},
+        units={"weight": "", "mean": units, "sigma": units},
+        description=f"population mixture (deconvolved, {len(best.weights)} components by BIC)",
+    )
+
+
+@dataclass
+class Assembler:
+    """Builds the products of one job from the tile maps and the plan stage.
+
+    Attributes
+    ----------
+    maps : mapping
+        Per-pixel maps of the tile pass (see ``sitiancal.compute.tile.MAP_SPECS``).
+    planned : PlanResult
+        Output of the plan stage (PTC, linearity, bias series, missing products).
+    params : CalibrationParams
+        Job parameters.
+    temperature : float or None
+        Median sensor temperature of the dark frames (deg C).
+    partials : dict
+        Summed partials of the tile pass.
+    """
+
+    maps: Mapping[str, object]
+    planned: PlanResult
+    params: CalibrationParams
+    temperature: float | None = None
+    partials: dict[str, float] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    _flags: dict[str, np.ndarray] = field(default_factory=dict)
+    _gain_pop: MixtureFit | None = None
+    _gain_conv: np.ndarray | float | None = None
+
+    def __post_init__(self) -> None:
+        self.missing = dict(self.planned.missing)
+
+    def map(self, name: str) -> np.ndarray | None:
+        """Materialise one map (None when the tile pass did not produce it)."""
+        if name not in self.maps:
+            return None
+        return np.asarray(self.maps[name])
+
+    # ------------------------------------------------------------------ gain
+    def conversion_gain(self) -> np.ndarray | float | None:
+        """Gain (e-/ADU) used to convert ADU maps to electrons.
+
+        Per pixel, the mean of the gain population the pixel belongs to (a
+        per-pixel estimate from ~10 levels is noisier than the population
+        centre); the median per-pixel gain when the population is unimodal;
+        the conventional PTC gain when there is no per-pixel gain.
+        """
+        if self._gain_conv is not None:
+            return self._gain_conv
+        gain = self.map("gain")
+        if gain is not None and np.isfinite(gain).any():
+            fit = self.gain_populations()
+            if fit is not None and len(fit.best.weights) > 1:
+                err = self.map("gain_err")
+                ok = np.isfinite(gain) & np.isfinite(err) & (err > 0) & (gain > 0)
+                conv = np.full(gain.shape, float(np.nanmedian(gain)), dtype=np.float32)
+                lg, lg_err = _to_log(gain[ok], err[ok])
+                conv[ok] = np.exp(np.asarray(fit.best.means)[fit.best.classify(lg, lg_err)])
+                self._gain_conv = conv
+            else:
+                self._gain_conv = float(np.nanmedian(gain))
+        elif self.planned.ptc is not None:
+            self._gain_conv = float(self.planned.ptc.gain)
+        return self._gain_conv
+
+    def gain_populations(self) -> MixtureFit | None:
+        """Mixture of per-pixel gain populations in ln g, deconvolving per-pixel errors.
+
+        The fit runs on ln g with the relative error as the per-pixel error:
+        a per-pixel gain from ~10 levels of ~40 frames has a ~10% error whose
+        distribution is skewed in g and in K = 1/g (sample variances are
+        chi-square distributed), and a Gaussian deconvolution with millions of
+        pixels would model that skew as spurious populations. In ln g the
+        pulls are symmetric (tested). Components convert back as g = exp(mean).
+        """
+        if self._gain_pop is None:
+            gain, err = self.map("gain"), self.map("gain_err")
+            if gain is None or err is None:
+                return None
+            ok = np.isfinite(gain) & np.isfinite(err) & (err > 0) & (gain > 0)
+            if ok.sum() < 100:
+                return None
+            idx = _subsample(ok.ravel(), self.params.mixture_samples, self.params.seed)
+            lg, lg_err = _to_log(gain.ravel()[idx], err.ravel()[idx])
+            self._gain_pop = gain_populations(lg, lg_err, seed=self.params.seed,
+                                              max_samples=self.params.mixture_samples)
+        return self._gain_pop
+
+    # -------------------------------------------------------------- products
+    def bias(self) -> ProductContent | None:
+        master = self.map("bias_mean")
+        planned = self.planned
+        if master is None:
+            return None
+        rows, cols = row_column_profiles(master)
+        n = planned.plan.bias.n if planned.plan.bias else 0
+        temporal_var = (self.partials.get("bias_var_sum", np.nan)
+                        / max(self.partials.get("bias_var_count", 0.0), 1.0))
+        g = self.conversion_gain()
+        dsnu = dsnu_emva(master, temporal_var=temporal_var, n_frames=n,
+                         gain=float(np.nanmedian(g)) if g is not None else None)
+        stats: dict = {"level_median_adu": _f(np.nanmedian(master)), "n_frames": n,
+                       "dsnu": dsnu.to_dict(), "temporal_var_mean_adu2": _f(temporal_var)}
+        tables = [ProductTable("ROW_PROFILE", {"row": np.arange(rows.size), "offset": rows},
+                               {"offset": "ADU"}, "row offsets from the global level"),
+                  ProductTable("COL_PROFILE", {"column": np.arange(cols.size), "offset": cols},
+                               {"offset": "ADU"}, "column offsets from the global level")]
+        if planned.bias_stability is not None:
+            stats["stability"] = planned.bias_stability.to_dict()
+            stats["stability"]["series"] = None
+            plan = planned.plan
+            tables.append(ProductTable(
+                "STABILITY", {"time": np.asarray(plan.bias_time_s),
+                              "level": np.asarray(plan.bias_frame_level)},
+                {"time": "s", "level": "ADU"}, "per-frame clipped mean vs time"))
+        if planned.row_noise is not None:
+            stats["row_noise"] = planned.row_noise
+        arrays = [ProductArray("BIAS", master, "ADU", "master bias (sigma-clipped mean)")]
+        return ProductContent("bias", "ADU", arrays, tables, stats)
+
+    def read_noise(self) -> ProductContent | None:
+        std = self.map("bias_std")
+        if std is None:
+            return None
+        stats: dict = {"median_adu": _f(np.nanmedian(std))}
+        arrays = [ProductArray("READ_NOISE", std, "ADU", "per-pixel temporal std of the bias stack")]
+        g = self.conversion_gain()
+        if g is not None:
+            rn_e = read_noise_map(std, g)
+            arrays.append(ProductArray("READ_NOISE_E", rn_e, "e-", "per-pixel read noise"))
+            stats["per_pixel_e"] = read_noise_summary(rn_e)
+            stats["median_e"] = stats["per_pixel_e"].get("median")
+        conv = self.planned.conventional_rn
+        if conv is not None:
+            stats["conventional_adu"] = _f(conv.read_noise_adu)
+            stats["conventional_adu_err"] = _f(conv.read_noise_adu_err)
+            gscalar = float(np.nanmedian(g)) if g is not None else None
+            stats["conventional_e"] = _f(conv.read_noise_adu * gscalar) if gscalar else None
+        return ProductContent("read_noise", "ADU", arrays, [], stats)
+
+    def dark(self) -> ProductContent | None:
+        rate, err = self.map("dark_rate"), self.map("dark_rate_err")
+        if rate is None or err is None:
+            return None
+        g = self.conversion_gain()
+        arrays: list[ProductArray] = []
+        tables: list[ProductTable] = []
+        stats: dict = {"temperature_c": _f(self.temperature)}
+        ok = np.isfinite(rate) & np.isfinite(err) & (err > 0)
+        if g is not None:
+            rate_e = (rate * g).astype(np.float32)
+            err_e = (err * g).astype(np.float32)
+            arrays += [ProductArray("DARK_RATE", rate_e, "e-/s", "dark current per pixel"),
+                       ProductArray("DARK_RATE_ERR", err_e, "e-/s", "1-sigma error of DARK_RATE")]
+            unit, r, e = "e-/s", rate_e, err_e
+        else:
+            unit, r, e = "ADU/s", rate, err
+        arrays += [ProductArray("DARK_RATE_ADU", rate, "ADU/s", "dark rate in raw counts"),
+                   ProductArray("DARK_RATE_ADU_ERR", err, "ADU/s", "1-sigma error of DARK_RATE_ADU")]
+        chi2 = self.map("dark_chi2")
+        if chi2 is not None:
+            arrays.append(ProductArray("DARK_CHI2", chi2, "", "reduced chi-square of the dark fit"))
+        stats["summary"] = dark_summary(r[ok], e[ok], temperature=self.temperature)
+        stats["units"] = unit
+        idx = _subsample(ok.ravel(), self.params.mixture_samples, self.params.seed)
+        pops = dark_populations(r.ravel()[idx], e.ravel()[idx], seed=self.params.seed)
+        stats["populations"] = pops.to_dict()
+        tables.append(_mixture_table(pops, "POPULATIONS", unit))
+        cls = np.full(rate.shape, 255, dtype=np.uint8)
+        cls[ok] = pops.best.classify(r[ok], e[ok]).astype(np.uint8)
+        arrays.append(ProductArray("DARK_CLASS", cls, "", "population index of each pixel (255: no fit)"))
+        center, scale = robust_center_scale(r[ok])
+        hot, warm = hot_warm(r, e, populations=pops, config=self.params.defects,
+                             center=center, scale=scale)
+        self._flags["hot"], self._flags["warm"] = hot, warm
+        return ProductContent("dark", unit, arrays, tables, stats)
+
+    def ptc(self) -> ProductContent | None:
+        planned = self.planned
+        if planned.ptc is None:
+            return None
+        pts = planned.ptc_points
+        used = np.asarray(planned.ptc.used, dtype=bool)
+        cols = {k: np.asarray([p[k] for p in pts]) for k in ("exptime", "mean", "var", "var_err", "n_pairs")}
+        cols["used"] = used
+        table = ProductTable("PTC", cols, {"exptime": "s", "mean": "ADU", "var": "ADU2",
+                                           "var_err": "ADU2"}, "conventional PTC points")
+        fit = planned.ptc
+        stats = {
+            "gain": _f(fit.gain), "gain_err": _f(fit.gain_err),
+            "read_noise_e": _f(fit.read_noise_e), "read_noise_e_err": _f(fit.read_noise_e_err),
+            "read_noise_adu": _f(fit.read_noise_adu), "turnoff_adu": _f(fit.turnoff_adu),
+            "full_well_e": _f(fit.full_well_e), "chi2_red": _f(fit.chi2_red),
+            "gain_convention": "g in e-/ADU (EMVA K = 1/g in DN/e-)",
+        }
+        if planned.ptc_astier is not None:
+            a = planned.ptc_astier
+            stats["astier"] = {"gain": _f(a.gain), "gain_err": _f(a.gain_err), "a00": _f(a.a00),
+                               "a00_err": _f(a.a00_err), "read_noise_e": _f(a.read_noise_e)}
+        return ProductContent("ptc", "e-/ADU", [], [table], stats)
+
+    def gain(self) -> ProductContent | None:
+        gain, err = self.map("gain"), self.map("gain_err")
+        if gain is None or err is None:
+            return None
+        arrays = [ProductArray("GAIN", gain, "e-/ADU", "per-pixel gain (temporal mean-variance fit)"),
+                  ProductArray("GAIN_ERR", err, "e-/ADU", "1-sigma error of GAIN")]
+        for name, units, long in (("gain_chi2", "", "reduced chi-square of the fit (fit quality)"),
+                                  ("gain_n_used", "", "flat levels used by the fit"),
+                                  ("gain_read_var", "ADU2", "fit intercept (read variance)")):
+            m = self.map(name)
+            if m is not None:
+                arrays.append(ProductArray(name.upper(), m, units, long))
+        ok = np.isfinite(gain) & np.isfinite(err) & (err > 0)
+        center, scale = robust_center_scale(gain[ok])
+        stats: dict = {"median": _f(center), "robust_sigma": _f(scale),
+                       "median_rel_err": _f(np.nanmedian(err[ok] / gain[ok])),
+                       "n_pixels": int(ok.sum()),
+                       "gain_convention": "g in e-/ADU (EMVA K = 1/g in DN/e-)"}
+        tables: list[ProductTable] = []
+        pops = self.gain_populations()
+        if pops is not None:
+            best = pops.best
+            mu, sig = np.asarray(best.means), np.asarray(best.sigmas)
+            order = np.argsort(mu)
+            stats["populations"] = {
+                "space": "fitted on ln g with relative errors; gain = exp(mean)",
+                "n_components": len(mu),
+                "weights": [float(w) for w in np.asarray(best.weights)[order]],
+                "gain_means": [float(np.exp(m)) for m in mu[order]],
+                "gain_sigmas": [float(sg * np.exp(m)) for sg, m in zip(sig[order], mu[order], strict=True)],
+                "fit": pops.to_dict(),
+            }
+            stats["bimodal"] = len(mu) > 1
+            tables.append(ProductTable(
+                "POPULATIONS",
+                {"weight": np.asarray(best.weights)[order], "gain": np.exp(mu[order]),
+                 "gain_sigma": sig[order] * np.exp(mu[order]), "ln_gain": mu[order],
+                 "ln_gain_sigma": sig[order]},
+                {"gain": "e-/ADU", "gain_sigma": "e-/ADU"},
+                "per-pixel gain populations (deconvolved mixture on ln g, components by BIC)"))
+            ok = np.isfinite(gain) & np.isfinite(err) & (err > 0) & (gain > 0)
+            outlier = np.zeros(gain.shape, dtype=bool)
+            lg, lg_err = _to_log(gain[ok], err[ok])
+            outlier[ok] = gain_outlier(lg, lg_err, populations=pops, config=self.params.defects)
+            self._flags["gain_outlier"] = outlier
+        plan = self.planned.plan
+        n_levels = int(sum(plan.gain_levels))
+        if n_levels:
+            stats["frames_per_level_for_1pct"] = int(frames_for_precision(0.01, n_levels))
+        if self.planned.ptc is not None:
+            stats["conventional"] = _f(self.planned.ptc.gain)
+        return ProductContent("gain", "e-/ADU", arrays, tables, stats)
+
+    def linearity(self) -> ProductContent | None:
+        fit = self.planned.linearity
+        if fit is None:
+            return None
+        pts = self.planned.linearity_points
+        table = ProductTable(
+            "LINEARITY",
+            {"exptime": np.asarray([p["exptime"] for p in pts]),
+             "signal": np.asarray([p["signal"] for p in pts]),
+             "signal_err": np.asarray([p["signal_err"] for p in pts]),
+             "residual_pct": np.asarray(fit.residual_pct), "used": np.asarray(fit.used)},
+            {"exptime": "s", "signal": "ADU", "signal_err": "ADU", "residual_pct": "%"},
+            "central-region mean signal per flat level")
+        stats = {"slope_adu_s": _f(fit.slope), "slope_err": _f(fit.slope_err), "r2": _f(fit.r2),
+                 "max_nonlinearity_pct": _f(fit.max_nonlinearity_pct),
+                 "max_nonlinearity_above_3000_pct": _f(fit.max_nonlinearity_above_3000_pct),
+                 "linearizer": [float(c) for c in np.asarray(fit.linearizer)],
+                 "saturation_adu": _f(self.planned.plan.saturation)}
+        arrays: list[ProductArray] = []
+        resid = self.map("lin_resid")
+        if resid is not None:
+            at = self.planned.plan.lin_at
+            arrays.append(ProductArray("LIN_RESID", resid, "%",
+                                       "per-pixel linearity residual at flat levels "
+                                       + ",".join(str(i) for i in at), dims=("level", "y", "x")))
+            worst = np.nanmax(np.abs(resid), axis=0)
+            ok = np.isfinite(worst)
+            center, scale = robust_center_scale(worst[ok])
+            self._flags["nonlinear"] = nonlinear(worst, config=self.params.defects,
+                                                 center=center, scale=scale)
+            stats["pixel_residual_levels"] = list(at)
+        return ProductContent("linearity", "%", arrays, [table], stats)
+
+    def flat(self) -> ProductContent | None:
+        signal = self.map("flat_signal")
+        if signal is None:
+            return None
+        flat = master_flat(signal)
+        var = (self.partials.get("flat_var_sum", np.nan)
+               / max(self.partials.get("flat_var_count", 0.0), 1.0))
+        ref = self.planned.plan.flat_ref
+        n = self.planned.plan.flats[ref].n if ref is not None else 0
+        med = local_median(flat)
+        dead, low = dead_low(flat, med, config=self.params.defects)
+        self._flags["dead"], self._flags["low_response"] = dead, low
+        # PRNU of the sensor's normal pixels: defective pixels are reported by the
+        # mask, and a handful of dead pixels would otherwise dominate the variance.
+        excluded = dead | low
+        for name in ("hot", "warm"):
+            if self._flags.get(name) is not None:
+                excluded = excluded | self._flags[name]
+        # Large-scale (vignetting) cells: 64 px on a full frame, smaller on small
+        # frames so that a cell still sees an almost flat illumination.
+        block = int(np.clip(min(signal.shape) // 16, 8, 64))
+        prnu = prnu_emva(signal, temporal_var=var, n_frames=n, mask=excluded, block=block)
+        stats = {"prnu_pct": _f(prnu.prnu_pct), "prnu_highpass_pct": _f(prnu.prnu_highpass_pct),
+                 "mean_signal_adu": _f(prnu.mean_signal), "reference_level": ref, "n_frames": n,
+                 "excluded_pixels": int(excluded.sum()), "large_scale_block_px": block,
+                 "definition": "EMVA 1288 release 4.0, defective pixels (mask) excluded"}
+        return ProductContent("flat", "", [ProductArray("FLAT", flat, "", "master flat (median 1)")],
+                              [], stats)
+
+    def mask(self, shape: tuple[int, int]) -> ProductContent:
+        std = self.map("bias_std")
+        if std is not None:
+            center, scale = robust_center_scale(std[np.isfinite(std)])
+            self._flags["noisy"] = noisy(std, config=self.params.defects, center=center, scale=scale)
+        rtn = self.map("rtn")
+        if rtn is not None:
+            self._flags["rtn"] = rtn > 0.5
+        z = self.map("bias_trend_z")
+        if z is not None:
+            self._flags["unstable_bias"] = unstable_bias(z, config=self.params.defects)
+        flags = {k: v for k, v in self._flags.items() if v is not None}
+        mask = build_mask(**flags) if flags else np.zeros(shape, dtype=np.uint16)
+        counts = mask_counts(mask)
+        stats = {"counts": counts, "bits": {b.name: int(b.value) for b in MaskBit},
+                 "classes_evaluated": sorted(flags)}
+        return ProductContent("mask", "", [ProductArray("MASK", mask, "", "defect bitmask")], [],
+                              stats)
+
+
+def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: CalibrationParams,
+                      *, shape: tuple[int, int], temperature: float | None = None,
+                      partials: dict[str, float] | None = None,
+                      wanted: tuple[str, ...] = PRODUCT_TYPES) -> tuple[dict[str, ProductContent], dict[str, str]]:
+    """Build every requested product that the data supports.
+
+    Returns
+    -------
+    products : dict of str to ProductContent
+        One entry per product type computed.
+    missing : dict of str to str
+        For every requested type not computed, the reason.
+    """
+    asm = Assembler(maps, planned, params, temperature=temperature, partials=partials or {})
+    out: dict[str, ProductContent] = {}
+    builders = {"bias": asm.bias, "read_noise": asm.read_noise, "dark": asm.dark, "ptc": asm.ptc,
+                "gain": asm.gain, "linearity": asm.linearity, "flat": asm.flat}
+    # Products feed the mask, so build all of them, keep the wanted ones.
+    for name in PRODUCT_TYPES[:-1]:
+        content = builders[name]()
+        if content is not None and name in wanted:
+            out[name] = content
+    if "mask" in wanted:
+        out["mask"] = asm.mask(shape)
+    missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}
+    for name in wanted:
+        if name not in out and name not in missing:
+            missing[name] = "the dataset does not support this product"
+    return out, missing

@@ -1,0 +1,369 @@
+"""All per-pixel work of one frame tile, in one function.
+
+A calibration job is one pass over the frame cube, tile by tile. For each tile
+:func:`process_tile` loads the bias stack, then each dark group, then each flat
+level (one group at a time, so memory is bounded by one group's stack for one
+tile), reduces them to per-pixel sufficient statistics and fits, and returns
+per-pixel maps (float32) plus small partial sums. Global quantities that need
+the whole frame (per-frame levels, the PTC turnoff, saturation) are computed
+before and handed in through the :class:`TilePlan`; global statistics of the
+maps (medians, mixtures, masks) are computed after, from the assembled maps.
+
+Pixel I/O is injected: ``load(indices)`` returns the ``(F, ty, tx)`` stack of the
+given cube frames for this tile. Nothing here knows where frames are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from sitiancal.compute.dark import fit_dark_rate
+from sitiancal.compute.defects import DefectConfig, detect_rtn
+from sitiancal.compute.gain import fit_pixel_gain
+from sitiancal.compute.linearity import pixel_linearity_residuals
+from sitiancal.compute.stats import (
+    Moments,
+    combine_moments,
+    group_moments,
+    pixel_time_trend,
+    sigma_clipped_stats,
+)
+
+#: ``load(frame_indices) -> (F, ty, tx)`` array of raw counts for one tile.
+TileLoader = Callable[[Sequence[int]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class FrameGroup:
+    """Frames of one type taken with one exposure time (one dark group or flat level).
+
+    Attributes
+    ----------
+    kind : str
+        ``"bias"``, ``"dark"`` or ``"flat"``.
+    exptime : float
+        Exposure time (s).
+    indices : tuple of int
+        Frame indices in the cube.
+    scale : tuple of float or None
+        Per-frame illumination correction factors (flats): the bias-subtracted
+        signal of frame ``f`` is multiplied by ``scale[f]`` so that every frame
+        of the level has the level's mean illumination.
+    """
+
+    kind: str
+    exptime: float
+    indices: tuple[int, ...]
+    scale: tuple[float, ...] | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of frames in the group."""
+        return len(self.indices)
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    """Parameters of a calibration job; every field is recorded in provenance.
+
+    Attributes
+    ----------
+    clip_sigma, clip_maxiters : float, int
+        Sigma clipping of the master bias (3 sigma, median centre: the usual
+        ccdproc/astropy combine default).
+    gain_max_fraction : float
+        Flat levels used by the per-pixel gain fit stay below this fraction of
+        saturation (DESIGN.md section 4: ~70%).
+    min_gain_frames : int
+        Frames per flat level needed for per-pixel temporal statistics; below
+        it the per-pixel products are skipped with a reason.
+    lin_lo, lin_hi : float
+        Linearity fit range as fractions of saturation (DESIGN.md: 5-95%).
+    lin_levels : int
+        Number of flat levels at which per-pixel linearity residual maps are kept.
+    ptc_pairs_per_level, ptc_region : int
+        Conventional PTC: frame pairs used per level and the side (pixels) of
+        the central region (EMVA 1288 and most labs use a central region).
+    max_batch_frames : int
+        Dark and flat groups larger than this are reduced in sub-batches.
+    mixture_samples : int
+        Pixels (a seeded random subset) used by the population mixtures; the
+        precision of a population's weight scales as 1/sqrt(mixture_samples).
+    seed : int
+        Seed of every random choice (RTN dithering, mixture subsampling).
+    """
+
+    clip_sigma: float = 3.0
+    clip_maxiters: int = 5
+    gain_max_fraction: float = 0.7
+    min_gain_frames: int = 5
+    lin_lo: float = 0.05
+    lin_hi: float = 0.95
+    lin_levels: int = 3
+    ptc_pairs_per_level: int = 4
+    ptc_region: int = 1024
+    max_batch_frames: int = 64
+    mixture_samples: int = 1_000_000
+    seed: int = 0
+    defects: DefectConfig = field(default_factory=DefectConfig)
+
+    def to_dict(self) -> dict:
+        """JSON-able form, for provenance and content keys."""
+        out = asdict(self)
+        out["defects"] = asdict(self.defects)
+        return out
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What every tile task needs to know about the whole dataset.
+
+    Attributes
+    ----------
+    bias : FrameGroup or None
+        The bias frames.
+    bias_time_s : tuple of float
+        Time of each bias frame (s from the first), for the per-pixel trend.
+    bias_frame_level : tuple of float
+        Per-frame clipped mean of each bias frame (ADU): removed before RTN
+        and trend statistics so a global drift is not a pixel property.
+    darks, flats : tuple of FrameGroup
+        Dark groups and flat levels, ordered by exposure time.
+    flat_dark : tuple of int or None
+        For each flat level, the index of the dark group with the same
+        exposure time (EMVA 1288 style correction) or None.
+    saturation : float
+        Bias-subtracted signal (ADU) at which the sensor saturates (PTC turnoff).
+    gain_levels : tuple of bool
+        Flat levels usable for per-pixel gain (below ``gain_max_fraction`` of
+        saturation), or empty when per-pixel gain is not computed.
+    lin_used : tuple of bool
+        Flat levels inside the linearity fit range.
+    lin_at : tuple of int
+        Flat levels at which per-pixel linearity residual maps are kept.
+    flat_ref : int or None
+        Flat level used for the master flat (the brightest unsaturated level
+        below ``gain_max_fraction`` of saturation).
+    """
+
+    bias: FrameGroup | None
+    bias_time_s: tuple[float, ...]
+    bias_frame_level: tuple[float, ...]
+    darks: tuple[FrameGroup, ...]
+    flats: tuple[FrameGroup, ...]
+    flat_dark: tuple[int | None, ...]
+    saturation: float
+    gain_levels: tuple[bool, ...]
+    lin_used: tuple[bool, ...]
+    lin_at: tuple[int, ...]
+    flat_ref: int | None
+
+    @property
+    def has_dark_fit(self) -> bool:
+        """True when the dark series has at least two distinct exposure times."""
+        times = {g.exptime for g in self.darks}
+        if self.bias is not None:
+            times.add(0.0)
+        return len(times) >= 2 and len(self.darks) >= 1
+
+    @property
+    def has_pixel_gain(self) -> bool:
+        """True when per-pixel temporal gain statistics are computed."""
+        return sum(self.gain_levels) >= 3
+
+
+#: Names, units and descriptions of the per-pixel maps a tile produces.
+MAP_SPECS: dict[str, tuple[str, str]] = {
+    "bias_mean": ("ADU", "sigma-clipped mean of the bias stack (master bias)"),
+    "bias_std": ("ADU", "temporal standard deviation of the bias stack (ddof=1)"),
+    "bias_trend_z": ("", "significance of the per-pixel bias drift over the series"),
+    "rtn": ("", "1 where the bias stack shows multi-level telegraph noise"),
+    "dark_rate": ("ADU/s", "dark rate: weighted slope of mean signal vs exposure time"),
+    "dark_rate_err": ("ADU/s", "1-sigma uncertainty of dark_rate"),
+    "dark_offset": ("ADU", "intercept of the dark fit (bias level)"),
+    "dark_chi2": ("", "reduced chi-square of the dark fit"),
+    "flat_signal": ("ADU", "offset-subtracted mean of the reference flat level"),
+    "flat_var": ("ADU2", "temporal variance of the reference flat level"),
+    "gain": ("e-/ADU", "per-pixel gain from the temporal mean-variance fit"),
+    "gain_err": ("e-/ADU", "1-sigma uncertainty of gain"),
+    "gain_read_var": ("ADU2", "intercept of the per-pixel mean-variance fit"),
+    "gain_chi2": ("", "reduced chi-square of the per-pixel gain fit"),
+    "gain_n_used": ("", "flat levels used by the per-pixel gain fit"),
+}
+
+
+@dataclass
+class TileResult:
+    """Per-pixel maps of one tile and small partial sums.
+
+    Attributes
+    ----------
+    maps : dict of str to ndarray
+        2-D float32 maps named as in :data:`MAP_SPECS` (only those computed),
+        plus ``lin_resid`` of shape ``(K, ty, tx)`` (% residual) when computed.
+    partials : dict of str to float
+        Sums that combine across tiles by addition.
+    """
+
+    maps: dict[str, np.ndarray]
+    partials: dict[str, float]
+
+
+def _moments(load: TileLoader, group: FrameGroup, *, offset: np.ndarray | float | None,
+             max_batch: int) -> Moments:
+    """Per-pixel moments of a group, reduced in sub-batches of at most ``max_batch`` frames."""
+    result: Moments | None = None
+    scale = np.asarray(group.scale, dtype=np.float64) if group.scale is not None else None
+    for start in range(0, group.n, max_batch):
+        idx = group.indices[start:start + max_batch]
+        part = group_moments(
+            load(idx), offset=offset,
+            scale=None if scale is None else scale[start:start + max_batch],
+        )
+        result = part if result is None else combine_moments(result, part)
+    assert result is not None
+    return result
+
+
+def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) -> TileResult:
+    """Compute every per-pixel quantity of one tile.
+
+    Parameters
+    ----------
+    load : callable
+        ``load(indices) -> ndarray (F, ty, tx)`` of raw counts (ADU).
+    plan : TilePlan
+        Dataset-wide inputs (groups, per-frame levels, saturation).
+    params : CalibrationParams
+        Job parameters.
+
+    Returns
+    -------
+    TileResult
+        float32 maps (see :data:`MAP_SPECS`) and partial sums.
+    """
+    maps: dict[str, np.ndarray] = {}
+    partials: dict[str, float] = {}
+    f32 = np.float32
+
+    # ---- bias ---------------------------------------------------------------
+    master: np.ndarray | None = None
+    bias_mom: Moments | None = None
+    if plan.bias is not None and plan.bias.n >= 2:
+        stack = load(plan.bias.indices)
+        clipped = sigma_clipped_stats(stack, sigma=params.clip_sigma, maxiters=params.clip_maxiters)
+        master = np.asarray(clipped.mean, dtype=np.float64)
+        bias_mom = group_moments(stack)
+        level = np.asarray(plan.bias_frame_level, dtype=np.float64)
+        maps["bias_mean"] = master.astype(f32)
+        maps["bias_std"] = np.sqrt(bias_mom.var).astype(f32)
+        if plan.bias.n >= 3:
+            trend = pixel_time_trend(stack, np.asarray(plan.bias_time_s), frame_level=level)
+            maps["bias_trend_z"] = np.asarray(trend.z, dtype=f32)
+            maps["rtn"] = detect_rtn(stack, frame_level=level, config=params.defects,
+                                     seed=params.seed).astype(f32)
+        del stack
+
+    # ---- darks --------------------------------------------------------------
+    dark_means: list[np.ndarray] = []
+    dark_rate: np.ndarray | None = None
+    if plan.darks:
+        times, means, variances, counts = [], [], [], []
+        if bias_mom is not None:
+            times.append(0.0)
+            means.append(bias_mom.mean)
+            variances.append(bias_mom.var)
+            counts.append(plan.bias.n if plan.bias else 0)
+        for group in plan.darks:
+            mom = _moments(load, group, offset=None, max_batch=params.max_batch_frames)
+            dark_means.append(mom.mean)
+            times.append(group.exptime)
+            means.append(mom.mean)
+            variances.append(mom.var)
+            counts.append(group.n)
+        if plan.has_dark_fit:
+            fit = fit_dark_rate(np.asarray(times), np.stack(means, axis=-1),
+                                np.stack(variances, axis=-1), np.asarray(counts))
+            dark_rate = np.asarray(fit.rate, dtype=np.float64)
+            maps["dark_rate"] = dark_rate.astype(f32)
+            maps["dark_rate_err"] = np.asarray(fit.rate_err, dtype=f32)
+            maps["dark_offset"] = np.asarray(fit.offset, dtype=f32)
+            maps["dark_chi2"] = np.asarray(fit.chi2_red, dtype=f32)
+            if master is None:
+                # EMVA 1288 style sets have no bias frames: the dark intercept is the bias.
+                master = np.asarray(fit.offset, dtype=np.float64)
+
+    # ---- flats --------------------------------------------------------------
+    if plan.flats:
+        level_means: list[np.ndarray] = []
+        level_vars: list[np.ndarray] = []
+        for li, group in enumerate(plan.flats):
+            match = plan.flat_dark[li]
+            offset: np.ndarray | float
+            if match is not None:
+                offset = dark_means[match]
+            elif master is not None:
+                offset = master if dark_rate is None else master + dark_rate * group.exptime
+            else:
+                offset = 0.0
+            mom = _moments(load, group, offset=offset, max_batch=params.max_batch_frames)
+            level_means.append(mom.mean.astype(f32))
+            level_vars.append(mom.var.astype(f32))
+            if li == plan.flat_ref:
+                maps["flat_signal"] = mom.mean.astype(f32)
+                maps["flat_var"] = mom.var.astype(f32)
+                partials["flat_var_sum"] = float(np.nansum(mom.var))
+                partials["flat_var_count"] = float(np.isfinite(mom.var).sum())
+        mean = np.stack(level_means, axis=-1)
+        var = np.stack(level_vars, axis=-1)
+        if plan.has_pixel_gain:
+            use = np.asarray(plan.gain_levels, dtype=bool)
+            n = np.asarray([g.n for g in plan.flats], dtype=np.float64)
+            gfit = fit_pixel_gain(
+                mean[..., use].astype(np.float64), var[..., use].astype(np.float64), n[use],
+                max_mean=params.gain_max_fraction * plan.saturation,
+            )
+            maps["gain"] = np.asarray(gfit.gain, dtype=f32)
+            maps["gain_err"] = np.asarray(gfit.gain_err, dtype=f32)
+            maps["gain_read_var"] = np.asarray(gfit.read_var, dtype=f32)
+            maps["gain_chi2"] = np.asarray(gfit.chi2_red, dtype=f32)
+            maps["gain_n_used"] = np.asarray(gfit.n_used, dtype=f32)
+        if plan.lin_at and sum(plan.lin_used) >= 2:
+            resid = pixel_linearity_residuals(
+                np.asarray([g.exptime for g in plan.flats]), mean.astype(np.float64),
+                used=np.asarray(plan.lin_used, dtype=bool), at=np.asarray(plan.lin_at),
+            )
+            maps["lin_resid"] = np.moveaxis(np.asarray(resid, dtype=f32), -1, 0)
+    if bias_mom is not None:
+        partials["bias_var_sum"] = float(np.nansum(bias_mom.var))
+        partials["bias_var_count"] = float(np.isfinite(bias_mom.var).sum())
+    return TileResult(maps=maps, partials=partials)
+
+
+def expected_maps(plan: TilePlan) -> dict[str, tuple[int, ...]]:
+    """Maps that :func:`process_tile` will produce for this plan, with their leading shape.
+
+    A sink can create its arrays up front from this (``()`` for a 2-D map,
+    ``(K,)`` for ``lin_resid``).
+    """
+    names: list[str] = []
+    if plan.bias is not None and plan.bias.n >= 2:
+        names += ["bias_mean", "bias_std"]
+        if plan.bias.n >= 3:
+            names += ["bias_trend_z", "rtn"]
+    if plan.darks and plan.has_dark_fit:
+        names += ["dark_rate", "dark_rate_err", "dark_offset", "dark_chi2"]
+    out: dict[str, tuple[int, ...]] = {name: () for name in names}
+    if plan.flats:
+        if plan.flat_ref is not None:
+            out["flat_signal"] = ()
+            out["flat_var"] = ()
+        if plan.has_pixel_gain:
+            for name in ("gain", "gain_err", "gain_read_var", "gain_chi2", "gain_n_used"):
+                out[name] = ()
+        if plan.lin_at and sum(plan.lin_used) >= 2:
+            out["lin_resid"] = (len(plan.lin_at),)
+    return out

@@ -1,0 +1,467 @@
+"""The calibration job: scan, cube, plan, tile pass, products, publish.
+
+This is the one code path behind ``sitiancal calibrate`` and the service's
+jobs. Each stage reports progress through a ``progress(stage, fraction)``
+callback and can be cancelled between tasks through a ``cancelled()`` check.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dask
+import numpy as np
+import xarray as xr
+import zarr
+
+from sitiancal.compute.graph import build_tile_graph, iter_tiles, sum_partials
+from sitiancal.compute.plan import FrameTable, PlanResult, make_plan
+from sitiancal.compute.products import PRODUCT_TYPES, ProductContent, assemble_products
+from sitiancal.compute.tile import CalibrationParams, TileResult, expected_maps
+from sitiancal.service.settings import Settings
+
+#: ``progress(stage, fraction)``: fraction of the whole job done, 0..1.
+StageProgress = Callable[[str, float], None]
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled; nothing it computed is published."""
+
+
+@dataclass
+class ProductsOutcome:
+    """What the compute stages of a job produced."""
+
+    products: dict[str, ProductContent]
+    missing: dict[str, str]
+    planned: PlanResult
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def frame_table(ds: xr.Dataset) -> FrameTable:
+    """Per-frame metadata and statistics of a cube as a :class:`FrameTable`."""
+    times = ds["time"].values
+    if np.issubdtype(times.dtype, np.datetime64):
+        valid = ~np.isnat(times)
+        t0 = times[valid].min() if valid.any() else None
+        time_s = np.where(valid, (times - t0) / np.timedelta64(1, "s") if t0 is not None else np.nan,
+                          np.nan).astype(np.float64)
+    else:
+        time_s = np.full(ds.sizes["frame"], np.nan)
+    temperature = ds["temperature"].values.astype(np.float64) if "temperature" in ds else np.full(ds.sizes["frame"], np.nan)
+    return FrameTable(
+        frame_type=_strings(ds["frame_type"].values),
+        exptime=ds["exptime"].values.astype(np.float64),
+        time_s=time_s,
+        frame_mean=ds["frame_mean"].values.astype(np.float64),
+        frame_clipped_mean=ds["frame_clipped_mean"].values.astype(np.float64),
+        center_mean=ds["center_mean"].values.astype(np.float64),
+        temperature=temperature,
+        row_mean=ds["row_mean"].values.astype(np.float64) if "row_mean" in ds else None,
+    )
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    """A fixed-width unicode array from any string array (zarr 3 returns StringDType)."""
+    return np.array([str(v) for v in values], dtype=str)
+
+
+class CubeReader:
+    """Reads ``(F, ty, tx)`` tiles of a cube's ``frames`` array (picklable for distributed)."""
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        self._array: zarr.Array | None = None
+
+    def __getstate__(self) -> dict:
+        return {"store": self.store, "_array": None}
+
+    @property
+    def array(self) -> zarr.Array:
+        if self._array is None:
+            self._array = zarr.open_array(f"{self.store.rstrip('/')}/frames", mode="r")
+        return self._array
+
+    def __call__(self, indices: Sequence[int], ys: slice, xs: slice) -> np.ndarray:
+        return self.array.get_orthogonal_selection((np.asarray(list(indices)), ys, xs))
+
+
+class ZarrMapSink:
+    """``TileSink`` writing each tile's maps into pre-created zarr arrays.
+
+    Tiles align with the chunks, so concurrent tasks never write the same chunk.
+    Works with threads and with distributed workers sharing the work folder.
+    """
+
+    def __init__(self, path: str | Path, *, shape: tuple[int, int], tile: tuple[int, int],
+                 expected: Mapping[str, tuple[int, ...]]) -> None:
+        self.path = str(path)
+        group = zarr.open_group(self.path, mode="w")
+        for name, lead in expected.items():
+            group.create_array(name, shape=lead + shape, chunks=lead + tile, dtype="float32",
+                               fill_value=np.nan)
+
+    def __call__(self, ys: slice, xs: slice, result: TileResult) -> None:
+        group = zarr.open_group(self.path, mode="r+")
+        for name, tile_map in result.maps.items():
+            group[name][..., ys, xs] = tile_map
+
+    def maps(self) -> dict[str, zarr.Array]:
+        """The assembled maps, as lazily read zarr arrays."""
+        group = zarr.open_group(self.path, mode="r")
+        return {name: group[name] for name in group.array_keys()}
+
+
+def _region_reader(reader: CubeReader, shape: tuple[int, int], side: int):
+    ny, nx = shape
+    ry, rx = min(side, ny // 2 or ny), min(side, nx // 2 or nx)
+    ys = slice((ny - ry) // 2, (ny - ry) // 2 + ry)
+    xs = slice((nx - rx) // 2, (nx - rx) // 2 + rx)
+    return lambda indices: reader(indices, ys, xs)
+
+
+def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
+                     params: CalibrationParams | None = None,
+                     wanted: Sequence[str] = PRODUCT_TYPES,
+                     client: object | None = None,
+                     progress: StageProgress | None = None,
+                     cancelled: Callable[[], bool] | None = None,
+                     span: tuple[float, float] = (0.0, 1.0)) -> ProductsOutcome:
+    """Run the plan stage, the tile pass and product assembly on a cube.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The cube (``storage.cube.open_cube``).
+    cube_store : str
+        Location of the cube (read by the tile tasks).
+    workdir : path
+        Scratch folder for the per-pixel maps (removed by the caller).
+    params : CalibrationParams
+        Job parameters (defaults if None).
+    wanted : sequence of str
+        Product types to build.
+    client : distributed.Client or None
+        Run the tile pass on this client; None runs it on the threaded scheduler.
+    progress, cancelled : callable
+        Progress report and cancellation check.
+    span : (float, float)
+        The fraction of the whole job these stages cover, for progress.
+    """
+    params = params or CalibrationParams()
+    lo, hi = span
+    report = progress or (lambda stage, fraction: None)
+    is_cancelled = cancelled or (lambda: False)
+    timings: dict[str, float] = {}
+    shape = (int(ds.sizes["y"]), int(ds.sizes["x"]))
+    chunks = ds["frames"].encoding.get("chunks") or ds["frames"].data.chunksize
+    tile = (int(chunks[-2]), int(chunks[-1]))
+    reader = CubeReader(cube_store)
+
+    t0 = time.perf_counter()
+    report("plan", lo)
+    table = frame_table(ds)
+    planned = make_plan(table, _region_reader(reader, shape, params.ptc_region), params,
+                        ny=shape[0], nx=shape[1])
+    timings["plan"] = time.perf_counter() - t0
+    if is_cancelled():
+        raise JobCancelled("cancelled after the plan stage")
+
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sink = ZarrMapSink(workdir / "maps.zarr", shape=shape, tile=tile,
+                       expected=expected_maps(planned.plan))
+    tasks = build_tile_graph(reader, sink, shape=shape, tile=tile, plan=planned.plan, params=params)
+    n_tiles = len(tasks)
+    partials = _run_tasks(tasks, client, lambda done: report(
+        "tiles", lo + (hi - lo) * (0.1 + 0.75 * done / n_tiles)), is_cancelled)
+    timings["tiles"] = time.perf_counter() - t0
+    timings["n_tiles"] = float(len(list(iter_tiles(shape, tile))))
+
+    t0 = time.perf_counter()
+    report("products", lo + (hi - lo) * 0.85)
+    temps = table.temperature[np.isin(table.frame_type, ["dark", "bias"])]
+    temperature = float(np.nanmedian(temps)) if np.isfinite(temps).any() else None
+    products, missing = assemble_products(sink.maps(), planned, params, shape=shape,
+                                          temperature=temperature, partials=partials,
+                                          wanted=tuple(wanted))
+    timings["products"] = time.perf_counter() - t0
+    report("products", hi)
+    return ProductsOutcome(products, missing, planned, timings)
+
+
+def _run_tasks(tasks: list, client: object | None, on_done: Callable[[int], None],
+               cancelled: Callable[[], bool]) -> dict[str, float]:
+    """Compute tile tasks, reporting each completion and honouring cancellation."""
+    if client is None:
+        from dask.callbacks import Callback
+
+        done = [0]
+
+        class _Count(Callback):
+            def _posttask(self, key, result, dsk, state, worker_id):
+                if isinstance(key, str) and key.startswith("tile-"):
+                    done[0] += 1
+                    on_done(done[0])
+                if cancelled():
+                    raise JobCancelled("cancelled during the tile pass")
+
+        with _Count():
+            results = dask.compute(*tasks, scheduler="threads")
+        return sum_partials(results)
+    from distributed import as_completed  # the service layer may use distributed
+
+    futures = client.compute(tasks)  # type: ignore[attr-defined]
+    results = []
+    try:
+        for i, fut in enumerate(as_completed(futures), start=1):
+            results.append(fut.result())
+            on_done(i)
+            if cancelled():
+                raise JobCancelled("cancelled during the tile pass")
+    except BaseException:
+        client.cancel(futures)  # type: ignore[attr-defined]
+        raise
+    return sum_partials(results)
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove a scratch folder, ignoring a folder that is already gone."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# The whole job: the part that touches the catalog and the store.
+# ---------------------------------------------------------------------------
+def _payloads(outcome: ProductsOutcome, *, camera: str, ds: xr.Dataset, params: CalibrationParams,
+              dataset_id: str | None, job_id: str | None, started: datetime,
+              timings: Mapping[str, float]):
+    """Storage payloads of the computed products (input frames, provenance, time span)."""
+    from sitiancal.compute.defects import MaskBit
+    from sitiancal.storage.store import ProductArray, ProductPayload, ProductTable, build_provenance
+
+    files = [str(f) for f in ds["file"].values]
+    shas = [str(s) for s in ds["sha256"].values]
+    types = _strings(ds["frame_type"].values)
+    times = ds["time"].values
+    finished = datetime.now(UTC)
+    out = []
+    for kind, content in outcome.products.items():
+        use = _inputs_of(kind, types)
+        inputs = [{"path": files[i], "sha256": shas[i]} for i in np.flatnonzero(use)]
+        tsel = times[use]
+        tsel = tsel[~np.isnat(tsel)] if np.issubdtype(tsel.dtype, np.datetime64) else tsel[:0]
+        date_beg = _to_utc(tsel.min()) if tsel.size else None
+        date_end = _to_utc(tsel.max()) if tsel.size else None
+        out.append(ProductPayload(
+            camera=camera, type=kind,
+            arrays=[ProductArray(a.name, a.data, a.units, a.long_name, a.dims) for a in content.arrays],
+            tables=[ProductTable(t.name, t.columns, t.units, t.description) for t in content.tables],
+            stats=content.stats, units=content.units,
+            provenance=build_provenance(params=params.to_dict(), started=started, finished=finished,
+                                        dataset_id=dataset_id, job_id=job_id, timings=timings,
+                                        missing=outcome.missing, notes=outcome.planned.notes),
+            inputs=inputs, date_beg=date_beg, date_end=date_end, params=params.to_dict(),
+            mask_bits={b.bit_length() - 1: b.name for b in MaskBit} if kind == "mask" else None,
+        ))
+    return out
+
+
+#: Frame types each product is computed from (its inputs in provenance and content key).
+_PRODUCT_INPUTS = {
+    "bias": ("bias",), "read_noise": ("bias", "flat"), "dark": ("bias", "dark", "flat"),
+    "ptc": ("bias", "dark", "flat"), "gain": ("bias", "dark", "flat"),
+    "linearity": ("bias", "dark", "flat"), "flat": ("bias", "dark", "flat"),
+    "mask": ("bias", "dark", "flat"),
+}
+
+
+def _inputs_of(kind: str, types: np.ndarray) -> np.ndarray:
+    return np.isin(types, _PRODUCT_INPUTS.get(kind, ("bias", "dark", "flat")))
+
+
+def _to_utc(value: np.datetime64) -> datetime:
+    seconds = value.astype("datetime64[us]").astype(np.int64) / 1e6
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def params_from_job(raw: Mapping[str, object] | None) -> CalibrationParams:
+    """Job parameters from a job's JSON ``params`` (unknown names are an error)."""
+    from dataclasses import fields as dc_fields
+
+    from sitiancal.compute.defects import DefectConfig
+
+    raw = dict(raw or {})
+    known = {f.name for f in dc_fields(CalibrationParams)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown job parameter(s): {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    defects = raw.pop("defects", None)
+    if defects is not None:
+        dknown = {f.name for f in dc_fields(DefectConfig)}
+        bad = sorted(set(defects) - dknown)  # type: ignore[arg-type]
+        if bad:
+            raise ValueError(f"unknown defect threshold(s): {', '.join(bad)}")
+        raw["defects"] = DefectConfig(**defects)  # type: ignore[arg-type]
+    return CalibrationParams(**raw)  # type: ignore[arg-type]
+
+
+def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
+                 progress: StageProgress | None = None, span: tuple[float, float] = (0.0, 1.0),
+                 scheduler: object | None = None) -> tuple[xr.Dataset, str]:
+    """Open the dataset's cube, building it first if there is no complete one."""
+    from sitiancal.storage.cube import CubeError, build_cube, open_cube
+
+    store = f"{settings.cube_store_url.rstrip('/')}/{dataset_id}.zarr"
+    try:
+        return open_cube(store), store
+    except (CubeError, FileNotFoundError):
+        pass  # not built yet, or an incomplete build: rebuild from the frames
+    lo, hi = span
+
+    def cb(done: int, total: int) -> None:
+        if progress is not None and total:
+            progress("cube", lo + (hi - lo) * done / total)
+
+    remove_tree(store) if "://" not in store else None
+    ds = build_cube(inventory, store, progress=cb, scheduler=scheduler)
+    return ds, store
+
+
+def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
+                        client: object | None = None,
+                        progress: StageProgress | None = None,
+                        cancelled: Callable[[], bool] | None = None) -> list[str]:
+    """Run one catalog job end to end; return the ids of its products (new or reused).
+
+    Raises
+    ------
+    JobCancelled
+        When ``cancelled()`` turns true; nothing is published.
+    ValueError
+        For bad job parameters or a dataset that supports none of the products.
+    """
+    from sitiancal.storage.scan import Inventory
+
+    report = progress or (lambda stage, fraction: None)
+    is_cancelled = cancelled or (lambda: False)
+    started = datetime.now(UTC)
+    job = catalog.get_job(job_id)
+    if job.dataset is None:
+        raise ValueError(f"job {job_id} has no dataset")
+    params = params_from_job(job.params)
+    dataset = catalog.get_dataset(job.dataset)
+    inventory = Inventory.model_validate(dataset.inventory)
+    if not inventory.frames:
+        raise ValueError(f"dataset {dataset.id} has no usable frame")
+    wanted = tuple(job.requested) or PRODUCT_TYPES
+    t0 = time.perf_counter()
+    report("cube", 0.02)
+    ds, cube_store = dataset_cube(settings, dataset.id, inventory, progress=report,
+                                  span=(0.02, 0.45), scheduler=client)
+    catalog.set_frame_checksums(dataset.id, {str(f): str(s) for f, s in
+                                             zip(ds["file"].values, ds["sha256"].values, strict=True)})
+    cube_s = time.perf_counter() - t0
+    if is_cancelled():
+        raise JobCancelled("cancelled after the cube was built")
+    workdir = Path(settings.data_dir) / "work" / job_id
+    try:
+        outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
+                                   client=client, progress=report, cancelled=is_cancelled,
+                                   span=(0.45, 0.92))
+        if not outcome.products:
+            reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())
+            raise ValueError(f"the dataset supports none of the requested products ({reasons})")
+        if is_cancelled():
+            raise JobCancelled("cancelled before publishing")
+        timings = {"cube": cube_s, **outcome.timings}
+        report("publish", 0.93)
+        payloads = _payloads(outcome, camera=job.camera, ds=ds, params=params,
+                             dataset_id=dataset.id, job_id=job_id, started=started, timings=timings)
+        ids = []
+        for payload in payloads:
+            published = catalog.publish_payload(store, payload, job_id=job_id,
+                                                dataset_id=dataset.id, force=job.force)
+            ids.append(published.product.id)
+        message = "; ".join(f"{k} not computed: {v}" for k, v in outcome.missing.items()) or None
+        catalog.update_job(job_id, message=message)
+        report("done", 1.0)
+        return ids
+    finally:
+        remove_tree(workdir)
+
+
+@dataclass
+class CalibrationRun:
+    """Result of :func:`calibrate`."""
+
+    dataset_id: str
+    job_id: str
+    product_ids: list[str]
+    report: dict
+    exported: list[Path] = field(default_factory=list)
+
+
+def calibrate(source: str | Path, camera: str, settings: Settings, *,
+              wanted: Sequence[str] | None = None, params: Mapping[str, object] | None = None,
+              force: bool = False, export_dir: str | Path | None = None,
+              progress: StageProgress | None = None) -> CalibrationRun:
+    """Scan, register, run and (optionally) export one camera dataset on the embedded default.
+
+    This is ``sitiancal calibrate``: the same job body as the service's jobs.
+    """
+    from sitiancal.service.report import build_report
+    from sitiancal.storage.catalog import Catalog
+    from sitiancal.storage.scan import scan
+    from sitiancal.storage.store import ProductStore
+
+    report = progress or (lambda stage, fraction: None)
+    report("scan", 0.0)
+    inventory = scan(source)
+    if not inventory.frames:
+        reasons = "; ".join(f"{r.file}: {r.reason}" for r in inventory.rejected) or "no FITS files"
+        raise ValueError(f"{source}: no usable frame ({reasons})")
+    params_from_job(params)  # fail early on bad parameters
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.open(settings.catalog_url)
+    try:
+        store = ProductStore(settings.product_store_url)
+        dataset_id = catalog.add_dataset(camera, inventory, source=str(source), actor="cli")
+        job = catalog.create_job(camera, dataset_id, products=tuple(wanted or ()),
+                                 params=dict(params or {}), force=force, actor="cli")
+        catalog.update_job(job.id, state="running", stage="cube", progress=0.0)
+        try:
+            ids = run_calibration_job(catalog=catalog, store=store, settings=settings,
+                                      job_id=job.id, progress=report)
+        except BaseException as exc:
+            catalog.update_job(job.id, state="failed", error=str(exc) or type(exc).__name__)
+            raise
+        catalog.update_job(job.id, state="succeeded", progress=1.0, stage="done")
+        products = [catalog.get_product(pid) for pid in ids]
+        job = catalog.get_job(job.id)
+        missing = dict(products[0].provenance.get("missing", {})) if products else {}
+        qc = build_report(camera, {p.type: p.stats for p in products}, missing=missing,
+                          context={"dataset": dataset_id, "job": job.id,
+                                   "products": {p.type: {"id": p.id, "version": p.version}
+                                                for p in products}})
+        run = CalibrationRun(dataset_id, job.id, ids, qc.to_dict())
+        if export_dir is not None:
+            out = Path(export_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            for p in products:
+                path = out / f"{p.type}.fits"
+                path.write_bytes(store.fits_bytes(p.store_key))
+                run.exported.append(path)
+            (out / "report.json").write_text(json.dumps(run.report, indent=2, default=str))
+            run.exported.append(out / "report.json")
+        return run
+    finally:
+        catalog.close()

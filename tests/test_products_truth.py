@@ -1,0 +1,220 @@
+"""Every product, computed by the real pipeline stages, against the simulator's truth.
+
+Each dataset runs scan -> cube -> plan -> tile pass -> products once (module
+fixtures). Tolerances follow from the statistical errors of the dataset
+sizes, stated next to each assertion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from simdata import small_dataset
+
+from sitiancal.compute.defects import MaskBit
+from sitiancal.compute.linearity import fit_linearity
+from sitiancal.compute.tile import CalibrationParams
+from sitiancal.service.pipeline import ProductsOutcome, compute_products
+from sitiancal.storage.cube import build_cube, open_cube
+from sitiancal.storage.scan import scan
+
+#: Mid-size camera: 128 x 160 px (20k pixels), 10 flat levels x 32 frames.
+MID = {
+    "shape": (128, 160), "seed": 7, "n_bias": 40, "flat_levels": 10, "flat_frames": 32,
+    "dark_exptimes": [0.0, 60.0, 300.0, 600.0, 1200.0], "dark_frames": 6,
+    "hot_fraction": 2e-3, "warm_fraction": 2e-3, "dead_fraction": 1e-3,
+    "low_response_fraction": 2e-3, "rtn_fraction": 2e-3, "noisy_fraction": 2e-3,
+}
+
+
+def _run(tmp_path: Path, **config) -> tuple[ProductsOutcome, object, object]:
+    raw, truth = small_dataset(tmp_path, **config)
+    inventory = scan(raw)
+    # truth.fits sits beside the frames; scan rejects it (float data) and nothing else.
+    assert [Path(r.file).name for r in inventory.rejected] == ["truth.fits"]
+    store = str(tmp_path / "cube.zarr")
+    build_cube(inventory, store)
+    ds = open_cube(store)
+    outcome = compute_products(ds, store, tmp_path / "work", params=CalibrationParams(seed=3))
+    return outcome, truth, ds
+
+
+@pytest.fixture(scope="module")
+def mid(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("mid"), **MID)
+
+
+@pytest.fixture(scope="module")
+def bimodal(tmp_path_factory):
+    # A second population 18% above the main one; per-pixel errors ~7% (64 frames x 14 levels).
+    cfg = {**MID, "shape": (160, 192), "seed": 11, "gain2_fraction": 0.2, "gain2_mean": 0.30,
+           "flat_frames": 64, "flat_levels": 14}
+    return _run(tmp_path_factory.mktemp("bimodal"), **cfg)
+
+
+def _array(outcome: ProductsOutcome, kind: str, name: str) -> np.ndarray:
+    for arr in outcome.products[kind].arrays:
+        if arr.name == name:
+            return np.asarray(arr.data)
+    raise KeyError(f"{kind} has no array {name}")
+
+
+def test_every_product_is_built(mid):
+    outcome, _, _ = mid
+    assert set(outcome.products) == {"bias", "read_noise", "dark", "ptc", "gain", "linearity",
+                                     "flat", "mask"}, outcome.missing
+
+
+def test_per_pixel_gain_median_and_errors(mid):
+    outcome, truth, _ = mid
+    gain = _array(outcome, "gain", "GAIN")
+    err = _array(outcome, "gain", "GAIN_ERR")
+    good = np.isfinite(gain) & ~truth.has("DEAD") & ~truth.has("LOW_RESPONSE") & ~truth.has("HOT")
+    # 20k pixels x ~7% per-pixel error: the median is known to ~0.1%; require 0.5%.
+    assert np.median(gain[good]) == pytest.approx(np.median(truth.gain[good]), rel=5e-3)
+    pull = (gain[good] - truth.gain[good]) / err[good]
+    # robust width of the pulls: 1 within ~3% sampling error, allow 15% model slack.
+    width = 1.4826 * np.median(np.abs(pull - np.median(pull)))
+    assert 0.85 < width < 1.15
+    assert abs(np.median(pull)) < 0.1
+
+
+def test_bimodal_gain_population_found(bimodal):
+    outcome, truth, _ = bimodal
+    stats = outcome.products["gain"].stats
+    assert stats["bimodal"] is True
+    pops = stats["populations"]
+    means = np.asarray(pops["gain_means"])
+    weights = np.asarray(pops["weights"])
+    hi = int(np.argmax(means))
+    cfg = truth.config
+    true_frac = float(np.mean(np.abs(truth.gain - cfg.gain2_mean) < np.abs(truth.gain - cfg.gain_mean)))
+    # The deconvolved fraction is as precise as the overlap of the populations
+    # allows; the mixture reports that uncertainty (it shrinks as 1/sqrt(pixels):
+    # a few tenths of a percent at 61 MP).
+    assert len(weights) == 2
+    w_err = np.asarray(pops["fit"]["best"]["weights_err"])[hi]
+    assert w_err < 0.04
+    assert abs(weights[hi] - true_frac) < max(3 * w_err, 0.005)
+    assert means[hi] == pytest.approx(cfg.gain2_mean, rel=0.01)
+    assert means[int(np.argmin(means))] == pytest.approx(cfg.gain_mean, rel=0.01)
+
+
+def test_unimodal_camera_is_not_called_bimodal(mid):
+    outcome, _, _ = mid
+    assert outcome.products["gain"].stats["bimodal"] is False
+
+
+def test_conventional_ptc_gain_and_read_noise(mid):
+    outcome, truth, _ = mid
+    ptc = outcome.products["ptc"].stats
+    # pair differences over the whole small frame: gain known to a few 0.1%; require 1%.
+    assert ptc["gain"] == pytest.approx(np.median(truth.gain), rel=0.01)
+    assert ptc["turnoff_adu"] > 0.7 * (65535 - truth.config.bias_level)
+
+
+def test_read_noise_median(mid):
+    outcome, truth, _ = mid
+    rn = outcome.products["read_noise"].stats
+    # Per-pixel temporal noise also carries temporal row noise (0.5 ADU) and
+    # quantisation (1/sqrt(12) ADU): about +1% on 1.03 e-. Require 2%.
+    expected = np.median(np.sqrt(truth.read_noise**2
+                                 + (truth.gain * truth.config.row_noise_sigma) ** 2
+                                 + truth.gain**2 / 12.0))
+    assert rn["median_e"] == pytest.approx(expected, rel=0.02)
+    assert rn["conventional_e"] == pytest.approx(expected, rel=0.05)
+
+
+def test_dark_median_within_its_error(mid):
+    outcome, truth, _ = mid
+    summary = outcome.products["dark"].stats["summary"]
+    true_median = float(np.median(truth.dark_rate))
+    assert abs(summary["median"] - true_median) < 3 * summary["median_err"] + 1e-5
+
+
+def test_hot_pixels_recall_and_precision(mid):
+    outcome, truth, _ = mid
+    mask = _array(outcome, "mask", "MASK")
+    found = (mask & MaskBit.HOT) != 0
+    true = truth.has("HOT")
+    recall = (found & true).sum() / true.sum()
+    precision = (found & true).sum() / max(found.sum(), 1)
+    assert true.sum() >= 20
+    assert recall >= 0.95
+    assert precision >= 0.90
+
+
+def test_rtn_pixels_found_and_noisy_pixels_not_rtn(mid):
+    outcome, truth, _ = mid
+    mask = _array(outcome, "mask", "MASK")
+    rtn = (mask & MaskBit.RTN) != 0
+    true = truth.has("RTN")
+    assert true.sum() >= 20
+    assert (rtn & true).sum() / true.sum() >= 0.80
+    noisy_only = truth.has("NOISY") & ~true
+    assert (rtn & noisy_only).sum() <= max(1, 0.05 * noisy_only.sum())
+    normal = truth.defects == 0
+    assert (rtn & normal).sum() / normal.sum() < 1e-3
+
+
+def test_dead_and_low_response_found(mid):
+    outcome, truth, _ = mid
+    mask = _array(outcome, "mask", "MASK")
+    dead = (mask & MaskBit.DEAD) != 0
+    low = (mask & MaskBit.LOW_RESPONSE) != 0
+    assert (dead & truth.has("DEAD")).sum() == truth.has("DEAD").sum()
+    assert ((low | dead) & truth.has("LOW_RESPONSE")).sum() >= 0.9 * truth.has("LOW_RESPONSE").sum()
+    normal = truth.defects == 0
+    assert ((dead | low) & normal).sum() <= 3
+
+
+def test_nonlinearity_recovered(mid):
+    outcome, truth, _ = mid
+    stats = outcome.products["linearity"].stats
+    points = outcome.planned.linearity_points
+    t = np.array([p["exptime"] for p in points])
+    cfg = truth.config
+    # The truth's nonlinearity applied to an ideal ladder with the measured slope,
+    # analysed the same way: what a perfect measurement would report.
+    ideal = stats["slope_adu_s"] * t
+    observed = ideal * (1 - cfg.nonlinearity_coeff * (np.abs(ideal) / 65535.0) ** cfg.nonlinearity_power)
+    sat = outcome.planned.plan.saturation
+    keep = ideal < sat
+    ref = fit_linearity(t[keep], observed[keep], np.full(keep.sum(), 1.0), saturation=sat)
+    assert stats["max_nonlinearity_pct"] == pytest.approx(ref.max_nonlinearity_pct, abs=0.1)
+    assert stats["r2"] > 0.999
+
+
+def test_bias_products(mid):
+    outcome, truth, _ = mid
+    master = _array(outcome, "bias", "BIAS")
+    n = truth.config.n_bias
+    resid = master - truth.bias
+    # Clipped mean of n frames: noise ~ rn/g/sqrt(n) (x ~1.03 for 3-sigma clipping).
+    expected = np.median(truth.read_noise / truth.gain) / np.sqrt(n)
+    assert abs(np.median(resid)) < 0.2
+    assert np.std(resid[truth.defects == 0]) == pytest.approx(expected, rel=0.25)
+    stab = outcome.products["bias"].stats["stability"]
+    # The per-frame level of a small frame carries measurement noise: pixel noise
+    # over ny*nx pixels and temporal row noise over ny rows, on top of the drift.
+    ny, nx = truth.shape
+    drift = np.asarray(truth.frames["drift"])[np.asarray(truth.frames["type"]) == "bias"]
+    expected = np.sqrt(np.var(drift, ddof=1) + np.median(truth.read_noise / truth.gain) ** 2
+                       / (ny * nx) + truth.config.row_noise_sigma**2 / ny)
+    assert stab["std"] == pytest.approx(expected, rel=0.3)
+    assert abs(stab["drift"]) < 5 * stab["drift_err"] + abs(truth.config.bias_drift_rate)
+
+
+def test_flat_prnu(mid):
+    outcome, truth, _ = mid
+    stats = outcome.products["flat"].stats
+    flat = _array(outcome, "flat", "FLAT")
+    assert np.nanmedian(flat) == pytest.approx(1.0, abs=1e-6)
+    normal = truth.defects == 0
+    # The flat is in ADU: per-pixel response and per-pixel gain both spread it.
+    adu = truth.response / truth.gain
+    true_prnu = 100 * np.std(adu[normal]) / np.mean(adu[normal])
+    assert stats["prnu_highpass_pct"] == pytest.approx(true_prnu, rel=0.25)
+    assert stats["prnu_pct"] > stats["prnu_highpass_pct"]  # vignetting included
