@@ -44,8 +44,6 @@ _REF_MAX_MEAN = 0.7 * 65535.0
 #: Pixels fitted per vectorised block: bounds the float64 temporaries at
 #: ~1 MB per level and array whatever the size of the input.
 _CHUNK_PIXELS = 131_072
-#: Pixels (evenly strided) whose per-level median variance starts the iteration.
-_POOL_SAMPLE = 100_000
 
 
 @dataclass(frozen=True)
@@ -142,8 +140,7 @@ def fit_pixel_gain(
         Pixels with fewer usable levels get NaN (minimum 2).
     n_iter : int
         Reweighting iterations with the model variance after the start from
-        pooled weights (the per-level median variance over an evenly strided
-        sample of at most 1e5 pixels).
+        variances proportional to each pixel's own mean levels.
 
     Returns
     -------
@@ -154,8 +151,9 @@ def fit_pixel_gain(
     Notes
     -----
     Each iteration uses ``w_i = (n_i - 1) / (2 p_i^2)`` with ``p_i`` the model
-    variance of the previous iteration (floored at 1e-3 of the pooled level
-    variance to keep a pathological pixel finite). The slope and intercept
+    variance of the previous iteration (floored at 1e-3 of the pixel's largest
+    used mean level to keep a pathological pixel finite). Everything is per
+    pixel, so a map does not depend on how the frame is tiled. The slope and intercept
     errors are the inverse-Fisher errors from these weights; ``chi2_red`` uses
     the same weights. Sums are in float64; pixels are processed in blocks of
     131072 so memory does not grow with the input beyond the outputs. After
@@ -187,25 +185,16 @@ def fit_pixel_gain(
     )
     n_pix = m2.shape[0]
 
-    # Pooled start: per-level median variance over an evenly strided sample of pixels
-    # (independent of each pixel's own fluctuation, so the first pass is unbiased too).
-    take = slice(None, None, max(1, n_pix // _POOL_SAMPLE))
-    ms, vs = np.asarray(m2[take], np.float64), np.asarray(v2[take], np.float64)
-    ns = n2 if n2.shape[0] == 1 else n2[take]
-    valid_s = _valid_levels(ms, vs, ns, max_mean)
-    has = valid_s.any(axis=0)
-    pooled = np.ones(n_levels)
-    if has.any():
-        pooled[has] = np.nanmedian(np.where(valid_s, vs, np.nan)[:, has], axis=0)
-    floor = 1e-3 * np.where(pooled > 0, pooled, 1.0)
-    start = np.maximum(pooled, floor)
-
+    # Start from a predicted variance proportional to the pixel's own mean level
+    # (v = m/g + s^2 with s^2 small at all but the lowest level): it is known
+    # precisely, independent of the pixel's noisy variances (so the first pass is
+    # unbiased), and purely per pixel (so a map does not depend on how it is tiled).
     out = {k: np.full(n_pix, np.nan) for k in ("gain", "gain_err", "read_var", "chi2_red")}
     n_used = np.zeros(n_pix, dtype=np.int64)
     for lo in range(0, n_pix, _CHUNK_PIXELS):
         sl = slice(lo, lo + _CHUNK_PIXELS)
         chunk_n = n2 if n2.shape[0] == 1 else n2[sl]
-        res = _fit_chunk(m2[sl], v2[sl], chunk_n, max_mean, start, floor, min_levels, n_iter)
+        res = _fit_chunk(m2[sl], v2[sl], chunk_n, max_mean, min_levels, n_iter)
         for k, arr in zip(("gain", "gain_err", "read_var", "chi2_red"), res[:4], strict=True):
             out[k][sl] = arr
         n_used[sl] = res[4]
@@ -231,8 +220,6 @@ def _fit_chunk(
     var: np.ndarray,
     n: np.ndarray,
     max_mean: float,
-    start: np.ndarray,
-    floor: np.ndarray,
     min_levels: int,
     n_iter: int,
 ) -> tuple[np.ndarray, ...]:
@@ -246,7 +233,9 @@ def _fit_chunk(
     dof = np.where(valid, nn - 1.0, 0.0)
     n_used = valid.sum(axis=-1)
 
-    pred = np.broadcast_to(start, m.shape)
+    # Predicted variances are floored at 1e-3 of the pixel's largest used level.
+    floor = np.maximum(1e-3 * m.max(axis=-1, keepdims=True), 1e-12)
+    pred = np.maximum(m, floor)
     for _ in range(n_iter + 1):
         w = dof / (2.0 * pred * pred)
         slope, icpt, var_slope, _, det = _wls_line(m, v, w)

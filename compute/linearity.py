@@ -261,10 +261,10 @@ def pixel_linearity_residuals(
     Notes
     -----
     Each pixel's line is a closed-form weighted least-squares fit with the
-    same weights for every pixel, ``1 / S_level`` where ``S_level`` is the
-    median signal of the level over all pixels: the shot-noise variance of a
-    temporal mean is proportional to the signal, and weights from a pooled
-    model do not correlate with a pixel's own fluctuations.
+    same weights for every pixel, ``1 / t``: at constant illumination the
+    shot-noise variance of a temporal mean is proportional to the exposure
+    time. The weights do not correlate with a pixel's own fluctuations and do
+    not depend on which other pixels are fitted (tiling-invariant).
     """
     t = np.asarray(exptime, dtype=np.float64).ravel()
     m = np.asarray(mean, dtype=np.float64)
@@ -274,11 +274,9 @@ def pixel_linearity_residuals(
         raise ValueError("mean's last axis, exptime and used must have the same length")
     flat = m.reshape(-1, t.size)
     valid = use[None, :] & np.isfinite(flat)
-    level_signal = np.ones(t.size)
-    has = valid.any(axis=0)
-    if has.any():
-        level_signal[has] = np.nanmedian(np.where(valid[:, has], flat[:, has], np.nan), axis=0)
-    w_level = np.where(has & (level_signal > 0), 1.0 / np.abs(level_signal), 0.0)
+    # At constant illumination the signal, hence the shot-noise variance of a
+    # temporal mean, is proportional to the exposure time.
+    w_level = np.where(t > 0, 1.0 / np.where(t > 0, t, 1.0), 0.0)
     w = np.where(valid, w_level[None, :], 0.0)
     y = np.where(valid, flat, 0.0)
     x = np.broadcast_to(t, flat.shape)

@@ -120,10 +120,11 @@ def test_pixel_residuals_match_numpy_and_truth() -> None:
     used = (RATE * EXPTIME[:-1] >= 0.05 * SAT) & (RATE * EXPTIME[:-1] <= 0.95 * SAT)
     at = np.array([6, 12, 17, 20])  # 4000 to 60000 ADU, all fitted levels
 
-    # Noise-free: identical to a per-pixel numpy.polyfit with the pooled 1/S weights.
+    # Noise-free: identical to a per-pixel numpy.polyfit with weights 1/t (shot noise
+    # of a temporal mean at constant illumination).
     res0 = pixel_linearity_residuals(EXPTIME[:-1], exact.reshape(100, 200, -1), used=used, at=at)
     assert res0.shape == (100, 200, at.size)
-    w = 1 / np.median(exact, axis=0)
+    w = 1 / EXPTIME[:-1]
     for p in (0, 17, 12345):
         line = np.polyval(
             np.polyfit(EXPTIME[:-1][used], exact[p, used], 1, w=np.sqrt(w[used])), EXPTIME[at]
@@ -140,12 +141,14 @@ def test_pixel_residuals_match_numpy_and_truth() -> None:
     # Per-pixel noise ~ 100 sqrt(1 / (g S n)) ~ 0.03-0.1 %; mean over 2e4 pixels exact to ~1e-3 %.
     assert np.all(np.abs(diff.mean(axis=0)) < 4 * diff.std(axis=0) / np.sqrt(n_pix))
     # Expected sd: the point noise 100 / sqrt(g S n) times sqrt(1 - h), h the leverage of
-    # the level in the weighted line fit (weights 1/S = inverse shot-noise variance).
+    # the level in the weighted line fit (weights 1/t, proportional to the inverse
+    # shot-noise variance at constant illumination).
     s_med = np.median(exact, axis=0)
-    design = np.stack([EXPTIME[:-1], np.ones(used.size)], axis=1)
-    wd = design[used] / s_med[used, None]
+    t = EXPTIME[:-1]
+    design = np.stack([t, np.ones(used.size)], axis=1)
+    wd = design[used] / t[used, None]
     cov = np.linalg.inv(design[used].T @ wd)
-    leverage = np.einsum("ij,jk,ik->i", design[at], cov, design[at]) / s_med[at]
+    leverage = np.einsum("ij,jk,ik->i", design[at], cov, design[at]) / t[at]
     expected_sd = 100 / np.sqrt(GAIN * s_med[at] * n_frames) * np.sqrt(1 - leverage)
     assert diff.std(axis=0) == pytest.approx(expected_sd, rel=0.05)
     # The residual at the brightest level tracks each pixel's own b.

@@ -1,0 +1,146 @@
+"""The tile graph against the kernels: any tiling gives the same per-pixel maps."""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import numpy as np
+import pytest
+
+from sitiancal.compute.dark import fit_dark_rate
+from sitiancal.compute.gain import fit_pixel_gain
+from sitiancal.compute.graph import ArrayReader, MemorySink, build_tile_graph, iter_tiles, sum_partials
+from sitiancal.compute.stats import group_moments, sigma_clipped_stats
+from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
+
+
+def _synthetic(seed: int = 5, ny: int = 40, nx: int = 52):
+    """Bias, darks and a flat ladder with known per-pixel gain, as raw uint16 counts."""
+    rng = np.random.default_rng(seed)
+    gain = rng.normal(0.254, 0.002, (ny, nx))
+    bias = 500 + rng.normal(0, 1.5, (ny, nx))
+    rn = 4.0
+    dark = np.abs(rng.normal(0.01, 0.003, (ny, nx)))  # ADU/s
+    frames, kinds, times = [], [], []
+    for _ in range(12):
+        frames.append(bias + rng.normal(0, rn, (ny, nx)))
+        kinds.append(("bias", 0.0))
+    for t in (60.0, 300.0):
+        for _ in range(4):
+            frames.append(bias + dark * t + rng.normal(0, rn, (ny, nx)))
+            kinds.append(("dark", t))
+    for t in (1.0, 2.0, 4.0, 8.0):
+        for _ in range(10):
+            electrons = rng.poisson(2000.0 * t * np.ones((ny, nx)))
+            frames.append(bias + dark * t + electrons / gain + rng.normal(0, rn, (ny, nx)))
+            kinds.append(("flat", t))
+    stack = np.clip(np.rint(frames), 0, 65535).astype(np.uint16)
+    times = np.arange(len(frames), dtype=float) * 10.0
+    return stack, kinds, times
+
+
+def _plan(kinds, times) -> TilePlan:
+    idx = {k: [i for i, (kind, t) in enumerate(kinds) if (kind, t) == k] for k in set(kinds)}
+    bias = FrameGroup("bias", 0.0, tuple(idx[("bias", 0.0)]))
+    darks = tuple(FrameGroup("dark", t, tuple(idx[("dark", t)])) for t in (60.0, 300.0))
+    flats = tuple(FrameGroup("flat", t, tuple(idx[("flat", t)]), tuple([1.0] * 10))
+                  for t in (1.0, 2.0, 4.0, 8.0))
+    return TilePlan(
+        bias=bias, bias_time_s=tuple(times[list(bias.indices)]),
+        bias_frame_level=tuple([500.0] * bias.n), darks=darks, flats=flats,
+        flat_dark=(None,) * 4, saturation=60000.0, gain_levels=(True,) * 4,
+        lin_used=(True,) * 4, lin_at=(0, 3), flat_ref=2,
+    )
+
+
+def _maps(stack, plan, tile, params):
+    sink = MemorySink(stack.shape[1:])
+    tasks = build_tile_graph(ArrayReader(stack), sink, shape=stack.shape[1:], tile=tile,
+                             plan=plan, params=params)
+    partials = sum_partials(dask.compute(*tasks, scheduler="sync"))
+    return sink.maps, partials
+
+
+@pytest.fixture(scope="module")
+def data():
+    stack, kinds, times = _synthetic()
+    return stack, _plan(kinds, times)
+
+
+@pytest.mark.parametrize("tile", [(40, 52), (16, 16), (7, 13), (40, 1)])
+def test_maps_do_not_depend_on_tiling(data, tile):
+    stack, plan = data
+    params = CalibrationParams()
+    ref, ref_part = _maps(stack, plan, (40, 52), params)
+    got, part = _maps(stack, plan, tile, params)
+    assert set(got) == set(ref)
+    for name in ref:
+        if name == "rtn":
+            continue  # a dithered statistic; compared below
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    assert np.mean(got["rtn"] == ref["rtn"]) > 0.995
+    for key in ref_part:
+        assert part[key] == pytest.approx(ref_part[key], rel=1e-9)
+
+
+def test_tile_maps_equal_the_kernels_on_the_whole_frame(data):
+    stack, plan = data
+    params = CalibrationParams()
+    maps, _ = _maps(stack, plan, (16, 16), params)
+    b = stack[list(plan.bias.indices)]
+    clipped = sigma_clipped_stats(b, sigma=params.clip_sigma, maxiters=params.clip_maxiters)
+    np.testing.assert_allclose(maps["bias_mean"], clipped.mean, rtol=1e-6)
+    mom = group_moments(b)
+    np.testing.assert_allclose(maps["bias_std"], np.sqrt(mom.var), rtol=1e-6)
+
+    groups = [mom] + [group_moments(stack[list(g.indices)]) for g in plan.darks]
+    fit = fit_dark_rate(np.array([0.0, 60.0, 300.0]), np.stack([g.mean for g in groups], -1),
+                        np.stack([g.var for g in groups], -1),
+                        np.array([plan.bias.n] + [g.n for g in plan.darks]))
+    np.testing.assert_allclose(maps["dark_rate"], fit.rate, rtol=1e-5, atol=1e-7)
+
+    means, variances = [], []
+    for g in plan.flats:
+        offset = clipped.mean + fit.rate * g.exptime
+        m = group_moments(stack[list(g.indices)], offset=offset, scale=np.asarray(g.scale))
+        means.append(m.mean)
+        variances.append(m.var)
+    gfit = fit_pixel_gain(np.stack(means, -1), np.stack(variances, -1),
+                          np.array([g.n for g in plan.flats], dtype=float),
+                          max_mean=params.gain_max_fraction * plan.saturation)
+    np.testing.assert_allclose(maps["gain"], gfit.gain, rtol=1e-4)
+    # A sanity check only (3 levels of 10 frames: ~25% per pixel, and the median of
+    # 1/K is skewed high at that precision); accuracy is tested in test_products_truth.
+    assert np.nanmedian(maps["gain"]) == pytest.approx(0.254, rel=0.05)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the graph builder computed something")
+
+
+def test_full_size_graph_builds_instantly_and_computes_nothing():
+    """A 300-frame 9576 x 6388 cube: building the tile graph runs and allocates nothing."""
+    ny, nx, n = 6388, 9576, 300
+
+    def reader(indices, ys, xs):  # never called while building
+        raise AssertionError("pixels were read while building the graph")
+
+    per = n // 3
+    groups = [tuple(range(i * per, (i + 1) * per)) for i in range(3)]
+    plan = TilePlan(
+        bias=FrameGroup("bias", 0.0, groups[0]), bias_time_s=tuple(float(i) for i in range(per)),
+        bias_frame_level=(500.0,) * per,
+        darks=tuple(FrameGroup("dark", t, groups[1][k::5]) for k, t in enumerate((1, 2, 3, 4, 5))),
+        flats=tuple(FrameGroup("flat", t, groups[2][k::10], (1.0,) * 10) for k, t in enumerate(range(1, 11))),
+        flat_dark=(None,) * 10, saturation=60000.0, gain_levels=(True,) * 10,
+        lin_used=(True,) * 10, lin_at=(0, 5, 9), flat_ref=5,
+    )
+    sink = MemorySink((1, 1))  # never called while building
+    with dask.config.set(scheduler=_refuse):
+        t0 = time.perf_counter()
+        tasks = build_tile_graph(reader, sink, shape=(ny, nx), tile=(1597, 1368), plan=plan,
+                                 params=CalibrationParams())
+        elapsed = time.perf_counter() - t0
+    assert len(tasks) == len(list(iter_tiles((ny, nx), (1597, 1368)))) == 28
+    assert elapsed < 1.0
