@@ -12,7 +12,7 @@ zarr arrays); each map is materialised only while its product is assembled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -459,27 +459,42 @@ class Assembler:
 def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: CalibrationParams,
                       *, shape: tuple[int, int], temperature: float | None = None,
                       partials: dict[str, float] | None = None,
-                      wanted: tuple[str, ...] = PRODUCT_TYPES) -> tuple[dict[str, ProductContent], dict[str, str]]:
+                      wanted: tuple[str, ...] = PRODUCT_TYPES,
+                      emit: Callable[[ProductContent], None] | None = None,
+                      ) -> tuple[dict[str, ProductContent], dict[str, str]]:
     """Build every requested product that the data supports.
+
+    Parameters
+    ----------
+    emit : callable, optional
+        Called with each product as soon as it is built; the product is then
+        dropped, so at most one product's maps are in memory at a time (a 61 MP
+        product is up to ~1.5 GB). Without it the products are returned.
 
     Returns
     -------
     products : dict of str to ProductContent
-        One entry per product type computed.
+        One entry per product type computed (only the ``stats`` when ``emit`` is given).
     missing : dict of str to str
         For every requested type not computed, the reason.
     """
     asm = Assembler(maps, planned, params, temperature=temperature, partials=partials or {})
     out: dict[str, ProductContent] = {}
     builders = {"bias": asm.bias, "read_noise": asm.read_noise, "dark": asm.dark, "ptc": asm.ptc,
-                "gain": asm.gain, "linearity": asm.linearity, "flat": asm.flat}
-    # Products feed the mask, so build all of them, keep the wanted ones.
-    for name in PRODUCT_TYPES[:-1]:
+                "gain": asm.gain, "linearity": asm.linearity, "flat": asm.flat,
+                "mask": lambda: asm.mask(shape)}
+    # Products feed the mask (their flags), so every product is built; only the
+    # wanted ones are kept or emitted.
+    for name in PRODUCT_TYPES:
+        if name == "mask" and "mask" not in wanted:
+            continue
         content = builders[name]()
-        if content is not None and name in wanted:
-            out[name] = content
-    if "mask" in wanted:
-        out["mask"] = asm.mask(shape)
+        if content is None or name not in wanted:
+            continue
+        if emit is not None:
+            emit(content)
+            content = ProductContent(content.type, content.units, stats=content.stats)
+        out[name] = content
     missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}
     for name in wanted:
         if name not in out and name not in missing:

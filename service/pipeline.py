@@ -132,7 +132,8 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
                      client: object | None = None,
                      progress: StageProgress | None = None,
                      cancelled: Callable[[], bool] | None = None,
-                     span: tuple[float, float] = (0.0, 1.0)) -> ProductsOutcome:
+                     span: tuple[float, float] = (0.0, 1.0),
+                     emit: Callable[[ProductContent], None] | None = None) -> ProductsOutcome:
     """Run the plan stage, the tile pass and product assembly on a cube.
 
     Parameters
@@ -153,6 +154,8 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         Progress report and cancellation check.
     span : (float, float)
         The fraction of the whole job these stages cover, for progress.
+    emit : callable, optional
+        Receives each product as soon as it is built (see ``assemble_products``).
     """
     params = params or CalibrationParams()
     lo, hi = span
@@ -191,7 +194,7 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     temperature = float(np.nanmedian(temps)) if np.isfinite(temps).any() else None
     products, missing = assemble_products(sink.maps(), planned, params, shape=shape,
                                           temperature=temperature, partials=partials,
-                                          wanted=tuple(wanted))
+                                          wanted=tuple(wanted), emit=emit)
     timings["products"] = time.perf_counter() - t0
     report("products", hi)
     return ProductsOutcome(products, missing, planned, timings)
@@ -240,38 +243,49 @@ def remove_tree(path: str | Path) -> None:
 # ---------------------------------------------------------------------------
 # The whole job: the part that touches the catalog and the store.
 # ---------------------------------------------------------------------------
-def _payloads(outcome: ProductsOutcome, *, camera: str, ds: xr.Dataset, params: CalibrationParams,
-              dataset_id: str | None, job_id: str | None, started: datetime,
-              timings: Mapping[str, float]):
-    """Storage payloads of the computed products (input frames, provenance, time span)."""
-    from sitiancal.compute.defects import MaskBit
-    from sitiancal.storage.store import ProductArray, ProductPayload, ProductTable, build_provenance
+class _PayloadFactory:
+    """Storage payloads of computed products: input frames, provenance, time span."""
 
-    files = [str(f) for f in ds["file"].values]
-    shas = [str(s) for s in ds["sha256"].values]
-    types = _strings(ds["frame_type"].values)
-    times = ds["time"].values
-    finished = datetime.now(UTC)
-    out = []
-    for kind, content in outcome.products.items():
-        use = _inputs_of(kind, types)
-        inputs = [{"path": files[i], "sha256": shas[i]} for i in np.flatnonzero(use)]
-        tsel = times[use]
+    def __init__(self, *, camera: str, ds: xr.Dataset, params: CalibrationParams,
+                 dataset_id: str | None, job_id: str | None, started: datetime) -> None:
+        self.camera, self.params = camera, params
+        self.dataset_id, self.job_id, self.started = dataset_id, job_id, started
+        self.files = [str(f) for f in ds["file"].values]
+        self.shas = [str(s) for s in ds["sha256"].values]
+        self.types = _strings(ds["frame_type"].values)
+        self.times = ds["time"].values
+        self.timings: dict[str, float] = {}
+        self.context: dict[str, object] = {}
+
+    def __call__(self, content: ProductContent):
+        from sitiancal.compute.defects import MaskBit
+        from sitiancal.storage.store import (
+            ProductArray,
+            ProductPayload,
+            ProductTable,
+            build_provenance,
+        )
+
+        use = _inputs_of(content.type, self.types)
+        inputs = [{"path": self.files[i], "sha256": self.shas[i]} for i in np.flatnonzero(use)]
+        tsel = self.times[use]
         tsel = tsel[~np.isnat(tsel)] if np.issubdtype(tsel.dtype, np.datetime64) else tsel[:0]
-        date_beg = _to_utc(tsel.min()) if tsel.size else None
-        date_end = _to_utc(tsel.max()) if tsel.size else None
-        out.append(ProductPayload(
-            camera=camera, type=kind,
-            arrays=[ProductArray(a.name, a.data, a.units, a.long_name, a.dims) for a in content.arrays],
-            tables=[ProductTable(t.name, t.columns, t.units, t.description) for t in content.tables],
+        return ProductPayload(
+            camera=self.camera, type=content.type,
+            arrays=[ProductArray(a.name, a.data, a.units, a.long_name, a.dims)
+                    for a in content.arrays],
+            tables=[ProductTable(t.name, t.columns, t.units, t.description)
+                    for t in content.tables],
             stats=content.stats, units=content.units,
-            provenance=build_provenance(params=params.to_dict(), started=started, finished=finished,
-                                        dataset_id=dataset_id, job_id=job_id, timings=timings,
-                                        missing=outcome.missing, notes=outcome.planned.notes),
-            inputs=inputs, date_beg=date_beg, date_end=date_end, params=params.to_dict(),
-            mask_bits={b.bit_length() - 1: b.name for b in MaskBit} if kind == "mask" else None,
-        ))
-    return out
+            provenance=build_provenance(params=self.params.to_dict(), started=self.started,
+                                        finished=datetime.now(UTC), dataset_id=self.dataset_id,
+                                        job_id=self.job_id, timings=self.timings, **self.context),
+            inputs=inputs,
+            date_beg=_to_utc(tsel.min()) if tsel.size else None,
+            date_end=_to_utc(tsel.max()) if tsel.size else None,
+            params=self.params.to_dict(),
+            mask_bits={b.bit_length() - 1: b.name for b in MaskBit} if content.type == "mask" else None,
+        )
 
 
 #: Frame types each product is computed from (its inputs in provenance and content key).
@@ -373,29 +387,54 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
     if is_cancelled():
         raise JobCancelled("cancelled after the cube was built")
     workdir = Path(settings.data_dir) / "work" / job_id
+    make_payload = _PayloadFactory(camera=job.camera, ds=ds, params=params,
+                                   dataset_id=dataset.id, job_id=job_id, started=started)
+    make_payload.timings["cube"] = cube_s
+    staged: list = []  # (StagedProduct, payload): published together at the end
+    reused: list[str] = []
+
+    def stage(content: ProductContent) -> None:
+        """Stage a product as soon as it is built, so its maps can leave memory."""
+        payload = make_payload(content)
+        if not job.force:
+            existing = catalog.find_by_content_key(job.camera, content.type, payload.content_key)
+            if existing is not None:
+                reused.append(existing.id)
+                catalog.link_product(job_id, existing.id, reused=True)
+                return
+        try:
+            payload.validate()
+        except ValueError as exc:
+            raise ValueError(f"{content.type}: {exc}") from exc
+        version = catalog.reserve_version(job.camera, content.type)
+        staged.append((store.stage(payload, version), payload))
+
     try:
         outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
                                    client=client, progress=report, cancelled=is_cancelled,
-                                   span=(0.45, 0.92))
+                                   span=(0.45, 0.92), emit=stage)
         if not outcome.products:
             reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())
             raise ValueError(f"the dataset supports none of the requested products ({reasons})")
         if is_cancelled():
             raise JobCancelled("cancelled before publishing")
-        timings = {"cube": cube_s, **outcome.timings}
-        report("publish", 0.93)
-        payloads = _payloads(outcome, camera=job.camera, ds=ds, params=params,
-                             dataset_id=dataset.id, job_id=job_id, started=started, timings=timings)
-        ids = []
-        for payload in payloads:
-            published = catalog.publish_payload(store, payload, job_id=job_id,
-                                                dataset_id=dataset.id, force=job.force)
-            ids.append(published.product.id)
+        report("publish", 0.95)
+        ids = list(reused)
+        while staged:
+            item, payload = staged.pop(0)
+            # the missing products and notes go into every version's provenance
+            payload.provenance.update({"missing": outcome.missing, "notes": outcome.planned.notes,
+                                       "timings": {**make_payload.timings, **outcome.timings}})
+            product = catalog.publish_product(item, payload, store=store, job_id=job_id,
+                                              dataset_id=dataset.id, force=job.force)
+            ids.append(product.id)
         message = "; ".join(f"{k} not computed: {v}" for k, v in outcome.missing.items()) or None
         catalog.update_job(job_id, message=message)
         report("done", 1.0)
         return ids
     finally:
+        for item, _ in staged:  # anything not published (failure or cancellation)
+            store.discard(item)
         remove_tree(workdir)
 
 

@@ -1,0 +1,101 @@
+"""The calibration job on the embedded default: publish, reuse, force, cancel, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+from click.testing import CliRunner
+from simdata import small_dataset
+
+from sitiancal.service.cli import main
+from sitiancal.service.pipeline import JobCancelled, calibrate, run_calibration_job
+from sitiancal.service.settings import Settings
+from sitiancal.storage.catalog import Catalog
+from sitiancal.storage.scan import scan
+from sitiancal.storage.store import ProductStore
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    out, _ = small_dataset(tmp_path_factory.mktemp("pipeline"))
+    frames = out.parent / "frames"
+    if not frames.exists():
+        shutil.copytree(out, frames, ignore=shutil.ignore_patterns("truth.fits"))
+    return frames
+
+
+def test_calibrate_publishes_every_product_then_reuses_them(raw, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    first = calibrate(raw, "MST9", settings, export_dir=tmp_path / "export")
+    catalog = Catalog.open(settings.catalog_url)
+    try:
+        products = catalog.list_products(camera="MST9")
+        assert sorted(p.type for p in products) == sorted(
+            ["bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask"])
+        assert all(p.version == 1 and p.state == "candidate" for p in products)
+        # provenance names every input frame with its sha256
+        bias = next(p for p in products if p.type == "bias")
+        inputs = catalog.product_inputs(bias.id)
+        assert len(inputs) == 24 and all(len(i["sha256"]) == 64 for i in inputs)
+        assert bias.provenance["params"]["clip_sigma"] == 3.0
+
+        # The same inputs, parameters and code: reused, not duplicated.
+        second = calibrate(raw, "MST9", settings)
+        assert sorted(second.product_ids) == sorted(first.product_ids)
+        assert len(catalog.list_products(camera="MST9")) == 8
+        # Forced: new versions.
+        calibrate(raw, "MST9", settings, wanted=["bias"], force=True)
+        assert [p.version for p in catalog.list_products(camera="MST9", type="bias")] == [2, 1]
+    finally:
+        catalog.close()
+
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert report["camera"] == "MST9" and report["figures"]["gain_conventional"]["value"] > 0
+    with fits.open(tmp_path / "export" / "gain.fits") as hdul:
+        assert hdul[0].header["BUNIT"] == "e-/ADU"
+        assert hdul[0].header["PRODTYPE"] == "gain"
+        assert "GAIN_ERR" in hdul
+
+
+def test_a_cancelled_job_publishes_nothing_and_leaves_no_staging(raw, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    catalog = Catalog.open(settings.catalog_url)
+    store = ProductStore(settings.product_store_url)
+    try:
+        dataset = catalog.add_dataset("MST8", scan(raw))
+        job = catalog.create_job("MST8", dataset)
+        stages: list[str] = []
+
+        def progress(stage: str, fraction: float) -> None:
+            stages.append(stage)
+
+        with pytest.raises(JobCancelled):
+            run_calibration_job(catalog=catalog, store=store, settings=settings, job_id=job.id,
+                                progress=progress, cancelled=lambda: "products" in stages)
+        assert catalog.list_products(camera="MST8") == []
+        assert store.list_staging() == []
+        assert not (Path(settings.data_dir) / "work" / job.id).exists()
+    finally:
+        catalog.close()
+
+
+def test_unknown_job_parameter_is_a_clear_error(raw, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    with pytest.raises(ValueError, match="unknown job parameter.*clip_sgima"):
+        calibrate(raw, "MST7", settings, params={"clip_sgima": 4})
+
+
+def test_calibrate_cli(raw, tmp_path):
+    result = CliRunner().invoke(main, ["calibrate", str(raw), "--camera", "MST6", "--data-dir",
+                                       str(tmp_path / "d"), "--products", "bias,read_noise",
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "Bias level" in result.output and "2 products stored" in result.output
+    bad = CliRunner().invoke(main, ["calibrate", str(tmp_path / "nowhere"), "--camera", "X",
+                                    "--data-dir", str(tmp_path / "d"), "--no-progress"])
+    assert bad.exit_code == 2
+    assert "nowhere" in bad.output and "Traceback" not in bad.output
