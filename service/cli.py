@@ -228,10 +228,11 @@ def _report_table(report: dict[str, Any]) -> str:
 
 
 def _register_groups() -> None:
-    from sitiancal.service.products_cli import db, products
+    from sitiancal.service.products_cli import db, products, verify
 
     main.add_command(products)
     main.add_command(db)
+    main.add_command(verify, name="verify")
 
 
 _register_groups()

@@ -15,7 +15,7 @@ Commands::
     sitiancal products retract REF --reason TEXT [--actor NAME]
     sitiancal products best CAMERA TYPE [--at TIME] [--state certified|candidate] [--as-of TIME]
     sitiancal products history CAMERA TYPE
-    sitiancal products verify REF
+    sitiancal products verify [REF]   (also ``sitiancal verify``: every version without REF)
     sitiancal db upgrade
     sitiancal db current
 
@@ -290,26 +290,32 @@ def history(camera: str, product_type: str, data_dir: Path | None, as_json: bool
 
 
 @products.command("verify")
-@click.argument("ref")
+@click.argument("ref", required=False)
 @_common
 @_handle_errors
-def verify(ref: str, data_dir: Path | None, as_json: bool) -> None:
-    """Recompute a version's checksums in the store (exit 1 on any mismatch)."""
+def verify(ref: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """Recompute checksums in the store: one version (REF) or every version (exit 1 on any mismatch)."""
     from sitiancal.storage.catalog import Catalog
     from sitiancal.storage.store import ProductStore
 
     settings = _settings(data_dir)
+    store = ProductStore(settings.product_store_url)
     with Catalog.open(settings.catalog_url) as catalog:
-        report = catalog.verify(ref, ProductStore(settings.product_store_url))
+        refs = [ref] if ref else [p.id for p in catalog.list_products()]
+        reports = [catalog.verify(r, store) for r in refs]
     if as_json:
-        _echo_json(report.to_dict())
-    elif report.ok:
-        click.echo(f"{report.key}: ok ({len(report.checked)} checksums)")
-    else:
-        click.echo(f"{report.key}: {len(report.problems)} problem(s)")
-        for problem in report.problems:
-            click.echo(f"  {problem}")
-    if not report.ok:
+        _echo_json([r.to_dict() for r in reports] if ref is None else reports[0].to_dict())
+    for report in [] if as_json else reports:
+        if report.ok:
+            click.echo(f"{report.key}: ok ({len(report.checked)} checksums)")
+        else:
+            click.echo(f"{report.key}: {len(report.problems)} problem(s)")
+            for problem in report.problems:
+                click.echo(f"  {problem}")
+    if ref is None and not as_json:
+        bad = sum(not r.ok for r in reports)
+        click.echo(f"{len(reports)} product versions verified, {bad} with problems")
+    if not all(r.ok for r in reports):
         sys.exit(1)
 
 

@@ -99,3 +99,19 @@ def test_calibrate_cli(raw, tmp_path):
                                     "--data-dir", str(tmp_path / "d"), "--no-progress"])
     assert bad.exit_code == 2
     assert "nowhere" in bad.output and "Traceback" not in bad.output
+
+
+def test_verify_the_whole_store_detects_a_corrupted_chunk(raw, tmp_path):
+    data = tmp_path / "d"
+    calibrate(raw, "MST5", Settings(data_dir=data), wanted=["bias", "flat"])
+    ok = CliRunner().invoke(main, ["verify", "--data-dir", str(data)])
+    assert ok.exit_code == 0, ok.output
+    assert "2 product versions verified, 0 with problems" in ok.output
+    flat = data / "store" / "products" / "MST5" / "flat"
+    chunk = next(p for p in flat.rglob("*") if p.is_file() and "c" in p.relative_to(flat).parts)
+    raw_bytes = bytearray(chunk.read_bytes())
+    raw_bytes[len(raw_bytes) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw_bytes))
+    bad = CliRunner().invoke(main, ["verify", "--data-dir", str(data)])
+    assert bad.exit_code == 1
+    assert "1 with problems" in bad.output
