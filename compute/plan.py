@@ -286,6 +286,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         darks=tuple(darks), flats=tuple(flats), flat_dark=tuple(flat_dark),
         saturation=float(saturation), gain_levels=gain_levels, lin_used=lin_used,
         lin_at=lin_at, flat_ref=flat_ref,
+        linearizer=tuple(float(c) for c in np.asarray(lin.linearizer)) if lin is not None else (),
     )
     return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
                       conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,

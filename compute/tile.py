@@ -147,6 +147,11 @@ class TilePlan:
     flat_ref : int or None
         Flat level used for the master flat (the brightest unsaturated level
         below ``gain_max_fraction`` of saturation).
+    linearizer : tuple of float
+        Polynomial (highest power first) mapping observed signal (ADU) to
+        linearised signal, from the linearity stage; empty when unknown. The
+        per-pixel gain fit uses linearised means and variances, so the
+        sensor's nonlinearity near the top of the fit range does not bias g.
     """
 
     bias: FrameGroup | None
@@ -160,6 +165,7 @@ class TilePlan:
     lin_used: tuple[bool, ...]
     lin_at: tuple[int, ...]
     flat_ref: int | None
+    linearizer: tuple[float, ...] = ()
 
     @property
     def has_dark_fit(self) -> bool:
@@ -322,10 +328,16 @@ def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) ->
         if plan.has_pixel_gain:
             use = np.asarray(plan.gain_levels, dtype=bool)
             n = np.asarray([g.n for g in plan.flats], dtype=np.float64)
-            gfit = fit_pixel_gain(
-                mean[..., use].astype(np.float64), var[..., use].astype(np.float64), n[use],
-                max_mean=params.gain_max_fraction * plan.saturation,
-            )
+            m_fit = mean[..., use].astype(np.float64)
+            v_fit = var[..., use].astype(np.float64)
+            if plan.linearizer:
+                # m' = P(m), v' = v P'(m)^2: the temporal statistics of linearised counts.
+                poly = np.asarray(plan.linearizer, dtype=np.float64)
+                slope = np.polyval(np.polyder(poly), m_fit)
+                m_fit = np.polyval(poly, m_fit)
+                v_fit = v_fit * slope * slope
+            gfit = fit_pixel_gain(m_fit, v_fit, n[use],
+                                  max_mean=params.gain_max_fraction * plan.saturation)
             maps["gain"] = np.asarray(gfit.gain, dtype=f32)
             maps["gain_err"] = np.asarray(gfit.gain_err, dtype=f32)
             maps["gain_read_var"] = np.asarray(gfit.read_var, dtype=f32)
