@@ -1,0 +1,113 @@
+"""Cameras: known cameras with their latest products and job; the QC report."""
+
+from __future__ import annotations
+
+import html
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import HTMLResponse
+
+from sitiancal.api.deps import CatalogDep, Reader
+from sitiancal.api.routers.jobs import job_out
+from sitiancal.api.schemas import CAMERA_PATTERN, CameraList, CameraOut, ErrorOut
+from sitiancal.service.datasets import ALL_PRODUCTS
+from sitiancal.service.report import QCReport, build_report
+from sitiancal.storage.catalog import Camera, Catalog, NoProduct, ProductVersion
+
+router = APIRouter(prefix="/v1", tags=["cameras"])
+
+CameraPath = Annotated[str, Path(pattern=CAMERA_PATTERN, description="Camera name.")]
+ReportBasis = Literal["latest", "certified"]
+_ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+
+
+def _latest(catalog: Catalog, camera: str) -> dict[str, ProductVersion]:
+    """Newest version of each product type that is not retracted."""
+    latest: dict[str, ProductVersion] = {}
+    for product in catalog.list_products(camera=camera):
+        if product.state != "retracted" and product.type not in latest:
+            latest[product.type] = product
+    return latest
+
+
+def camera_out(catalog: Catalog, camera: Camera) -> CameraOut:
+    """A camera with its newest products and newest job."""
+    jobs = catalog.list_jobs(camera=camera.name, limit=1)
+    latest = {t: {"id": p.id, "version": p.version, "state": p.state, "created": p.created,
+                  "valid_from": p.valid_from, "valid_to": p.valid_to, "sha256": p.sha256}
+              for t, p in sorted(_latest(catalog, camera.name).items())}
+    return CameraOut.model_validate({
+        "camera": camera.name, "model": camera.model, "description": camera.description,
+        "created": camera.created, "latest_products": latest,
+        "latest_job": job_out(jobs[0]) if jobs else None})
+
+
+@router.get("/cameras", response_model=CameraList, responses=_ERRORS)
+def list_cameras(catalog: CatalogDep, _: Reader) -> CameraList:
+    """Known cameras with their latest products and job."""
+    return CameraList(cameras=[camera_out(catalog, c) for c in catalog.list_cameras()])
+
+
+@router.get("/cameras/{camera}", response_model=CameraOut, responses=_ERRORS)
+def get_camera(camera: CameraPath, catalog: CatalogDep, _: Reader) -> CameraOut:
+    """One camera with its latest products and job."""
+    return camera_out(catalog, catalog.get_camera(camera))
+
+
+def camera_report(catalog: Catalog, camera: str, basis: ReportBasis = "latest") -> QCReport:
+    """The QC report of a camera from its latest (or currently certified) products."""
+    catalog.get_camera(camera)
+    if basis == "certified":
+        products = {}
+        for kind in ALL_PRODUCTS:
+            try:
+                products[kind] = catalog.best(camera, kind)
+            except NoProduct:
+                continue
+    else:
+        products = _latest(catalog, camera)
+    missing: dict[str, str] = {}
+    for product in products.values():
+        for kind, reason in (product.provenance.get("missing") or {}).items():
+            if kind not in products:
+                missing[kind] = str(reason)
+    for kind in ALL_PRODUCTS:
+        if kind not in products and kind not in missing:
+            missing[kind] = ("no certified version valid now" if basis == "certified"
+                             else "no product of this type yet")
+    jobs = sorted({p.job for p in products.values() if p.job})
+    datasets = sorted({p.dataset for p in products.values() if p.dataset})
+    context: dict[str, Any] = {
+        "basis": basis,
+        "products": {k: {"id": p.id, "version": p.version, "state": p.state,
+                         "created": p.created.isoformat()} for k, p in sorted(products.items())},
+        "jobs": jobs, "datasets": datasets}
+    return build_report(camera, {k: p.stats for k, p in products.items()}, missing=missing,
+                        context=context)
+
+
+@router.get("/cameras/{camera}/report", responses=_ERRORS)
+def report(camera: CameraPath, catalog: CatalogDep, _: Reader,
+           basis: Annotated[ReportBasis, Query(
+               description="latest: newest version of each type; certified: the "
+               "versions certified now.")] = "latest") -> dict[str, Any]:
+    """The QC figures of a camera (the reference study's table), with units and errors."""
+    return camera_report(catalog, camera, basis).to_dict()
+
+
+@router.get("/cameras/{camera}/report.html", response_class=HTMLResponse, responses=_ERRORS)
+def report_html(camera: CameraPath, catalog: CatalogDep, _: Reader,
+                basis: ReportBasis = "latest") -> HTMLResponse:
+    """The QC figures as an HTML table (plots come with a later version)."""
+    qc = camera_report(catalog, camera, basis)
+    rows = "\n".join(f"<tr><td>{html.escape(f.label)}</td><td>{html.escape(f.text())}</td>"
+                     f"<td>{html.escape(f.product)}</td></tr>" for f in qc.figures)
+    missing = "\n".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
+                        for k, v in qc.missing.items())
+    title = html.escape(f"QC report for camera {camera}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+            f"<body><h1>{title}</h1><table border='1'><thead><tr><th>figure</th>"
+            f"<th>value</th><th>product</th></tr></thead><tbody>{rows}</tbody></table>"
+            f"<h2>Not computed</h2><ul>{missing}</ul></body></html>")
+    return HTMLResponse(page)
