@@ -255,12 +255,20 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     half = 0.5 / np.sqrt(n)
     lo, med, hi = np.quantile(r, [max(0.5 - half, 0.0), 0.5, min(0.5 + half, 1.0)])
     pct = np.percentile(r, _PERCENTILES)
+    robust_sigma = float(1.4826 * np.median(np.abs(r - med)))
+    median_err = float(0.5 * (hi - lo))
+    if median_err <= 0.0:
+        # Rates from means of a few integer frames are discrete: with millions of
+        # pixels the 68% rank interval can fall inside one tie. Use the asymptotic
+        # error of a median instead (sqrt(pi/2) sigma / sqrt(N)).
+        median_err = 1.2533 * robust_sigma / np.sqrt(n)
+        out["median_err_method"] = "asymptotic 1.2533 * robust sigma / sqrt(N) (tied ranks)"
     out |= {
         "median": float(med),
-        "median_err": float(0.5 * (hi - lo)),
+        "median_err": median_err,
         "mean": float(r.mean()),
         "mean_err": float(r.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
-        "robust_sigma": float(1.4826 * np.median(np.abs(r - med))),
+        "robust_sigma": robust_sigma,
         "median_pixel_err": float(np.median(e)) if e.size else None,
         "percentiles": {f"p{p:g}": float(v) for p, v in zip(_PERCENTILES, pct, strict=True)},
         "frac_above": {f"{thr:g}": float(np.mean(r > thr)) for thr in thresholds},

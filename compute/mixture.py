@@ -138,11 +138,20 @@ class MixtureModel:
         lj = self._log_joint(x_arr, np.broadcast_to(np.asarray(err, float), np.shape(x)).ravel())
         return np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
 
-    def classify(self, x: np.ndarray, err: np.ndarray | float) -> np.ndarray:
-        """Most probable component of each (flattened) point, shape (N,)."""
+    def classify(self, x: np.ndarray, err: np.ndarray | float, *,
+                 block: int = 1 << 20) -> np.ndarray:
+        """Most probable component of each (flattened) point, shape (N,).
+
+        Points are classified in blocks of ``block`` so that a 61 MP map needs
+        O(block x K) temporaries, not O(N x K).
+        """
         x_arr = np.asarray(x, dtype=np.float64).ravel()
-        lj = self._log_joint(x_arr, np.broadcast_to(np.asarray(err, float), np.shape(x)).ravel())
-        return np.argmax(lj, axis=1)
+        e_arr = np.broadcast_to(np.asarray(err, float), np.shape(x)).ravel()
+        out = np.empty(x_arr.size, dtype=np.intp)
+        for lo in range(0, x_arr.size, block):
+            sl = slice(lo, lo + block)
+            out[sl] = np.argmax(self._log_joint(x_arr[sl], e_arr[sl]), axis=1)
+        return out
 
     def to_dict(self) -> dict:
         """JSON-able summary."""

@@ -104,6 +104,18 @@ def _subsample(mask: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return idx
 
 
+def _t_to_z(t: np.ndarray, dof: int) -> np.ndarray:
+    """Normal z with the same two-sided tail probability as Student-t ``t`` (``dof`` dof)."""
+    from scipy import special
+
+    t = np.asarray(t, dtype=np.float64)
+    if dof <= 0:
+        return np.full(t.shape, np.nan)
+    p_half = special.stdtr(dof, -np.abs(t))  # one tail
+    z = -special.ndtri(np.clip(p_half, 1e-300, 0.5))
+    return (np.sign(t) * z).astype(np.float32)
+
+
 def _to_log(gain: np.ndarray, gain_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ln g and its error (the relative error of g) from a gain (e-/ADU) and its error."""
     g = np.asarray(gain, dtype=np.float64)
@@ -399,11 +411,18 @@ class Assembler:
             arrays.append(ProductArray("LIN_RESID", resid, "%",
                                        "per-pixel linearity residual at flat levels "
                                        + ",".join(str(i) for i in at), dims=("level", "y", "x")))
-            worst = np.nanmax(np.abs(resid), axis=0)
-            ok = np.isfinite(worst)
-            center, scale = robust_center_scale(worst[ok])
-            self._flags["nonlinear"] = nonlinear(worst, config=self.params.defects,
-                                                 center=center, scale=scale)
+            # Each level against its own population: a pixel is NONLINEAR when any
+            # level's residual is far from that level's distribution (a threshold
+            # on the maximum of |residual| over levels would be a lower effective
+            # sigma, because the maximum of folded values has a compressed width).
+            flag = np.zeros(resid.shape[1:], dtype=bool)
+            for level in resid:
+                ok = np.isfinite(level)
+                if ok.sum() < 10:
+                    continue
+                center, scale = robust_center_scale(level[ok])
+                flag |= nonlinear(level, config=self.params.defects, center=center, scale=scale)
+            self._flags["nonlinear"] = flag
             stats["pixel_residual_levels"] = list(at)
         return ProductContent("linearity", "%", arrays, [table], stats)
 
@@ -445,8 +464,13 @@ class Assembler:
         if rtn is not None:
             self._flags["rtn"] = rtn > 0.5
         z = self.map("bias_trend_z")
-        if z is not None:
-            self._flags["unstable_bias"] = unstable_bias(z, config=self.params.defects)
+        plan = self.planned.plan
+        if z is not None and plan.bias is not None:
+            # The slope significance of n bias frames is Student-t with n - 2 dof:
+            # convert it to the normal z of the same tail probability, so the 5-sigma
+            # rule means the same false-alarm rate (5.7e-7) with 12 frames or 100.
+            self._flags["unstable_bias"] = unstable_bias(_t_to_z(z, plan.bias.n - 2),
+                                                         config=self.params.defects)
         flags = {k: v for k, v in self._flags.items() if v is not None}
         mask = build_mask(**flags) if flags else np.zeros(shape, dtype=np.uint16)
         counts = mask_counts(mask)
