@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sitiancal.compute.bias import dsnu_emva, row_column_profiles
+from sitiancal.compute.content import ProductArray, ProductContent, ProductTable
 from sitiancal.compute.dark import dark_populations, dark_summary
 from sitiancal.compute.defects import (
     MaskBit,
@@ -41,50 +42,6 @@ from sitiancal.compute.tile import CalibrationParams
 
 #: Product types, in the order they are assembled (the mask needs the others).
 PRODUCT_TYPES = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask")
-
-
-@dataclass
-class ProductArray:
-    """One named array of a product (the first array of a product is its main map)."""
-
-    name: str
-    data: np.ndarray
-    units: str
-    long_name: str
-    dims: tuple[str, ...] = ("y", "x")
-
-
-@dataclass
-class ProductTable:
-    """A small table of a product (stored as a FITS BinTable and zarr 1-D arrays)."""
-
-    name: str
-    columns: dict[str, np.ndarray]
-    units: dict[str, str] = field(default_factory=dict)
-    description: str = ""
-
-
-@dataclass
-class ProductContent:
-    """Everything computed for one product type.
-
-    Attributes
-    ----------
-    type : str
-        Product type (DESIGN.md section 4).
-    units : str
-        Units of the main array (or of the main figure for table-only products).
-    arrays, tables : list
-        The maps and tables.
-    stats : dict
-        JSON-able scalar figures (and small nested dicts) of the product.
-    """
-
-    type: str
-    units: str
-    arrays: list[ProductArray] = field(default_factory=list)
-    tables: list[ProductTable] = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
 
 
 def _f(x: object) -> float | None:

@@ -109,7 +109,8 @@ def simulate(out_dir: Path, shape: tuple[int, int], seed: int, n_bias: int | Non
               help="Accept frames taken with different GAIN/OFFSET/binning.")
 def scan(path: Path, as_json: bool, allow_mixed_states: bool) -> None:
     """Read the FITS headers under PATH and print the dataset inventory."""
-    from sitiancal.storage.scan import ScanError, scan as scan_path
+    from sitiancal.storage.scan import ScanError
+    from sitiancal.storage.scan import scan as scan_path
 
     try:
         inventory = scan_path(path, allow_mixed_states=allow_mixed_states)
@@ -131,7 +132,8 @@ def cube(path: Path, store: str, progress: bool) -> None:
     """Scan PATH and write the accepted frames into a zarr v3 cube at STORE."""
     from sitiancal.service.progress import progress_bar
     from sitiancal.storage.cube import CubeError, build_cube
-    from sitiancal.storage.scan import ScanError, scan as scan_path
+    from sitiancal.storage.scan import ScanError
+    from sitiancal.storage.scan import scan as scan_path
 
     try:
         inventory = scan_path(path)

@@ -259,12 +259,7 @@ class _PayloadFactory:
 
     def __call__(self, content: ProductContent):
         from sitiancal.compute.defects import MaskBit
-        from sitiancal.storage.store import (
-            ProductArray,
-            ProductPayload,
-            ProductTable,
-            build_provenance,
-        )
+        from sitiancal.storage.store import ProductPayload, build_provenance
 
         use = _inputs_of(content.type, self.types)
         inputs = [{"path": self.files[i], "sha256": self.shas[i]} for i in np.flatnonzero(use)]
@@ -272,10 +267,7 @@ class _PayloadFactory:
         tsel = tsel[~np.isnat(tsel)] if np.issubdtype(tsel.dtype, np.datetime64) else tsel[:0]
         return ProductPayload(
             camera=self.camera, type=content.type,
-            arrays=[ProductArray(a.name, a.data, a.units, a.long_name, a.dims)
-                    for a in content.arrays],
-            tables=[ProductTable(t.name, t.columns, t.units, t.description)
-                    for t in content.tables],
+            arrays=list(content.arrays), tables=list(content.tables),
             stats=content.stats, units=content.units,
             provenance=build_provenance(params=self.params.to_dict(), started=self.started,
                                         finished=datetime.now(UTC), dataset_id=self.dataset_id,

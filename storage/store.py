@@ -65,6 +65,10 @@ import zarr
 import zarr.storage
 from fsspec.implementations.local import LocalFileSystem
 
+from sitiancal.compute.content import ProductArray, ProductTable
+
+__all__ = ["ProductArray", "ProductPayload", "ProductStore", "ProductTable"]
+
 #: 2-D maps are chunked like the compute tiles: 6388 x 9576 = 4 x 7 chunks of
 #: 1597 x 1368 (DESIGN.md section 7).
 MAP_CHUNKS = (1597, 1368)
@@ -119,47 +123,7 @@ class ProductMissing(StoreError, KeyError):
 
 
 # -- what a pipeline hands over -------------------------------------------------
-@dataclass
-class ProductArray:
-    """One array of a product.
-
-    Parameters
-    ----------
-    name
-        Array name (``gain``, ``gain_err``, ...); ``*_err`` for 1-sigma uncertainties.
-    data
-        A numpy array, or anything with ``shape``, ``dtype`` and numpy-style
-        slicing (it is written chunk by chunk).
-    units
-        Physical units (``ADU``, ``e-``, ``e-/ADU``, ``e-/s``, ``1``...).
-    long_name
-        Human readable description.
-    dims
-        Dimension names; default ``("y", "x")`` for 2-D arrays and
-        ``("<name>_dim0", ...)`` otherwise.
-    """
-
-    name: str
-    data: Any
-    units: str
-    long_name: str
-    dims: tuple[str, ...] | None = None
-
-    def dimension_names(self) -> tuple[str, ...]:
-        """The dimension names, defaulted and checked against the array rank."""
-        return dimension_names(self)
-
-
-@dataclass
-class ProductTable:
-    """A small table of a product (one 1-D array per column, equal lengths)."""
-
-    name: str
-    columns: dict[str, np.ndarray]
-    units: dict[str, str] = field(default_factory=dict)
-    description: str = ""
-
-
+# ProductArray and ProductTable are the compute layer's (imports point down).
 @dataclass
 class ProductPayload:
     """Everything a new product version is made of.
