@@ -319,7 +319,8 @@ def test_tied_mixture_matches_sklearn() -> None:
 def test_rtn_recall(n_f: int) -> None:
     """Recall >= 80 % where the frames carry the information (see the module notes)."""
     rng = np.random.default_rng(11 + n_f)
-    amp2, amp3 = ((4.5, 8.0), (5.5, 8.0)) if n_f == 50 else ((7.5, 10.0), (8.0, 10.0))
+    # At F = 20 the multiple-testing threshold (Delta BIC > 20) needs larger steps.
+    amp2, amp3 = ((4.5, 8.0), (5.5, 8.0)) if n_f == 50 else ((9.0, 12.0), (9.5, 12.0))
     two = detect_rtn(_rtn2(rng, n_f, 1500, amp2, (0.2, 0.8)), config=CFG)
     three = detect_rtn(_rtn3(rng, n_f, 1500, amp3), config=CFG)
     assert two.mean() >= 0.8, two.mean()
@@ -335,8 +336,8 @@ def test_rtn_false_alarms(n_f: int) -> None:
     sig = READ_ADU * rng.uniform(3.0, 5.0, n_p)
     noisy_px = detect_rtn(_q(rng.normal(0.0, 1.0, (n_f, n_p)) * sig), config=CFG)
     heavy = detect_rtn(_q(rng.standard_t(5, (n_f, 20_000)) * READ_ADU), config=CFG)
-    # measured ~2-4e-4 for Gaussian pixels; < 1e-3 is the requirement
-    assert normal.mean() < 1e-3 and noisy_px.mean() < 1e-3, (normal.mean(), noisy_px.mean())
+    # measured < 2e-5 for Gaussian pixels; a 61 MP sensor needs << 1e-3 (0.07% anomalous)
+    assert normal.mean() < 1e-4 and noisy_px.mean() < 1e-4, (normal.mean(), noisy_px.mean())
     assert heavy.mean() < 2e-3, heavy.mean()
 
 
@@ -345,7 +346,7 @@ def test_rtn_quantisation_and_frame_level() -> None:
     # heavily quantised pixels (sigma 0.5 ADU): integer codes are not levels
     assert detect_rtn(_q(rng.normal(0.0, 0.5, (50, 20_000)))).mean() < 1e-3
     # a common bias jump between frames looks like two levels unless removed
-    jump = rng.choice([0.0, 12.0], 50)
+    jump = rng.choice([0.0, 20.0], 50)
     stack = _q(jump[:, None] + rng.normal(0.0, READ_ADU, (50, 20_000)))
     assert detect_rtn(stack).mean() > 0.01
     assert detect_rtn(stack, frame_level=1000.0 + jump).mean() < 1e-3
