@@ -224,7 +224,7 @@ def _run_tasks(tasks: list, client: object | None, on_done: Callable[[int], None
     futures = client.compute(tasks)  # type: ignore[attr-defined]
     results = []
     try:
-        for i, fut in enumerate(as_completed(futures), start=1):
+        for i, fut in enumerate(as_completed(futures, loop=client.loop), start=1):  # type: ignore[attr-defined]
             results.append(fut.result())
             on_done(i)
             if cancelled():
