@@ -1,0 +1,526 @@
+"""Full-scale benchmark of the sitiancal calibration pipeline (issue 6).
+
+Runs scan, cube, plan, tile pass, product assembly and publish on a camera
+set (reused with ``--frames-dir`` or simulated with ``--simulate``) and
+reports per stage and end to end: wall time (s), input throughput (GB/s of
+FITS files), pixel throughput (Gpix/s), peak RSS (GB, this process and its
+children, sampled every 50 ms), and the ratio of the end-to-end time to two
+baselines over the same files:
+
+* ``numpy``: a plain-numpy single pass (per-pixel float64 sum and sum of
+  squares per frame group, one frame in memory at a time, astropy read);
+* ``read``: reading every file once (cold when the page cache can be dropped,
+  otherwise warm; the JSON says which).
+
+The peer comparison runs ccdproc's ``combine`` (average, sigma clipping) on
+the bias frames, against the pipeline's own master bias on the same frames.
+
+Usage::
+
+    python benchmarks/run.py --frames-dir /work/bench/raw --out bench-out
+    python benchmarks/run.py --simulate --shape 512x768 --out /tmp/b
+    python benchmarks/run.py --frames-dir DIR --scheduler-address tcp://127.0.0.1:8786
+    python benchmarks/run.py --simulate --spawn-workers 2 --out /tmp/b
+
+Writes ``results.json`` and ``results.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+STAGES = ("scan", "cube", "plan", "tiles", "products", "publish")
+BASELINES = ("read", "numpy", "ccdproc")
+
+
+class RssSampler:
+    """Sample the resident set size of this process and its children in a thread.
+
+    Parameters
+    ----------
+    interval : float
+        Sampling period, s.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self._proc = psutil.Process()
+        self._peak = 0
+        self._overall = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _rss(self) -> int:
+        total = 0
+        procs = [self._proc]
+        with contextlib.suppress(psutil.Error):
+            procs += self._proc.children(recursive=True)
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            rss = self._rss()
+            self._peak = max(self._peak, rss)
+            self._overall = max(self._overall, rss)
+            self._stop.wait(self.interval)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def reset(self) -> None:
+        """Start a new per-stage peak (bytes)."""
+        self._peak = self._rss()
+
+    @property
+    def peak(self) -> int:
+        """Peak RSS since the last :meth:`reset`, bytes."""
+        return max(self._peak, self._rss())
+
+    @property
+    def overall(self) -> int:
+        """Peak RSS since :meth:`start`, bytes."""
+        return max(self._overall, self._rss())
+
+
+def drop_caches() -> bool:
+    """Try to drop the page cache (root only); return True when it worked."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_once(paths: Sequence[str], block: int = 16 << 20) -> float:
+    """Read every file once in ``block``-byte pieces; return the wall time, s."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    return time.perf_counter() - t0
+
+
+def numpy_single_pass(groups: dict[str, list[tuple[str, int]]]) -> float:
+    """Plain-numpy per-pixel float64 sum and sum of squares per frame group.
+
+    One frame in memory at a time (astropy read, then a float64 copy).
+
+    Parameters
+    ----------
+    groups : dict
+        Group name -> list of ``(path, hdu)``.
+
+    Returns
+    -------
+    float
+        Wall time, s.
+    """
+    from astropy.io import fits
+
+    t0 = time.perf_counter()
+    for members in groups.values():
+        s = ss = None
+        for path, hdu in members:
+            with fits.open(path, memmap=False) as hdul:
+                frame = np.asarray(hdul[hdu].data, dtype=np.float64)
+            if s is None:
+                s = np.zeros_like(frame)
+                ss = np.zeros_like(frame)
+            s += frame
+            ss += frame * frame
+            del frame
+        del s, ss
+    return time.perf_counter() - t0
+
+
+def ccdproc_master_bias(paths: Sequence[str], mem_limit: float) -> float:
+    """ccdproc ``combine``: average with sigma clipping; return the wall time, s."""
+    import warnings
+
+    from astropy.utils.exceptions import AstropyWarning
+    from ccdproc import combine
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        combine(list(paths), method="average", sigma_clip=True,
+                sigma_clip_low_thresh=3, sigma_clip_high_thresh=3,
+                mem_limit=mem_limit, unit="adu", dtype=np.float32)
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def spawned_cluster(n_workers: int, workdir: Path) -> Iterator[str]:
+    """Start ``dask scheduler`` and ``n_workers`` ``dask worker`` processes on loopback.
+
+    Yields the scheduler address; the processes are terminated on exit.
+    """
+    dask_bin = str(Path(sys.executable).with_name("dask"))
+    sched_file = workdir / "scheduler.json"
+    procs: list[subprocess.Popen] = []
+    log = open(workdir / "cluster.log", "w")  # closed in the finally clause
+    try:
+        procs.append(subprocess.Popen(
+            [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
+            stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                raise RuntimeError(f"dask scheduler did not start (see {workdir / 'cluster.log'})")
+            time.sleep(0.2)
+        for _ in range(n_workers):
+            procs.append(subprocess.Popen(
+                [dask_bin, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                 "--nworkers", "1", "--host", "127.0.0.1", "--dashboard-address", ":0",
+                 "--local-directory", str(workdir / "dask-worker")],
+                stdout=log, stderr=subprocess.STDOUT))
+        yield json.loads(sched_file.read_text())["address"]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
+
+
+def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssSampler,
+                 wanted: Sequence[str] | None = None) -> tuple[dict[str, dict[str, float]], Any]:
+    """Scan, then run the calibration job body, timing each stage.
+
+    Stage boundaries come from the job's progress reports (scan, cube, plan,
+    tiles, products, publish, done).
+
+    Returns
+    -------
+    stages : dict
+        Stage -> ``{"wall_s", "peak_rss_gb"}``.
+    inventory : Inventory
+        The scan result.
+    """
+    from sitiancal.service.pipeline import run_calibration_job
+    from sitiancal.service.settings import Settings
+    from sitiancal.storage.catalog import Catalog
+    from sitiancal.storage.scan import scan
+    from sitiancal.storage.store import ProductStore
+
+    marks: list[tuple[str, float, int]] = []
+
+    def mark(stage: str) -> None:
+        if marks and marks[-1][0] == stage:
+            return
+        now = time.perf_counter()
+        if marks:  # close the previous stage's peak
+            name, t, _ = marks[-1]
+            marks[-1] = (name, t, sampler.peak)
+        sampler.reset()
+        marks.append((stage, now, 0))
+
+    mark("scan")
+    inventory = scan(frames_dir)
+    if not inventory.frames:
+        raise SystemExit(f"error: {frames_dir}: no usable frame")
+    settings = Settings(data_dir=data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.open(settings.catalog_url)
+    try:
+        store = ProductStore(settings.product_store_url)
+        dataset_id = catalog.add_dataset("BENCH", inventory, source=str(frames_dir), actor="bench")
+        job = catalog.create_job("BENCH", dataset_id, products=tuple(wanted or ()), params={},
+                                 force=True, actor="bench")
+        mark("cube")
+        run_calibration_job(catalog=catalog, store=store, settings=settings, job_id=job.id,
+                            client=client,
+                            progress=lambda stage, fraction: mark(stage) if stage in STAGES
+                            else None)
+        mark("done")
+    finally:
+        catalog.close()
+    stages: dict[str, dict[str, float]] = {}
+    for (name, t, peak), (_, t_next, _) in itertools.pairwise(marks):
+        stages[name] = {"wall_s": t_next - t, "peak_rss_gb": peak / 1e9}
+    return stages, inventory
+
+
+def _rate(n: float, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Render the result as a markdown table (plus a header line and notes)."""
+    m = result["machine"]
+    lines = [f"Benchmark {result['date']} on {m['cpus']} cores, {m['memory_gb']:.0f} GB "
+             f"({m['platform']}); {result['n_frames']} frames of {result['shape'][0]}x"
+             f"{result['shape'][1]} ({result['input_gb']:.2f} GB, {result['gpix']:.2f} Gpix); "
+             f"scheduler: {result['scheduler']}; memory limit {result['memory_limit_gb']} GB.",
+             "",
+             "| stage | wall (s) | input GB/s | Gpix/s | peak RSS (GB) | x numpy pass | x read once |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    numpy_s = result["baselines"].get("numpy", {}).get("wall_s")
+    read_s = result["baselines"].get("read", {}).get("wall_s")
+
+    def row(name: str, s: dict[str, float]) -> str:
+        w = s["wall_s"]
+        rn = f"{w / numpy_s:.2f}" if numpy_s else "-"
+        rr = f"{w / read_s:.2f}" if read_s else "-"
+        return (f"| {name} | {w:.1f} | {s['input_gbps']:.3f} | {s['gpixps']:.3f} | "
+                f"{s['peak_rss_gb']:.2f} | {rn} | {rr} |")
+
+    for name, s in result["stages"].items():
+        lines.append(row(name, s))
+    if "end_to_end" in result:
+        lines.append(row("**end to end**", result["end_to_end"]))
+    for name, s in result["baselines"].items():
+        if name == "ccdproc":
+            continue
+        lines.append(row(f"baseline: {name}" + (f" ({s['cache']})" if "cache" in s else ""), s))
+    mb = result.get("master_bias")
+    if mb:
+        lines += ["", "| master bias, " + f"{mb['n_frames']} frames | wall (s) | Gpix/s | "
+                  "peak RSS (GB) |", "|---|---:|---:|---:|"]
+        for name in ("sitiancal", "ccdproc"):
+            if name in mb:
+                s = mb[name]
+                lines.append(f"| {name} | {s['wall_s']:.1f} | {s['gpixps']:.3f} | "
+                             f"{s['peak_rss_gb']:.2f} |")
+        if "speedup" in mb:
+            lines.append(f"| speed-up vs ccdproc | {mb['speedup']:.1f}x | | |")
+    if result.get("notes"):
+        lines += [""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--frames-dir", type=Path, help="reuse the FITS frames in this folder")
+    src.add_argument("--simulate", action="store_true",
+                     help="simulate a set into OUT/raw (see --shape and the frame counts)")
+    p.add_argument("--shape", default="6388x9576", help="simulated frame shape, ROWSxCOLS")
+    p.add_argument("--bias", type=int, default=12, help="simulated bias frames")
+    p.add_argument("--darks", default="0,60,300", help="simulated dark exposure times, s")
+    p.add_argument("--dark-frames", type=int, default=3, help="simulated dark frames per time")
+    p.add_argument("--flat-levels", type=int, default=8, help="simulated flat levels")
+    p.add_argument("--flat-frames", type=int, default=6, help="simulated flat frames per level")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="results folder")
+    p.add_argument("--memory-limit", type=float, default=4.0,
+                   help="memory limit, GB: bounds the threads of the local run and ccdproc's "
+                   "mem_limit; the peak RSS reached is reported against it")
+    p.add_argument("--scheduler-address", help="run on this dask scheduler (tcp://...)")
+    p.add_argument("--spawn-workers", type=int, default=0,
+                   help="start a dask scheduler and N single-thread workers on loopback")
+    p.add_argument("--stages", default=",".join(STAGES + BASELINES),
+                   help="comma-separated subset of: pipeline stages (any one runs the whole "
+                   "pipeline), read, numpy, ccdproc")
+    p.add_argument("--keep", action="store_true", help="keep the cube and product store")
+    args = p.parse_args(argv)
+    if not args.frames_dir and not args.simulate:
+        p.error("give --frames-dir DIR or --simulate")
+    if args.frames_dir and not args.frames_dir.is_dir():
+        p.error(f"--frames-dir {args.frames_dir}: not a folder")
+    if args.memory_limit <= 0:
+        p.error("--memory-limit must be > 0")
+    unknown = set(args.stages.split(",")) - set(STAGES + BASELINES)
+    if unknown:
+        p.error(f"--stages: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import dask
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    wanted_stages = set(args.stages.split(","))
+    notes: list[str] = []
+    if args.simulate:
+        from sitiancal.compute.simulate import SimulationConfig, simulate_dataset
+
+        rows, cols = (int(v) for v in args.shape.lower().split("x"))
+        frames_dir = out / "raw"
+        if not (frames_dir / "truth.fits").exists():
+            simulate_dataset(frames_dir, SimulationConfig(
+                shape=(rows, cols), n_bias=args.bias,
+                dark_exptimes=[float(v) for v in args.darks.split(",")],
+                dark_frames=args.dark_frames, flat_levels=args.flat_levels,
+                flat_frames=args.flat_frames))
+    else:
+        frames_dir = args.frames_dir
+
+    from sitiancal.storage.scan import scan
+
+    inventory = scan(frames_dir)
+    if not inventory.frames:
+        raise SystemExit(f"error: {frames_dir}: no usable frame")
+    paths = [f.path for f in inventory.frames]
+    input_bytes = float(sum(os.path.getsize(p) for p in paths))
+    ny, nx = inventory.shape
+    npix = float(ny * nx * len(paths))
+    cpus = os.cpu_count() or 1
+    limit = args.memory_limit * 1e9
+    # about 0.25 GB per cube thread and ~0.5 GB per tile-pass thread at 61 MP, plus a base
+    per_thread = max(0.05e9, 0.6 * ny * nx * 8)
+    threads = max(1, min(cpus, int((limit - 1.0e9) // per_thread)))
+    sampler = RssSampler().start()
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"cpus": cpus, "memory_gb": psutil.virtual_memory().total / 1e9,
+                    "platform": platform.platform(terse=True), "python": platform.python_version()},
+        "frames_dir": str(frames_dir), "n_frames": len(paths), "shape": [ny, nx],
+        "input_gb": input_bytes / 1e9, "gpix": npix / 1e9,
+        "memory_limit_gb": args.memory_limit, "threads": threads,
+        "stages": {}, "baselines": {}, "notes": notes,
+    }
+
+    def add_rates(s: dict[str, float], nbytes: float = input_bytes, n: float = npix) -> None:
+        s["input_gbps"] = _rate(nbytes / 1e9, s["wall_s"])
+        s["gpixps"] = _rate(n / 1e9, s["wall_s"])
+
+    if "read" in wanted_stages:
+        cold = drop_caches()
+        sampler.reset()
+        s = {"wall_s": read_once(paths), "cache": "cold" if cold else "warm"}
+        s["peak_rss_gb"] = sampler.peak / 1e9
+        add_rates(s)
+        result["baselines"]["read"] = s
+    if "numpy" in wanted_stages:
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for f in inventory.frames:
+            groups.setdefault(f"{f.type}-{f.exptime:g}", []).append((f.path, f.hdu))
+        cold = drop_caches()
+        sampler.reset()
+        s = {"wall_s": numpy_single_pass(groups), "cache": "cold" if cold else "warm"}
+        s["peak_rss_gb"] = sampler.peak / 1e9
+        add_rates(s)
+        result["baselines"]["numpy"] = s
+
+    work = Path(tempfile.mkdtemp(prefix="sitiancal-bench-", dir=out))
+    try:
+        with contextlib.ExitStack() as stack:
+            client = None
+            address = args.scheduler_address
+            if args.spawn_workers > 0:
+                address = stack.enter_context(spawned_cluster(args.spawn_workers, work))
+            if address:
+                from distributed import Client
+
+                client = stack.enter_context(Client(address, timeout="60s"))
+                if args.spawn_workers > 0:
+                    client.wait_for_workers(args.spawn_workers, timeout=120)
+                n_workers = len(client.scheduler_info()["workers"])
+                result["scheduler"] = f"distributed {address}, {n_workers} workers"
+                result["n_workers"] = n_workers
+            else:
+                result["scheduler"] = f"threads ({threads})"
+                stack.enter_context(dask.config.set(num_workers=threads))
+            if wanted_stages & set(STAGES):
+                if drop_caches():
+                    notes.append("pipeline started with a cold page cache")
+                else:
+                    notes.append("page cache could not be dropped (not root): warm cache")
+                sampler.reset()
+                t0 = time.perf_counter()
+                stages, _ = run_pipeline(frames_dir, work / "pipeline", client=client,
+                                         sampler=sampler)
+                total = time.perf_counter() - t0
+                for s in stages.values():
+                    add_rates(s)
+                result["stages"] = stages
+                e2e = {"wall_s": total, "peak_rss_gb": max(s["peak_rss_gb"]
+                                                           for s in stages.values())}
+                add_rates(e2e)
+                result["end_to_end"] = e2e
+                if not args.keep:
+                    shutil.rmtree(work / "pipeline", ignore_errors=True)
+            if "ccdproc" in wanted_stages:
+                result["master_bias"] = master_bias(inventory, work, client, sampler,
+                                                    args.memory_limit, ny * nx)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        sampler.stop()
+    result["peak_rss_gb"] = sampler.overall / 1e9
+    e2e = result.get("end_to_end")
+    if e2e:
+        for name, key in (("numpy", "x_numpy"), ("read", "x_read")):
+            if name in result["baselines"]:
+                e2e[key] = e2e["wall_s"] / result["baselines"][name]["wall_s"]
+        e2e["within_memory_limit"] = e2e["peak_rss_gb"] <= args.memory_limit
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (out / "results.md").write_text(table)
+    print(table)
+    return result
+
+
+def master_bias(inventory: Any, work: Path, client: Any, sampler: RssSampler,
+                mem_limit_gb: float, frame_pix: int) -> dict[str, Any]:
+    """Our master bias (bias frames only, bias product only) against ccdproc's combine."""
+    bias = [f.path for f in inventory.frames if f.type == "bias"]
+    out: dict[str, Any] = {"n_frames": len(bias)}
+    if not bias:
+        return out
+    npix = float(len(bias) * frame_pix)
+    bias_dir = work / "bias-only"
+    bias_dir.mkdir(parents=True, exist_ok=True)
+    for p in bias:
+        link = bias_dir / Path(p).name
+        if not link.exists():
+            link.symlink_to(p)
+    drop_caches()
+    sampler.reset()
+    t0 = time.perf_counter()
+    run_pipeline(bias_dir, work / "bias-pipeline", client=client, sampler=sampler,
+                 wanted=("bias",))
+    wall = time.perf_counter() - t0
+    out["sitiancal"] = {"wall_s": wall, "gpixps": npix / 1e9 / wall,
+                        "peak_rss_gb": sampler.peak / 1e9}
+    shutil.rmtree(work / "bias-pipeline", ignore_errors=True)
+    drop_caches()
+    sampler.reset()
+    wall = ccdproc_master_bias(bias, mem_limit_gb * 1e9)
+    out["ccdproc"] = {"wall_s": wall, "gpixps": npix / 1e9 / wall,
+                      "peak_rss_gb": sampler.peak / 1e9}
+    out["speedup"] = out["ccdproc"]["wall_s"] / out["sitiancal"]["wall_s"]
+    return out
+
+
+if __name__ == "__main__":
+    main()

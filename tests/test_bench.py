@@ -1,0 +1,81 @@
+"""The benchmark (benchmarks/run.py) runs end to end on a tiny simulated set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("sitiancal_bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--simulate", "--shape", "64x96", "--bias", "3",
+         "--darks", "0,60", "--dark-frames", "2", "--flat-levels", "6", "--flat-frames", "2",
+         "--out", str(out), "--memory-limit", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["n_frames"] == 3 + 2 * 2 + 6 * 2
+    assert result["shape"] == [64, 96]
+    assert list(result["stages"]) == ["scan", "cube", "plan", "tiles", "products", "publish"]
+    e2e = result["end_to_end"]
+    assert e2e["wall_s"] >= sum(s["wall_s"] for s in result["stages"].values()) * 0.99
+    assert e2e["peak_rss_gb"] > 0.05
+    for name in ("read", "numpy"):
+        assert result["baselines"][name]["wall_s"] > 0
+    assert e2e["x_numpy"] > 0 and e2e["x_read"] > 0
+    mb = result["master_bias"]
+    assert mb["n_frames"] == 3 and mb["speedup"] > 0
+    table = (out / "results.md").read_text()
+    assert "| **end to end** |" in table and "| ccdproc |" in table
+    assert "| **end to end** |" in proc.stdout
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith("sitiancal-bench-")]
+    assert leftovers == []  # scratch cube and store removed
+
+
+def test_bench_rejects_bad_arguments(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(RUN), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--frames-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, str(RUN), "--frames-dir", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not a folder" in proc.stderr
+
+
+def test_numpy_baseline_and_read_once_measure_the_files(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    from astropy.io import fits
+
+    bench = _load()
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"f{i}.fits"
+        fits.PrimaryHDU(np.full((32, 48), 1000 + i, dtype=np.uint16)).writeto(p)
+        paths.append(str(p))
+    assert bench.read_once(paths) > 0
+    assert bench.numpy_single_pass({"g": [(p, 0) for p in paths]}) > 0
+    sampler = bench.RssSampler(0.01).start()
+    try:
+        blob = np.ones(50_000_000 // 8)  # +50 MB while sampled
+        sampler.reset()
+        blob2 = blob.copy()
+        assert sampler.peak >= blob2.nbytes
+    finally:
+        sampler.stop()
