@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import html
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import HTMLResponse
 
-from sitiancal.api.deps import CatalogDep, Reader
+from sitiancal.api.deps import CatalogDep, Reader, StoreDep
 from sitiancal.api.routers.jobs import job_out
 from sitiancal.api.schemas import CAMERA_PATTERN, CameraList, CameraOut, ErrorOut
 from sitiancal.service.datasets import ALL_PRODUCTS
 from sitiancal.service.report import QCReport, build_report
+from sitiancal.service.report_html import build_html_report
 from sitiancal.storage.catalog import Camera, Catalog, NoProduct, ProductVersion
 
 router = APIRouter(prefix="/v1", tags=["cameras"])
@@ -97,17 +97,9 @@ def report(camera: CameraPath, catalog: CatalogDep, _: Reader,
 
 
 @router.get("/cameras/{camera}/report.html", response_class=HTMLResponse, responses=_ERRORS)
-def report_html(camera: CameraPath, catalog: CatalogDep, _: Reader,
+def report_html(camera: CameraPath, catalog: CatalogDep, store: StoreDep, _: Reader,
                 basis: ReportBasis = "latest") -> HTMLResponse:
-    """The QC figures as an HTML table (plots come with a later version)."""
+    """The operators' QC report: the figures table and every QC plot (PNG embedded)."""
     qc = camera_report(catalog, camera, basis)
-    rows = "\n".join(f"<tr><td>{html.escape(f.label)}</td><td>{html.escape(f.text())}</td>"
-                     f"<td>{html.escape(f.product)}</td></tr>" for f in qc.figures)
-    missing = "\n".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
-                        for k, v in qc.missing.items())
-    title = html.escape(f"QC report for camera {camera}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-            f"<body><h1>{title}</h1><table border='1'><thead><tr><th>figure</th>"
-            f"<th>value</th><th>product</th></tr></thead><tbody>{rows}</tbody></table>"
-            f"<h2>Not computed</h2><ul>{missing}</ul></body></html>")
-    return HTMLResponse(page)
+    page = build_html_report(catalog, store, camera, basis, qc=qc)
+    return HTMLResponse(page.html())

@@ -1,0 +1,238 @@
+"""The operators' dashboard: a static page polling the JSON API, and its fleet data.
+
+``/ui`` serves ``api/static/index.html`` (vanilla JavaScript, no CDN, works
+offline); ``/`` redirects to it. The page reads ``/v1/jobs`` and
+``/v1/cameras`` directly and the two summaries below, which are computed
+server-side from the catalog's product statistics:
+
+- ``/ui/fleet.json``: the key figures of every camera's newest products
+  (gain, read noise, dark current, anomalous fraction) and, per figure, the
+  fleet median, robust sigma (1.4826 MAD) and which cameras lie more than
+  ``OUTLIER_SIGMA`` robust sigma from it;
+- ``/ui/trends.json``: the same figures for every version of every camera
+  over time (drift).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, RedirectResponse
+
+from sitiancal.api.deps import CatalogDep, Reader
+from sitiancal.storage.catalog import Catalog, ProductVersion
+
+router = APIRouter(include_in_schema=False)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+#: Distance from the fleet median (in robust sigma) beyond which a camera is an outlier.
+OUTLIER_SIGMA = 3.0
+#: Fewest cameras with a figure before outliers are judged.
+MIN_FLEET = 3
+
+
+def _get(stats: Mapping[str, Any], *path: str) -> float | None:
+    cur: Any = stats
+    for key in path:
+        if not isinstance(cur, Mapping) or key not in cur:
+            return None
+        cur = cur[key]
+    try:
+        value = float(cur)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+#: Key figure -> (label, units, product type, how to read it from that type's stats).
+KEY_FIGURES: dict[str, tuple[str, str, str, Callable[[Mapping[str, Any]], float | None]]] = {
+    "gain": ("Gain (PTC)", "e-/ADU", "ptc", lambda s: _get(s, "gain")),
+    "read_noise": ("Read noise (per-pixel median)", "e-", "read_noise",
+                   lambda s: _get(s, "median_e")),
+    "dark": ("Dark current (median)", "e-/pix/s", "dark",
+             lambda s: _get(s, "summary", "median")),
+    "anomalous": ("Anomalous pixels", "%", "mask",
+                  lambda s: _pct(_get(s, "counts", "any", "fraction"))),
+}
+
+
+def robust_outliers(values: Mapping[str, float], n_sigma: float = OUTLIER_SIGMA
+                    ) -> tuple[float | None, float | None, list[str]]:
+    """Fleet median, robust sigma (1.4826 MAD) and the names beyond ``n_sigma`` of it.
+
+    With fewer than :data:`MIN_FLEET` values, or a zero spread, nothing is an outlier.
+    """
+    if not values:
+        return None, None, []
+    x = np.array(list(values.values()), dtype=float)
+    median = float(np.median(x))
+    sigma = float(1.4826 * np.median(np.abs(x - median)))
+    if len(x) < MIN_FLEET or sigma <= 0:
+        return median, sigma, []
+    return median, sigma, sorted(k for k, v in values.items()
+                                 if abs(v - median) > n_sigma * sigma)
+
+
+def _latest(catalog: Catalog, camera: str) -> dict[str, ProductVersion]:
+    latest: dict[str, ProductVersion] = {}
+    for product in catalog.list_products(camera=camera):
+        if product.state != "retracted" and product.type not in latest:
+            latest[product.type] = product
+    return latest
+
+
+def fleet_summary(catalog: Catalog) -> dict[str, Any]:
+    """Key figures of every camera's newest products, with fleet statistics and outliers."""
+    rows: dict[str, dict[str, float | None]] = {}
+    for camera in catalog.list_cameras():
+        latest = _latest(catalog, camera.name)
+        rows[camera.name] = {
+            key: (get(latest[kind].stats) if kind in latest else None)
+            for key, (_, _, kind, get) in KEY_FIGURES.items()}
+    figures = {}
+    for key, (label, units, kind, _) in KEY_FIGURES.items():
+        values = {c: r[key] for c, r in rows.items() if r[key] is not None}
+        median, sigma, outliers = robust_outliers(values)
+        figures[key] = {"label": label, "units": units, "product": kind, "median": median,
+                        "robust_sigma": sigma, "outliers": outliers}
+    return {"n_sigma": OUTLIER_SIGMA, "figures": figures,
+            "cameras": [{"camera": c, **r} for c, r in sorted(rows.items())]}
+
+
+def camera_trends(catalog: Catalog, camera: str | None = None) -> dict[str, Any]:
+    """Key figures of every version over time, per camera (oldest first)."""
+    names = [camera] if camera else [c.name for c in catalog.list_cameras()]
+    out: dict[str, Any] = {}
+    for name in names:
+        series: dict[str, list[dict[str, Any]]] = {}
+        for key, (_, _, kind, get) in KEY_FIGURES.items():
+            points = []
+            for product in sorted(catalog.list_products(camera=name, type=kind),
+                                  key=lambda p: p.created):
+                value = get(product.stats)
+                if value is not None:
+                    points.append({"version": product.version, "state": product.state,
+                                   "time": (product.date_beg or product.created).isoformat(),
+                                   "value": value})
+            series[key] = points
+        out[name] = series
+    return {"figures": {k: {"label": v[0], "units": v[1]} for k, v in KEY_FIGURES.items()},
+            "cameras": out}
+
+
+def dask_dashboard(request: Request) -> str | None:
+    """The dask dashboard URL when the service's dask client has one running."""
+    state = getattr(request.app.state, "sitiancal", None)
+    client = getattr(getattr(state, "runner", None), "client", None)
+    if client is None:
+        return None
+    try:
+        services = client.scheduler_info().get("services", {})
+    except Exception:  # a lost scheduler must not break the dashboard page
+        return None
+    if "dashboard" not in services:
+        return None
+    try:
+        link = str(client.dashboard_link)
+    except Exception:
+        return None
+    return link if _serves(link) else None
+
+
+_PROBED: dict[str, tuple[float, bool]] = {}
+
+
+def _serves(link: str, ttl: float = 60.0) -> bool:
+    """Whether ``link`` answers 200 (the scheduler's HTTP server runs without the
+    dashboard's pages when bokeh is missing or the dashboard is disabled)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    now = time.monotonic()
+    hit = _PROBED.get(link)
+    if hit is not None and now - hit[0] < ttl:
+        return hit[1]
+    try:
+        with urllib.request.urlopen(link, timeout=1.0) as reply:
+            ok = reply.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        ok = False
+    _PROBED[link] = (now, ok)
+    return ok
+
+
+@router.get("/", response_class=RedirectResponse)
+def root() -> RedirectResponse:
+    """The dashboard."""
+    return RedirectResponse("/ui", status_code=307)
+
+
+@router.get("/ui", response_class=FileResponse)
+def dashboard() -> FileResponse:
+    """The dashboard page (static HTML + vanilla JavaScript polling the API)."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                        headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/ui/fleet.json")
+def fleet(catalog: CatalogDep, _: Reader) -> dict[str, Any]:
+    """Key figures of every camera with fleet median, robust sigma and outliers."""
+    return fleet_summary(catalog)
+
+
+@router.get("/ui/trends.json")
+def trends(catalog: CatalogDep, _: Reader, camera: str | None = None) -> dict[str, Any]:
+    """Key figures across versions over time (per camera)."""
+    if camera is not None:
+        catalog.get_camera(camera)
+    return camera_trends(catalog, camera)
+
+
+@router.get("/ui/info.json")
+def info(request: Request, _: Reader) -> dict[str, Any]:
+    """Service facts for the page: version and the dask dashboard link when one runs."""
+    from sitiancal import __version__
+
+    return {"version": __version__, "dask_dashboard": dask_dashboard(request)}
+
+
+def camera_products(catalog: Catalog) -> dict[str, Any]:
+    """Per camera and product type: the newest version and the version certified now."""
+    from sitiancal.service.datasets import ALL_PRODUCTS
+    from sitiancal.storage.catalog import NoProduct
+
+    def brief(p: ProductVersion) -> dict[str, Any]:
+        return {"id": p.id, "version": p.version, "state": p.state,
+                "valid_from": p.valid_from.isoformat() if p.valid_from else None,
+                "valid_to": p.valid_to.isoformat() if p.valid_to else None,
+                "created": p.created.isoformat()}
+
+    cameras = []
+    for camera in catalog.list_cameras():
+        latest = _latest(catalog, camera.name)
+        types = {}
+        for kind in ALL_PRODUCTS:
+            try:
+                certified: dict[str, Any] | None = brief(catalog.best(camera.name, kind))
+            except NoProduct:
+                certified = None
+            if kind in latest or certified:
+                types[kind] = {"latest": brief(latest[kind]) if kind in latest else None,
+                               "certified": certified}
+        cameras.append({"camera": camera.name, "products": types})
+    return {"cameras": cameras}
+
+
+@router.get("/ui/cameras.json")
+def cameras(catalog: CatalogDep, _: Reader) -> dict[str, Any]:
+    """Per camera: newest and currently certified version of each product type."""
+    return camera_products(catalog)

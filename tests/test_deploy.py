@@ -1,0 +1,116 @@
+"""Deployment files: YAML parses, compose structure, Kubernetes kinds, settings exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sitiancal.service.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+FIELDS = {f"SITIANCAL_{name.upper()}" for name in Settings.model_fields}
+_SETTING = re.compile(r"\bSITIANCAL_[A-Z0-9_]+\b")
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def _k8s_docs() -> list[tuple[Path, dict]]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_compose_brings_up_service_scheduler_workers_postgres_and_s3():
+    compose = _compose()
+    services = compose["services"]
+    assert {"service", "scheduler", "worker", "postgres", "minio"} <= set(services)
+    for name, svc in services.items():
+        assert "image" in svc or "build" in svc, name
+    build = services["service"]["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == \
+        (DEPLOY / "Dockerfile").resolve()
+    # service, scheduler and workers run the same image
+    assert services["scheduler"]["image"] == services["worker"]["image"] == \
+        services["service"]["image"]
+    env = services["service"]["environment"]
+    assert env["SITIANCAL_SCHEDULER_ADDRESS"] == "tcp://scheduler:8786"
+    assert env["SITIANCAL_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "@postgres:5432/" in env["SITIANCAL_DATABASE_URL"]
+    assert env["SITIANCAL_STORE_URL"].startswith("s3://")
+    assert services["worker"]["environment"]["SITIANCAL_STORE_URL"] == env["SITIANCAL_STORE_URL"]
+    assert "dask" in services["worker"]["command"] and "worker" in services["worker"]["command"]
+    assert services["worker"]["deploy"]["replicas"] >= 2
+    assert "scheduler:8786" in " ".join(services["worker"]["command"])
+    # every named volume is declared
+    declared = set(compose.get("volumes", {}))
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":", 1)[0]
+            if not src.startswith(("/", ".")):
+                assert src in declared, src
+
+
+def test_compose_settings_are_valid_settings():
+    env = _compose()["services"]["service"]["environment"]
+    values = {k[len("SITIANCAL_"):].lower(): v for k, v in env.items()
+              if k.startswith("SITIANCAL_") and "${" not in str(v)}
+    settings = Settings(**values)  # validates every value
+    assert settings.scheduler_address == "tcp://scheduler:8786"
+    assert settings.input_roots == ["/data"]
+
+
+def test_kubernetes_manifests_parse_and_have_the_expected_kinds():
+    docs = _k8s_docs()
+    kinds = {}
+    for path, doc in docs:
+        assert {"apiVersion", "kind"} <= set(doc), path
+        if doc["kind"] != "Kustomization":
+            assert doc["metadata"]["name"], path
+        kinds.setdefault(doc["kind"], set()).add(doc.get("metadata", {}).get("name"))
+    assert {"dask-worker", "dask-scheduler", "sitiancal"} <= kinds["Deployment"]
+    assert {"postgres", "minio"} <= kinds["StatefulSet"]
+    assert {"Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler", "Namespace",
+            "PersistentVolumeClaim", "Kustomization"} <= set(kinds)
+    # every file is listed in the kustomization
+    kustomization = next(d for _, d in docs if d["kind"] == "Kustomization")
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+    worker = next(d for _, d in docs if d["kind"] == "Deployment"
+                  and d["metadata"]["name"] == "dask-worker")
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["memory"] == "12Gi"
+    hpa = next(d for _, d in docs if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "dask-worker"
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    # selectors match their pod labels
+    for _, doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            assert doc["spec"]["selector"]["matchLabels"].items() <= \
+                doc["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("path", sorted(
+    p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file()))
+def test_every_setting_referenced_exists(path):
+    text = (DEPLOY / path).read_text()
+    referenced = set(_SETTING.findall(text))
+    unknown = referenced - FIELDS
+    assert not unknown, f"{path} references settings that do not exist: {sorted(unknown)}"
+
+
+def test_settings_list_documents_every_setting():
+    doc = (DEPLOY / "settings.md").read_text()
+    assert FIELDS <= set(_SETTING.findall(doc))
+    assert "61" in doc and "60 cameras" in doc
+
+
+def test_dockerfile_installs_the_package_and_runs_the_service():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert text.startswith("#") and re.search(r"^FROM python:3\.1[1-9]", text, re.M)
+    assert "pip install ." in text and '"sitiancal", "serve"' in text
