@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from sitiancal import __version__
-from sitiancal.api.auth import OperatorGuard, TokenAuth
+from sitiancal.api.auth import OperatorGuard, TokenAuth, WriteRateLimit
+from sitiancal.api.bestcache import BestCache
 from sitiancal.api.content import FiniteJSONResponse
 from sitiancal.api.deps import ServiceState
 from sitiancal.api.errors import install_error_handlers
+from sitiancal.api.integrity import IntegrityChecker
 from sitiancal.api.metrics import Metrics
-from sitiancal.api.routers import cameras, datasets, health, jobs, products
+from sitiancal.api.routers import cameras, datasets, health, jobs, products, ui
 from sitiancal.api.zarrhttp import ZarrServer
 from sitiancal.service.datasets import DatasetRegistry
 from sitiancal.service.runner import JobFunction, JobRunner
@@ -89,7 +92,8 @@ class ProductRequestMetrics:
 
 def create_app(settings: Settings | None = None, *, job_function: JobFunction | None = None,
                use_dask: bool = True, dask_client: Any = None,
-               max_attempts: int | None = None) -> FastAPI:
+               max_attempts: int | None = None,
+               write_limit: WriteRateLimit | None = None) -> FastAPI:
     """Build the sitiancal HTTP service.
 
     Parameters
@@ -104,6 +108,9 @@ def create_app(settings: Settings | None = None, *, job_function: JobFunction | 
         An existing client to use (not closed by the app).
     max_attempts : int, optional
         Starts before a job that keeps losing its workers or being interrupted fails.
+    write_limit : WriteRateLimit, optional
+        Write requests allowed per operator token (default 10/s, burst 60); beyond
+        it a ``429`` with ``Retry-After``.
     """
     settings = settings or Settings()
     metrics = Metrics()
@@ -132,6 +139,8 @@ def create_app(settings: Settings | None = None, *, job_function: JobFunction | 
                                            datasets=DatasetRegistry(catalog, settings),
                                            metrics=metrics, auth=auth)
         app.state.zarr = ZarrServer(store)
+        app.state.integrity = IntegrityChecker(store)
+        app.state.best_cache = BestCache(catalog, products.render_product)
         try:
             yield
         finally:
@@ -146,6 +155,8 @@ def create_app(settings: Settings | None = None, *, job_function: JobFunction | 
     install_error_handlers(app)
     for module in (datasets, jobs, products, cameras, health):
         app.include_router(module.router)
-    app.add_middleware(OperatorGuard, auth=auth)
+    app.include_router(ui.router)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
+    app.add_middleware(OperatorGuard, auth=auth, limit=write_limit or WriteRateLimit())
     app.add_middleware(ProductRequestMetrics, metrics=metrics)
     return app

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -131,6 +134,45 @@ class TokenAuth:
         return principal
 
 
+class WriteRateLimit:
+    """Token buckets of write requests, one per caller.
+
+    Each caller (operator token) may make ``burst`` write requests at once and
+    ``rate`` per second on average; beyond that :meth:`acquire` returns the
+    seconds to wait (the ``Retry-After`` of a ``429``).
+
+    Parameters
+    ----------
+    rate : float
+        Sustained write requests per second per caller.
+    burst : int
+        Requests a caller may make at once after being idle.
+    """
+
+    def __init__(self, rate: float = 10.0, burst: int = 60) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = float(rate)
+        self.burst = int(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, caller: str, now: float | None = None) -> float:
+        """Take one request from ``caller``'s bucket: 0 if allowed, else seconds to wait."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(caller, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[caller] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[caller] = (tokens, now)
+            if len(self._buckets) > 10000:  # forget idle callers (full buckets)
+                self._buckets = {k: v for k, v in self._buckets.items()
+                                 if v[0] + (now - v[1]) * self.rate < self.burst}
+            return (1.0 - tokens) / self.rate
+
+
 #: Methods that change state: they need an operator token on every /v1 path.
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -140,12 +182,14 @@ class OperatorGuard:
 
     The routes check it too (and get the caller's name for the audit log);
     this guard makes the rule hold before a request body is read or parsed,
-    and for any write route added later.
+    and for any write route added later. With a :class:`WriteRateLimit`, a
+    caller beyond its rate gets ``429`` with ``Retry-After`` (seconds).
     """
 
-    def __init__(self, app, auth: TokenAuth) -> None:
+    def __init__(self, app, auth: TokenAuth, limit: WriteRateLimit | None = None) -> None:
         self.app = app
         self.auth = auth
+        self.limit = limit
 
     async def __call__(self, scope, receive, send) -> None:
         if (scope["type"] == "http" and scope["method"] in WRITE_METHODS
@@ -154,12 +198,21 @@ class OperatorGuard:
             from starlette.responses import JSONResponse
 
             try:
-                self.auth.operator(Request(scope))
+                principal = self.auth.operator(Request(scope))
             except (Unauthorized, Forbidden) as exc:
                 status = 401 if isinstance(exc, Unauthorized) else 403
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
                 response = JSONResponse({"detail": str(exc)}, status_code=status,
                                         headers=headers)
+                await response(scope, receive, send)
+                return
+            wait = self.limit.acquire(principal.name) if self.limit is not None else 0.0
+            if wait > 0:
+                response = JSONResponse(
+                    {"detail": f"too many write requests from {principal.name}: at most "
+                     f"{self.limit.rate:g}/s (burst {self.limit.burst}); retry in "
+                     f"{math.ceil(wait)} s"},
+                    status_code=429, headers={"Retry-After": str(math.ceil(wait))})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

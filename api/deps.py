@@ -40,37 +40,37 @@ def service(request: Request) -> ServiceState:
     return request.app.state.sitiancal
 
 
-def _catalog(request: Request) -> Catalog:
-    return service(request).catalog
+async def _catalog(request: Request) -> Catalog:
+    return request.app.state.sitiancal.catalog
 
 
-def _store(request: Request) -> ProductStore:
-    return service(request).store
+async def _store(request: Request) -> ProductStore:
+    return request.app.state.sitiancal.store
 
 
-def _runner(request: Request) -> JobRunner:
-    return service(request).runner
+async def _runner(request: Request) -> JobRunner:
+    return request.app.state.sitiancal.runner
 
 
-def _datasets(request: Request) -> DatasetRegistry:
-    return service(request).datasets
+async def _datasets(request: Request) -> DatasetRegistry:
+    return request.app.state.sitiancal.datasets
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _settings(request: Request) -> Settings:
-    return service(request).settings
+async def _settings(request: Request) -> Settings:
+    return request.app.state.sitiancal.settings
 
 
-def _reader(request: Request,
+async def _reader(request: Request,
             _credentials: Annotated[HTTPAuthorizationCredentials | None,
                                     Depends(TokenAuth.scheme)]) -> Principal:
     return request.app.state.auth.reader(request)
 
 
-def _operator(request: Request,
+async def _operator(request: Request,
               _credentials: Annotated[HTTPAuthorizationCredentials | None,
                                       Depends(TokenAuth.scheme)]) -> Principal:
     return request.app.state.auth.operator(request)

@@ -15,9 +15,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sitiancal.api.auth import Forbidden, Unauthorized
+from sitiancal.api.integrity import CorruptProduct
 from sitiancal.api.uploads import MalformedUpload
 from sitiancal.service.datasets import (
     FrameRejected,
@@ -80,6 +83,7 @@ ERROR_STATUS: Sequence[tuple[type[BaseException], int]] = (
     (StateConflict, 409),
     (DuplicateContent, 409),
     (InvalidTransition, 409),
+    (CorruptProduct, 409),
     (UploadNotAllowed, 409),
     (UploadTooLarge, 413),
     (UnsupportedUpload, 415),
@@ -99,6 +103,14 @@ _HEADERS: dict[int, dict[str, str]] = {
     401: {"WWW-Authenticate": "Bearer"},
     503: {"Retry-After": "30"},
 }
+
+#: Seconds a client should wait before retrying while the catalog database is unreachable.
+DATABASE_RETRY_AFTER = 5
+#: Errors of the catalog database that mean "unreachable now" (connection refused,
+#: dropped, pool exhausted): a 503 with Retry-After, whose detail never repeats the
+#: driver's message (it can hold the database URL).
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (OperationalError, InterfaceError,
+                                                         PoolTimeout)
 
 
 def _location(loc: Sequence[Any]) -> str:
@@ -150,5 +162,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    async def on_database(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "the catalog database is unreachable; retry in "
+                             f"{DATABASE_RETRY_AFTER} s"}, status_code=503,
+                            headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
+
+    for exc_class in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(exc_class, on_database)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

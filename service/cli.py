@@ -231,12 +231,14 @@ def _report_table(report: dict[str, Any]) -> str:
 
 def _register_groups() -> None:
     from sitiancal.service.products_cli import db, products, verify
+    from sitiancal.service.report_html import report_command
     from sitiancal.service.server import serve
 
     main.add_command(serve)
     main.add_command(products)
     main.add_command(db)
     main.add_command(verify, name="verify")
+    main.add_command(report_command)
 
 
 _register_groups()

@@ -125,13 +125,15 @@ def run(root: Path) -> int:
                 (export / f"{p['type']}.fits").write_bytes(http.get(url).content)
                 print(f"  MST3/{p['type']:<10} v{p['version']}  {base}{url}")
             (export / "report.json").write_text(http.get("/v1/cameras/MST3/report").text)
+            (export / "report.html").write_text(http.get("/v1/cameras/MST3/report.html").text)
             gain = next(p for p in products if p["type"] == "gain")
             http.post(f"/v1/products/{gain['id']}/certify", headers=auth,
                       json={"valid_from": "2024-03-01T00:00:00Z"}).raise_for_status()
             best = http.get("/v1/cameras/MST3/best/gain", params={"at": "2024-06-01T00:00:00Z"}).json()
             print(f"  best gain for MST3 at 2024-06-01: v{best['version']} ({best['state']}, "
                   f"valid from {best['valid_from']}), median {best['stats']['median']:.4f} e-/ADU")
-        print(f"\nreport:    {base}/v1/cameras/MST3/report.html (while the service runs), "
+        print(f"\ndashboard: {base}/ui (while the service runs)"
+              f"\nreport:    {root / 'export' / 'report.html'} (plots), "
               f"{root / 'export' / 'report.json'}\nFITS:      {root / 'export'}/<type>.fits"
               f"\ncatalog:   {data / 'catalog.sqlite'}\nstore:     {data / 'store'}"
               f"\ndone in {time.perf_counter() - t0:.0f} s")

@@ -452,7 +452,11 @@ class JobRunner:
         InvalidTransition
             The job has already finished.
         """
+        before = self.catalog.get_job(job_id)
         self._apply(job_id, Event(EventKind.CANCEL_REQUESTED), actor)
+        # the request itself is audited: a running job only changes state when it stops
+        self.catalog.record_audit(actor=actor, action="job.cancel", entity="job",
+                                  entity_id=job_id, details={"state": before.state})
         return self.catalog.get_job(job_id)
 
     def queue_depth(self) -> int:

@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -494,6 +494,19 @@ class Catalog:
         self.engine = engine
         self._write_engine = engine.execution_options(sqlite_immediate=True)
         self.dialect = engine.dialect.name
+        self._validity_listeners: list[Callable[[str, str], None]] = []
+
+    def add_validity_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(camera, type)`` after every committed certify or retract.
+
+        For caches of ``best`` answers in this process; changes made by other
+        processes are not announced.
+        """
+        self._validity_listeners.append(listener)
+
+    def _validity_changed(self, camera: str, product_type: str) -> None:
+        for listener in list(self._validity_listeners):
+            listener(camera, product_type)
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = True) -> Catalog:
@@ -1166,10 +1179,12 @@ class Catalog:
                                 "before": before_range, "after": _range_text(start, end),
                                 "requested_valid_to": _iso(valid_to) if valid_to else None,
                                 "trimmed": [o.id for o in trims]})
-                return _product(target)
+                result = _product(target)
         except IntegrityError as exc:
             raise ValidityConflict(f"certifying {ref} would overlap another certified range "
                                    f"(refused by the database: {exc.orig})") from exc
+        self._validity_changed(result.camera, result.type)
+        return result
 
     def retract(self, ref: str, *, actor: str, reason: str) -> ProductVersion:
         """Retract a version (candidate or certified); its history is kept."""
@@ -1193,7 +1208,9 @@ class Catalog:
                         entity_id=target.id, reason=reason, details={
                             "version": target.version, "from_state": before,
                             "range": _range_text(target.valid_from, target.valid_to)})
-            return _product(target)
+            result = _product(target)
+        self._validity_changed(result.camera, result.type)
+        return result
 
     def history(self, camera: str, product_type: str) -> list[ValidityRecord]:
         """Every state/validity change of a camera and type, oldest first."""
@@ -1315,6 +1332,14 @@ class Catalog:
                     f"{_iso(at)}{when}: " + "; ".join(parts))
 
     # -- audit -----------------------------------------------------------------------------
+    def record_audit(self, *, actor: str, action: str, entity: str, entity_id: str,
+                     reason: str | None = None,
+                     details: Mapping[str, Any] | None = None) -> None:
+        """Add one entry to the audit log (a write with no row of its own, e.g. a request)."""
+        with self._write() as s:
+            self._audit(s, at=_utcnow(), actor=actor, action=action, entity=entity,
+                        entity_id=entity_id, reason=reason, details=details)
+
     def audit_log(self, *, entity: str | None = None, entity_id: str | None = None,
                   actor: str | None = None, action: str | None = None,
                   since: datetime | None = None, limit: int | None = None) -> list[AuditEntry]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from sitiancal.api.content import (
     IMMUTABLE,
+    FiniteJSONResponse,
     bytes_response,
     etag_matches,
     file_response,
@@ -85,6 +87,7 @@ def product_fits(product_id: ProductId, request: Request, catalog: CatalogDep,
     if etag_matches(if_none_match, etag):
         metrics.cache_hits.inc(kind="fits")
         return not_modified(etag)
+    request.app.state.integrity.check_fits(product)
     name = f"{product.camera}_{product.type}_v{product.version:04d}.fits"
     return file_response(request, lambda: store.open_fits(product.store_key), etag=etag,
                          media_type="application/fits", filename=name,
@@ -104,14 +107,13 @@ async def product_zarr(product_id: ProductId, key: str, request: Request,
     The root ``zarr.json`` carries consolidated metadata (HTTP cannot list
     folders); missing keys are 404, as zarr expects.
     """
-    import asyncio
-
     product = await asyncio.to_thread(catalog.get_product, product_id)
     digest = hashlib.sha256(f"{product.sha256}/{key}".encode()).hexdigest()[:40]
     etag = f'"{digest}"'
     if etag_matches(if_none_match, etag):
         metrics.cache_hits.inc(kind="zarr")
         return not_modified(etag)
+    await asyncio.to_thread(request.app.state.integrity.check_zarr, product)
     data = await request.app.state.zarr.get(product.id, product.store_key, key)
     media = "application/json" if key.endswith("zarr.json") else "application/octet-stream"
     return bytes_response(request, data, etag=etag, media_type=media,
@@ -126,15 +128,15 @@ router.add_api_route("/products/{product_id}/zarr/{key:path}", product_zarr, met
 
 @router.get("/cameras/{camera}/best/{type}", response_model=ProductOut, responses=_ERRORS,
             tags=["products", "cameras"])
-def best_product(camera: CameraPath, type: Annotated[ProductType, Path()],
-                 catalog: CatalogDep, metrics: MetricsDep, _: Reader,
+async def best_product(camera: CameraPath, type: Annotated[ProductType, Path()],
+                 request: Request, catalog: CatalogDep, metrics: MetricsDep, _: Reader,
                  at: Annotated[datetime | None, Query(
                      description="Observation time (ISO 8601; UTC if no zone); default now.",
                      examples=["2026-03-14T02:00:00Z"])] = None,
                  state: Literal["certified", "candidate"] = "certified",
                  as_of: Annotated[datetime | None, Query(
                      description="Answer as the catalog would have at this time.")] = None,
-                 ) -> ProductOut:
+                 ) -> Response:
     """The product of that type to use for ``camera`` at time ``at``.
 
     ``state=certified`` (default): the certified version whose validity range
@@ -143,11 +145,21 @@ def best_product(camera: CameraPath, type: Annotated[ProductType, Path()],
     """
     t0 = time.perf_counter()
     try:
-        product = catalog.best(camera, type, as_utc(at) if at else None, state=state,
-                               as_of=as_utc(as_of) if as_of else None)
+        when = as_utc(at) if at else datetime.now(UTC)
+        if state == "certified" and as_of is None:  # the pipeline's path: from memory
+            body = await request.app.state.best_cache.lookup(camera, type, when)
+            if body is not None:
+                return Response(body, media_type="application/json")
+        product = await asyncio.to_thread(catalog.best, camera, type, when, state=state,
+                                          as_of=as_utc(as_of) if as_of else None)
     finally:
         metrics.lookup_latency.observe(time.perf_counter() - t0)
-    return product_out(product)
+    return Response(render_product(product), media_type="application/json")
+
+
+def render_product(product: ProductVersion) -> bytes:
+    """The JSON body of a product version, as ``GET /v1/products/{id}`` serves it."""
+    return FiniteJSONResponse(product_out(product).model_dump(mode="json")).body
 
 
 @router.get("/cameras/{camera}/history/{type}", response_model=HistoryOut,
