@@ -107,13 +107,18 @@ def simulate(out_dir: Path, shape: tuple[int, int], seed: int, n_bias: int | Non
 @click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON.")
 @click.option("--allow-mixed-states", is_flag=True,
               help="Accept frames taken with different GAIN/OFFSET/binning.")
-def scan(path: Path, as_json: bool, allow_mixed_states: bool) -> None:
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: when stderr is a terminal).")
+def scan(path: Path, as_json: bool, allow_mixed_states: bool, progress: bool | None) -> None:
     """Read the FITS headers under PATH and print the dataset inventory."""
+    from sitiancal.service.progress import progress_bar
     from sitiancal.storage.scan import ScanError
     from sitiancal.storage.scan import scan as scan_path
 
+    show = sys.stderr.isatty() if progress is None else progress
     try:
-        inventory = scan_path(path, allow_mixed_states=allow_mixed_states)
+        with progress_bar("scan", enabled=show) as bar:
+            inventory = scan_path(path, allow_mixed_states=allow_mixed_states, progress=bar)
     except ScanError as exc:
         _fail(str(exc))
     if as_json:

@@ -35,7 +35,7 @@ import re
 import warnings
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -608,7 +608,8 @@ def _apply_set_checks(records: list[FrameRecord], rejected: list[Rejection], war
 
 
 def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
-         temperature_tolerance: float = TEMPERATURE_TOLERANCE_C) -> Inventory:
+         temperature_tolerance: float = TEMPERATURE_TOLERANCE_C,
+         progress: Callable[[int, int], None] | None = None) -> Inventory:
     """Inventory the calibration frames under ``path`` from their headers.
 
     Parameters
@@ -624,6 +625,8 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
         majority (with a warning) instead of rejecting them.
     temperature_tolerance
         Sensor-temperature spread (deg C) beyond which a warning is issued.
+    progress
+        ``progress(done, total)`` called after each file's headers are read.
 
     Returns
     -------
@@ -639,9 +642,11 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
     warn = _Warnings()
     records: list[FrameRecord] = []
     rejected: list[Rejection] = []
-    for file in files:
+    for done, file in enumerate(files, start=1):
         result = _inspect(file, warn)
         (records if isinstance(result, FrameRecord) else rejected).append(result)
+        if progress is not None:
+            progress(done, len(files))
     records, state = _apply_set_checks(records, rejected, warn, allow_mixed_states,
                                        temperature_tolerance)
     if not files:

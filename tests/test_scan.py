@@ -304,3 +304,13 @@ def test_cli_scan_without_frames_exits_1(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["scan", str(tmp_path)])
     assert result.exit_code == 1
     assert "not a FITS file" in result.stdout
+
+
+def test_scan_reports_progress_per_file(corpus) -> None:
+    root = corpus[0]
+    calls: list[tuple[int, int]] = []
+    inventory = scan(root, progress=lambda done, total: calls.append((done, total)))
+    assert [d for d, _ in calls] == list(range(1, inventory.n_files + 1))
+    assert all(t == inventory.n_files for _, t in calls)
+    result = CliRunner().invoke(cli, ["scan", str(root), "--progress", "--json"])
+    assert result.exit_code == 0
