@@ -49,6 +49,7 @@ from scipy.interpolate import CubicSpline
 from scipy.ndimage import distance_transform_edt
 from scipy.special import gammaln, log_ndtr, logsumexp
 
+from sitiancal.compute.flat import block_centres, block_medians
 from sitiancal.compute.mixture import MixtureFit
 
 __all__ = [
@@ -208,29 +209,6 @@ def _finite_gt(a: np.ndarray, thr: np.ndarray | float) -> np.ndarray:
 # --------------------------------------------------------------------------- local median
 
 
-def _block_medians(a: np.ndarray, block: int) -> np.ndarray:
-    """NaN-ignoring medians of ``block x block`` cells (NaN for empty cells)."""
-    ny, nx = a.shape
-    nby, nbx = -(-ny // block), -(-nx // block)
-    pad = np.full((nby * block, nbx * block), np.nan, dtype=np.float32)
-    pad[:ny, :nx] = a
-    cells = pad.reshape(nby, block, nbx, block).swapaxes(1, 2).reshape(nby, nbx, block * block)
-    cells = np.sort(cells, axis=-1)  # NaN sort last
-    n = np.isfinite(cells).sum(axis=-1)
-    lo = np.take_along_axis(cells, np.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
-    hi = np.take_along_axis(cells, np.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
-    med = 0.5 * (lo.astype(np.float64) + hi)
-    med[n == 0] = np.nan
-    return med
-
-
-def _centres(size: int, block: int) -> np.ndarray:
-    """Pixel coordinate of the centre of each (possibly partial) block."""
-    start = np.arange(0, size, block, dtype=np.float64)
-    stop = np.minimum(start + block, size)
-    return 0.5 * (start + stop - 1.0)
-
-
 def _interp_axis(xc: np.ndarray, values: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
     """Cubic spline (linear for 2 nodes, constant for 1) through block values."""
     if xc.size == 1:
@@ -264,14 +242,14 @@ def local_median(map2d: np.ndarray, *, block: int = 32) -> np.ndarray:
     if block < 1:
         raise ValueError("block must be >= 1")
     ny, nx = a.shape
-    grid = _block_medians(a, block)
+    grid = block_medians(a, block)
     empty = ~np.isfinite(grid)
     if empty.all():
         return np.full((ny, nx), np.nan, dtype=np.float32)
     if empty.any():
         idx = distance_transform_edt(empty, return_distances=False, return_indices=True)
         grid = grid[tuple(idx)]
-    yc, xc = _centres(ny, block), _centres(nx, block)
+    yc, xc = block_centres(ny, block), block_centres(nx, block)
     rows = _interp_axis(xc, grid, np.arange(nx, dtype=np.float64), axis=1)  # (nby, nx)
     out = np.empty((ny, nx), dtype=np.float32)
     step = max(1, (1 << 22) // max(nx, 1))

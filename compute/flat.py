@@ -57,8 +57,12 @@ def master_flat(signal: np.ndarray) -> np.ndarray:
     return (arr / med).astype(np.float32)
 
 
-def _block_medians(map2d: np.ndarray, block: int) -> np.ndarray:
-    """NaN-aware median of each ``block x block`` cell (edge cells may be smaller)."""
+def block_medians(map2d: np.ndarray, block: int) -> np.ndarray:
+    """NaN-aware median of each ``block x block`` cell (edge cells may be smaller).
+
+    Works one band of ``block`` rows at a time (no full-size temporary);
+    cells without a finite pixel are NaN.
+    """
     ny, nx = map2d.shape
     nby, nbx = -(-ny // block), -(-nx // block)
     out = np.empty((nby, nbx))
@@ -107,7 +111,8 @@ def _cell_noise(grid: np.ndarray) -> float:
     return 1.4826 * mad / np.sqrt(6.0)
 
 
-def _axis_centres(n: int, block: int) -> np.ndarray:
+def block_centres(n: int, block: int) -> np.ndarray:
+    """Pixel coordinate of the centre of each (possibly partial) block along an axis."""
     starts = np.arange(0, n, block)
     stops = np.minimum(starts + block, n)
     return 0.5 * (starts + stops - 1)
@@ -150,14 +155,14 @@ def large_scale(map2d: np.ndarray, *, block: int = 64) -> np.ndarray:
     if block < 1:
         raise ValueError("block must be >= 1")
     ny, nx = arr.shape
-    grid = _block_medians(arr, block)
+    grid = block_medians(arr, block)
     bad = ~np.isfinite(grid)
     if bad.all():
         raise ValueError("the map has no finite pixel")
     if bad.any():
         grid = _fill_cells(grid, bad)
 
-    yc, xc = _axis_centres(ny, block), _axis_centres(nx, block)
+    yc, xc = block_centres(ny, block), block_centres(nx, block)
     if yc.size == 1:  # one cell along y: constant in y
         yc, grid = np.array([0.0, max(ny - 1, 1)]), np.vstack([grid, grid])
     if xc.size == 1:

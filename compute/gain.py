@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sitiancal.compute.mixture import MixtureFit, fit_mixture
+from sitiancal.compute.stats import weighted_line
 
 __all__ = [
     "PixelGainFit",
@@ -89,28 +90,6 @@ class PixelGainFit:
             if np.isfinite(self.chi2_red[ok]).any()
             else None,
         }
-
-
-def _wls_line(
-    x: np.ndarray, y: np.ndarray, w: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Closed-form weighted line ``y = a x + b`` along the last axis (w = 0 drops a point).
-
-    Returns slope, intercept, Var(slope), Var(intercept) (from the weights,
-    taken as inverse variances) and the determinant of the normal equations.
-    """
-    s = w.sum(axis=-1)
-    sx = (w * x).sum(axis=-1)
-    sy = (w * y).sum(axis=-1)
-    sxx = (w * x * x).sum(axis=-1)
-    sxy = (w * x * y).sum(axis=-1)
-    det = s * sxx - sx * sx
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slope = (s * sxy - sx * sy) / det
-        icpt = (sxx * sy - sx * sxy) / det
-        var_slope = s / det
-        var_icpt = sxx / det
-    return slope, icpt, var_slope, var_icpt, det
 
 
 def fit_pixel_gain(
@@ -238,7 +217,7 @@ def _fit_chunk(
     pred = np.maximum(m, floor)
     for _ in range(n_iter + 1):
         w = dof / (2.0 * pred * pred)
-        slope, icpt, var_slope, _, det = _wls_line(m, v, w)
+        slope, icpt, var_slope, _, det = weighted_line(m, v, w)
         pred = np.maximum(slope[:, None] * m + icpt[:, None], floor)
 
     ok = (n_used >= min_levels) & (det > 0) & np.isfinite(slope) & (slope > 0)

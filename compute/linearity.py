@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from sitiancal.compute.stats import weighted_line
+
 __all__ = ["LinearityFit", "fit_linearity", "linearize", "pixel_linearity_residuals"]
 
 #: Signal above which the reference study quotes its maximum nonlinearity (ADU).
@@ -281,17 +283,10 @@ def pixel_linearity_residuals(
     y = np.where(valid, flat, 0.0)
     x = np.broadcast_to(t, flat.shape)
 
-    s0 = w.sum(axis=1)
-    sx = (w * x).sum(axis=1)
-    sy = (w * y).sum(axis=1)
-    sxx = (w * x * x).sum(axis=1)
-    sxy = (w * x * y).sum(axis=1)
-    det = s0 * sxx - sx * sx
+    slope, icpt, _, _, det = weighted_line(x, y, w)
     n_valid = (w > 0).sum(axis=1)
     ok = (n_valid >= 3) & (det > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        slope = (s0 * sxy - sx * sy) / det
-        icpt = (sxx * sy - sx * sxy) / det
         fit = slope[:, None] * t[idx][None, :] + icpt[:, None]
         res = 100.0 * (flat[:, idx] - fit) / fit
     res = np.where(ok[:, None] & (fit > 0), res, np.nan)

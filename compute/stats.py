@@ -1078,3 +1078,26 @@ def pixel_time_trend(
         z=z.reshape(shape),
         n=n_frames,
     )
+
+
+def weighted_line(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Closed-form weighted line ``y = a x + b`` along the last axis, for every pixel.
+
+    ``w = 0`` drops a point. Returns slope, intercept, Var(slope),
+    Var(intercept) (from the weights taken as inverse variances) and the
+    determinant of the normal equations (``<= 0``: no line).
+    """
+    s = w.sum(axis=-1)
+    sx = (w * x).sum(axis=-1)
+    sy = (w * y).sum(axis=-1)
+    sxx = (w * x * x).sum(axis=-1)
+    sxy = (w * x * y).sum(axis=-1)
+    det = s * sxx - sx * sx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (s * sxy - sx * sy) / det
+        icpt = (sxx * sy - sx * sxy) / det
+        var_slope = s / det
+        var_icpt = sxx / det
+    return slope, icpt, var_slope, var_icpt, det

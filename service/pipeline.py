@@ -337,7 +337,8 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
         if progress is not None and total:
             progress("cube", lo + (hi - lo) * done / total)
 
-    remove_tree(store) if "://" not in store else None
+    if "://" not in store:  # a local leftover of an interrupted build
+        remove_tree(store)
     ds = build_cube(inventory, store, progress=cb, scheduler=scheduler)
     return ds, store
 
