@@ -34,7 +34,11 @@ sigma, are flagged at ~1-2e-4 (the test is scale free).
 
 The statistic has a compiled kernel (numba) because ``log Phi`` dominates
 the cost; it evaluates ``log Phi`` by cubic Hermite interpolation of a table
-and is tested against the numpy/scipy reference (``backend="numpy"``).
+and is tested against the numpy/scipy reference (``backend="numpy"``). In
+:func:`detect_rtn` stage 1 is one compiled pass per chunk (dither and level
+removal, a sorting network over blocks of 256 pixels, ``A*^2`` and the
+three-level statistic), bit-identical to the separate steps; stage 2 runs
+only on the candidates (~0.2 % of the pixels), batched over all chunks.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ from scipy.special import gammaln, log_ndtr, logsumexp
 
 from sitiancal.compute.flat import block_centres, block_medians
 from sitiancal.compute.mixture import MixtureFit
+from sitiancal.compute.stats import sorting_network as _sorting_network
+from sitiancal.compute.summary import finite_values, mean_std
 
 __all__ = [
     "DefectConfig",
@@ -179,15 +185,14 @@ def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
         When the MAD is 0 (heavily quantised data) the scale falls back to
         ``sqrt(pi/2)`` times the mean absolute deviation; NaN for no data.
     """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
+    v = finite_values(values)  # one copy (float32 stays float32), reused in place below
     if v.size == 0:
         return float("nan"), float("nan")
-    med = float(np.median(v))
-    dev = np.abs(v - med)
-    scale = 1.4826 * float(np.median(dev))
+    med = float(np.median(v, overwrite_input=True))
+    dev = np.abs(np.subtract(v, v.dtype.type(med), out=v), out=v)
+    scale = 1.4826 * float(np.median(dev, overwrite_input=True))
     if scale == 0.0:
-        scale = float(np.sqrt(np.pi / 2.0) * dev.mean())
+        scale = float(np.sqrt(np.pi / 2.0) * mean_std(dev)[0])
     return med, scale
 
 
@@ -198,6 +203,12 @@ def _center_scale(values: np.ndarray, center: float | None,
         center = c if center is None else center
         scale = s if scale is None else scale
     return float(center), float(scale)
+
+
+def _float_map(a: np.ndarray) -> np.ndarray:
+    """A float view of a map: float arrays as they are (float32 stays float32), others float64."""
+    a = np.asarray(a)
+    return a if a.dtype.kind == "f" else a.astype(np.float64)
 
 
 def _finite_gt(a: np.ndarray, thr: np.ndarray | float) -> np.ndarray:
@@ -279,8 +290,10 @@ def _log_phi_table(zmax: float) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _log_phi(z: float, f: np.ndarray, df: np.ndarray, z0: float, h: float) -> float:
-    u = (z - z0) / h
+def _log_phi(z: float, f: np.ndarray, df: np.ndarray, z0: float, h: float,
+             inv_h: float) -> float:  # pragma: no cover - compiled
+    """``log Phi(z)`` by cubic Hermite interpolation of the table ``f`` (step ``h = 1 / inv_h``)."""
+    u = (z - z0) * inv_h
     i = int(u)
     if i < 0:
         i = 0
@@ -293,34 +306,43 @@ def _log_phi(z: float, f: np.ndarray, df: np.ndarray, z0: float, h: float) -> fl
             + (-2 * t3 + 3 * t2) * f[i + 1] + (t3 - t2) * h * df[i + 1])
 
 
+@njit(cache=True, nogil=True)
+def _ad_pixel(x: np.ndarray, f: np.ndarray, df: np.ndarray, z0: float,
+              h: float) -> float:  # pragma: no cover - compiled
+    """A*^2 of one pixel's values ``x`` (F,), sorted ascending; NaN if constant."""
+    n_f = x.shape[0]
+    corr = 1.0 + 0.75 / n_f + 2.25 / (n_f * n_f)
+    s = 0.0
+    for k in range(n_f):
+        s += x[k]
+    m = s / n_f
+    ss = 0.0
+    for k in range(n_f):
+        d = x[k] - m
+        ss += d * d
+    sd = np.sqrt(ss / (n_f - 1))
+    if not (sd > 0.0) or not np.isfinite(sd):
+        return np.nan
+    inv_sd = 1.0 / sd
+    inv_h = 1.0 / h
+    acc = 0.0
+    for k in range(n_f):
+        z = (x[k] - m) * inv_sd
+        # (2i-1) log Phi(z_i) + (2n+1-2i) log Phi(-z_i), i = k + 1
+        acc += (2 * k + 1) * _log_phi(z, f, df, z0, h, inv_h)
+        acc += (2 * n_f - 1 - 2 * k) * _log_phi(-z, f, df, z0, h, inv_h)
+    return (-n_f - acc / n_f) * corr
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _ad_kernel(x: np.ndarray, f: np.ndarray, df: np.ndarray, z0: float, h: float,
                out: np.ndarray) -> None:  # pragma: no cover - compiled
     """A*^2 of every column of ``x`` (F, P), each column sorted ascending."""
-    n_f, n_p = x.shape
+    n_p = x.shape[1]
     n_blocks = (n_p + 1023) // 1024
-    corr = 1.0 + 0.75 / n_f + 2.25 / (n_f * n_f)
     for bi in prange(n_blocks):
         for p in range(bi * 1024, min(n_p, (bi + 1) * 1024)):
-            s = 0.0
-            for k in range(n_f):
-                s += x[k, p]
-            m = s / n_f
-            ss = 0.0
-            for k in range(n_f):
-                d = x[k, p] - m
-                ss += d * d
-            sd = np.sqrt(ss / (n_f - 1))
-            if not (sd > 0.0) or not np.isfinite(sd):
-                out[p] = np.nan
-                continue
-            acc = 0.0
-            for k in range(n_f):
-                z = (x[k, p] - m) / sd
-                # (2i-1) log Phi(z_i) + (2n+1-2i) log Phi(-z_i), i = k + 1
-                acc += (2 * k + 1) * _log_phi(z, f, df, z0, h)
-                acc += (2 * n_f - 1 - 2 * k) * _log_phi(-z, f, df, z0, h)
-            out[p] = (-n_f - acc / n_f) * corr
+            out[p] = _ad_pixel(x[:, p], f, df, z0, h)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -340,6 +362,42 @@ def _best_cut(c1: np.ndarray, c2: np.ndarray, lo: int, hi: int, mf: int) -> tupl
     return best_c, best
 
 
+@njit(cache=True, nogil=True)
+def _level_pixel(x: np.ndarray, mf: int, c1: np.ndarray,
+                 c2: np.ndarray) -> float:  # pragma: no cover - compiled
+    """Three-level separation of one pixel's sorted values ``x`` (F,) (see ``_level_kernel``).
+
+    ``c1``, ``c2`` are scratch arrays of length F + 1 with ``c1[0] = c2[0] = 0``.
+    """
+    n_f = x.shape[0]
+    if n_f < 3 * mf + 1:
+        return 0.0
+    ref = x[0]
+    for k in range(n_f):
+        d = x[k] - ref
+        c1[k + 1] = c1[k] + d
+        c2[k + 1] = c2[k] + d * d
+    b, _ = _best_cut(c1, c2, 0, n_f, mf)
+    if b < 0:
+        return 0.0
+    a, wl = _best_cut(c1, c2, 0, b, mf)
+    c, wr = _best_cut(c1, c2, b, n_f, mf)
+    gain_l = _ss(c1, c2, 0, b) - wl if a >= 0 else -1.0
+    gain_r = _ss(c1, c2, b, n_f) - wr if c >= 0 else -1.0
+    if gain_l < 0 and gain_r < 0:
+        return 0.0
+    # levels [0, e0), [e0, e1), [e1, n_f)
+    e0, e1 = (a, b) if gain_l >= gain_r else (b, c)
+    m1 = c1[e0] / e0
+    m2 = (c1[e1] - c1[e0]) / (e1 - e0)
+    m3 = (c1[n_f] - c1[e1]) / (n_f - e1)
+    within = _ss(c1, c2, 0, e0) + _ss(c1, c2, e0, e1) + _ss(c1, c2, e1, n_f)
+    sd = np.sqrt(within / (n_f - 3))
+    if sd > 0.0:
+        return min(m2 - m1, m3 - m2) / sd
+    return np.inf
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _level_kernel(x: np.ndarray, mf: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Three-level separation of each sorted column of ``x`` (F, P).
@@ -356,34 +414,47 @@ def _level_kernel(x: np.ndarray, mf: int, out: np.ndarray) -> None:  # pragma: n
         c1 = np.zeros(n_f + 1)
         c2 = np.zeros(n_f + 1)
         for p in range(bi * 1024, min(n_p, (bi + 1) * 1024)):
-            out[p] = 0.0
-            if n_f < 3 * mf + 1:
-                continue
-            ref = x[0, p]
+            out[p] = _level_pixel(x[:, p], mf, c1, c2)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rtn_stage1_kernel(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither: bool,
+                       f: np.ndarray, df: np.ndarray, z0: float, h: float, mf: int,
+                       a2: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Stage 1 of :func:`detect_rtn` in one pass over a chunk ``st`` (F, P) of raw values.
+
+    Per pixel: the prepared float32 values of :func:`_prepared`
+    (``float32(x) + buf - 0.5 - lvl`` with the dither ``U[0, 1)`` in ``buf``
+    when ``dither``, else ``float32(x) - lvl``; the same float32 operations in
+    the same order, so bit-identical), sorted (insertion sort, NaN last as
+    ``numpy.sort``) and written back into ``buf``; then ``A*^2`` into ``a2``
+    and the three-level statistic into ``s3``. Replaces a float32 copy, two
+    in-place passes and a strided ``numpy.sort`` of the chunk.
+    """
+    n_f, n_p = st.shape
+    n_blocks = (n_p + 1023) // 1024
+    half = np.float32(0.5)
+    for bi in prange(n_blocks):
+        v = np.empty(n_f, np.float32)
+        c1 = np.zeros(n_f + 1)
+        c2 = np.zeros(n_f + 1)
+        for p in range(bi * 1024, min(n_p, (bi + 1) * 1024)):
             for k in range(n_f):
-                d = x[k, p] - ref
-                c1[k + 1] = c1[k] + d
-                c2[k + 1] = c2[k] + d * d
-            b, _ = _best_cut(c1, c2, 0, n_f, mf)
-            if b < 0:
-                continue
-            a, wl = _best_cut(c1, c2, 0, b, mf)
-            c, wr = _best_cut(c1, c2, b, n_f, mf)
-            gain_l = _ss(c1, c2, 0, b) - wl if a >= 0 else -1.0
-            gain_r = _ss(c1, c2, b, n_f) - wr if c >= 0 else -1.0
-            if gain_l < 0 and gain_r < 0:
-                continue
-            # levels [0, e0), [e0, e1), [e1, n_f)
-            e0, e1 = (a, b) if gain_l >= gain_r else (b, c)
-            m1 = c1[e0] / e0
-            m2 = (c1[e1] - c1[e0]) / (e1 - e0)
-            m3 = (c1[n_f] - c1[e1]) / (n_f - e1)
-            within = _ss(c1, c2, 0, e0) + _ss(c1, c2, e0, e1) + _ss(c1, c2, e1, n_f)
-            sd = np.sqrt(within / (n_f - 3))
-            if sd > 0.0:
-                out[p] = min(m2 - m1, m3 - m2) / sd
-            else:
-                out[p] = np.inf
+                x = np.float32(st[k, p])
+                if dither:
+                    x = x + buf[k, p]
+                    x = x - half
+                x = x - lvl[k]
+                # insertion: values before the slot that are greater (or NaN) move up
+                j = k
+                while j > 0 and (v[j - 1] > x or (np.isnan(v[j - 1]) and not np.isnan(x))):
+                    v[j] = v[j - 1]
+                    j -= 1
+                v[j] = x
+            for k in range(n_f):
+                buf[k, p] = v[k]
+            a2[p] = _ad_pixel(v, f, df, z0, h)
+            s3[p] = _level_pixel(v, mf, c1, c2)
 
 
 #: Monte Carlo series per frame count for the stage-1 level threshold.
@@ -424,14 +495,85 @@ def _ad_numpy(x: np.ndarray) -> np.ndarray:
     return a2
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, inline="always")
+def _splitmix64(z):  # pragma: no cover - compiled
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _dither_kernel(pixels, seed_mix, out):  # pragma: no cover - compiled
+    n_f = out.shape[0]
+    for j in prange(pixels.shape[0]):
+        base = np.uint64(pixels[j]) << np.uint64(16)
+        for f in range(n_f):
+            z = _splitmix64((base + np.uint64(f)) ^ seed_mix)
+            out[f, j] = np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+
+
+def _mix_numpy(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic, as in the kernel)."""
+    with np.errstate(over="ignore"):
+        z = z + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def _seed_mix(seed: int) -> np.uint64:
+    return _mix_numpy(np.asarray([seed], dtype=np.uint64))[0]
+
+
+def _dither_numpy(pixels: np.ndarray, n_f: int, seed: int) -> np.ndarray:
+    """Reference of :func:`dither` in numpy."""
+    keys = ((np.asarray(pixels, dtype=np.uint64)[None, :] << np.uint64(16))
+            + np.arange(n_f, dtype=np.uint64)[:, None])
+    z = _mix_numpy(keys ^ _seed_mix(seed))
+    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+
+
+def dither(pixels: np.ndarray, n_frames: int, seed: int) -> np.ndarray:
+    """Uniform [0, 1) dither of frames x pixels, a function of (seed, pixel, frame) alone.
+
+    Parameters
+    ----------
+    pixels : ndarray of int
+        Global indices of the pixels (``y * width + x`` on the sensor).
+    n_frames : int
+        Frames (< 65536).
+    seed : int
+        Seed (>= 0).
+
+    Returns
+    -------
+    ndarray (n_frames, len(pixels)), float32
+        24-bit uniform values from the splitmix64 hash of ``(pixel << 16) + frame``
+        mixed with the hashed seed: the dither of a pixel does not depend on the
+        tile or chunk it is processed in, so RTN flags are independent of the
+        tiling (a seeded stream per chunk is not). splitmix64 passes BigCrush
+        as a generator of successive keys (Steele et al. 2014).
+    """
+    pix = np.ascontiguousarray(pixels, dtype=np.int64).ravel()
+    out = np.empty((int(n_frames), pix.size), dtype=np.float32)
+    _dither_kernel(pix, _seed_mix(seed), out)
+    return out
+
+
 def _prepared(flat: np.ndarray, frame_level: np.ndarray | None,
-              rng: np.random.Generator) -> np.ndarray:
+              pixels: np.ndarray, seed: int) -> np.ndarray:
     """Level-subtracted float32 values (F, P), dithered when the counts are integers."""
     n_f = flat.shape[0]
     out = flat.astype(np.float32, copy=True)
     integral = np.issubdtype(flat.dtype, np.integer) or bool(np.all(out == np.round(out)))
     if integral:
-        out += rng.random(size=out.shape, dtype=np.float32)
+        out += dither(pixels, n_f, seed)
         out -= np.float32(0.5)
     if frame_level is not None:
         lvl = np.asarray(frame_level, dtype=np.float64).reshape(n_f, 1)
@@ -443,16 +585,28 @@ def _prepared(flat: np.ndarray, frame_level: np.ndarray | None,
 _CHUNK_PIXELS = 1 << 18
 
 
-def _chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int):
+def _pixel_ids(n_pixels: int, pixel_index: np.ndarray | None) -> np.ndarray:
+    """Global pixel indices of a stack's flattened pixels (default 0 .. n-1)."""
+    if pixel_index is None:
+        return np.arange(n_pixels, dtype=np.int64)
+    ids = np.asarray(pixel_index, dtype=np.int64).ravel()
+    if ids.size != n_pixels:
+        raise ValueError(f"pixel_index has {ids.size} entries for {n_pixels} pixels")
+    return ids
+
+
+def _chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,
+            pixel_index: np.ndarray | None = None):
     """Yield ``(first_pixel, values (F, P_chunk))`` of the prepared stack.
 
-    Each chunk has its own seeded stream (``[seed, chunk index]``), so a
-    chunk's dither does not depend on which other chunks were prepared.
+    The dither of a pixel is a function of (seed, global pixel index, frame)
+    (:func:`dither`): it does not depend on the chunk or the tile.
     """
     flat = stack.reshape(stack.shape[0], -1)
-    for ci, p0 in enumerate(range(0, flat.shape[1], _CHUNK_PIXELS)):
-        rng = np.random.default_rng([seed, ci])
-        yield p0, _prepared(flat[:, p0 : p0 + _CHUNK_PIXELS], frame_level, rng)
+    ids = _pixel_ids(flat.shape[1], pixel_index)
+    for p0 in range(0, flat.shape[1], _CHUNK_PIXELS):
+        yield p0, _prepared(flat[:, p0 : p0 + _CHUNK_PIXELS], frame_level,
+                            ids[p0 : p0 + _CHUNK_PIXELS], seed)
 
 
 def rtn_statistic(stack: np.ndarray, *, frame_level: np.ndarray | None = None, seed: int = 0,
@@ -677,8 +831,131 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
     return ok
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither: bool,
+                        net: np.ndarray, f: np.ndarray, df: np.ndarray, z0: float, h: float,
+                        mf: int, a2: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
+    """:func:`_rtn_stage1_kernel` for NaN-free values, vectorised over blocks of pixels.
+
+    Per block of 256 pixels, every step is a loop over the block's pixels
+    inside a loop over frames (SIMD-friendly): the prepared values are
+    computed in place in ``buf`` (the same float32 operations), sorted along
+    the frame axis by the comparator network ``net`` (branch-free min/max),
+    and ``A*^2`` is accumulated frame by frame in the order of
+    :func:`_ad_pixel`, so the results are bit-identical to the per-pixel
+    kernel. The three-level statistic stays per pixel.
+    """
+    n_f, n_p = st.shape
+    block = 256
+    half = np.float32(0.5)
+    corr = 1.0 + 0.75 / n_f + 2.25 / (n_f * n_f)
+    inv_h = 1.0 / h
+    n_cmp = net.shape[0]
+    n_blocks = (n_p + block - 1) // block
+    for bi in prange(n_blocks):
+        p0 = bi * block
+        p1 = min(n_p, p0 + block)
+        nb = p1 - p0
+        m = np.zeros(block)
+        sd = np.zeros(block)
+        acc = np.zeros(block)
+        v = np.empty(n_f, np.float32)
+        c1 = np.zeros(n_f + 1)
+        c2 = np.zeros(n_f + 1)
+        for k in range(n_f):
+            src = st[k, p0:p1]
+            row = buf[k, p0:p1]
+            lk = lvl[k]
+            if dither:
+                for i in range(nb):
+                    x = np.float32(src[i]) + row[i]
+                    x = x - half
+                    row[i] = x - lk
+            else:
+                for i in range(nb):
+                    row[i] = np.float32(src[i]) - lk
+        for c in range(n_cmp):
+            ra = buf[net[c, 0], p0:p1]
+            rb = buf[net[c, 1], p0:p1]
+            for i in range(nb):
+                x = ra[i]
+                y = rb[i]
+                ra[i] = min(x, y)
+                rb[i] = max(x, y)
+        for i in range(nb):
+            m[i] = 0.0
+            sd[i] = 0.0
+            acc[i] = 0.0
+        for k in range(n_f):
+            row = buf[k, p0:p1]
+            for i in range(nb):
+                m[i] += row[i]
+        for i in range(nb):
+            m[i] = m[i] / n_f
+        for k in range(n_f):
+            row = buf[k, p0:p1]
+            for i in range(nb):
+                d = row[i] - m[i]
+                sd[i] += d * d
+        for i in range(nb):
+            sd[i] = np.sqrt(sd[i] / (n_f - 1))  # a constant pixel gets NaN below
+        for k in range(n_f):
+            row = buf[k, p0:p1]
+            w_lo = 2 * k + 1
+            w_hi = 2 * n_f - 1 - 2 * k
+            for i in range(nb):
+                z = (row[i] - m[i]) * (1.0 / sd[i])
+                acc[i] += w_lo * _log_phi(z, f, df, z0, h, inv_h)
+                acc[i] += w_hi * _log_phi(-z, f, df, z0, h, inv_h)
+        for i in range(nb):
+            if not (sd[i] > 0.0) or not np.isfinite(sd[i]):
+                a2[p0 + i] = np.nan
+            else:
+                a2[p0 + i] = (-n_f - acc[i] / n_f) * corr
+        for i in range(nb):
+            for k in range(n_f):
+                v[k] = buf[k, p0 + i]
+            s3[p0 + i] = _level_pixel(v, mf, c1, c2)
+
+
+def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,
+                   f: np.ndarray, df: np.ndarray, z0: float, mf: int,
+                   pixel_index: np.ndarray | None = None):
+    """Yield ``(first_pixel, sorted values (F, P_chunk), A*^2, level statistic)`` per chunk.
+
+    The values are those of :func:`_chunks` (the same per-pixel dither),
+    sorted along the frame axis; computed by one compiled pass per chunk.
+    """
+    flat = stack.reshape(stack.shape[0], -1)
+    if flat.dtype.kind not in "uif" or flat.dtype == np.float16:
+        flat = flat.astype(np.float64)
+    n_f = flat.shape[0]
+    lvl = np.zeros(n_f, np.float32)
+    if frame_level is not None:
+        lv = np.asarray(frame_level, dtype=np.float64).reshape(n_f)
+        lvl = (lv - lv.mean()).astype(np.float32)
+    ids = _pixel_ids(flat.shape[1], pixel_index)
+    for p0 in range(0, flat.shape[1], _CHUNK_PIXELS):
+        part = flat[:, p0 : p0 + _CHUNK_PIXELS]
+        integral = np.issubdtype(part.dtype, np.integer) or bool(
+            np.all(part.astype(np.float32) == np.round(part.astype(np.float32))))
+        if integral:
+            buf = dither(ids[p0 : p0 + _CHUNK_PIXELS], n_f, seed)
+        else:
+            buf = np.empty(part.shape, np.float32)
+        a2 = np.empty(part.shape[1])
+        s3 = np.empty(part.shape[1])
+        if integral or not np.isnan(part).any():
+            _rtn_stage1_network(part, buf, lvl, integral, _sorting_network(n_f), f, df, z0,
+                                _TABLE_STEP, mf, a2, s3)
+        else:
+            _rtn_stage1_kernel(part, buf, lvl, integral, f, df, z0, _TABLE_STEP, mf, a2, s3)
+        yield p0, buf, a2, s3
+
+
 def detect_rtn(stack: np.ndarray, *, frame_level: np.ndarray | None = None,
-               config: DefectConfig | None = None, seed: int = 0) -> np.ndarray:
+               config: DefectConfig | None = None, seed: int = 0,
+               pixel_index: np.ndarray | None = None) -> np.ndarray:
     """Random-telegraph pixels of a bias stack.
 
     Parameters
@@ -691,6 +968,11 @@ def detect_rtn(stack: np.ndarray, *, frame_level: np.ndarray | None = None,
         ``rtn_*`` thresholds.
     seed : int
         Dither seed (the same dither feeds both stages).
+    pixel_index : ndarray of int, optional
+        Global sensor index (``y * width + x``) of each pixel of the stack;
+        the dither depends on it, so a tile processed alone gives the flags
+        of the same pixels processed in the whole frame. Default: the
+        stack's own flat indices.
 
     Returns
     -------
@@ -707,17 +989,25 @@ def detect_rtn(stack: np.ndarray, *, frame_level: np.ndarray | None = None,
     f, df, z0 = _log_phi_table((n_f - 1) / np.sqrt(n_f))
     mf = max(int(cfg.rtn_min_level_frames), 1)
     lvl_thr = _level_threshold(n_f, mf, float(cfg.rtn_level_pvalue))
-    for p0, vals in _chunks(x, frame_level, seed):
-        vals.sort(axis=0)  # order does not matter to the mixture of stage 2
-        a2 = np.empty(vals.shape[1])
-        _ad_kernel(vals, f, df, z0, _TABLE_STEP, a2)
-        s3 = np.empty(vals.shape[1])
-        _level_kernel(vals, mf, s3)
+    # Stage 2 runs on the candidates of all chunks together (its EM iterates in
+    # Python per batch, so few large batches cost less than one per chunk); each
+    # pixel's fit depends only on its own values, not on the batch.
+    where: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    for p0, vals, a2, s3 in _stage1_chunks(x, frame_level, seed, f, df, z0, mf, pixel_index):
         cand = np.flatnonzero(_finite_gt(a2, cfg.rtn_ad_threshold) | _finite_gt(s3, lvl_thr))
-        for s0 in range(0, cand.size, 4096):
-            sel = cand[s0 : s0 + 4096]
-            result[p0 + sel] = rtn_confirm(vals[:, sel], config=cfg)
+        where.append(p0 + cand)
+        values.append(vals[:, cand])
+    idx = np.concatenate(where) if where else np.zeros(0, dtype=np.intp)
+    cand_values = np.concatenate(values, axis=1) if values else np.zeros((n_f, 0), np.float32)
+    for s0 in range(0, idx.size, _CONFIRM_BATCH):
+        sel = slice(s0, s0 + _CONFIRM_BATCH)
+        result[idx[sel]] = rtn_confirm(cand_values[:, sel], config=cfg)
     return result.reshape(shape)
+
+
+#: Candidates confirmed per stage-2 batch (bounds the (batch, k, F) EM temporaries).
+_CONFIRM_BATCH = 4096
 
 
 # --------------------------------------------------------------------------- map rules
@@ -725,7 +1015,8 @@ def detect_rtn(stack: np.ndarray, *, frame_level: np.ndarray | None = None,
 
 def hot_warm(rate_e: np.ndarray, rate_err_e: np.ndarray, *, populations: MixtureFit | None,
              config: DefectConfig | None = None, center: float | None = None,
-             scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+             scale: float | None = None,
+             background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HOT and WARM pixels of a dark-rate map.
 
     Parameters
@@ -740,25 +1031,35 @@ def hot_warm(rate_e: np.ndarray, rate_err_e: np.ndarray, *, populations: Mixture
     center, scale : float, optional
         Global median and robust sigma of the rates (e-/s); computed from
         the input when None (pass them when working tile by tile).
+    background : ndarray, optional
+        Smooth local level of the rates (e-/s, e.g. :func:`local_median`),
+        same shape: WARM excesses are then measured from it instead of the
+        global median, so a smoothly elevated region (amplifier glow, a warm
+        corner) is a background that dark subtraction removes, not a field of
+        warm pixels. HOT keeps the global rule (a hot pixel is hot anywhere).
 
     Returns
     -------
     (hot, warm) : ndarray of bool
         HOT: rate > max(center + hot_nsigma * scale, hot_floor_e_s) and more
         than hot_nsigma of its own errors above the center. WARM (not hot):
-        with ``populations``, the pixel's most probable component (given its
-        error) has a mean above center + warm_component_nsigma * scale, and
-        the pixel is > center + warm_min_nsigma * scale and warm_min_nsigma
-        of its errors above the center; without, > center + warm_nsigma *
-        scale and warm_nsigma of its errors above.
+        > center + warm_nsigma * scale and warm_nsigma of its errors above;
+        with ``populations`` also a pixel > center + warm_min_nsigma * scale
+        and warm_min_nsigma of its errors above whose most probable component
+        (given its error) has a mean above center + warm_component_nsigma *
+        scale.
     """
     cfg = config if config is not None else DefectConfig()
-    r = np.asarray(rate_e, dtype=np.float64)
-    e = np.asarray(rate_err_e, dtype=np.float64)
+    r = _float_map(rate_e)
+    e = _float_map(rate_err_e)
     c, s = _center_scale(r, center, scale)
     excess = r - c
     thr_hot = max(c + cfg.hot_nsigma * s, cfg.hot_floor_e_s)
     hot = _finite_gt(r, thr_hot) & _finite_gt(excess, cfg.hot_nsigma * e)
+    if background is not None:
+        # measured from the local level where it is above the global median
+        # (a glow region), from the global median elsewhere
+        excess = r - np.maximum(_float_map(background), r.dtype.type(c))
     if populations is None:
         warm = _finite_gt(excess, cfg.warm_nsigma * s) & _finite_gt(excess, cfg.warm_nsigma * e)
         return hot, warm & ~hot
@@ -766,8 +1067,14 @@ def hot_warm(rate_e: np.ndarray, rate_err_e: np.ndarray, *, populations: Mixture
     elevated = np.asarray(best.means) > c + cfg.warm_component_nsigma * s
     pre = (_finite_gt(excess, cfg.warm_min_nsigma * s)
            & _finite_gt(excess, cfg.warm_min_nsigma * e) & ~hot)
-    warm = np.zeros(r.shape, dtype=bool)
-    idx = np.flatnonzero(pre.ravel())
+    # A pixel that passes the threshold rule is warm whatever the mixture found:
+    # BIC often merges a warm population of a few thousand pixels (1e-4 of the
+    # sensor) with the tail of the main one, whose mean then stays below the
+    # elevated-component cut. The populations add the pixels between
+    # warm_min_nsigma and warm_nsigma that belong to an elevated component.
+    warm = (_finite_gt(excess, cfg.warm_nsigma * s) & _finite_gt(excess, cfg.warm_nsigma * e)
+            & ~hot)
+    idx = np.flatnonzero((pre & ~warm).ravel())
     if idx.size and elevated.any():
         cls = best.classify(r.ravel()[idx], e.ravel()[idx])
         warm.ravel()[idx] = elevated[cls]
@@ -795,7 +1102,7 @@ def dead_low(response: np.ndarray, local_med: np.ndarray, *,
     """
     cfg = config if config is not None else DefectConfig()
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.asarray(response, dtype=np.float64) / np.asarray(local_med, dtype=np.float64)
+        ratio = np.divide(_float_map(response), _float_map(local_med))
         ok = np.isfinite(ratio)
         dead = ok & (ratio < cfg.dead_fraction)
         low = ok & (ratio >= cfg.dead_fraction) & (ratio < cfg.low_fraction)
@@ -806,7 +1113,7 @@ def noisy(bias_std: np.ndarray, *, config: DefectConfig | None = None,
           center: float | None = None, scale: float | None = None) -> np.ndarray:
     """NOISY pixels: bias temporal std > center + noisy_nsigma * scale (ADU or e-)."""
     cfg = config if config is not None else DefectConfig()
-    v = np.asarray(bias_std, dtype=np.float64)
+    v = _float_map(bias_std)
     c, s = _center_scale(v, center, scale)
     return _finite_gt(v, c + cfg.noisy_nsigma * s)
 
@@ -814,7 +1121,7 @@ def noisy(bias_std: np.ndarray, *, config: DefectConfig | None = None,
 def unstable_bias(z: np.ndarray, *, config: DefectConfig | None = None) -> np.ndarray:
     """UNSTABLE_BIAS pixels: |z| of the per-pixel bias trend > unstable_bias_z."""
     cfg = config if config is not None else DefectConfig()
-    return _finite_gt(np.abs(np.asarray(z, dtype=np.float64)), cfg.unstable_bias_z)
+    return _finite_gt(np.abs(_float_map(z)), cfg.unstable_bias_z)
 
 
 def nonlinear(residual_pct: np.ndarray, *, config: DefectConfig | None = None,
@@ -826,7 +1133,7 @@ def nonlinear(residual_pct: np.ndarray, *, config: DefectConfig | None = None,
     median and robust sigma of the input.
     """
     cfg = config if config is not None else DefectConfig()
-    v = np.asarray(residual_pct, dtype=np.float64)
+    v = _float_map(residual_pct)
     c, s = _center_scale(v, center, scale)
     return (_finite_gt(np.abs(v - c), cfg.nonlinear_nsigma * s)
             & _finite_gt(np.abs(v), cfg.nonlinear_floor_pct))
@@ -858,9 +1165,9 @@ def gain_outlier(gain: np.ndarray, gain_err: np.ndarray, *, populations: Mixture
     if not keep.any():
         keep[:] = True
     mu, sig = np.asarray(best.means)[keep], np.asarray(best.sigmas)[keep]
-    g = np.asarray(gain, dtype=np.float64)
-    e = np.nan_to_num(np.asarray(gain_err, dtype=np.float64), nan=0.0)
-    zmin = np.full(g.shape, np.inf)
+    g = _float_map(gain)
+    e = np.nan_to_num(_float_map(gain_err), nan=0.0)
+    zmin = np.full(g.shape, np.inf, dtype=np.result_type(g, e))
     with np.errstate(divide="ignore", invalid="ignore"):
         for m_k, s_k in zip(mu, sig, strict=True):
             zmin = np.fmin(zmin, np.abs(g - m_k) / np.sqrt(s_k**2 + e**2))

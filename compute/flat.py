@@ -26,6 +26,8 @@ import numpy as np
 from scipy.interpolate import RectBivariateSpline, griddata
 from scipy.ndimage import distance_transform_edt
 
+from sitiancal.compute.summary import finite_values, row_bands
+
 __all__ = ["PRNU", "large_scale", "master_flat", "prnu_emva"]
 
 #: Rows evaluated per call when interpolating the block grid back to full size
@@ -48,10 +50,11 @@ def master_flat(signal: np.ndarray) -> np.ndarray:
         ``signal / median(signal)`` as float32 (dimensionless).
     """
     arr = np.asarray(signal)
-    finite = arr[np.isfinite(arr)]
+    finite = finite_values(arr)
     if finite.size == 0:
         raise ValueError("the flat has no finite pixel")
-    med = float(np.median(finite.astype(np.float64, copy=False)))
+    med = float(np.median(finite, overwrite_input=True))
+    del finite
     if not med > 0:
         raise ValueError(f"the flat's median must be positive, got {med}")
     return (arr / med).astype(np.float32)
@@ -237,7 +240,11 @@ def _corrected_std(values: np.ndarray, good: np.ndarray, temporal: float) -> tup
     """
     n = int(good.sum())
     mean = float(np.sum(values, where=good, dtype=np.float64)) / n
-    measured = float(np.sum(np.square(values - mean), where=good, dtype=np.float64)) / (n - 1)
+    ss = 0.0
+    for rows in row_bands(*values.shape):  # no full-size temporary
+        d = values[rows].astype(np.float64) - mean
+        ss += float(np.sum(np.square(d, out=d), where=good[rows]))
+    measured = ss / (n - 1)
     corrected = measured - temporal
     # Sampling error of a variance (Gaussian approximation): sqrt(2 / (n - 1)) s^2.
     var_err = measured * np.sqrt(2.0 / (n - 1))
@@ -293,9 +300,10 @@ def prnu_emva(
     """
     if n_frames < 1 or n_dark_frames < 1:
         raise ValueError("frame counts must be >= 1")
-    # y is a fresh float64 array, modified in place below (one full-size temporary
-    # besides the large-scale map).
-    y = np.subtract(flat_mean, dark_mean, dtype=np.float64)
+    # y is a fresh array, modified in place below (one full-size temporary besides
+    # the large-scale map); float32 for float32 maps (sums are float64, by bands).
+    dtype = np.result_type(np.asarray(flat_mean).dtype, np.asarray(dark_mean).dtype, np.float32)
+    y = np.subtract(flat_mean, dark_mean, dtype=dtype)
     if y.ndim != 2:
         raise ValueError("flat_mean must be 2-D")
     good = np.isfinite(y)

@@ -26,6 +26,49 @@ RegionReader = Callable[[Sequence[int]], np.ndarray]
 
 #: Largest raw count of a 16-bit ADC (ADU).
 ADC_MAX = 65535.0
+#: A flat ladder has left the read-noise regime when, at its highest level, the
+#: shot-noise variance is at least this many times the read-noise variance
+#: (shot noise >= ~3.2x read noise); below it the PTC, per-pixel gain and flat
+#: would be dominated by read noise, and are not computed.
+SHOT_OVER_READ_VARIANCE = 10.0
+
+
+def _read_noise_regime(points: Sequence[dict], conv_rn: ConventionalReadNoise | None
+                       ) -> str | None:
+    """Why the flat ladder is unusable for noise statistics, or None if it is usable.
+
+    Needs the read noise of the bias frames (``conv_rn``); without it, None.
+    ``points`` are the conventional PTC points (``mean`` above the offset and
+    single-frame temporal ``var``, ADU and ADU^2).
+    """
+    if conv_rn is None or not points:
+        return None
+    read_var = float(conv_rn.read_noise_adu) ** 2
+    if not np.isfinite(read_var) or read_var <= 0:
+        return None
+    # a level with less temporal noise than the read noise is clipped (saturated): not
+    # a read-noise-regime level; a ladder of such levels fails the PTC fit with its reason
+    live = [p for p in points if np.isfinite(p["var"]) and p["var"] >= 0.5 * read_var]
+    if not live:
+        return None
+    top = max(live, key=lambda p: p["var"])
+    shot_var = float(top["var"]) - read_var
+    if shot_var >= SHOT_OVER_READ_VARIANCE * read_var:
+        return None
+    return (f"the flat ladder never leaves the read-noise regime: at its noisiest level "
+            f"({float(top['mean']):.1f} ADU above the offset, {top['exptime']:g} s) the "
+            f"shot-noise variance {shot_var:.3g} ADU^2 is below {SHOT_OVER_READ_VARIANCE:g}x "
+            f"the read-noise variance {read_var:.3g} ADU^2 of the bias frames; take brighter "
+            f"or longer flats")
+
+
+def _ptc_failure(points: Sequence[dict], exc: Exception) -> str:
+    """Reason why the conventional PTC could not be fitted on ``points``."""
+    flat = [p for p in points if not (np.isfinite(p["var"]) and p["var"] > 0
+                                      and np.isfinite(p["var_err"]) and p["var_err"] > 0)]
+    detail = (f"; {len(flat)} of the {len(points)} flat levels have no temporal noise "
+              "(saturated or clipped pixels)" if flat else "")
+    return f"the conventional PTC could not be fitted: {exc}{detail}"
 
 
 @dataclass(frozen=True)
@@ -209,15 +252,23 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         points.append({"level": li, "exptime": g.exptime, "mean": mean, "var": var,
                        "var_err": var_err, "n_pairs": len(stats)})
     ptc = ptc_astier = None
-    if len(points) >= 3:
+    read_noise_regime = _read_noise_regime(points, conv_rn)
+    if read_noise_regime is not None:
+        for name in ("ptc", "gain", "flat"):
+            missing[name] = read_noise_regime
+    elif len(points) >= 3:
         m = np.array([p["mean"] for p in points])
         v = np.array([p["var"] for p in points])
         e = np.array([p["var_err"] for p in points])
-        ptc = fit_ptc(m, v, e, model="linear")
         try:
-            ptc_astier = fit_ptc(m, v, e, model="astier")
-        except (RuntimeError, ValueError) as exc:  # curve_fit may not converge
-            notes.append(f"Astier+19 PTC fit did not converge: {exc}")
+            ptc = fit_ptc(m, v, e, model="linear")
+        except (RuntimeError, ValueError) as exc:
+            missing["ptc"] = _ptc_failure(points, exc)
+        if ptc is not None:
+            try:
+                ptc_astier = fit_ptc(m, v, e, model="astier")
+            except (RuntimeError, ValueError) as exc:  # curve_fit may not converge
+                notes.append(f"Astier+19 PTC fit did not converge: {exc}")
     else:
         missing["ptc"] = ("the conventional PTC needs at least three flat levels with a "
                           f"frame pair each; the dataset has {len(points)}")
@@ -257,6 +308,8 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     if not flats:
         for name in ("gain", "flat", "ptc", "linearity"):
             missing.setdefault(name, "the dataset has no flat frames")
+    elif read_noise_regime is not None:
+        gain_levels = tuple(False for _ in flats)
     elif sum(gain_levels) < 3:
         most = max((g.n for g in flats), default=0)
         missing["gain"] = (
@@ -268,10 +321,15 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         gain_levels = tuple(False for _ in flats)
     flat_ref = None
     candidates = [i for i, p in enumerate(lin_points) if 0 < p["signal"] < saturation * 0.95]
-    if candidates:
+    if read_noise_regime is not None:
+        pass  # a flat of read noise: missing["flat"] says why
+    elif candidates:
         flat_ref = min(candidates, key=lambda i: abs(lin_points[i]["signal"] - 0.5 * saturation))
     elif flats:
-        missing["flat"] = "no flat level below saturation"
+        top = max((p["signal"] for p in lin_points), default=float("nan"))
+        missing["flat"] = (f"no flat level below saturation: every one of the {len(flats)} "
+                           f"levels reaches >= 95% of the saturation level {saturation:.0f} ADU "
+                           f"(highest mean signal {top:.0f} ADU above the offset)")
     if not darks:
         missing["dark"] = "the dataset has no dark frames"
     elif len({g.exptime for g in darks} | ({0.0} if bias is not None else set())) < 2:

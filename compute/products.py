@@ -22,7 +22,6 @@ from sitiancal.compute.content import ProductArray, ProductContent, ProductTable
 from sitiancal.compute.dark import dark_populations, dark_summary
 from sitiancal.compute.defects import (
     MaskBit,
-    build_mask,
     dead_low,
     gain_outlier,
     hot_warm,
@@ -38,6 +37,7 @@ from sitiancal.compute.gain import frames_for_precision, gain_populations
 from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.plan import PlanResult
 from sitiancal.compute.readnoise import read_noise_map, read_noise_summary
+from sitiancal.compute.summary import row_bands
 from sitiancal.compute.tile import CalibrationParams
 
 #: Product types, in the order they are assembled (the mask needs the others).
@@ -54,23 +54,46 @@ def _f(x: object) -> float | None:
 
 
 def _subsample(mask: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Flat indices of at most ``limit`` pixels where ``mask`` is True (seeded)."""
-    idx = np.flatnonzero(mask)
-    if idx.size > limit:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
-    return idx
+    """Sorted flat indices of a uniform random set of ``min(limit, n)`` pixels where ``mask`` is True.
+
+    Memory is proportional to ``limit``, not to the map: candidate positions
+    are drawn uniformly over the whole map (a little more than ``limit``
+    divided by the fraction of selectable pixels), those outside ``mask`` are
+    dropped, and ``limit`` of the rest are chosen at random. Every subset of
+    the selectable pixels of that size is equally likely (seeded).
+    """
+    flat = np.asarray(mask).ravel()
+    n_ok = int(np.count_nonzero(flat))
+    if n_ok <= limit:
+        return np.flatnonzero(flat)
+    rng = np.random.default_rng(seed)
+    total = flat.size
+    draw = int(limit * total / n_ok * 1.05) + 1024
+    while True:
+        cand = np.unique(rng.integers(0, total, size=min(draw, 4 * total)))
+        cand = cand[flat[cand]]
+        if cand.size >= limit:
+            return np.sort(rng.choice(cand, size=limit, replace=False))
+        draw *= 2
 
 
-def _t_to_z(t: np.ndarray, dof: int) -> np.ndarray:
-    """Normal z with the same two-sided tail probability as Student-t ``t`` (``dof`` dof)."""
+def _bands(shape: tuple[int, ...]):
+    """Row bands of a 2-D map (~4 MP each) for blockwise work on full-frame maps."""
+    return row_bands(shape[-2], shape[-1])
+
+
+def _t_threshold(z: float, dof: int) -> float:
+    """The Student-t value (``dof`` dof) with the same two-sided tail probability as normal ``z``.
+
+    ``|t| > _t_threshold(z, dof)`` is exactly ``|z(t)| > z`` for the normal
+    ``z(t)`` of equal tail probability (the map is monotone), without
+    evaluating the t and normal quantile functions at every pixel.
+    """
     from scipy import special
 
-    t = np.asarray(t, dtype=np.float64)
     if dof <= 0:
-        return np.full(t.shape, np.nan)
-    p_half = special.stdtr(dof, -np.abs(t))  # one tail
-    z = -special.ndtri(np.clip(p_half, 1e-300, 0.5))
-    return (np.sign(t) * z).astype(np.float32)
+        return float("inf")
+    return float(-special.stdtrit(dof, special.ndtr(-abs(z))))
 
 
 def _to_log(gain: np.ndarray, gain_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,18 +137,48 @@ class Assembler:
     temperature: float | None = None
     partials: dict[str, float] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
-    _flags: dict[str, np.ndarray] = field(default_factory=dict)
+    _mask: np.ndarray | None = None
+    _evaluated: set[str] = field(default_factory=set)
     _gain_pop: MixtureFit | None = None
     _gain_conv: np.ndarray | float | None = None
 
     def __post_init__(self) -> None:
         self.missing = dict(self.planned.missing)
 
+    def flag(self, name: str, pixels: np.ndarray) -> None:
+        """Set mask bit ``name`` (a :class:`MaskBit` name, lower case) where ``pixels`` is True.
+
+        The bits go straight into one uint16 mask (2 B per pixel) rather than a
+        boolean map per class (1 B per pixel each, nine of them by the end).
+        """
+        pixels = np.asarray(pixels, dtype=bool)
+        if self._mask is None:
+            self._mask = np.zeros(pixels.shape, dtype=np.uint16)
+        self._mask[pixels] |= np.uint16(MaskBit[name.upper()].value)
+        self._evaluated.add(name)
+
+    def flagged(self, *names: str) -> np.ndarray | None:
+        """Pixels with any of the given bits set (None before any flag)."""
+        if self._mask is None:
+            return None
+        bits = 0
+        for name in names:
+            bits |= int(MaskBit[name.upper()].value)
+        return (self._mask & np.uint16(bits)) != 0
+
     def map(self, name: str) -> np.ndarray | None:
         """Materialise one map (None when the tile pass did not produce it)."""
         if name not in self.maps:
             return None
         return np.asarray(self.maps[name])
+
+    def lazy(self, name: str) -> object | None:
+        """One map as the tile pass stored it (a zarr array is read only when written out).
+
+        Product arrays that are maps unchanged are passed this way: the store
+        copies them chunk by chunk, so they never sit in memory whole.
+        """
+        return self.maps.get(name)
 
     # ------------------------------------------------------------------ gain
     def conversion_gain(self) -> np.ndarray | float | None:
@@ -141,18 +194,29 @@ class Assembler:
         gain = self.map("gain")
         if gain is not None and np.isfinite(gain).any():
             fit = self.gain_populations()
+            median = robust_center_scale(gain)[0]
             if fit is not None and len(fit.best.weights) > 1:
                 err = self.map("gain_err")
-                ok = np.isfinite(gain) & np.isfinite(err) & (err > 0) & (gain > 0)
-                conv = np.full(gain.shape, float(np.nanmedian(gain)), dtype=np.float32)
-                lg, lg_err = _to_log(gain[ok], err[ok])
-                conv[ok] = np.exp(np.asarray(fit.best.means)[fit.best.classify(lg, lg_err)])
+                conv = np.full(gain.shape, median, dtype=np.float32)
+                centres = np.exp(np.asarray(fit.best.means)).astype(np.float32)
+                for rows in _bands(gain.shape):  # blockwise: no full-size float64 temporaries
+                    g, e = gain[rows], err[rows]
+                    ok = np.isfinite(g) & np.isfinite(e) & (e > 0) & (g > 0)
+                    lg, lg_err = _to_log(g[ok], e[ok])
+                    conv[rows][ok] = centres[fit.best.classify(lg, lg_err)]
                 self._gain_conv = conv
             else:
-                self._gain_conv = float(np.nanmedian(gain))
+                self._gain_conv = median
         elif self.planned.ptc is not None:
             self._gain_conv = float(self.planned.ptc.gain)
         return self._gain_conv
+
+    def gain_median(self) -> float | None:
+        """Median of the conversion gain (e-/ADU): the scalar gain of frame-level figures."""
+        g = self.conversion_gain()
+        if g is None:
+            return None
+        return float(g) if np.ndim(g) == 0 else robust_center_scale(g)[0]
 
     def gain_populations(self) -> MixtureFit | None:
         """Mixture of per-pixel gain populations in ln g, deconvolving per-pixel errors.
@@ -187,9 +251,7 @@ class Assembler:
         n = planned.plan.bias.n if planned.plan.bias else 0
         temporal_var = (self.partials.get("bias_var_sum", np.nan)
                         / max(self.partials.get("bias_var_count", 0.0), 1.0))
-        g = self.conversion_gain()
-        dsnu = dsnu_emva(master, temporal_var=temporal_var, n_frames=n,
-                         gain=float(np.nanmedian(g)) if g is not None else None)
+        dsnu = dsnu_emva(master, temporal_var=temporal_var, n_frames=n, gain=self.gain_median())
         stats: dict = {"level_median_adu": _f(np.nanmedian(master)), "n_frames": n,
                        "dsnu": dsnu.to_dict(), "temporal_var_mean_adu2": _f(temporal_var)}
         tables = [ProductTable("ROW_PROFILE", {"row": np.arange(rows.size), "offset": rows},
@@ -206,7 +268,8 @@ class Assembler:
                 {"time": "s", "level": "ADU"}, "per-frame clipped mean vs time"))
         if planned.row_noise is not None:
             stats["row_noise"] = planned.row_noise
-        arrays = [ProductArray("BIAS", master, "ADU", "master bias (sigma-clipped mean)")]
+        arrays = [ProductArray("BIAS", self.lazy("bias_mean"), "ADU",
+                               "master bias (sigma-clipped mean)")]
         return ProductContent("bias", "ADU", arrays, tables, stats)
 
     def read_noise(self) -> ProductContent | None:
@@ -214,7 +277,8 @@ class Assembler:
         if std is None:
             return None
         stats: dict = {"median_adu": _f(np.nanmedian(std))}
-        arrays = [ProductArray("READ_NOISE", std, "ADU", "per-pixel temporal std of the bias stack")]
+        arrays = [ProductArray("READ_NOISE", self.lazy("bias_std"), "ADU",
+                               "per-pixel temporal std of the bias stack")]
         g = self.conversion_gain()
         if g is not None:
             rn_e = read_noise_map(std, g)
@@ -225,45 +289,62 @@ class Assembler:
         if conv is not None:
             stats["conventional_adu"] = _f(conv.read_noise_adu)
             stats["conventional_adu_err"] = _f(conv.read_noise_adu_err)
-            gscalar = float(np.nanmedian(g)) if g is not None else None
+            gscalar = self.gain_median()
             stats["conventional_e"] = _f(conv.read_noise_adu * gscalar) if gscalar else None
         return ProductContent("read_noise", "ADU", arrays, [], stats)
 
     def dark(self) -> ProductContent | None:
-        rate, err = self.map("dark_rate"), self.map("dark_rate_err")
-        if rate is None or err is None:
+        if "dark_rate" not in self.maps or "dark_rate_err" not in self.maps:
             return None
+        rate, err = self.map("dark_rate"), self.map("dark_rate_err")
         g = self.conversion_gain()
         arrays: list[ProductArray] = []
         tables: list[ProductTable] = []
         stats: dict = {"temperature_c": _f(self.temperature)}
-        ok = np.isfinite(rate) & np.isfinite(err) & (err > 0)
         if g is not None:
-            rate_e = (rate * g).astype(np.float32)
-            err_e = (err * g).astype(np.float32)
-            arrays += [ProductArray("DARK_RATE", rate_e, "e-/s", "dark current per pixel"),
-                       ProductArray("DARK_RATE_ERR", err_e, "e-/s", "1-sigma error of DARK_RATE")]
-            unit, r, e = "e-/s", rate_e, err_e
+            # in place, band by band: the ADU maps are re-read lazily for storage
+            for rows in _bands(rate.shape):
+                gb = g if np.ndim(g) == 0 else g[rows]  # type: ignore[index]
+                rate[rows] *= gb
+                err[rows] *= gb
+            arrays += [ProductArray("DARK_RATE", rate, "e-/s", "dark current per pixel"),
+                       ProductArray("DARK_RATE_ERR", err, "e-/s", "1-sigma error of DARK_RATE")]
+            unit = "e-/s"
         else:
-            unit, r, e = "ADU/s", rate, err
-        arrays += [ProductArray("DARK_RATE_ADU", rate, "ADU/s", "dark rate in raw counts"),
-                   ProductArray("DARK_RATE_ADU_ERR", err, "ADU/s", "1-sigma error of DARK_RATE_ADU")]
-        chi2 = self.map("dark_chi2")
-        if chi2 is not None:
-            arrays.append(ProductArray("DARK_CHI2", chi2, "", "reduced chi-square of the dark fit"))
-        stats["summary"] = dark_summary(r[ok], e[ok], temperature=self.temperature)
+            unit = "ADU/s"
+        r, e = rate, err
+        arrays += [ProductArray("DARK_RATE_ADU", self.lazy("dark_rate"), "ADU/s",
+                                "dark rate in raw counts"),
+                   ProductArray("DARK_RATE_ADU_ERR", self.lazy("dark_rate_err"), "ADU/s",
+                                "1-sigma error of DARK_RATE_ADU")]
+        if "dark_chi2" in self.maps:
+            arrays.append(ProductArray("DARK_CHI2", self.lazy("dark_chi2"), "",
+                                       "reduced chi-square of the dark fit"))
+        ok = np.isfinite(r) & np.isfinite(e) & (e > 0)
+        stats["summary"] = dark_summary(np.where(ok, r, np.float32(np.nan)),
+                                        np.where(ok, e, np.float32(np.nan)),
+                                        temperature=self.temperature)
         stats["units"] = unit
-        idx = _subsample(ok.ravel(), self.params.mixture_samples, self.params.seed)
+        idx = _subsample(ok, self.params.mixture_samples, self.params.seed)
         pops = dark_populations(r.ravel()[idx], e.ravel()[idx], seed=self.params.seed)
         stats["populations"] = pops.to_dict()
         tables.append(_mixture_table(pops, "POPULATIONS", unit))
+        center, scale = robust_center_scale(np.where(ok, r, np.float32(np.nan)))
+        # smooth local level (64 px cells): warm pixels are pixel-scale excesses over it
+        background = local_median(np.where(ok, r, np.float32(np.nan)), block=64)
         cls = np.full(rate.shape, 255, dtype=np.uint8)
-        cls[ok] = pops.best.classify(r[ok], e[ok]).astype(np.uint8)
+        hot = np.zeros(rate.shape, dtype=bool)
+        warm = np.zeros(rate.shape, dtype=bool)
+        for rows in _bands(rate.shape):  # blockwise with the global centre and width
+            rb, eb, okb = r[rows], e[rows], ok[rows]
+            cls[rows][okb] = pops.best.classify(rb[okb], eb[okb]).astype(np.uint8)
+            hot[rows], warm[rows] = hot_warm(rb, eb, populations=pops, config=self.params.defects,
+                                             center=center, scale=scale,
+                                             background=background[rows])
+        del ok, background
         arrays.append(ProductArray("DARK_CLASS", cls, "", "population index of each pixel (255: no fit)"))
-        center, scale = robust_center_scale(r[ok])
-        hot, warm = hot_warm(r, e, populations=pops, config=self.params.defects,
-                             center=center, scale=scale)
-        self._flags["hot"], self._flags["warm"] = hot, warm
+        self.flag("hot", hot)
+        self.flag("warm", warm)
         return ProductContent("dark", unit, arrays, tables, stats)
 
     def ptc(self) -> ProductContent | None:
@@ -291,21 +372,23 @@ class Assembler:
         return ProductContent("ptc", "e-/ADU", [], [table], stats)
 
     def gain(self) -> ProductContent | None:
-        gain, err = self.map("gain"), self.map("gain_err")
-        if gain is None or err is None:
+        if "gain" not in self.maps or "gain_err" not in self.maps:
             return None
-        arrays = [ProductArray("GAIN", gain, "e-/ADU", "per-pixel gain (temporal mean-variance fit)"),
-                  ProductArray("GAIN_ERR", err, "e-/ADU", "1-sigma error of GAIN")]
+        arrays = [ProductArray("GAIN", self.lazy("gain"), "e-/ADU",
+                               "per-pixel gain (temporal mean-variance fit)"),
+                  ProductArray("GAIN_ERR", self.lazy("gain_err"), "e-/ADU", "1-sigma error of GAIN")]
         for name, units, long in (("gain_chi2", "", "reduced chi-square of the fit (fit quality)"),
                                   ("gain_n_used", "", "flat levels used by the fit"),
                                   ("gain_read_var", "ADU2", "fit intercept (read variance)")):
-            m = self.map(name)
-            if m is not None:
-                arrays.append(ProductArray(name.upper(), m, units, long))
+            if name in self.maps:
+                arrays.append(ProductArray(name.upper(), self.lazy(name), units, long))
+        gain, err = self.map("gain"), self.map("gain_err")
         ok = np.isfinite(gain) & np.isfinite(err) & (err > 0)
-        center, scale = robust_center_scale(gain[ok])
+        center, scale = robust_center_scale(np.where(ok, gain, np.float32(np.nan)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = robust_center_scale(np.where(ok, err / gain, np.float32(np.nan)))[0]
         stats: dict = {"median": _f(center), "robust_sigma": _f(scale),
-                       "median_rel_err": _f(np.nanmedian(err[ok] / gain[ok])),
+                       "median_rel_err": _f(rel),
                        "n_pixels": int(ok.sum()),
                        "gain_convention": "g in e-/ADU (EMVA K = 1/g in DN/e-)"}
         tables: list[ProductTable] = []
@@ -330,11 +413,14 @@ class Assembler:
                  "ln_gain_sigma": sig[order]},
                 {"gain": "e-/ADU", "gain_sigma": "e-/ADU"},
                 "per-pixel gain populations (deconvolved mixture on ln g, components by BIC)"))
-            ok = np.isfinite(gain) & np.isfinite(err) & (err > 0) & (gain > 0)
             outlier = np.zeros(gain.shape, dtype=bool)
-            lg, lg_err = _to_log(gain[ok], err[ok])
-            outlier[ok] = gain_outlier(lg, lg_err, populations=pops, config=self.params.defects)
-            self._flags["gain_outlier"] = outlier
+            for rows in _bands(gain.shape):
+                g, e = gain[rows], err[rows]
+                okb = np.isfinite(g) & np.isfinite(e) & (e > 0) & (g > 0)
+                lg, lg_err = _to_log(g[okb], e[okb])
+                outlier[rows][okb] = gain_outlier(lg, lg_err, populations=pops,
+                                                  config=self.params.defects)
+            self.flag("gain_outlier", outlier)
         plan = self.planned.plan
         n_levels = int(sum(plan.gain_levels))
         if n_levels:
@@ -362,7 +448,7 @@ class Assembler:
                  "linearizer": [float(c) for c in np.asarray(fit.linearizer)],
                  "saturation_adu": _f(self.planned.plan.saturation)}
         arrays: list[ProductArray] = []
-        resid = self.map("lin_resid")
+        resid = self.lazy("lin_resid")
         if resid is not None:
             at = self.planned.plan.lin_at
             arrays.append(ProductArray("LIN_RESID", resid, "%",
@@ -372,14 +458,14 @@ class Assembler:
             # level's residual is far from that level's distribution (a threshold
             # on the maximum of |residual| over levels would be a lower effective
             # sigma, because the maximum of folded values has a compressed width).
-            flag = np.zeros(resid.shape[1:], dtype=bool)
-            for level in resid:
-                ok = np.isfinite(level)
-                if ok.sum() < 10:
+            flag = np.zeros(tuple(resid.shape[1:]), dtype=bool)  # type: ignore[attr-defined]
+            for k in range(int(resid.shape[0])):  # type: ignore[attr-defined]
+                level = np.asarray(resid[k])  # type: ignore[index]  # one level in memory
+                if np.count_nonzero(np.isfinite(level)) < 10:
                     continue
-                center, scale = robust_center_scale(level[ok])
+                center, scale = robust_center_scale(level)
                 flag |= nonlinear(level, config=self.params.defects, center=center, scale=scale)
-            self._flags["nonlinear"] = flag
+            self.flag("nonlinear", flag)
             stats["pixel_residual_levels"] = list(at)
         return ProductContent("linearity", "%", arrays, [table], stats)
 
@@ -394,13 +480,12 @@ class Assembler:
         n = self.planned.plan.flats[ref].n if ref is not None else 0
         med = local_median(flat)
         dead, low = dead_low(flat, med, config=self.params.defects)
-        self._flags["dead"], self._flags["low_response"] = dead, low
+        self.flag("dead", dead)
+        self.flag("low_response", low)
+        del med
         # PRNU of the sensor's normal pixels: defective pixels are reported by the
         # mask, and a handful of dead pixels would otherwise dominate the variance.
-        excluded = dead | low
-        for name in ("hot", "warm"):
-            if self._flags.get(name) is not None:
-                excluded = excluded | self._flags[name]
+        excluded = self.flagged("dead", "low_response", "hot", "warm")
         # Large-scale (vignetting) cells: 64 px on a full frame, smaller on small
         # frames so that a cell still sees an almost flat illumination.
         block = int(np.clip(min(signal.shape) // 16, 8, 64))
@@ -415,26 +500,49 @@ class Assembler:
     def mask(self, shape: tuple[int, int]) -> ProductContent:
         std = self.map("bias_std")
         if std is not None:
-            center, scale = robust_center_scale(std[np.isfinite(std)])
-            self._flags["noisy"] = noisy(std, config=self.params.defects, center=center, scale=scale)
+            center, scale = robust_center_scale(std)
+            self.flag("noisy", noisy(std, config=self.params.defects, center=center, scale=scale))
+            del std
         rtn = self.map("rtn")
         if rtn is not None:
-            self._flags["rtn"] = rtn > 0.5
+            self.flag("rtn", rtn > 0.5)
+            del rtn
         z = self.map("bias_trend_z")
         plan = self.planned.plan
         if z is not None and plan.bias is not None:
             # The slope significance of n bias frames is Student-t with n - 2 dof:
             # convert it to the normal z of the same tail probability, so the 5-sigma
             # rule means the same false-alarm rate (5.7e-7) with 12 frames or 100.
-            self._flags["unstable_bias"] = unstable_bias(_t_to_z(z, plan.bias.n - 2),
-                                                         config=self.params.defects)
-        flags = {k: v for k, v in self._flags.items() if v is not None}
-        mask = build_mask(**flags) if flags else np.zeros(shape, dtype=np.uint16)
+            cfg = self.params.defects
+            t_max = _t_threshold(cfg.unstable_bias_z, plan.bias.n - 2)
+            # unstable_bias(z) on the rescaled map: |t| / t_max * z_thr > z_thr <=> |t| > t_max
+            self.flag("unstable_bias", unstable_bias(z * np.float32(cfg.unstable_bias_z / t_max),
+                                                     config=cfg))
+        mask = self._mask if self._mask is not None else np.zeros(shape, dtype=np.uint16)
         counts = mask_counts(mask)
         stats = {"counts": counts, "bits": {b.name: int(b.value) for b in MaskBit},
-                 "classes_evaluated": sorted(flags)}
+                 "classes_evaluated": sorted(self._evaluated)}
         return ProductContent("mask", "", [ProductArray("MASK", mask, "", "defect bitmask")], [],
                               stats)
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Between products the process has freed several full-frame maps; blocks of
+    them that glibc kept in its arenas (row-band temporaries of many threads)
+    would otherwise stay in the resident set and add up across products.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or "libc" not in name:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: CalibrationParams,
@@ -470,11 +578,15 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
         if name == "mask" and "mask" not in wanted:
             continue
         content = builders[name]()
+        if name == "dark" and isinstance(asm._gain_conv, np.ndarray):
+            # only read noise and dark convert maps to electrons: keep the scalar
+            asm._gain_conv = asm.gain_median()
         if content is None or name not in wanted:
             continue
         if emit is not None:
             emit(content)
             content = ProductContent(content.type, content.units, stats=content.stats)
+            _return_freed_memory()
         out[name] = content
     missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}
     for name in wanted:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from astropy.stats import sigma_clip
 
+from sitiancal.compute.summary import MAD_TO_SIGMA, finite_values, mean_std, quantiles
+
 __all__ = [
     "ConventionalReadNoise",
     "conventional_read_noise",
@@ -48,15 +50,17 @@ def read_noise_map(bias_std_adu: np.ndarray, gain: np.ndarray | float) -> np.nda
     numpy.ndarray
         ``bias_std_adu * gain``, e-, float32 (NaN where either is NaN).
     """
-    std = np.asarray(bias_std_adu, dtype=np.float64)
-    g = np.asarray(gain, dtype=np.float64)
+    std = np.asarray(bias_std_adu)
+    g = np.asarray(gain)
     try:
         matches = np.broadcast_shapes(std.shape, g.shape) == std.shape
     except ValueError:
         matches = False
     if not matches:
         raise ValueError(f"gain of shape {g.shape} does not match the map {std.shape}")
-    return (std * g).astype(np.float32)
+    # Computed in the inputs' precision (no float64 copy of float32 maps), returned as float32.
+    dtype = np.result_type(std.dtype, g.dtype if g.ndim else std.dtype, np.float32)
+    return np.multiply(std, g, dtype=dtype).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -186,8 +190,7 @@ def read_noise_summary(rn_e_map: np.ndarray) -> dict[str, Any]:
         ``mad_std``; ``min``; ``max``; and ``p<q>`` percentiles for q in
         1, 2.275, 5, 15.865, 50, 84.135, 95, 97.725, 99, 99.9.
     """
-    a = np.asarray(rn_e_map, dtype=np.float64)
-    v = a[np.isfinite(a)]
+    v = finite_values(rn_e_map)  # one copy, float32 for a float32 map (compute.summary)
     n = int(v.size)
     out: dict[str, Any] = {"n_pixels": n}
     if n == 0:
@@ -195,21 +198,25 @@ def read_noise_summary(rn_e_map: np.ndarray) -> dict[str, Any]:
         out.update(dict.fromkeys(keys))
         out.update({_pkey(q): None for q in _PERCENTILES})
         return out
-    median = float(np.median(v))
-    mad_std = 1.482602218505602 * float(np.median(np.abs(v - median)))
+    mean, std = mean_std(v)
+    rms = float(np.sqrt(std**2 * (n - 1) / n + mean**2)) if n > 1 else abs(mean)
+    vmin, vmax = float(v.min()), float(v.max())
+    median, *pcts = quantiles(v, [0.5] + [q / 100.0 for q in _PERCENTILES])
+    mad_std = MAD_TO_SIGMA * float(np.median(
+        np.abs(np.subtract(v, v.dtype.type(median), out=v), out=v), overwrite_input=True))
     out.update(
         {
-            "median": median,
+            "median": float(median),
             "median_err": 1.2533141373155001 * mad_std / math.sqrt(n),
-            "mean": float(v.mean()),
-            "rms": float(np.sqrt(np.mean(v * v))),
-            "std": float(v.std(ddof=1)) if n > 1 else None,
+            "mean": mean,
+            "rms": rms,
+            "std": std if n > 1 else None,
             "mad_std": mad_std,
-            "min": float(v.min()),
-            "max": float(v.max()),
+            "min": vmin,
+            "max": vmax,
         }
     )
-    for q, p in zip(_PERCENTILES, np.percentile(v, _PERCENTILES), strict=True):
+    for q, p in zip(_PERCENTILES, pcts, strict=True):
         out[_pkey(q)] = float(p)
     return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numba
 import numpy as np
 
 from sitiancal.compute.dark import fit_dark_rate
@@ -26,10 +27,10 @@ from sitiancal.compute.gain import fit_pixel_gain
 from sitiancal.compute.linearity import pixel_linearity_residuals
 from sitiancal.compute.stats import (
     Moments,
+    clipped_stats_and_moments,
     combine_moments,
     group_moments,
     pixel_time_trend,
-    sigma_clipped_stats,
 )
 
 #: ``load(frame_indices) -> (F, ty, tx)`` array of raw counts for one tile.
@@ -234,7 +235,9 @@ def _moments(load: TileLoader, group: FrameGroup, *, offset: np.ndarray | float 
     return result
 
 
-def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) -> TileResult:
+def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams, *,
+                 threads: int | None = None, origin: tuple[int, int] = (0, 0),
+                 frame_width: int | None = None) -> TileResult:
     """Compute every per-pixel quantity of one tile.
 
     Parameters
@@ -245,12 +248,52 @@ def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) ->
         Dataset-wide inputs (groups, per-frame levels, saturation).
     params : CalibrationParams
         Job parameters.
+    threads : int, optional
+        numba threads of the compiled kernels for this call (numba's setting
+        is per calling thread, and restored afterwards). A scheduler running
+        T tiles at once on C cores should pass ``max(1, C // T)`` so that
+        the tasks do not oversubscribe the cores; None keeps numba's setting
+        (all cores, or ``NUMBA_NUM_THREADS``).
+    origin : (int, int)
+        Sensor position ``(y, x)`` of the tile's first pixel, and
+    frame_width : int, optional
+        the frame's width (pixels; default: the tile's): the RTN dither of a
+        pixel is keyed by its sensor index, so flags do not depend on the tiling.
 
     Returns
     -------
     TileResult
         float32 maps (see :data:`MAP_SPECS`) and partial sums.
+
+    Notes
+    -----
+    Every kernel is compiled (numba) and reads each group's stack once; the
+    bias stack is sorted once per pixel block for the master bias, its plain
+    moments and the RTN test. Measured throughput: ``benchmarks/kernels.py``.
     """
+    where = (int(origin[0]), int(origin[1]), frame_width)
+    if threads is None:
+        return _process_tile(load, plan, params, where)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        return _process_tile(load, plan, params, where)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _sensor_index(where: tuple[int, int, int | None], shape: tuple[int, ...]) -> np.ndarray:
+    """Sensor indices ``y * width + x`` of a tile's pixels, row-major."""
+    y0, x0, width = where
+    ty, tx = shape[-2], shape[-1]
+    w = int(width) if width is not None else tx
+    rows = (np.arange(y0, y0 + ty, dtype=np.int64) * w)[:, None]
+    return (rows + np.arange(x0, x0 + tx, dtype=np.int64)[None, :]).ravel()
+
+
+def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
+                  where: tuple[int, int, int | None] = (0, 0, None)) -> TileResult:
+    """:func:`process_tile` with numba's current thread setting."""
     maps: dict[str, np.ndarray] = {}
     partials: dict[str, float] = {}
     f32 = np.float32
@@ -260,9 +303,10 @@ def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) ->
     bias_mom: Moments | None = None
     if plan.bias is not None and plan.bias.n >= 2:
         stack = load(plan.bias.indices)
-        clipped = sigma_clipped_stats(stack, sigma=params.clip_sigma, maxiters=params.clip_maxiters)
+        # master bias (clipped mean) and temporal noise (plain moments) in one pass
+        clipped, bias_mom = clipped_stats_and_moments(
+            stack, sigma=params.clip_sigma, maxiters=params.clip_maxiters)
         master = np.asarray(clipped.mean, dtype=np.float64)
-        bias_mom = group_moments(stack)
         level = np.asarray(plan.bias_frame_level, dtype=np.float64)
         maps["bias_mean"] = master.astype(f32)
         maps["bias_std"] = np.sqrt(bias_mom.var).astype(f32)
@@ -270,7 +314,8 @@ def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) ->
             trend = pixel_time_trend(stack, np.asarray(plan.bias_time_s), frame_level=level)
             maps["bias_trend_z"] = np.asarray(trend.z, dtype=f32)
             maps["rtn"] = detect_rtn(stack, frame_level=level, config=params.defects,
-                                     seed=params.seed).astype(f32)
+                                     seed=params.seed,
+                                     pixel_index=_sensor_index(where, stack.shape)).astype(f32)
         del stack
 
     # ---- darks --------------------------------------------------------------
@@ -304,40 +349,46 @@ def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) ->
 
     # ---- flats --------------------------------------------------------------
     if plan.flats:
-        level_means: list[np.ndarray] = []
-        level_vars: list[np.ndarray] = []
+        # (ty, tx, L) float32, filled level by level (the fits widen per value)
+        mean = var = np.empty(0, dtype=f32)
+        offset_buf: np.ndarray | None = None  # master + dark_rate * t, reused across levels
         for li, group in enumerate(plan.flats):
             match = plan.flat_dark[li]
             offset: np.ndarray | float
             if match is not None:
                 offset = dark_means[match]
+            elif master is not None and dark_rate is not None:
+                if offset_buf is None:
+                    offset_buf = np.empty_like(master)
+                offset = np.add(master, np.multiply(dark_rate, group.exptime, out=offset_buf),
+                                out=offset_buf)
             elif master is not None:
-                offset = master if dark_rate is None else master + dark_rate * group.exptime
+                offset = master
             else:
                 offset = 0.0
             mom = _moments(load, group, offset=offset, max_batch=params.max_batch_frames)
-            level_means.append(mom.mean.astype(f32))
-            level_vars.append(mom.var.astype(f32))
+            if li == 0:
+                mean = np.empty((*np.shape(mom.mean), len(plan.flats)), dtype=f32)
+                var = np.empty_like(mean)
+            mean[..., li] = mom.mean
+            var[..., li] = mom.var
             if li == plan.flat_ref:
                 maps["flat_signal"] = mom.mean.astype(f32)
                 maps["flat_var"] = mom.var.astype(f32)
                 partials["flat_var_sum"] = float(np.nansum(mom.var))
                 partials["flat_var_count"] = float(np.isfinite(mom.var).sum())
-        mean = np.stack(level_means, axis=-1)
-        var = np.stack(level_vars, axis=-1)
         if plan.has_pixel_gain:
             use = np.asarray(plan.gain_levels, dtype=bool)
+            lev = np.flatnonzero(use)
+            # a contiguous run of levels is a view (no copy); the fit accepts strided input
+            pick = slice(lev[0], lev[-1] + 1) if np.all(np.diff(lev) == 1) else lev
             n = np.asarray([g.n for g in plan.flats], dtype=np.float64)
-            m_fit = mean[..., use].astype(np.float64)
-            v_fit = var[..., use].astype(np.float64)
-            if plan.linearizer:
-                # m' = P(m), v' = v P'(m)^2: the temporal statistics of linearised counts.
-                poly = np.asarray(plan.linearizer, dtype=np.float64)
-                slope = np.polyval(np.polyder(poly), m_fit)
-                m_fit = np.polyval(poly, m_fit)
-                v_fit = v_fit * slope * slope
-            gfit = fit_pixel_gain(m_fit, v_fit, n[use],
-                                  max_mean=params.gain_max_fraction * plan.saturation)
+            # float32 level statistics, widened per value inside the compiled fit; with a
+            # linearizer the fit uses m' = P(m), v' = v P'(m)^2 (linearised counts).
+            gfit = fit_pixel_gain(mean[..., pick], var[..., pick], n[use],
+                                  max_mean=params.gain_max_fraction * plan.saturation,
+                                  linearizer=np.asarray(plan.linearizer, dtype=np.float64)
+                                  if plan.linearizer else None)
             maps["gain"] = np.asarray(gfit.gain, dtype=f32)
             maps["gain_err"] = np.asarray(gfit.gain_err, dtype=f32)
             maps["gain_read_var"] = np.asarray(gfit.read_var, dtype=f32)
@@ -345,7 +396,7 @@ def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams) ->
             maps["gain_n_used"] = np.asarray(gfit.n_used, dtype=f32)
         if plan.lin_at and sum(plan.lin_used) >= 2:
             resid = pixel_linearity_residuals(
-                np.asarray([g.exptime for g in plan.flats]), mean.astype(np.float64),
+                np.asarray([g.exptime for g in plan.flats]), mean,
                 used=np.asarray(plan.lin_used, dtype=bool), at=np.asarray(plan.lin_at),
             )
             maps["lin_resid"] = np.moveaxis(np.asarray(resid, dtype=f32), -1, 0)

@@ -170,3 +170,52 @@ def test_populations_of_rates() -> None:
     assert abs(best.means[main] - 0.002) < 3 * best.means_err[main]
     k_warm = int(np.argmin(np.abs(best.means - 0.03)))
     assert abs(best.weights[k_warm] - warm.mean()) < 0.003
+
+
+# --------------------------------------------------------------------------- compiled vs reference
+
+
+def _dark_inputs(seed: int, n_pix: int = 4000):
+    rng = np.random.default_rng(seed)
+    t = np.array([0.0, 0.0, 60.0, 300.0])
+    mean = 500.0 + rng.normal(0.0, 1.0, (n_pix, 4)) + 0.1 * t
+    var = 16.0 * rng.chisquare(4, (n_pix, 4)) / 4
+    mean[rng.random(mean.shape) < 0.03] = np.nan
+    var[rng.random(var.shape) < 0.03] = np.nan
+    var[:20] = 0.0  # zero sample variances: the model floor
+    mean[20:40, 2:] = np.nan  # one exposure time left: no line
+    var[40:60, 2:] = 1e-3  # variance falling with time: constrained b = 0
+    mean[60:70] = np.nan  # nothing usable
+    return t, mean, var
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fit_dark_rate_numba_matches_numpy(seed: int) -> None:
+    t, mean, var = _dark_inputs(seed)
+    counts = np.array([12, 3, 3, 3])
+    per_pixel = np.broadcast_to(counts, mean.shape).copy()
+    per_pixel[np.random.default_rng(seed).random(mean.shape) < 0.05] = 1  # n = 1: no variance
+    for n in (counts, per_pixel):
+        for m, v in ((mean, var), (mean.astype(np.float32), var.astype(np.float32))):
+            fast = fit_dark_rate(t, m.reshape(40, -1, 4), v.reshape(40, -1, 4), n if n.ndim == 1
+                                 else n.reshape(40, -1, 4))
+            ref = fit_dark_rate(t, m.reshape(40, -1, 4), v.reshape(40, -1, 4), n if n.ndim == 1
+                                else n.reshape(40, -1, 4), backend="numpy")
+            for name in ("rate", "rate_err", "offset", "offset_err", "chi2_red", "read_var",
+                         "shot_slope"):
+                a, b = getattr(fast, name), getattr(ref, name)
+                assert a.shape == (40, 100) and a.dtype == np.float64
+                np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=0, err_msg=name)
+            np.testing.assert_array_equal(fast.n_points, ref.n_points)
+            assert fast.n_points.dtype == np.int32
+    # the degenerate rows are NaN in both, not just equal
+    fit = fit_dark_rate(t, mean, var, counts)
+    assert np.isnan(fit.rate[20:40]).all() and np.isnan(fit.rate[60:70]).all()
+    assert (fit.read_var[:20] >= 1.0 / 12.0).all()
+
+
+def test_fit_dark_rate_backend_is_checked() -> None:
+    t, mean, var = _dark_inputs(2, 10)
+    with pytest.raises(ValueError, match="backend"):
+        fit_dark_rate(t, mean, var, np.array([5, 5, 5, 5]), backend="gpu")  # type: ignore[arg-type]

@@ -188,3 +188,36 @@ def test_gain_populations_recovers_bimodal_fraction() -> None:
     assert best.means == pytest.approx([GAIN, 0.32], rel=0.01)
     with pytest.raises(ValueError):
         gain_populations(np.full(3, np.nan), np.ones(3))
+
+
+@pytest.mark.parametrize("linearizer", [None, np.array([1.0, 0.0]), np.array([2e-7, 1.0, 0.0])])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fit_pixel_gain_numba_matches_numpy(linearizer, dtype) -> None:
+    rng = np.random.default_rng(17)
+    levels = np.array([300.0, 3000.0, 8000.0, 15000.0, 25000.0, 40000.0])
+    mean = levels * rng.normal(1.0, 0.01, (2000, 6))
+    var = (mean / GAIN + 16.0) * rng.chisquare(5, (2000, 6)) / 5
+    mean[rng.random(mean.shape) < 0.03] = np.nan
+    var[rng.random(var.shape) < 0.03] = np.nan
+    mean[:10] = -1.0  # no usable level
+    var[10:20] = 0.0  # zero variances: degenerate line
+    mean[20:30, :4] = 1e6  # above max_mean: too few levels
+    m, v = mean.astype(dtype).reshape(40, 50, 6), var.astype(dtype).reshape(40, 50, 6)
+    n = np.full(6, 6)
+    fast = fit_pixel_gain(m, v, n, max_mean=30000.0, linearizer=linearizer)
+    ref = fit_pixel_gain(m, v, n, max_mean=30000.0, linearizer=linearizer, backend="numpy")
+    for name in ("gain", "gain_err", "read_var", "chi2_red"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert a.shape == (40, 50)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+        np.testing.assert_allclose(a, b, rtol=1e-10, err_msg=name)
+    np.testing.assert_array_equal(fast.n_used, ref.n_used)
+    assert np.isfinite(fast.gain).mean() > 0.9
+    assert np.isnan(fast.gain.reshape(-1)[:30]).all()
+    # per-pixel frame counts take the same path
+    per_pixel = np.broadcast_to(n, m.shape)
+    again = fit_pixel_gain(m, v, per_pixel, max_mean=30000.0, linearizer=linearizer)
+    np.testing.assert_array_equal(again.gain, fast.gain)
+    if linearizer is not None and linearizer.size == 2:
+        plain = fit_pixel_gain(m, v, n, max_mean=30000.0)
+        np.testing.assert_array_equal(plain.gain, fast.gain)  # identity linearizer is exact

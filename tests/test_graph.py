@@ -10,7 +10,13 @@ import pytest
 
 from sitiancal.compute.dark import fit_dark_rate
 from sitiancal.compute.gain import fit_pixel_gain
-from sitiancal.compute.graph import ArrayReader, MemorySink, build_tile_graph, iter_tiles, sum_partials
+from sitiancal.compute.graph import (
+    ArrayReader,
+    MemorySink,
+    build_tile_graph,
+    iter_tiles,
+    sum_partials,
+)
 from sitiancal.compute.stats import group_moments, sigma_clipped_stats
 from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
 

@@ -165,3 +165,24 @@ def test_pixel_residuals_masks() -> None:
     res = pixel_linearity_residuals(t, mean, used=used, at=np.array([0, 9]))
     assert np.isnan(res[1]).all() and np.isnan(res[2]).all()
     assert np.allclose(res[[0, 3]], 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pixel_residuals_numba_matches_numpy(dtype) -> None:
+    rng = np.random.default_rng(5)
+    t = np.array([0.0, 0.25, 1.3, 2.4, 3.5, 4.6, 5.7, 7.4])
+    mean = 3000.0 * t * rng.normal(1.0, 0.01, (30, 40, 8)) + rng.normal(0.0, 5.0, (30, 40, 8))
+    mean[rng.random(mean.shape) < 0.1] = np.nan
+    mean[0, :5] = -10.0  # non-positive fitted values
+    mean[1, :5, 1:4] = np.nan  # too few usable levels
+    mean = mean.astype(dtype)
+    used = np.array([0, 1, 1, 1, 1, 1, 0, 0], dtype=bool)
+    at = np.array([1, 3, 5, -1])
+    fast = pixel_linearity_residuals(t, mean, used=used, at=at)
+    ref = pixel_linearity_residuals(t, mean, used=used, at=at, backend="numpy")
+    assert fast.shape == ref.shape == (30, 40, 4)
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-10)
+    assert np.isnan(fast[0, :5]).all() and np.isnan(fast[1, :5]).all()
+    with pytest.raises(IndexError):
+        pixel_linearity_residuals(t, mean, used=used, at=np.array([8]))

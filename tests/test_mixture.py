@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from sitiancal.compute.mixture import MixtureFit, fit_mixture
+from sitiancal.compute.mixture import MixtureFit, MixtureModel, fit_mixture
 
 # The bimodal camera of the reference study: 85 % / 15 % at 0.254 / 0.272 e-/ADU,
 # intrinsic widths 0.002 e-/ADU.
@@ -177,3 +177,167 @@ def test_zero_errors_and_bad_input() -> None:
         fit_mixture(x, -1.0)
     with pytest.raises(ValueError):
         fit_mixture([1.0, 2.0], 0.1)
+
+
+# --------------------------------------------------------------------------- fast paths
+#
+# The compiled kernels ("exact") and the (value, error) cell reduction with its
+# full-data BHHH step ("binned", what "auto" picks at 1e6 points) against the
+# numpy reference on simulated populations shaped like the real uses.
+
+
+def _gain_like(rng: np.random.Generator, n: int, means: tuple[float, ...], weights: tuple[float, ...],
+               sig: float = 0.01, rel: float = 0.10, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """ln g populations with ~10 % relative errors (lognormal spread)."""
+    comp = rng.choice(len(means), size=n, p=weights)
+    true = rng.normal(np.asarray(means)[comp], sig)
+    err = rel * np.exp(rng.normal(0.0, spread, n))
+    return true + rng.normal(0.0, err), err
+
+
+def _case(name: str, n: int = 40_000) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(sum(map(ord, name)))
+    lg1, lg2 = np.log(0.254), np.log(0.30)
+    if name == "unimodal":
+        return _gain_like(rng, n, (lg1,), (1.0,))
+    if name == "bimodal5":
+        return _gain_like(rng, n, (lg1, lg2), (0.95, 0.05))
+    if name == "bimodal30":
+        return _gain_like(rng, n, (lg1, lg2), (0.7, 0.3))
+    if name == "overlapping":  # separation half the typical error
+        return _gain_like(rng, n, (lg1, lg1 + 0.05), (0.6, 0.4), sig=0.02)
+    if name == "heteroscedastic":  # errors spanning a factor 100
+        x, _ = _gain_like(rng, n, (lg1, lg2), (0.8, 0.2), rel=0.0)
+        err = np.exp(rng.uniform(np.log(0.002), np.log(0.2), n))
+        return x + rng.normal(0.0, err), err
+    if name == "dark":  # e-/s: narrow population, 5 % warm, 0.2 % hot; negative estimates
+        u = rng.random(n)
+        true = rng.normal(0.01, 0.002, n)
+        true[u < 0.05] = rng.normal(0.05, 0.005, int((u < 0.05).sum()))
+        hot = u > 0.998
+        true[hot] = np.exp(rng.uniform(0.0, np.log(10.0), int(hot.sum())))
+        err = 0.01 * np.exp(rng.normal(0.0, 0.2, n))
+        return true + rng.normal(0.0, err), err
+    raise ValueError(name)
+
+
+CASES = ("unimodal", "bimodal5", "bimodal30", "overlapping", "heteroscedastic", "dark")
+
+
+def _assert_same_fit(a: MixtureFit, b: MixtureFit, tol: float, what: str) -> None:
+    """Same number of components, BIC within 1 for every candidate, and the chosen
+    model's parameters within ``tol`` of ``b``'s Fisher errors (errors within 2 %)."""
+    assert a.best.n_components == b.best.n_components, what
+    for ca, cb in zip(a.candidates, b.candidates, strict=True):
+        # the BIC gaps that decide the number of components are tens to thousands
+        assert abs(ca.bic - cb.bic) < 1.0, (what, ca.n_components, ca.bic, cb.bic)
+    ma, mb = a.best, b.best
+    assert ma.converged and mb.converged
+    for attr in ("weights", "means", "sigmas"):
+        err = getattr(mb, attr + "_err")
+        diff = np.abs(getattr(ma, attr) - getattr(mb, attr))
+        scale = np.where(err > 0, err, 1.0)
+        assert np.all(diff < tol * scale), (what, attr, diff / scale)
+        np.testing.assert_allclose(getattr(ma, attr + "_err"), err, rtol=0.02, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fast_paths_match_reference(name: str) -> None:
+    """"exact" is the reference algorithm compiled: same iterates, same answer.
+    "binned" lands on the optimum of the full likelihood: compared with the
+    exact path run to ``tol=1e-10``, since EM's default stopping rule
+    (1e-7 per point) can itself stop some 0.1 sigma short of it when the
+    errors dominate (e.g. "heteroscedastic"), a shortfall the BHHH step of
+    the binned path also removes."""
+    x, e = _case(name)
+    if name == "dark":
+        assert np.mean(x < 0) > 0.05  # the estimates do go negative
+    kw = {"max_components": 3, "seed": 0}
+    ref = fit_mixture(x, e, method="reference", **kw)
+    exact = fit_mixture(x, e, method="exact", **kw)
+    _assert_same_fit(exact, ref, 1e-4, f"exact {name}")
+    optimum = fit_mixture(x, e, method="exact", tol=1e-10, **kw)
+    binned = fit_mixture(x, e, method="binned", **kw)
+    assert any("cells" in n for n in binned.notes)
+    assert not any("cells" in n for n in exact.notes)
+    _assert_same_fit(binned, optimum, 0.02, f"binned {name}")
+    _assert_same_fit(ref, optimum, 0.2, f"reference {name}")
+
+
+def test_auto_bins_large_samples() -> None:
+    """At 2e5 gain-like points "auto" runs on cells; one component, same answer as "exact"."""
+    rng = np.random.default_rng(21)
+    x, e = _gain_like(rng, 200_000, (np.log(0.254),), (1.0,))
+    auto = fit_mixture(x, e, max_components=1, max_samples=200_000, seed=0)
+    assert any("cells" in n for n in auto.notes)
+    exact = fit_mixture(x, e, max_components=1, max_samples=200_000, seed=0, method="exact")
+    assert not any("cells" in n for n in exact.notes)
+    a, b = auto.best, exact.best
+    assert abs(a.means[0] - b.means[0]) < 0.02 * b.means_err[0]
+    assert abs(a.sigmas[0] - b.sigmas[0]) < 0.02 * b.sigmas_err[0]
+    assert abs(a.loglike - b.loglike) < 0.01
+
+
+def test_reduction_preserves_moments() -> None:
+    """Counts, the sum of the values and the deconvolved second moment
+    ``sum (z^2 - e^2)`` are kept exactly; zero-error points stay single."""
+    from sitiancal.compute.mixture import _reduce
+
+    rng = np.random.default_rng(3)
+    n = 100_000
+    e2 = np.exp(rng.normal(0.0, 0.5, n))
+    e2[:10] = 0.0
+    z = rng.normal(0.0, 1.0, n) * np.sqrt(0.01 + e2)
+    d = _reduce(z, e2, rel_width=0.05, log_err_step=0.01)
+    assert d.n == n and d.cnt.sum() == n
+    assert 10 <= d.z.size < n / 2
+    assert np.all(d.e2[d.cnt > 1] > 0) and np.sum(d.e2 == 0) == 10
+    np.testing.assert_allclose(np.sum(d.cnt * d.z), z.sum(), rtol=1e-12, atol=1e-9)
+    # sum n (zbar^2 - e2c) = sum (z^2 - e2): the spread lost by the collapse is taken
+    # off the errors, so the moment estimate of the intrinsic variance is unchanged
+    np.testing.assert_allclose(np.sum(d.cnt * (d.z**2 - d.e2)), np.sum(z**2 - e2), rtol=1e-10)
+
+
+def test_compiled_sums_match_numpy() -> None:
+    """The compiled E-step sums (serial and parallel) equal the numpy reference,
+    including points only explained by a component of negligible weight."""
+    from sitiancal.compute.mixture import _moments, _Sample, _State
+
+    rng = np.random.default_rng(4)
+    z = np.concatenate([rng.normal(0, 1, 300_000), [40.0, -60.0]])
+    e2 = rng.uniform(0.0, 0.5, z.size)
+    st = _State(np.array([0.7, 0.3 - 1e-300, 1e-300]), np.array([-0.5, 0.8, 40.0]),
+                np.array([0.3, 0.0, 1.0]))
+    ref = _moments(_Sample(z, e2, None, z.size, 0.1, compiled=False), st)
+    for m in (z.size, 1000):  # parallel (>= _PARALLEL_MIN) and serial kernels
+        fast = _moments(_Sample(z[:m], e2[:m], None, m, 0.1), st)
+        want = ref if m == z.size else _moments(_Sample(z[:m], e2[:m], None, m, 0.1, compiled=False), st)
+        assert abs(fast[0] - want[0]) < 1e-12 * abs(want[0])
+        np.testing.assert_allclose(fast[1], want[1], rtol=1e-10, atol=1e-10)
+    # multiplicities: a repeated point counts as many points
+    rep = _Sample(np.repeat(z[:100], 3), np.repeat(e2[:100], 3), None, 300, 0.1)
+    cnt = _Sample(z[:100], e2[:100], np.full(100, 3.0), 300, 0.1)
+    np.testing.assert_allclose(_moments(cnt, st)[1], _moments(rep, st)[1], rtol=1e-12)
+    assert abs(_moments(cnt, st)[0] - _moments(rep, st)[0]) < 1e-12
+
+
+def test_classify_blockwise_float32() -> None:
+    x, e = _bimodal(12, 20_000)
+    best = fit_mixture(x, e, max_components=2, seed=0).best
+    want = np.argmax(best.responsibilities(x, e), axis=1)
+    np.testing.assert_array_equal(best.classify(x, e), want)
+    np.testing.assert_array_equal(best.classify(x, e, block=777), want)
+    x32, e32 = x.astype(np.float32), e.astype(np.float32)
+    got32 = best.classify(x32, e32)
+    want32 = np.argmax(best.responsibilities(x32.astype(float), e32.astype(float)), axis=1)
+    np.testing.assert_array_equal(got32, want32)
+    # a scalar error and 2-D input
+    np.testing.assert_array_equal(best.classify(x[:1000].reshape(40, 25), 0.005),
+                                  np.argmax(best.responsibilities(x[:1000], 0.005), axis=1))
+    # integer input (ADU-like) is converted per block
+    model = MixtureModel(weights=np.array([0.6, 0.4]), means=np.array([250.0, 270.0]),
+                         sigmas=np.array([2.0, 4.0]), loglike=0.0, bic=0.0, n_samples=1,
+                         converged=True)
+    xi = np.random.default_rng(5).integers(230, 300, 5000).astype(np.int32)
+    np.testing.assert_array_equal(model.classify(xi, 3.0, block=1000),
+                                  np.argmax(model.responsibilities(xi.astype(float), 3.0), axis=1))

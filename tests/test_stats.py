@@ -11,14 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
+from sitiancal.compute import stats as stats_module
 from sitiancal.compute.stats import (
     Moments,
+    clipped_stats_and_moments,
     combine_moments,
     group_moments,
     pixel_median,
     pixel_time_trend,
     sigma_clipped_mean,
     sigma_clipped_stats,
+    sorting_network,
 )
 
 DTYPES = [np.uint8, np.uint16, np.float32, np.float64]
@@ -371,3 +374,115 @@ def test_pixel_time_trend_recovers_drift_with_calibrated_errors():
         pixel_time_trend(stack, np.zeros(n_frames))
     with pytest.raises(ValueError, match="3 frames"):
         pixel_time_trend(stack[:2], t[:2])
+
+
+# ---------------------------------------------------------------------------
+# comparator-network clip (small integer stacks) and the fused bias statistics
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 12, 13, 16])
+def test_sorting_network_sorts_every_zero_one_input(n: int) -> None:
+    """0-1 principle: a comparator network that sorts all 2^n 0/1 inputs sorts everything."""
+    net = sorting_network(n)
+    assert net.ndim == 2 and net.shape[1] == 2 and (net[:, 0] < net[:, 1]).all()
+    assert net.size == 0 or net.max() < n
+    x = ((np.arange(2**n)[None, :] >> np.arange(n)[:, None]) & 1).astype(np.int8)
+    for a, b in net:
+        lo, hi = np.minimum(x[a], x[b]), np.maximum(x[a], x[b])
+        x[a], x[b] = lo, hi
+    assert (np.diff(x, axis=0) >= 0).all()
+
+
+@pytest.mark.parametrize("n", [20, 33, 50, 64])
+def test_sorting_network_sorts_random_columns(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 6, (n, 500))  # many ties
+    ref = np.sort(x, axis=0)
+    for a, b in sorting_network(n):
+        lo, hi = np.minimum(x[a], x[b]), np.maximum(x[a], x[b])
+        x[a], x[b] = lo, hi
+    np.testing.assert_array_equal(x, ref)
+
+
+def _counting_clip(stack: np.ndarray, offset, sigma: float, maxiters):
+    """The counting-sort kernel (the path for F > 64) on the same input."""
+    flat = stack.reshape(stack.shape[0], -1)
+    if flat.dtype == np.uint8:
+        flat = flat.astype(np.uint16)
+    off = stats_module._pixel_offset(offset, stack.shape[1:])
+    return stats_module._clip_int_kernel(
+        flat, off, float(sigma), float(sigma), -1 if maxiters is None else maxiters,
+        stats_module._count_buffer_size(flat.shape[0]), 64)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n_frames", "sigma", "maxiters", "wide"),
+    [
+        (np.uint16, 12, 3.0, 5, False),
+        (np.uint16, 12, 3.0, 5, True),
+        (np.uint16, 2, 3.0, 5, False),
+        (np.uint16, 24, 2.0, None, False),
+        (np.uint16, 64, 3.0, 1, True),
+        (np.uint8, 9, 2.5, 3, False),
+        (np.int16, 17, 3.0, 5, False),
+    ],
+)
+def test_network_clip_matches_counting_kernel_and_astropy(dtype, n_frames, sigma, maxiters, wide):
+    rng = np.random.default_rng(100 + n_frames)
+    level = 100.0 if dtype == np.uint8 else 1000.0
+    if dtype == np.int16:
+        stack = np.round(rng.normal(-20.0, 4.0, (n_frames, 19, 21))).astype(np.int16)
+        stack[rng.random(stack.shape) < 0.03] += 300
+    else:
+        stack = _spiky_stack(rng, n_frames, (19, 21), dtype, level=level, wide=wide)
+    stack[:, 0, :3] = stack[0, 0, :3]  # constant pixels: std 0, every value kept
+    stack[:, 1, 1] = (np.arange(n_frames) % 2).astype(dtype) + stack[0, 1, 1]  # two tied values
+    assert stats_module._network_applies(stack.reshape(n_frames, -1))
+    for offset in (None, rng.normal(level - 5.0, 2.0, (19, 21))):
+        res = sigma_clipped_stats(stack, sigma=sigma, maxiters=maxiters, offset=offset)
+        mean, med, std, n_used = _counting_clip(stack, offset, sigma, maxiters)
+        np.testing.assert_array_equal(res.n_used.ravel(), n_used)
+        np.testing.assert_allclose(res.mean.ravel(), mean, rtol=1e-13, atol=1e-11)
+        np.testing.assert_array_equal(res.median.ravel(), med)
+        np.testing.assert_allclose(res.std.ravel(), std, rtol=1e-12, atol=1e-12)
+    ref_mean, ref_med, ref_std, ref_n = _astropy_reference(stack.astype(np.float64), sigma, maxiters)
+    res = sigma_clipped_stats(stack, sigma=sigma, maxiters=maxiters)
+    np.testing.assert_array_equal(res.n_used, ref_n)
+    np.testing.assert_allclose(res.mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(res.median, ref_med, rtol=1e-12)
+    np.testing.assert_allclose(res.std, ref_std, rtol=1e-9, atol=1e-12)
+    assert (res.std[0, :3] == 0).all() and (res.n_used[0, :3] == n_frames).all()
+
+
+def test_network_clip_nan_offset_gives_empty_pixel():
+    rng = np.random.default_rng(4)
+    stack = _spiky_stack(rng, 10, (5, 6), np.uint16)
+    offset = np.full((5, 6), 990.0)
+    offset[2, 3] = np.nan
+    res = sigma_clipped_stats(stack, offset=offset)
+    assert res.n_used[2, 3] == 0 and np.isnan(res.mean[2, 3]) and np.isnan(res.median[2, 3])
+    assert (res.n_used[np.isfinite(offset)] > 0).all()
+
+
+@pytest.mark.parametrize(("dtype", "n_frames"), [(np.uint16, 12), (np.uint16, 70), (np.uint8, 5),
+                                                 (np.float32, 12), (np.float64, 9)])
+def test_clipped_stats_and_moments_equals_separate_calls(dtype, n_frames):
+    """The fused kernel (uint, F <= 64) and the fallback give both functions' results."""
+    rng = np.random.default_rng(n_frames)
+    stack = _spiky_stack(rng, n_frames, (17, 23), dtype, wide=True)
+    clipped, mom = clipped_stats_and_moments(stack, sigma=3.0, maxiters=5)
+    ref_c = sigma_clipped_stats(stack, sigma=3.0, maxiters=5)
+    ref_m = group_moments(stack)
+    assert mom.n == n_frames
+    np.testing.assert_array_equal(mom.mean, ref_m.mean)  # exact integer sums on both paths
+    np.testing.assert_array_equal(mom.var, ref_m.var)
+    np.testing.assert_array_equal(clipped.n_used, ref_c.n_used)
+    np.testing.assert_array_equal(clipped.mean, ref_c.mean)
+    np.testing.assert_array_equal(clipped.std, ref_c.std)
+    np.testing.assert_array_equal(clipped.median, ref_c.median)
+    num_c, num_m = clipped_stats_and_moments(stack, backend="numpy")
+    np.testing.assert_allclose(num_c.mean, clipped.mean, rtol=1e-12)
+    np.testing.assert_allclose(num_m.var, mom.var, rtol=1e-12)
+    with pytest.raises(ValueError, match="maxiters"):
+        clipped_stats_and_moments(stack, maxiters=0)

@@ -1,0 +1,124 @@
+"""Bounded-memory product assembly: helpers against their plain numpy/scipy definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import special
+
+from sitiancal.compute.dark import dark_summary
+from sitiancal.compute.defects import robust_center_scale
+from sitiancal.compute.products import _subsample, _t_threshold
+from sitiancal.compute.readnoise import read_noise_summary
+from sitiancal.compute.summary import finite_values, mean_std, quantiles, row_bands
+
+
+def _values(seed: int = 3, n: int = 200_003) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = rng.lognormal(0.0, 0.5, n).astype(np.float32)
+    v[rng.integers(0, n, 500)] = np.nan
+    v[rng.integers(0, n, 20)] = np.inf
+    return v
+
+
+def test_summary_helpers_match_numpy() -> None:
+    v = _values()
+    fin = finite_values(v)
+    ref = v[np.isfinite(v)].astype(np.float64)
+    assert fin.dtype == np.float32 and fin.size == ref.size
+    mean, std = mean_std(fin)
+    assert mean == pytest.approx(ref.mean(), rel=1e-12)
+    assert std == pytest.approx(ref.std(ddof=1), rel=1e-10)
+    q = [0.001, 0.16, 0.5, 0.84, 0.999]
+    np.testing.assert_allclose(quantiles(fin.copy(), q), np.quantile(ref, q), rtol=1e-6)
+    assert finite_values(np.arange(5)).dtype == np.float64
+    rows = list(row_bands(1001, 10, pixels=3000))
+    assert rows[0] == slice(0, 300) and rows[-1] == slice(900, 1001)
+    assert sum(r.stop - r.start for r in rows) == 1001
+
+
+def test_robust_center_scale_float32_equals_float64() -> None:
+    v = _values(4)
+    c32, s32 = robust_center_scale(v)
+    ref = v[np.isfinite(v)].astype(np.float64)
+    med = np.median(ref)
+    assert c32 == pytest.approx(med, rel=1e-6)
+    assert s32 == pytest.approx(1.4826 * np.median(np.abs(ref - med)), rel=1e-5)
+    before = v.copy()
+    robust_center_scale(v)
+    np.testing.assert_array_equal(v, before)  # the input is never modified
+
+
+def test_dark_and_read_noise_summaries_match_numpy() -> None:
+    rng = np.random.default_rng(5)
+    rate = rng.normal(0.002, 0.004, 100_001).astype(np.float32)
+    err = np.full_like(rate, 0.004)
+    rate[:7] = np.nan
+    out = dark_summary(rate, err, temperature=0.0)
+    ref = rate[np.isfinite(rate)].astype(np.float64)
+    assert out["median"] == pytest.approx(np.median(ref), rel=1e-6)
+    assert out["mean"] == pytest.approx(ref.mean(), rel=1e-9)
+    assert out["mean_err"] == pytest.approx(ref.std(ddof=1) / np.sqrt(ref.size), rel=1e-9)
+    assert out["percentiles"]["p99"] == pytest.approx(np.percentile(ref, 99), rel=1e-6)
+    assert out["frac_above"]["0.01"] == pytest.approx(np.mean(ref > 0.01))
+    assert out["robust_sigma"] == pytest.approx(
+        1.4826 * np.median(np.abs(ref - np.median(ref))), rel=1e-4)
+    assert out["n_pixels"] == ref.size
+    np.testing.assert_array_equal(np.isnan(rate[:7]), True)  # input untouched
+
+    rn = rng.gamma(20.0, 0.05, 50_000).astype(np.float32)
+    s = read_noise_summary(rn)
+    ref = rn.astype(np.float64)
+    assert s["median"] == pytest.approx(np.median(ref), rel=1e-6)
+    assert s["rms"] == pytest.approx(np.sqrt(np.mean(ref**2)), rel=1e-9)
+    assert s["std"] == pytest.approx(ref.std(ddof=1), rel=1e-9)
+    assert s["p84.135"] == pytest.approx(np.percentile(ref, 84.135), rel=1e-6)
+    assert (s["min"], s["max"]) == (pytest.approx(ref.min()), pytest.approx(ref.max()))
+
+
+@pytest.mark.parametrize("dof", [1, 3, 10, 98])
+def test_t_threshold_is_the_t_to_z_map(dof: int) -> None:
+    """|t| > threshold exactly where the normal z of equal tail probability exceeds 5."""
+    t = np.linspace(-200.0, 200.0, 400_001)
+    z = -special.ndtri(np.clip(special.stdtr(dof, -np.abs(t)), 1e-300, 0.5))
+    thr = _t_threshold(5.0, dof)
+    # the two rules agree everywhere except within rounding of the boundary itself
+    differ = (np.abs(t) > thr) != (z > 5.0)
+    assert not differ[np.abs(np.abs(t) - thr) > 1e-6 * thr].any()
+    assert special.stdtr(dof, -thr) == pytest.approx(special.ndtr(-5.0), rel=1e-8)
+
+
+def test_subsample_is_uniform_and_bounded() -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.random((400, 500)) < 0.3
+    n_ok = int(mask.sum())
+    idx = _subsample(mask, 10_000, seed=1)
+    assert idx.size == 10_000 and np.all(np.diff(idx) > 0)  # sorted, distinct
+    assert mask.ravel()[idx].all()
+    np.testing.assert_array_equal(idx, _subsample(mask, 10_000, seed=1))  # seeded
+    assert not np.array_equal(idx, _subsample(mask, 10_000, seed=2))
+    # uniform over the selectable pixels: each half of the frame gets its share
+    first_half = mask.ravel()[: mask.size // 2].sum() / n_ok
+    assert np.mean(idx < mask.size // 2) == pytest.approx(first_half, abs=0.02)
+    # fewer selectable pixels than the limit: all of them
+    np.testing.assert_array_equal(_subsample(mask, n_ok + 5, seed=1), np.flatnonzero(mask))
+
+
+def test_glow_is_a_background_not_warm_pixels() -> None:
+    """A smooth amplifier-glow corner is not WARM; an isolated warm pixel inside it is."""
+    from sitiancal.compute.defects import hot_warm, local_median
+
+    rng = np.random.default_rng(11)
+    ny, nx = 256, 384
+    y, x = np.mgrid[0:ny, 0:nx]
+    glow = 0.04 * np.exp(-np.hypot(y, x - nx) / 40.0)  # e-/s, a corner 20x the median
+    err = np.full((ny, nx), 0.0005, np.float32)
+    rate = (0.002 + glow + rng.normal(0, 0.0005, (ny, nx))).astype(np.float32)
+    rate[10, nx - 20] += 0.03  # a warm pixel in the glow
+    rate[200, 50] += 0.03  # and one far from it
+    global_only = hot_warm(rate, err, populations=None)[1]
+    assert global_only[:60, nx - 60:].sum() > 100  # the glow corner, without a background
+    bg = local_median(rate, block=16)
+    hot, warm = hot_warm(rate, err, populations=None, background=bg)
+    assert warm[10, nx - 20] and warm[200, 50] and not hot.any()
+    assert warm.sum() <= 4

@@ -1,0 +1,95 @@
+"""The memory budget of a run: tasks at once and tile size chosen from the plan."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from simdata import small_dataset
+
+from sitiancal.compute.graph import (
+    largest_stack,
+    tile_concurrency,
+    tile_task_bytes,
+)
+from sitiancal.compute.tile import FrameGroup, TilePlan
+from sitiancal.service.cli import main
+from sitiancal.service.pipeline import _BASE_BYTES, compute_products, memory_limit_bytes
+from sitiancal.service.settings import Settings
+from sitiancal.storage.cube import build_cube
+from sitiancal.storage.scan import scan
+
+
+def _plan(n_bias: int, flat_frames: int) -> TilePlan:
+    flats = tuple(FrameGroup("flat", 1.0 + i, tuple(range(flat_frames))) for i in range(4))
+    return TilePlan(bias=FrameGroup("bias", 0.0, tuple(range(n_bias))), bias_time_s=(),
+                    bias_frame_level=(), darks=(), flats=flats, flat_dark=(None,) * 4,
+                    saturation=60000.0, gain_levels=(True,) * 4, lin_used=(True,) * 4,
+                    lin_at=(), flat_ref=0)
+
+
+def test_task_bytes_and_concurrency() -> None:
+    small, big = _plan(12, 6), _plan(300, 100)
+    assert largest_stack(small, 64) == 12
+    assert largest_stack(big, 64) == 300  # the bias stack is loaded whole
+    assert largest_stack(_plan(12, 100), 64) == 64  # flat levels in batches
+    tile = (1597, 1368)
+    assert tile_task_bytes(big, tile, max_batch=64) > tile_task_bytes(small, tile, max_batch=64)
+    assert tile_task_bytes(small, (800, 1368), max_batch=64) < tile_task_bytes(small, tile,
+                                                                                max_batch=64)
+    assert tile_concurrency(None, 10**9, cores=2) == 2
+    assert tile_concurrency(10 * 10**9, 10**9, cores=2) == 2
+    assert tile_concurrency(3 * 10**9, 10**9, cores=8, reserve=10**9) == 2
+    assert tile_concurrency(10**8, 10**9, cores=8) == 1  # never zero
+
+
+def test_settings_memory_limit() -> None:
+    assert memory_limit_bytes(Settings(memory_limit="4GB")) == 4 * 10**9
+    assert memory_limit_bytes(Settings(memory_limit="512MiB")) == 512 * 2**20
+    assert memory_limit_bytes(Settings(memory_limit="auto")) is None
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory) -> tuple[str, object]:
+    root = tmp_path_factory.mktemp("memlimit")
+    out, _ = small_dataset(root)
+    frames = root / "frames"
+    shutil.copytree(out, frames, ignore=shutil.ignore_patterns("truth.fits"))
+    store = str(root / "cube.zarr")
+    return store, build_cube(scan(frames), store)
+
+
+def _maps(workdir: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(workdir / "maps.zarr"), mode="r")
+    return {name: group[name][...] for name in group.array_keys()}
+
+
+def test_a_tight_limit_runs_smaller_tiles_one_at_a_time_with_the_same_maps(cube, tmp_path):
+    store, ds = cube
+    free = compute_products(ds, store, tmp_path / "free", wanted=("bias",), cores=2)
+    assert free.timings["tile_threads"] == 2.0
+    assert not any("memory limit" in n for n in free.planned.notes)
+    # room for the process and hardly anything else: the tile height is halved
+    # until one task fits (or the smallest tile), and tasks run one at a time
+    tight = _BASE_BYTES + 1
+    limited = compute_products(ds, store, tmp_path / "tight", wanted=("bias",), cores=2,
+                               memory_limit=tight)
+    assert limited.timings["tile_threads"] == 1.0
+    assert limited.timings["n_tiles"] > free.timings["n_tiles"]
+    assert any("memory limit" in n and "tile task" in n for n in limited.planned.notes)
+    a, b = _maps(tmp_path / "free"), _maps(tmp_path / "tight")
+    assert a.keys() == b.keys()
+    for name in a:  # per-pixel work does not depend on the tiling
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_cli_rejects_a_bad_memory_limit(tmp_path):
+    result = CliRunner().invoke(main, ["calibrate", str(tmp_path), "--camera", "X",
+                                       "--memory-limit", "lots", "--data-dir",
+                                       str(tmp_path / "d")])
+    assert result.exit_code != 0
+    assert "--memory-limit 'lots'" in result.output and "Traceback" not in result.output
