@@ -187,13 +187,16 @@ def spawned_cluster(n_workers: int, workdir: Path) -> Iterator[str]:
 
     Yields the scheduler address; the processes are terminated on exit.
     """
-    dask_bin = str(Path(sys.executable).with_name("dask"))
+    # the modules rather than the ``dask`` script: works where packages were
+    # installed without console scripts (pip --target)
+    scheduler_cmd = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    worker_cmd = [sys.executable, "-m", "distributed.cli.dask_worker"]
     sched_file = workdir / "scheduler.json"
     procs: list[subprocess.Popen] = []
     log = open(workdir / "cluster.log", "w")  # closed in the finally clause
     try:
         procs.append(subprocess.Popen(
-            [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0",
+            [*scheduler_cmd, "--host", "127.0.0.1", "--port", "0",
              "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
             stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 60
@@ -203,7 +206,7 @@ def spawned_cluster(n_workers: int, workdir: Path) -> Iterator[str]:
             time.sleep(0.2)
         for _ in range(n_workers):
             procs.append(subprocess.Popen(
-                [dask_bin, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                [*worker_cmd, "--scheduler-file", str(sched_file), "--nthreads", "1",
                  "--nworkers", "1", "--host", "127.0.0.1", "--dashboard-address", ":0",
                  "--local-directory", str(workdir / "dask-worker")],
                 stdout=log, stderr=subprocess.STDOUT))

@@ -3,29 +3,50 @@
 Layout (see docs/architecture.md, "Cube contract")::
 
     frames              (frame, y, x)  uint16, chunks (1, ty, tx), blosc zstd-1 + bitshuffle
+                        ("copy" layout only)
     frame_type, exptime, temperature, time, level, file, sha256   (frame,) coordinates
     frame_mean, frame_median, frame_clipped_mean, frame_clipped_std, center_mean  (frame,)
     row_mean            (frame, y)
     col_mean            (frame, x)
 
+The pixels live in one of two layouts, named by the group attribute ``layout``:
+
+``copy``
+    The pixels are written into the compressed ``frames`` array (any FITS the
+    scan accepts: tile-compressed, gzip, 8-bit, signed 16-bit...).
+``virtual``
+    No pixels are copied. The attribute ``frame_sources`` is a manifest that
+    locates each frame's data block in its FITS file (path, byte offset, FITS
+    dtype, BZERO, shape, file size and modification time); tiles are read in
+    place through a memory map. Used when every frame is an uncompressed
+    local 16-bit image (BITPIX 16 with BZERO 32768 and BSCALE 1, or plain
+    BITPIX 16 whose counts are all non-negative). A file whose size or
+    modification time changed makes the cube stale: :func:`open_cube` refuses
+    it and the tile readers raise :class:`StaleCubeError`.
+
+:func:`open_cube` returns the same dataset for both layouts (a virtual cube's
+``frames`` is a dask array over the files) and :func:`frame_reader` the
+``reader(indices, ys, xs)`` the tile pass uses.
+
 Frames are ordered bias, dark, flat, then by exposure time, then by time. Every
 file is read once: its bytes are hashed and parsed from the same buffer, the
-pixels are written into their region of the pre-created array and the per-frame
-statistics are computed while the frame is in memory. A cube is usable only once
-its ``complete`` attribute has been set, which happens last.
+pixels are written into their region of the pre-created array (copy layout) and
+the per-frame statistics are computed while the frame is in memory. A cube is
+usable only once its ``complete`` attribute has been set, which happens last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import os
 import queue
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -37,7 +58,15 @@ from dask.callbacks import Callback
 from zarr.codecs import BloscCodec
 
 from sitiancal import __version__
-from sitiancal.storage.frames import FrameReadError, read_file_bytes, read_frame_bytes
+from sitiancal.storage.frames import (
+    FrameReadError,
+    HduInfo,
+    find_image_hdu,
+    open_binary,
+    read_file_bytes,
+    read_frame_bytes,
+    stream_size,
+)
 from sitiancal.storage.scan import FrameRecord, FrameType, Inventory
 
 #: Chunk shape aimed at (rows, columns): ~4.5 MB uint16 chunks, tasks of >~100 ms.
@@ -50,7 +79,13 @@ CLIP_SIGMA = 3.0
 MAD_TO_SIGMA = 1.482602218505602
 #: Format tag and version written in the group attributes.
 CUBE_FORMAT = "sitiancal-cube"
-CUBE_FORMAT_VERSION = 1
+#: 2 adds the ``layout`` attribute; a cube without it (version 1) is a copy cube.
+CUBE_FORMAT_VERSION = 2
+
+#: ``build_cube(layout=...)``: "auto" is virtual when every frame allows it, else copy.
+Layout = Literal["auto", "virtual", "copy"]
+#: FITS data type of the frames a virtual cube references: big-endian int16.
+_FITS_INT16 = ">i2"
 
 _TYPE_ORDER = {FrameType.BIAS: 0, FrameType.DARK: 1, FrameType.FLAT: 2}
 _KEY_PREFIX = "sitiancal-cube-frame"
@@ -68,6 +103,10 @@ class CubeError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.store}: {self.reason}"
+
+
+class StaleCubeError(CubeError):
+    """A raw file a virtual cube references changed or vanished since the build."""
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -236,10 +275,176 @@ def exposure_levels(frames: Sequence[FrameRecord]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class FrameSource:
+    """Where a virtual cube finds one frame's pixels: a FITS data block read in place.
+
+    Attributes
+    ----------
+    path
+        Local path of the FITS file.
+    offset
+        Byte offset of the image's data block in the file.
+    dtype
+        numpy dtype string of the stored pixels (``">i2"``: FITS BITPIX 16, big-endian).
+    bzero
+        FITS BZERO: 32768 (unsigned counts stored as signed integers) or 0
+        (signed storage of counts that the build found all non-negative).
+    shape
+        ``(ny, nx)`` pixels.
+    size
+        File size at build time, bytes.
+    mtime_ns
+        File modification time at build time, ns since the epoch.
+    """
+
+    path: str
+    offset: int
+    dtype: str
+    bzero: int
+    shape: tuple[int, int]
+    size: int
+    mtime_ns: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as stored in the cube's ``frame_sources`` attribute."""
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> FrameSource:
+        """Inverse of :meth:`to_dict`."""
+        ny, nx = raw["shape"]
+        return cls(path=str(raw["path"]), offset=int(raw["offset"]), dtype=str(raw["dtype"]),
+                   bzero=int(raw["bzero"]), shape=(int(ny), int(nx)), size=int(raw["size"]),
+                   mtime_ns=int(raw["mtime_ns"]))
+
+    def changed(self, st: os.stat_result) -> str | None:
+        """Why the file described by ``st`` is not the one recorded, or None."""
+        what = []
+        if st.st_size != self.size:
+            what.append(f"size {self.size} -> {st.st_size} bytes")
+        if st.st_mtime_ns != self.mtime_ns:
+            what.append(f"mtime {_iso_ns(self.mtime_ns)} -> {_iso_ns(st.st_mtime_ns)}")
+        return ", ".join(what) or None
+
+
+def _iso_ns(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat()
+
+
+def _virtual_kind(info: HduInfo) -> str | None:
+    """Why the image HDU cannot be read in place, or None when it can."""
+    if info.is_compressed_image:
+        return "tile-compressed image"
+    if info.bitpix != 16:
+        return f"BITPIX {info.bitpix}"
+    if info.bscale != 1.0 or info.bzero not in (0.0, 32768.0):
+        return f"BSCALE {info.bscale:g}, BZERO {info.bzero:g}"
+    return None
+
+
+def virtual_obstacle(records: Sequence[FrameRecord]) -> str | None:
+    """Why ``records`` cannot form a virtual cube, or None when they can.
+
+    Reads each file's header blocks only (a few kB per file), never pixels.
+    A frame qualifies when it is a local, uncompressed file whose image HDU has
+    BITPIX 16, BSCALE 1 and BZERO 32768 or 0.
+    """
+    for r in records:
+        if "://" in r.path:
+            return f"{r.path}: not a local file"
+        if r.compression is not None:
+            return f"{r.path}: compressed ({r.compression})"
+        if r.bitpix != 16:
+            return f"{r.path}: BITPIX {r.bitpix}"
+        try:
+            with open_binary(r.path) as f:
+                if f.read(2) == b"\x1f\x8b":
+                    return f"{r.path}: compressed (gzip)"
+                size = stream_size(f)
+
+                def read_at(offset: int, n: int, f: Any = f) -> bytes:
+                    f.seek(offset)
+                    return f.read(n)
+
+                _, info = find_image_hdu(read_at, r.path, r.hdu, size=size)
+        except (OSError, FrameReadError) as exc:
+            return f"{r.path}: {exc}"
+        why = _virtual_kind(info)
+        if why is not None:
+            return f"{r.path}: {why}"
+    return None
+
+
+@dataclass(frozen=True)
 class _Ingested:
     index: int
     sha256: str
     stats: FrameStats
+    source: FrameSource | None = None
+
+
+def _buffer_hdu(buf: np.ndarray, path: str, hdu: int) -> HduInfo:
+    """The image HDU of a file held in ``buf`` (header blocks only)."""
+    view = memoryview(buf).cast("B")
+
+    def read_at(offset: int, n: int) -> bytes:
+        return bytes(view[offset:offset + n])
+
+    return find_image_hdu(read_at, path, hdu, size=view.nbytes)[1]
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as exc:
+        raise FrameReadError(path, f"unreadable: {exc.strerror or exc}") from None
+
+
+def _ingest_frame(store: str, storage_options: dict[str, Any] | None, index: int, path: str,
+                  hdu: int, shape: tuple[int, int], pool: _BufferPool | None = None,
+                  virtual: bool = False) -> _Ingested:
+    """Read one file once and return its statistics.
+
+    Copy layout: the pixels are written into ``frames[index]``. Virtual layout:
+    nothing is written; the frame's :class:`FrameSource` is returned, with the
+    size and modification time of the file the hashed bytes came from.
+    """
+    before = _stat(path) if virtual else None
+    buf = read_file_bytes(path, buffer=pool.take() if pool is not None else None)
+    try:
+        digest = hashlib.sha256(buf).hexdigest()
+        source = None
+        if before is not None:
+            after = _stat(path)
+            if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) \
+                    or buf.size != after.st_size:
+                raise FrameReadError(path, "the file changed while it was being read")
+            info = _buffer_hdu(buf, path, hdu)
+            why = _virtual_kind(info)
+            if why is not None:
+                raise FrameReadError(path, f"cannot be read in place any more ({why}); "
+                                           "the file changed since the scan")
+            source = FrameSource(path=path, offset=info.data_offset, dtype=_FITS_INT16,
+                                 bzero=int(info.bzero), shape=tuple(info.image_axes),  # type: ignore[arg-type]
+                                 size=after.st_size, mtime_ns=after.st_mtime_ns)
+        frame = read_frame_bytes(buf, hdu, name=path)   # in place: aliases buf
+        if frame.shape != tuple(shape):
+            raise FrameReadError(path, f"shape {frame.shape} differs from the cube's "
+                                       f"{tuple(shape)}")
+        if frame.dtype != np.uint16:
+            frame = frame.astype(np.uint16)
+        if not virtual:
+            array = zarr.open_array(store, path="frames", mode="r+",
+                                    storage_options=storage_options,
+                                    config={"write_empty_chunks": True})
+            array[index] = frame
+        stats = frame_statistics(frame)
+    finally:
+        if pool is not None:
+            pool.give(buf.base if buf.base is not None else buf)
+    return _Ingested(index, digest, stats, source)
 
 
 class _BufferPool:
@@ -261,30 +466,6 @@ class _BufferPool:
 
     def give(self, buffer: np.ndarray) -> None:
         self._free.put(buffer)
-
-
-def _ingest_frame(store: str, storage_options: dict[str, Any] | None, index: int, path: str,
-                  hdu: int, shape: tuple[int, int], pool: _BufferPool | None = None
-                  ) -> _Ingested:
-    """Read one file once, write its pixels into ``frames[index]``, return its statistics."""
-    buf = read_file_bytes(path, buffer=pool.take() if pool is not None else None)
-    try:
-        digest = hashlib.sha256(buf).hexdigest()
-        frame = read_frame_bytes(buf, hdu, name=path)   # in place: aliases buf
-        if frame.shape != tuple(shape):
-            raise FrameReadError(path, f"shape {frame.shape} differs from the cube's "
-                                       f"{tuple(shape)}")
-        if frame.dtype != np.uint16:
-            frame = frame.astype(np.uint16)
-        array = zarr.open_array(store, path="frames", mode="r+",
-                                storage_options=storage_options,
-                                config={"write_empty_chunks": True})
-        array[index] = frame
-        stats = frame_statistics(frame)
-    finally:
-        if pool is not None:
-            pool.give(buf.base if buf.base is not None else buf)
-    return _Ingested(index, digest, stats)
 
 
 class _Progress(Callback):
@@ -331,9 +512,13 @@ def _run_tasks(tasks: list[Any], prefix: str, scheduler: Any, max_workers: int |
         return list(dask.compute(*tasks, scheduler=scheduler or "threads", num_workers=workers))
 
 
-def _template(records: list[FrameRecord], inventory: Inventory, tile: tuple[int, int]
+def _template(records: list[FrameRecord], inventory: Inventory, tile: tuple[int, int],
+              layout: str = "copy", layout_note: str | None = None
               ) -> tuple[xr.Dataset, dict[str, dict[str, Any]]]:
-    """The cube with lazy placeholders for everything written later."""
+    """The cube with lazy placeholders for everything written later.
+
+    The ``frames`` array exists in the copy layout only.
+    """
     n = len(records)
     ny, nx = inventory.shape  # type: ignore[misc]
     times = np.array([np.datetime64(r.time.astimezone(UTC).replace(tzinfo=None), "ns")
@@ -380,7 +565,8 @@ def _template(records: list[FrameRecord], inventory: Inventory, tile: tuple[int,
             "source": inventory.source, "operating_state": inventory.operating_state,
             "shape": [ny, nx], "tile": list(tile), "counts": dict(inventory.counts),
             "created": datetime.now(UTC).isoformat(), "sitiancal_version": __version__,
-            "complete": False,
+            "layout": layout, "complete": False,
+            **({"layout_note": layout_note} if layout_note else {}),
         },
     )
     encoding = {
@@ -391,6 +577,9 @@ def _template(records: list[FrameRecord], inventory: Inventory, tile: tuple[int,
         "time": {"units": "microseconds since 1970-01-01", "calendar": "proleptic_gregorian",
                  "dtype": "int64"},
     }
+    if layout == "virtual":
+        ds = ds.drop_vars("frames")
+        del encoding["frames"]
     return ds, encoding
 
 
@@ -420,21 +609,22 @@ def _check_target(store: str, storage_options: dict[str, Any] | None) -> None:
 def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
                tile: tuple[int, int] | None = None, progress: ProgressCallback | None = None,
                scheduler: Any = None, max_workers: int | None = None,
-               storage_options: dict[str, Any] | None = None) -> xr.Dataset:
-    """Write the accepted frames of ``inventory`` into a zarr v3 cube at ``store``.
+               storage_options: dict[str, Any] | None = None,
+               layout: Layout = "auto") -> xr.Dataset:
+    """Build the cube of the accepted frames of ``inventory`` at ``store`` (zarr v3).
 
     Parameters
     ----------
     inventory
-        A scan result; its ``frames`` are written in cube order (bias, dark,
+        A scan result; its ``frames`` are stored in cube order (bias, dark,
         flat; exposure time; time).
     store
         Local path or fsspec URL of the zarr group. An existing cube there is
         replaced; anything else that exists is refused.
     tile
-        Chunk shape ``(ty, tx)``; default :func:`choose_tile`.
+        Chunk (and tile-pass tile) shape ``(ty, tx)``; default :func:`choose_tile`.
     progress
-        ``progress(done, total)`` called as frames are written.
+        ``progress(done, total)`` called as frames are ingested.
     scheduler
         A dask scheduler name (default ``"threads"``), a ``get`` function, or a
         ``distributed.Client`` (its workers must see the files and the store).
@@ -442,6 +632,14 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         Threads of the local scheduler (default ``min(cpu_count, 8)``).
     storage_options
         fsspec options for a URL store.
+    layout
+        ``"copy"`` writes the pixels into the compressed ``frames`` array;
+        ``"virtual"`` stores only a manifest of the FITS data blocks, which
+        the tile pass then reads in place (see the module docstring);
+        ``"auto"`` (default) is virtual when every frame can be read in place
+        (:func:`virtual_obstacle`) and copy otherwise. The choice is for the
+        whole cube: one compressed or 8-bit frame makes it a copy cube, and
+        the group attribute ``layout_note`` says which frame and why.
 
     Returns
     -------
@@ -451,20 +649,26 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
     Raises
     ------
     CubeError
-        No frames, unreadable frames, or a store that cannot be written.
+        No frames, unreadable frames, a store that cannot be written, or
+        ``layout="virtual"`` with a frame that cannot be read in place.
 
     Notes
     -----
     One dask task per frame reads the file's bytes once into a buffer reused
     across the build's tasks, hashes them, converts the pixels in place (16-bit
-    data need no second frame-sized array), writes them by region into the
-    pre-created ``frames`` array and returns only the per-frame statistics
-    (~130 kB at 61 MP). Memory is bounded by the number of threads, not frames:
-    per thread one file buffer plus zarr's per-chunk encode buffers, about 1.8x
-    the file size, i.e. ~0.2-0.25 GB per thread at 61 MP (122 MB files),
-    ~2 GB with 8 threads (measured: +430 MB peak RSS for 2 threads).
+    data need no second frame-sized array) and returns only the per-frame
+    statistics (~130 kB at 61 MP). In the copy layout it also writes the pixels
+    by region into the pre-created ``frames`` array, the expensive part
+    (compression); in the virtual layout it records the frame's
+    :class:`FrameSource` instead. Memory is bounded by the number of threads,
+    not frames: per thread one file buffer plus, in the copy layout, zarr's
+    per-chunk encode buffers, about 1.8x the file size, i.e. ~0.2-0.25 GB per
+    thread at 61 MP (122 MB files), ~2 GB with 8 threads (measured: +430 MB
+    peak RSS for 2 threads).
     """
     key = _store_key(store)
+    if layout not in ("auto", "virtual", "copy"):
+        raise ValueError(f"layout must be 'auto', 'virtual' or 'copy', not {layout!r}")
     if not inventory.frames or inventory.shape is None:
         raise CubeError(key, "the inventory holds no accepted frame")
     records = cube_order(inventory.frames)
@@ -474,7 +678,14 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         raise CubeError(key, f"frames of another shape than {ny} x {nx}: {', '.join(bad[:3])}")
     tile = tuple(tile) if tile is not None else choose_tile(ny, nx)  # type: ignore[assignment]
     _check_target(key, storage_options)
-    template, encoding = _template(records, inventory, tile)  # type: ignore[arg-type]
+    note = None if layout == "copy" else virtual_obstacle(records)
+    if layout == "virtual" and note is not None:
+        raise CubeError(key, f"a virtual cube needs frames readable in place: {note}")
+    chosen = "virtual" if layout != "copy" and note is None else "copy"
+    if layout == "copy":
+        note = "copy layout requested"
+    template, encoding = _template(records, inventory, tile, chosen,  # type: ignore[arg-type]
+                                   note if chosen == "copy" else None)
     try:
         template.to_zarr(key, mode="w", compute=False, zarr_format=3, consolidated=False,
                          encoding=encoding, storage_options=storage_options)
@@ -484,7 +695,7 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
     pool = None if _is_client(scheduler) or scheduler == "processes" else _BufferPool()
     prefix = f"{_KEY_PREFIX}-{uuid.uuid4().hex}-"
     tasks = [dask.delayed(_ingest_frame, pure=False)(
-        key, storage_options, i, r.path, r.hdu, (ny, nx), pool,
+        key, storage_options, i, r.path, r.hdu, (ny, nx), pool, chosen == "virtual",
         dask_key_name=f"{prefix}{i}") for i, r in enumerate(records)]
     try:
         results = _run_tasks(tasks, prefix, scheduler, max_workers, progress)
@@ -494,28 +705,28 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         raise CubeError(key, f"cannot write the cube: {exc}") from None
 
     results.sort(key=lambda r: r.index)
-    group = zarr.open_group(key, mode="r+", storage_options=storage_options)
-    for name, attr in (("frame_mean", "mean"), ("frame_median", "median"),
-                       ("frame_clipped_mean", "clipped_mean"),
-                       ("frame_clipped_std", "clipped_std"), ("center_mean", "center_mean")):
-        group[name][:] = np.array([getattr(r.stats, attr) for r in results])
-    group["row_mean"][:] = np.stack([r.stats.row_mean for r in results])
-    group["col_mean"][:] = np.stack([r.stats.col_mean for r in results])
-    group["sha256"][:] = np.array([r.sha256 for r in results], dtype=object)
-    group.attrs.update({"complete": True, "completed": datetime.now(UTC).isoformat()})
+    try:
+        group = zarr.open_group(key, mode="r+", storage_options=storage_options)
+        for name, attr in (("frame_mean", "mean"), ("frame_median", "median"),
+                           ("frame_clipped_mean", "clipped_mean"),
+                           ("frame_clipped_std", "clipped_std"), ("center_mean", "center_mean")):
+            group[name][:] = np.array([getattr(r.stats, attr) for r in results])
+        group["row_mean"][:] = np.stack([r.stats.row_mean for r in results])
+        group["col_mean"][:] = np.stack([r.stats.col_mean for r in results])
+        group["sha256"][:] = np.array([r.sha256 for r in results], dtype=object)
+        final: dict[str, Any] = {"complete": True, "completed": datetime.now(UTC).isoformat()}
+        if chosen == "virtual":
+            final["frame_sources"] = [r.source.to_dict() for r in results]  # type: ignore[union-attr]
+        # One write of the group metadata marks the cube complete: a failure there
+        # (a full disk) leaves the previous metadata, i.e. an incomplete cube.
+        group.update_attributes(final)
+    except OSError as exc:
+        raise CubeError(key, f"cannot write the cube: {exc}") from None
     return open_cube(key, storage_options=storage_options)
 
 
-def open_cube(store: str | os.PathLike[str], *,
-              storage_options: dict[str, Any] | None = None) -> xr.Dataset:
-    """Open a complete cube lazily (dask arrays with the zarr chunks).
-
-    Raises
-    ------
-    CubeError
-        ``store`` holds no cube, or a cube whose build did not finish.
-    """
-    key = _store_key(store)
+def _open_group(key: str, storage_options: dict[str, Any] | None) -> zarr.Group:
+    """The group of a complete cube; CubeError for anything else."""
     try:
         group = zarr.open_group(key, mode="r", storage_options=storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError
@@ -525,5 +736,226 @@ def open_cube(store: str | os.PathLike[str], *,
         raise CubeError(key, "not a sitiancal cube (no 'format' attribute)")
     if group.attrs.get("complete") is not True:
         raise CubeError(key, "incomplete cube: its build did not finish; build it again")
-    return xr.open_zarr(key, consolidated=False, chunks={}, zarr_format=3,
-                        storage_options=storage_options)
+    return group
+
+
+def cube_layout(attrs: Mapping[str, Any]) -> str:
+    """``"copy"`` or ``"virtual"`` from a cube's attributes (no ``layout``: a version-1 copy cube)."""
+    layout = str(attrs.get("layout", "copy"))
+    if layout not in ("copy", "virtual"):
+        raise ValueError(f"unknown cube layout {layout!r}")
+    return layout
+
+
+def open_cube(store: str | os.PathLike[str], *,
+              storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """Open a complete cube lazily (dask arrays with the zarr chunks).
+
+    Both layouts give the same dataset: in a virtual cube ``frames`` is a dask
+    array with chunks ``(1, ty, tx)`` read from the FITS files in place.
+
+    Raises
+    ------
+    CubeError
+        ``store`` holds no cube, or a cube whose build did not finish.
+    StaleCubeError
+        A virtual cube one of whose files changed (size or modification time)
+        or vanished since the build; build it again.
+    """
+    key = _store_key(store)
+    group = _open_group(key, storage_options)
+    layout = cube_layout(group.attrs)
+    ds = xr.open_zarr(key, consolidated=False, chunks={}, zarr_format=3,
+                      storage_options=storage_options)
+    if layout == "copy":
+        return ds
+    reader = VirtualFrameReader.from_attrs(key, group.attrs)
+    reader.check()
+    n, (ny, nx) = len(reader.sources), (int(ds.sizes["y"]), int(ds.sizes["x"]))
+    ty, tx = (int(t) for t in group.attrs["tile"])
+    frames = da.from_array(_VirtualFrames(reader, (n, ny, nx)), chunks=(1, ty, tx),
+                           name=f"sitiancal-virtual-frames-{dask.base.tokenize(key, reader.sources)}",
+                           lock=False, asarray=False, fancy=False,
+                           meta=np.empty((0, 0, 0), dtype=np.uint16))
+    ds["frames"] = xr.DataArray(frames, dims=("frame", "y", "x"),
+                                attrs={"units": "ADU", "long_name": "raw counts (read in place)"})
+    return ds
+
+
+# ----------------------------------------------------------------------------- tile readers
+
+
+class ZarrFrameReader:
+    """``reader(indices, ys, xs) -> (F, ty, tx)`` uint16 over a copy cube's ``frames`` array.
+
+    Picklable (for distributed): the zarr array is reopened on first use.
+    """
+
+    def __init__(self, store: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.store = store
+        self.storage_options = storage_options
+        self._array: zarr.Array | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    @property
+    def array(self) -> zarr.Array:
+        """The ``frames`` array, opened read-only on first use."""
+        if self._array is None:
+            self._array = zarr.open_array(self.store, path="frames", mode="r",
+                                          storage_options=self.storage_options)
+        return self._array
+
+    def __call__(self, indices: Sequence[int], ys: slice, xs: slice) -> np.ndarray:
+        """Raw counts (ADU) of frames ``indices`` in the window ``(ys, xs)``."""
+        return self.array.get_orthogonal_selection((np.asarray(list(indices)), ys, xs))
+
+
+class VirtualFrameReader:
+    """``reader(indices, ys, xs) -> (F, ty, tx)`` uint16 over a virtual cube's FITS files.
+
+    Each call opens the files, checks that each still has the size and
+    modification time recorded at build time (:class:`StaleCubeError`
+    otherwise), memory-maps its data block and copies the window out of it,
+    byte-swapped and converted exactly to unsigned counts (``int16 XOR 0x8000``
+    for BZERO 32768; a plain cast for BZERO 0, whose counts the build found
+    non-negative). The maps are closed before returning, so no pages stay
+    mapped (or counted in the process RSS) between calls. Holds only the
+    manifest: picklable for distributed workers, which must see the files.
+
+    Notes
+    -----
+    A file truncated *while* it is being read would fault (SIGBUS) in the
+    copy; raw frames are written once and never modified in place, and the
+    size check before mapping catches every change made between calls.
+    """
+
+    def __init__(self, store: str, sources: Sequence[FrameSource]) -> None:
+        self.store = store
+        self.sources = tuple(sources)
+
+    @classmethod
+    def from_attrs(cls, store: str, attrs: Mapping[str, Any]) -> VirtualFrameReader:
+        """The reader of a virtual cube from its group attributes."""
+        raw = attrs.get("frame_sources")
+        if not isinstance(raw, list):
+            raise CubeError(store, "virtual cube without a 'frame_sources' manifest")
+        return cls(store, [FrameSource.from_dict(r) for r in raw])
+
+    def _stale(self, source: FrameSource, why: str) -> StaleCubeError:
+        return StaleCubeError(self.store, f"{source.path}: the raw file {why} since the cube "
+                                          "was built; build the cube again")
+
+    def check(self) -> None:
+        """Raise :class:`StaleCubeError` if any file changed or vanished (stat only)."""
+        for source in self.sources:
+            try:
+                st = os.stat(source.path)
+            except FileNotFoundError:
+                raise self._stale(source, "vanished") from None
+            why = source.changed(st)
+            if why is not None:
+                raise self._stale(source, f"changed ({why})")
+
+    def _copy(self, source: FrameSource, ys: slice, xs: slice, out: np.ndarray) -> None:
+        """Copy the window of one frame into ``out`` (native uint16), exactly.
+
+        Only the rows of the window are mapped (the byte range from its first
+        to its last row): fewer page-table entries than mapping the whole file
+        (measured ~1.3x faster warm, ~1.7x cold at 3194 x 4788).
+        """
+        ny, nx = source.shape
+        rows = range(*ys.indices(ny))
+        if not rows or out.size == 0:
+            return
+        itemsize = np.dtype(source.dtype).itemsize
+        start = source.offset + rows[0] * nx * itemsize
+        stop = source.offset + (rows[-1] + 1) * nx * itemsize
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            f = open(source.path, "rb")  # closed below, after the map
+        except FileNotFoundError:
+            raise self._stale(source, "vanished") from None
+        with f:
+            why = source.changed(os.fstat(f.fileno()))
+            if why is not None:
+                raise self._stale(source, f"changed ({why})")
+            with mmap.mmap(f.fileno(), stop - base, access=mmap.ACCESS_READ,
+                           offset=base) as mapped:
+                band = np.frombuffer(mapped, dtype=source.dtype, count=(stop - start) // itemsize,
+                                     offset=start - base).reshape(-1, nx)
+                try:  # byte swap and wrap to uint16 in one cast
+                    np.copyto(out, band[::rows.step, xs], casting="unsafe")
+                finally:
+                    del band  # release the buffer before the map closes
+        if source.bzero == 32768:
+            out ^= np.uint16(0x8000)
+
+    def __call__(self, indices: Sequence[int], ys: slice, xs: slice) -> np.ndarray:
+        """Raw counts (ADU) of frames ``indices`` in the window ``(ys, xs)``.
+
+        Raises
+        ------
+        StaleCubeError
+            A file changed or vanished since the cube was built.
+        """
+        indices = [int(i) for i in indices]
+        ny, nx = self.sources[0].shape if self.sources else (0, 0)
+        h = len(range(*ys.indices(ny)))
+        w = len(range(*xs.indices(nx)))
+        out = np.empty((len(indices), h, w), dtype=np.uint16)
+        for k, i in enumerate(indices):
+            self._copy(self.sources[i], ys, xs, out[k])
+        return out
+
+
+class _VirtualFrames:
+    """Array-like ``(frame, y, x)`` view of a virtual cube, for ``dask.array.from_array``."""
+
+    def __init__(self, reader: VirtualFrameReader, shape: tuple[int, int, int]) -> None:
+        self.reader = reader
+        self.shape = shape
+        self.dtype = np.dtype(np.uint16)
+        self.ndim = 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        frames, ys, xs = key
+        idx = np.arange(self.shape[0])[frames]
+        drop = [np.ndim(idx) == 0]
+        spatial = []
+        for k, n in ((ys, self.shape[1]), (xs, self.shape[2])):
+            if isinstance(k, slice):
+                spatial.append(k)
+                drop.append(False)
+            else:
+                i = range(n)[int(k)]
+                spatial.append(slice(i, i + 1))
+                drop.append(True)
+        out = self.reader(np.atleast_1d(idx).tolist(), spatial[0], spatial[1])
+        return out[tuple(0 if d else slice(None) for d in drop)]
+
+
+def frame_reader(store: str | os.PathLike[str], *,
+                 storage_options: dict[str, Any] | None = None
+                 ) -> ZarrFrameReader | VirtualFrameReader:
+    """The tile reader of a complete cube, for its layout.
+
+    Returns
+    -------
+    ZarrFrameReader or VirtualFrameReader
+        ``reader(indices, ys, xs) -> (F, ty, tx)`` uint16 raw counts (ADU);
+        picklable for distributed workers.
+
+    Raises
+    ------
+    CubeError
+        No complete cube at ``store``.
+    """
+    key = _store_key(store)
+    group = _open_group(key, storage_options)
+    if cube_layout(group.attrs) == "virtual":
+        return VirtualFrameReader.from_attrs(key, group.attrs)
+    return ZarrFrameReader(key, storage_options)

@@ -5,6 +5,9 @@ data, so a set of 300 full-size frames is inventoried in about a second. It
 classifies each frame (bias, dark, flat) from its header in every common
 convention, reads exposure time, sensor temperature, observation time and the
 camera operating state, and rejects every unusable file with a precise reason.
+The one exception to "headers only": frames whose headers agree in every field
+that tells exposures apart are hashed, and a repeated file (same sha256, e.g. a
+copy) is rejected as a duplicate of the first one in path order.
 
 Recognised frame-type keywords (first present wins): ``IMAGETYP``, ``IMAGETYPE``,
 ``FRAMETYP``, ``FRAME``, ``OBSTYPE``. Values, compared case-insensitively with
@@ -50,6 +53,7 @@ from sitiancal.storage.frames import (
     GZIP_MAGIC,
     FrameReadError,
     HduInfo,
+    file_sha256,
     find_image_hdu,
     open_binary,
     stream_size,
@@ -61,6 +65,9 @@ FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fz
 #: Sensor temperature spread (deg C) above which the scan warns. Dark current
 #: doubles every ~6 C in CMOS sensors, so 2 C is a ~25% change in dark rate.
 TEMPERATURE_TOLERANCE_C = 2.0
+
+#: Two exposure-time cards of one header agree within this many seconds (or 0.1%).
+EXPOSURE_AGREEMENT_S = 1e-3
 
 TYPE_KEYWORDS = ("IMAGETYP", "IMAGETYPE", "FRAMETYP", "FRAME", "OBSTYPE")
 EXPOSURE_KEYWORDS = ("EXPTIME", "EXPOSURE", "EXP_TIME")
@@ -527,6 +534,17 @@ def _classify(path: str, hdr: _Header, warn: _Warnings) -> FrameRecord | Rejecti
         if exptime < 0:
             return Rejection(file=path, reason=f"negative exposure time "
                                                f"{exp_card[0]}={exptime:g} s")
+        for other in EXPOSURE_KEYWORDS:
+            value2 = hdr.get(other)
+            if other == exp_card[0] or value2 is None:
+                continue
+            try:
+                exptime2 = _number((other, value2))
+            except ValueError:
+                continue
+            if abs(exptime2 - exptime) > max(EXPOSURE_AGREEMENT_S, 1e-3 * abs(exptime)):
+                return Rejection(file=path, reason=f"conflicting exposure times "
+                                 f"{exp_card[0]}={exptime:g} s and {other}={exptime2:g} s")
 
     temperature = _optional_number(hdr, TEMPERATURE_KEYWORDS, path, warn)
     if temperature is None:
@@ -557,6 +575,40 @@ def _majority(values: list[Any]) -> Any:
     counts = Counter(values)
     best = max(counts.values())
     return next(v for v in values if counts[v] == best)
+
+
+def _reject_duplicates(records: list[FrameRecord], rejected: list[Rejection]
+                       ) -> list[FrameRecord]:
+    """Reject every frame whose bytes repeat an earlier one (same sha256), e.g. a copied file.
+
+    Only frames whose headers already agree (size, type, exposure, time,
+    temperature, state, shape) are hashed, so a scan still reads headers only
+    unless a folder holds look-alike files. The first file in path order is kept.
+    """
+    groups: dict[tuple[Any, ...], list[FrameRecord]] = defaultdict(list)
+    for r in records:
+        groups[(r.size, r.type, r.exptime, r.time, r.temperature, r.state.key(), r.shape,
+                r.compression)].append(r)
+    dropped: set[str] = set()
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        first: dict[str, str] = {}
+        for r in sorted(group, key=lambda r: r.path):
+            try:
+                digest = file_sha256(r.path)
+            except FrameReadError as exc:
+                rejected.append(Rejection(file=r.path, reason=exc.reason))
+                dropped.add(r.path)
+                continue
+            if digest in first:
+                rejected.append(Rejection(
+                    file=r.path, reason=f"duplicate frame: same bytes (sha256 {digest[:16]}...) "
+                    f"as {first[digest]}"))
+                dropped.add(r.path)
+            else:
+                first[digest] = r.path
+    return [r for r in records if r.path not in dropped]
 
 
 def _apply_set_checks(records: list[FrameRecord], rejected: list[Rejection], warn: _Warnings,
@@ -647,6 +699,7 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
         (records if isinstance(result, FrameRecord) else rejected).append(result)
         if progress is not None:
             progress(done, len(files))
+    records = _reject_duplicates(records, rejected)
     records, state = _apply_set_checks(records, rejected, warn, allow_mixed_states,
                                        temperature_tolerance)
     if not files:

@@ -139,6 +139,8 @@ def test_statistics_of_a_constant_frame() -> None:
 
 def test_chunks_and_codec(built) -> None:
     _, _, _, store, ds, _ = built
+    # the corpus holds tile-compressed, gzip and 8-bit frames: the auto layout copies
+    assert ds.attrs["layout"] == "copy" and ds.attrs["layout_note"]
     array = zarr.open_group(store, mode="r")["frames"]
     assert array.chunks == (1, 8, 16)
     assert ds.frames.data.chunksize == (1, 8, 16)
@@ -172,7 +174,9 @@ def test_choose_tile_without_a_divisor() -> None:
     assert ty * 4 >= 6389 > ty * 3 and tx * 7 >= 9587 > tx * 6
 
 
-def test_each_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("layout", ["virtual", "copy"])
+def test_each_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                layout: str) -> None:
     files = write_camera_set(tmp_path / "set", SHAPE, seed=5, dtype=np.uint16)
     inventory = scan(tmp_path / "set")
     reads: list[str] = []
@@ -183,9 +187,9 @@ def test_each_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         return original(path, **kwargs)
 
     monkeypatch.setattr(cube_module, "read_file_bytes", counting)
-    ds = build_cube(inventory, tmp_path / "c.zarr", scheduler="synchronous")
+    ds = build_cube(inventory, tmp_path / "c.zarr", scheduler="synchronous", layout=layout)
     assert sorted(reads) == sorted(str(tmp_path / "set" / f.name) for f in files)
-    assert ds.sizes["frame"] == len(files)
+    assert ds.sizes["frame"] == len(files) and ds.attrs["layout"] == layout
 
 
 def test_incomplete_cube_is_refused(tmp_path: Path) -> None:
@@ -238,17 +242,18 @@ def test_cli_cube_without_frames(tmp_path: Path) -> None:
     assert "no usable frame" in result.stderr and "not a FITS file" in result.stderr
 
 
-def test_distributed_client(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["virtual", "copy"])
+def test_distributed_client(tmp_path: Path, layout: str) -> None:
     distributed = pytest.importorskip("distributed")
     files = write_camera_set(tmp_path / "set", SHAPE, seed=9)
     inventory = scan(tmp_path / "set")
     calls: list[tuple[int, int]] = []
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
                             dashboard_address=None) as client:
-        ds = build_cube(inventory, tmp_path / "c.zarr", scheduler=client,
+        ds = build_cube(inventory, tmp_path / "c.zarr", scheduler=client, layout=layout,
                         progress=lambda d, t: calls.append((d, t)))
         frames = ds.frames.values
-    assert calls[-1] == (len(files), len(files))
+    assert calls[-1] == (len(files), len(files)) and ds.attrs["layout"] == layout
     by_name = {f.name: f.pixels for f in files}
     for i, path in enumerate(ds.file.values):
         np.testing.assert_array_equal(frames[i], by_name[Path(str(path)).name])

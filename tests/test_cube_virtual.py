@@ -1,0 +1,325 @@
+"""Virtual cubes: FITS data blocks read in place, against copy cubes of the same frames.
+
+- tile reads, ``ds.frames`` and per-frame statistics are identical in both layouts
+  (BZERO 32768 and plain signed 16-bit storage);
+- the products computed from both layouts are exactly equal, on the threaded
+  scheduler and on a multi-process ``LocalCluster`` (readers pickled to workers);
+- a raw file changed or removed after the build makes the cube stale: the readers
+  raise, ``open_cube`` refuses it and ``dataset_cube`` builds it again;
+- compressed or 8-bit frames make the whole cube a copy cube (with the reason);
+- the tile tasks of one row band run together.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import zarr
+from fitscorpus import write_camera_set
+from simdata import small_dataset
+
+from sitiancal.compute.graph import build_tile_graph, iter_tiles
+from sitiancal.compute.tile import CalibrationParams
+from sitiancal.service.pipeline import compute_products, dataset_cube
+from sitiancal.service.settings import Settings
+from sitiancal.storage.cube import (
+    CubeError,
+    StaleCubeError,
+    VirtualFrameReader,
+    ZarrFrameReader,
+    build_cube,
+    frame_reader,
+    open_cube,
+)
+from sitiancal.storage.scan import scan
+
+SHAPE = (24, 40)
+TILE = (8, 16)
+SCALARS = ("frame_mean", "frame_median", "frame_clipped_mean", "frame_clipped_std",
+           "center_mean", "row_mean", "col_mean")
+
+
+def _both(raw: Path, tmp: Path, **kwargs):
+    inventory = scan(raw)
+    virtual = build_cube(inventory, tmp / "virtual.zarr", layout="virtual", **kwargs)
+    copy = build_cube(inventory, tmp / "copy.zarr", layout="copy", **kwargs)
+    return inventory, virtual, copy
+
+
+def _windows(shape: tuple[int, int], tile: tuple[int, int]) -> list[tuple[slice, slice]]:
+    ny, nx = shape
+    return [*iter_tiles(shape, tile), (slice(3, 17), slice(5, 38)), (slice(0, ny), slice(0, nx)),
+            (slice(ny - 1, ny), slice(7, 8)), (slice(1, 20, 3), slice(2, 39, 5)),
+            (slice(5, 5), slice(0, 4))]
+
+
+def _move_image_to_extension(path: Path) -> None:
+    """Rewrite a frame with an empty primary HDU and the image (and cards) in HDU 1."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        header, data = hdul[0].header.copy(), hdul[0].data.copy()
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, header=header)]).writeto(
+        path, overwrite=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16], ids=["bzero32768", "signed"])
+def test_tile_reads_and_statistics_are_identical(tmp_path: Path, dtype: type) -> None:
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=11, dtype=dtype)
+    _move_image_to_extension(tmp_path / "set" / files[1].name)
+    inventory, virtual, copy = _both(tmp_path / "set", tmp_path, tile=TILE)
+    assert sorted(r.hdu for r in inventory.frames)[-1] == 1
+    assert virtual.attrs["layout"] == "virtual" and copy.attrs["layout"] == "copy"
+    # no pixels are copied: the group has no frames array, only the manifest
+    group = zarr.open_group(str(tmp_path / "virtual.zarr"), mode="r")
+    assert "frames" not in group.array_keys()
+    sources = group.attrs["frame_sources"]
+    assert len(sources) == len(files)
+    assert {s["bzero"] for s in sources} == {32768 if dtype == np.uint16 else 0}
+    assert all(s["dtype"] == ">i2" and s["offset"] % 2880 == 0 for s in sources)
+    assert len({s["offset"] for s in sources}) == 2  # primary and extension images
+
+    vreader = frame_reader(tmp_path / "virtual.zarr")
+    creader = frame_reader(tmp_path / "copy.zarr")
+    assert isinstance(vreader, VirtualFrameReader) and isinstance(creader, ZarrFrameReader)
+    n = len(files)
+    for indices in (list(range(n)), [n - 1, 0, 3], [2]):
+        for ys, xs in _windows(SHAPE, TILE):
+            got = vreader(indices, ys, xs)
+            assert got.dtype == np.uint16 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, creader(indices, ys, xs))
+    by_name = {f.name: f.pixels for f in files}
+    frames = virtual.frames.values
+    for i, path in enumerate(virtual.file.values):
+        np.testing.assert_array_equal(frames[i], by_name[Path(str(path)).name])
+    np.testing.assert_array_equal(frames, copy.frames.values)
+    assert virtual.frames.data.chunksize == (1, *TILE)
+    np.testing.assert_array_equal(virtual.frames[2, 3:7, 5].values, copy.frames[2, 3:7, 5].values)
+    for name in SCALARS:
+        np.testing.assert_array_equal(virtual[name].values, copy[name].values, err_msg=name)
+    np.testing.assert_array_equal(virtual.sha256.values, copy.sha256.values)
+    # picklable (distributed workers): the copy reads the same
+    window = (slice(0, 8), slice(0, 16))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(vreader))([1, 0], *window),
+                                  creader([1, 0], *window))
+
+
+def test_auto_layout_is_virtual_for_plain_16_bit_frames(tmp_path: Path) -> None:
+    write_camera_set(tmp_path / "set", SHAPE, n_bias=2, dark_exptimes=(), flat_exptimes=(),
+                     seed=12)
+    ds = build_cube(scan(tmp_path / "set"), tmp_path / "c.zarr")
+    assert ds.attrs["layout"] == "virtual" and "layout_note" not in ds.attrs
+    assert ds.attrs["format_version"] == 2
+
+
+def _products(ds, store: Path, work: Path, client=None) -> dict:
+    outcome = compute_products(ds, str(store), work, params=CalibrationParams(), client=client)
+    out = {}
+    for kind, content in outcome.products.items():
+        for array in content.arrays:
+            out[f"{kind}/{array.name}"] = np.asarray(array.data)
+        for table in content.tables:
+            for col, values in table.columns.items():
+                out[f"{kind}/{table.name}/{col}"] = np.asarray(values)
+        out[f"{kind}/stats"] = content.stats
+    return out
+
+
+def _assert_close(a, b, rel: float, where: str) -> None:
+    """Nested figures equal, floats to ``rel`` (exactly when ``rel`` is 0)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_close(a[key], b[key], rel, f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, rel, f"{where}[{k}]")
+    elif isinstance(a, float) and rel:
+        assert a == pytest.approx(b, rel=rel, nan_ok=True), where
+    else:
+        assert a == b or (a != a and b != b), where  # NaN equals NaN here
+
+
+def _assert_same_products(a: dict, b: dict, *, stats_rel: float = 0.0) -> None:
+    """Maps and tables exactly equal; scalar figures equal to ``stats_rel``."""
+    assert a.keys() == b.keys() and len(a) > 20
+    for key, value in a.items():
+        if isinstance(value, dict):
+            _assert_close(value, b[key], stats_rel, key)
+        else:
+            np.testing.assert_array_equal(value, b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("virtual-products")
+    raw, _ = small_dataset(tmp)
+    _, virtual, copy = _both(raw, tmp, tile=(24, 32))  # 4 tiles
+    assert virtual.attrs["layout"] == "virtual"
+    return tmp, virtual, copy
+
+
+def test_products_are_identical_in_both_layouts(simulated) -> None:
+    tmp, virtual, copy = simulated
+    products_virtual = _products(virtual, tmp / "virtual.zarr", tmp / "work-v")
+    products_copy = _products(copy, tmp / "copy.zarr", tmp / "work-c")
+    assert {k.split("/")[0] for k in products_virtual} == {
+        "bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask"}
+    _assert_same_products(products_virtual, products_copy)
+
+
+def test_distributed_workers_read_the_virtual_cube(simulated) -> None:
+    distributed = pytest.importorskip("distributed")
+    tmp, virtual, copy = simulated
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        on_cluster = _products(virtual, tmp / "virtual.zarr", tmp / "work-d", client=client)
+    # The client adds the tiles' partial sums in completion order, so whole-frame
+    # figures may differ from the threaded run's in the last bits; maps are exact.
+    _assert_same_products(on_cluster, _products(copy, tmp / "copy.zarr", tmp / "work-c2"),
+                          stats_rel=1e-12)
+
+
+def _touch_later(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_a_file_changed_after_the_build_is_detected(tmp_path: Path) -> None:
+    write_camera_set(tmp_path / "set", SHAPE, seed=13)
+    ds = build_cube(scan(tmp_path / "set"), tmp_path / "c.zarr", tile=TILE)
+    reader = frame_reader(tmp_path / "c.zarr")
+    first = Path(str(ds.file.values[0]))
+    reader([0, 1], slice(0, 8), slice(0, 16))
+
+    # same size, new content (and so a new modification time)
+    data = bytearray(first.read_bytes())
+    data[-3000] ^= 0xFF
+    first.write_bytes(bytes(data))
+    _touch_later(first)
+    with pytest.raises(StaleCubeError, match=r"changed \(mtime .*since the cube was built"):
+        reader([1, 0], slice(0, 8), slice(0, 16))
+    reader([1, 2], slice(0, 8), slice(0, 16))  # the other frames still read
+    with pytest.raises(StaleCubeError, match=str(first.name)):
+        open_cube(tmp_path / "c.zarr")
+    with pytest.raises(StaleCubeError):
+        ds.frames.values  # noqa: B018 - the lazily opened array checks too
+
+    # grown (size differs) or removed
+    last = Path(str(ds.file.values[-1]))
+    with last.open("ab") as f:
+        f.write(b"\0" * 2880)
+    with pytest.raises(StaleCubeError, match="size"):
+        reader([len(ds.file) - 1], slice(0, 8), slice(0, 16))
+    last.unlink()
+    with pytest.raises(StaleCubeError, match="vanished"):
+        reader([len(ds.file) - 1], slice(0, 8), slice(0, 16))
+
+
+def test_dataset_cube_rebuilds_a_stale_virtual_cube(tmp_path: Path) -> None:
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=14)
+    inventory = scan(tmp_path / "set")
+    settings = Settings(data_dir=tmp_path / "data")
+    ds, store = dataset_cube(settings, "ds1", inventory)
+    assert ds.attrs["layout"] == "virtual"
+    shas = ds.sha256.values.copy()  # read now: ds is lazy and the store is rebuilt below
+    again, _ = dataset_cube(settings, "ds1", inventory)
+    assert again.attrs["completed"] == ds.attrs["completed"]  # reused, not rebuilt
+
+    index = 3
+    path = Path(str(ds.file.values[index]))
+    name = path.name
+    replacement = next(f.pixels for f in files if f.name == name)[::-1].copy()
+    from astropy.io import fits
+
+    header = fits.getheader(path)
+    fits.PrimaryHDU(replacement, header=header).writeto(path, overwrite=True)
+    _touch_later(path)
+    rebuilt, _ = dataset_cube(settings, "ds1", inventory)
+    assert rebuilt.attrs["completed"] != ds.attrs["completed"]
+    assert rebuilt.sha256.values[index] != shas[index]
+    assert rebuilt.sha256.values[index] == hashlib.sha256(path.read_bytes()).hexdigest()
+    np.testing.assert_array_equal(rebuilt.frames.values[index], replacement)
+    reader = frame_reader(store)
+    np.testing.assert_array_equal(reader([index], slice(0, 24), slice(0, 40))[0], replacement)
+
+
+def test_compressed_frames_fall_back_to_copy(tmp_path: Path) -> None:
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=15)
+    victim = tmp_path / "set" / files[0].name
+    gz = victim.with_name(victim.name + ".gz")
+    gz.write_bytes(gzip.compress(victim.read_bytes(), mtime=0))
+    victim.unlink()
+    inventory = scan(tmp_path / "set")
+    assert len(inventory.frames) == len(files)
+    with pytest.raises(CubeError, match=r"readable in place.*compressed \(gzip\)"):
+        build_cube(inventory, tmp_path / "v.zarr", layout="virtual")
+    ds = build_cube(inventory, tmp_path / "c.zarr")
+    assert ds.attrs["layout"] == "copy" and "gzip" in ds.attrs["layout_note"]
+    assert isinstance(frame_reader(tmp_path / "c.zarr"), ZarrFrameReader)
+    by_name = {f.name: f.pixels for f in files}
+    for i, path in enumerate(ds.file.values):
+        np.testing.assert_array_equal(ds.frames.values[i],
+                                      by_name[Path(str(path)).name.removesuffix(".gz")])
+
+
+def test_tile_compressed_and_8_bit_frames_fall_back_to_copy(tmp_path: Path) -> None:
+    from astropy.io import fits
+
+    write_camera_set(tmp_path / "a", SHAPE, n_bias=2, dark_exptimes=(), flat_exptimes=(),
+                     seed=16)
+    src = sorted((tmp_path / "a").glob("*.fits"))[0]
+    with fits.open(src) as hdul:
+        header, data = hdul[0].header.copy(), hdul[0].data.copy()
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header=header)]).writeto(
+        tmp_path / "a" / "z_tile.fits.fz")
+    ds = build_cube(scan(tmp_path / "a"), tmp_path / "a.zarr")
+    assert ds.attrs["layout"] == "copy" and "compressed" in ds.attrs["layout_note"]
+
+    write_camera_set(tmp_path / "b", SHAPE, n_bias=2, dark_exptimes=(), flat_exptimes=(),
+                     seed=17, dtype=np.uint8)
+    ds = build_cube(scan(tmp_path / "b"), tmp_path / "b.zarr")
+    assert ds.attrs["layout"] == "copy" and "BITPIX 8" in ds.attrs["layout_note"]
+
+
+def test_tiles_of_a_row_band_run_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from sitiancal.compute import graph
+
+    shape, tile = (6388, 9576), (1597, 1368)
+    started: list[tuple[int, int]] = []
+
+    def fake_process_tile(load, plan, params, **kwargs):  # records the order tiles are read in
+        load([0])
+        time.sleep(0.002)
+        return SimpleNamespace(partials={}, maps={})
+
+    def reader(indices, ys, xs):
+        started.append((ys.start, xs.start))
+        return np.zeros((len(indices), 1, 1), np.uint16)
+
+    monkeypatch.setattr(graph, "process_tile", fake_process_tile)
+    tasks = build_tile_graph(reader, lambda ys, xs, result: None, shape=shape, tile=tile,
+                             plan=None, params=CalibrationParams())  # type: ignore[arg-type]
+    bands = [int(str(t.key).split("-")[1]) // tile[0] for t in tasks]
+    priorities = [layer.annotations["priority"] for t in tasks
+                  for layer in t.dask.layers.values()]
+    assert bands == sorted(bands) and len(tasks) == 28
+    assert priorities == [4 - b for b in bands]          # earlier bands first (distributed)
+    dask.compute(*tasks, scheduler="threads", num_workers=1)
+    order = [y // tile[0] for y, _ in started]
+    assert sorted(order) == sorted(bands)
+    # the threaded scheduler (dask.order) runs each band's 7 tiles back to back
+    assert [order[k] for k in range(0, 28, 7)] == [order[k + 6] for k in range(0, 28, 7)]
+    assert all(len(set(order[k:k + 7])) == 1 for k in range(0, 28, 7)), order
