@@ -118,12 +118,22 @@ def create_app(settings: Settings | None = None, *, job_function: JobFunction | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import logging
+        from datetime import timedelta
+
         from sitiancal.storage.catalog import Catalog
         from sitiancal.storage.store import ProductStore
 
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         catalog = await asyncio.to_thread(Catalog.open, settings.catalog_url)
         store = ProductStore(settings.product_store_url)
+        # reliability (issue 7): remove what a crashed publication left (staging of dead
+        # writers at once, other leftovers after an hour) before jobs are recovered
+        try:
+            await asyncio.to_thread(catalog.sweep_orphans, store, timedelta(hours=1))
+        except Exception:  # a failing store must not keep the service down; swept next time
+            logging.getLogger(__name__).warning("start-up sweep of the product store failed",
+                                                exc_info=True)
         extra = {} if max_attempts is None else {"max_attempts": max_attempts}
         runner = JobRunner(catalog, store, settings, job_function=job_function,
                            use_dask=use_dask, client=dask_client,
@@ -157,6 +167,8 @@ def create_app(settings: Settings | None = None, *, job_function: JobFunction | 
         app.include_router(module.router)
     app.include_router(ui.router)
     app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
+    # innermost: answers cached best-at-time lookups before routing (counted by the metrics)
+    app.add_middleware(products.BestLookupFastPath)
     app.add_middleware(OperatorGuard, auth=auth, limit=write_limit or WriteRateLimit())
     app.add_middleware(ProductRequestMetrics, metrics=metrics)
     return app

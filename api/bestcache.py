@@ -14,14 +14,19 @@ processes (the ``sitiancal products`` CLI, another replica) are picked up
 when an entry expires, ``ttl`` seconds after it was loaded: the expired
 entry still answers while one background task reloads it, so lookups never
 wait for the database except the first one of a series and the first one
-after a local change. Lookups the
-cache cannot answer (no covering range, ``as_of``, candidates) go to the
-catalog, which gives the precise reason.
+after a local change. Lookups the cache cannot answer (no covering range,
+``as_of``, candidates) go to the catalog, which gives the precise reason.
+
+Two ways in: :meth:`BestCache.lookup` (the route; loads a series it does not
+hold) and :meth:`BestCache.peek` (the HTTP fast path of
+:class:`~sitiancal.api.routers.products.BestLookupFastPath`; memory only, a
+series not held is a miss handed to the route).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +69,7 @@ class BestCache:
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._generation: dict[tuple[str, str], int] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._refreshing: set[asyncio.Task[tuple[_Range, ...]]] = set()
+        self._refreshing: dict[tuple[str, str], asyncio.Task[tuple[_Range, ...]]] = {}
         self.loads = 0
         self.hits = 0
         catalog.add_validity_listener(self.invalidate)
@@ -95,31 +100,54 @@ class BestCache:
                 self._entries[key] = _Entry(loaded + self.ttl, ranges)
             return ranges
 
-    def _refresh_done(self, task: asyncio.Task[tuple[_Range, ...]]) -> None:
-        self._refreshing.discard(task)
+    def _refresh_done(self, key: tuple[str, str], task: asyncio.Task[tuple[_Range, ...]]) -> None:
+        if self._refreshing.get(key) is task:
+            del self._refreshing[key]
         if not task.cancelled():
             task.exception()  # a failed refresh is retried by the next lookup
 
-    async def _ranges(self, key: tuple[str, str]) -> tuple[_Range, ...]:
+    def _held(self, key: tuple[str, str]) -> tuple[_Range, ...] | None:
+        """The ranges held for a series (None if not loaded); an expired entry is refreshed."""
         entry = self._entries.get(key)
-        if entry is None:  # never loaded, or invalidated by a change: wait for the catalog
-            return await self._reload(key)
-        if entry.expires <= time.monotonic() and not self._locks.setdefault(
-                key, asyncio.Lock()).locked():
+        if entry is None:
+            return None
+        if entry.expires <= time.monotonic() and key not in self._refreshing:
             # expired: answer from the entry while one task reloads it in the background
+            # (one per series: the lookups that arrive before it runs do not start more)
             task = asyncio.get_running_loop().create_task(self._reload(key))
-            self._refreshing.add(task)
-            task.add_done_callback(self._refresh_done)
+            self._refreshing[key] = task
+            task.add_done_callback(functools.partial(self._refresh_done, key))
         return entry.ranges
 
-    async def lookup(self, camera: str, product_type: str, at: datetime) -> bytes | None:
-        """The JSON body of the certified version valid at ``at``, or None to ask the catalog."""
+    def _pick(self, ranges: tuple[_Range, ...], at: datetime) -> bytes | None:
         best: _Range | None = None
-        for r in await self._ranges((camera, product_type)):
+        for r in ranges:
             if r.start <= at and (r.end is None or at < r.end) and (
                     best is None or r.version > best.version):
                 best = r
-        if best is not None:
-            self.hits += 1
-            return best.body
-        return None
+        if best is None:
+            return None
+        self.hits += 1
+        return best.body
+
+    async def lookup(self, camera: str, product_type: str, at: datetime) -> bytes | None:
+        """The JSON body of the certified version valid at ``at``, or None to ask the catalog.
+
+        Loads the series from the catalog first when it is not held (the
+        catalog's errors propagate).
+        """
+        key = (camera, product_type)
+        ranges = self._held(key)
+        if ranges is None:  # never loaded, or invalidated by a change: wait for the catalog
+            ranges = await self._reload(key)
+        return self._pick(ranges, at)
+
+    def peek(self, camera: str, product_type: str, at: datetime) -> bytes | None:
+        """Like :meth:`lookup`, from memory only: None also when the series is not held.
+
+        Never waits and never raises for the catalog (a refresh of an expired
+        entry runs in the background); for callers that hand everything else
+        to :meth:`lookup`. Needs a running event loop.
+        """
+        ranges = self._held((camera, product_type))
+        return None if ranges is None else self._pick(ranges, at)

@@ -1097,8 +1097,15 @@ class Catalog:
 
     def verify(self, ref: str, store: ProductStore) -> VerifyReport:
         """Recompute a version's checksums in the store and compare with the catalog's."""
+        from sitiancal.storage.store import ProductMissing, VerifyReport
+
         product = self.get_product(ref)
-        return store.verify(product.store_key, product.checksums)
+        try:
+            return store.verify(product.store_key, product.checksums)
+        except ProductMissing as exc:
+            # a catalogued version whose stored files are gone (or lost their commit
+            # marker) is a verification failure to report, not an error to abort on
+            return VerifyReport(product.store_key, False, (), (f"missing from the store: {exc}",))
 
     # -- products: validity ------------------------------------------------------------------
     def certify(self, ref: str, valid_from: datetime, valid_to: datetime | None = None, *,

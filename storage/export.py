@@ -18,13 +18,20 @@ The bytes depend only on the stored product: there is no date of writing and
 no checksum card with a timestamp, so exporting the same version twice gives
 the same sha256 (the catalog records it, HTTP serves it as the ETag).
 
-Public API: ``export_fits(group) -> bytes``, ``build_hdulist(group) -> HDUList``,
-``default_mask_bits()``.
+The file is written HDU by HDU and image data band by band
+(:func:`write_fits`, with astropy's ``StreamingHDU``), so exporting a 61 MP
+product with several maps holds one band of rows in memory, not the product
+(and not a second copy of its bytes).
+
+Public API: ``write_fits(group, path) -> sha256``, ``export_fits(group) -> bytes``,
+``build_hdulist(group) -> HDUList``, ``default_mask_bits()``.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
+import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -175,8 +182,111 @@ def build_hdulist(group: zarr.Group) -> fits.HDUList:
     return fits.HDUList(hdus)
 
 
+#: Rows of an image written per band by :func:`write_fits` (a band of a 9576-wide
+#: float32 map is ~20 MB).
+_BAND_ROWS = 512
+
+
+def _image_dtype(dtype: np.dtype) -> np.dtype:
+    """The in-memory dtype astropy writes an array of ``dtype`` as (bool as uint8)."""
+    return np.dtype(np.uint8) if dtype.kind == "b" else np.dtype(dtype).newbyteorder("=")
+
+
+def _image_header(arr: zarr.Array, name: str, primary: bool) -> fits.Header:
+    """Header of an image HDU for ``arr`` as astropy would write it (BITPIX, NAXISn, BZERO)."""
+    dtype = _image_dtype(arr.dtype)
+    dummy = np.zeros((1,) * len(arr.shape), dtype=dtype)
+    hdu = fits.PrimaryHDU(data=dummy) if primary else fits.ImageHDU(data=dummy, name=name.upper())
+    header = hdu.header.copy()  # BITPIX, and BZERO/BSCALE for unsigned integers
+    for axis, size in enumerate(reversed(arr.shape), start=1):
+        header[f"NAXIS{axis}"] = int(size)
+    return header
+
+
+def _stored_band(values: np.ndarray, header: fits.Header) -> np.ndarray:
+    """A band of values in the type of the FITS data block (before byte order)."""
+    values = np.asarray(values, dtype=_image_dtype(values.dtype))
+    if values.dtype.kind == "u" and values.dtype.itemsize > 1:
+        # FITS stores unsigned integers as signed ones with BZERO = 2**(bits-1):
+        # flipping the sign bit is that subtraction, exactly.
+        flip = np.array(1 << (8 * values.dtype.itemsize - 1), dtype=values.dtype)
+        values = np.bitwise_xor(values, flip).view(values.dtype.str.replace("u", "i"))
+    return values
+
+
+def _stream_image(path: str, arr: zarr.Array, header: fits.Header) -> None:
+    shape = tuple(int(n) for n in arr.shape)
+    with fits.StreamingHDU(path, header) as shdu:
+        if not shape or 0 in shape:
+            return
+        if len(shape) < 2:  # small vectors: one write
+            shdu.write(np.ascontiguousarray(_stored_band(np.asarray(arr[...]), header)))
+            return
+        lead = shape[:-2]
+        for index in np.ndindex(*lead) if lead else [()]:
+            for y0 in range(0, shape[-2], _BAND_ROWS):
+                band = np.asarray(arr[(*index, slice(y0, y0 + _BAND_ROWS))])
+                shdu.write(np.ascontiguousarray(_stored_band(band, header)))
+
+
+def file_sha256(path: str | os.PathLike[str], block: int = 16 << 20) -> str:
+    """sha256 (hex) of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_fits(group: zarr.Group, path: str | os.PathLike[str]) -> str:
+    """Write the FITS file of a stored product group to ``path``; return its sha256.
+
+    The bytes are those astropy's ``HDUList.writeto`` gives for
+    :func:`build_hdulist` (tested), written with ``StreamingHDU``: one image
+    HDU at a time, ``_BAND_ROWS`` rows at a time, so memory stays at one band
+    whatever the size of the product. An existing file at ``path`` is replaced.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path):
+        os.remove(path)
+    meta = group.attrs[_META_ATTR]
+    inputs = list(group.attrs.get("inputs", []))
+    names = list(meta["arrays"])
+    if names:
+        main = group[names[0]]
+        header = _image_header(main, names[0], primary=True)
+        _set(header, "EXTNAME", names[0].upper(), "main map")
+        _set(header, "BUNIT", _ascii(main.attrs.get("units", meta.get("units", ""))), "units")
+        _set(header, "LONGNAME", _ascii(main.attrs.get("long_name", "")))
+    else:  # a table-only product: the header alone
+        header = fits.PrimaryHDU().header
+        _set(header, "BUNIT", _ascii(meta.get("units", "")), "units of the figures")
+    for key, value, comment in _primary_header(meta, len(inputs)):
+        _set(header, key, value, comment)
+    if names:
+        _stream_image(path, group[names[0]], header)
+    else:
+        fits.PrimaryHDU(header=header).writeto(path, output_verify="exception")
+    for name in names[1:]:
+        arr = group[name]
+        header = _image_header(arr, name, primary=False)
+        _set(header, "BUNIT", _ascii(arr.attrs.get("units", "")), "units")
+        _set(header, "LONGNAME", _ascii(arr.attrs.get("long_name", "")))
+        _stream_image(path, arr, header)
+    small = [_table_hdu(name, group["tables"][name]) for name in meta.get("tables") or []]
+    small.append(_inputs_hdu(inputs))
+    for hdu in small:  # tables are small: appended whole
+        fits.append(path, hdu.data, hdu.header, output_verify="exception")
+    return file_sha256(path)
+
+
 def export_fits(group: zarr.Group) -> bytes:
-    """The canonical FITS bytes of a stored product group (deterministic)."""
-    buffer = io.BytesIO()
-    build_hdulist(group).writeto(buffer, output_verify="exception")
-    return buffer.getvalue()
+    """The canonical FITS bytes of a stored product group (deterministic).
+
+    Holds the whole file in memory: for large products use :func:`write_fits`.
+    """
+    with tempfile.TemporaryDirectory(prefix="sitiancal-fits-") as tmp:
+        path = os.path.join(tmp, "product.fits")
+        write_fits(group, path)
+        with open(path, "rb") as f:
+            return f.read()

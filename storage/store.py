@@ -6,6 +6,7 @@ Layout under the store root (a path, ``file://`` URL or ``s3://bucket/prefix``):
     staging/<uuid>/product.zarr/          zarr v3 group being written
     staging/<uuid>/product.fits           canonical FITS export (storage.export)
     products/<camera>/<type>/v<NNNN>/     the same, once published (immutable)
+    products/<camera>/<type>/v<NNNN>/_published.json   commit marker (written last)
 
 Life of a version (see :class:`sitiancal.storage.catalog.Catalog`):
 
@@ -15,14 +16,26 @@ Life of a version (see :class:`sitiancal.storage.catalog.Catalog`):
    of the FITS bytes and, per zarr array, the sha256 of its ``zarr.json`` and of
    its stored chunk bytes in C order of the chunk grid (:func:`array_checksum`);
    the checksums also go into the group attributes;
-3. :meth:`ProductStore.publish` moves the staged files to their final key
-   (a rename on a local disk, copy-then-delete on object storage) and refuses
-   to overwrite anything already there (:class:`ProductExists`);
+3. :meth:`ProductStore.publish` makes the staged version visible at its
+   final key in one atomic step and refuses to overwrite anything already
+   there (:class:`ProductExists`). A version is visible only once its commit
+   marker ``_published.json`` is there: on a local disk the marker is written
+   into the staging folder, which is then renamed to the final key (one
+   ``rename(2)``); on object storage the files are copied to the final key
+   and the marker is written last. Every reader (:meth:`ProductStore.open_zarr`,
+   :meth:`ProductStore.open_fits`, :meth:`ProductStore.verify`...) requires the
+   marker, so a publication that fails or crashes midway leaves nothing
+   readable; what it copied is removed at once if the store allows, else by
+   :meth:`sitiancal.storage.catalog.Catalog.sweep_orphans`;
 4. the catalog inserts the version row in one transaction; if that fails the
    final key is removed again (:meth:`ProductStore.delete_orphan`).
 
 Anything that fails while staging removes its staging folder;
-:meth:`ProductStore.sweep_staging` removes what a crashed process left behind.
+:meth:`ProductStore.sweep_staging` removes what a crashed process left behind
+(at once when the marker names a process of this host that no longer runs;
+the service sweeps at start-up). A version published before commit markers
+existed is made visible again once it verifies in full against the checksums
+recorded in its group.
 Published groups are opened read-only; :meth:`ProductStore.verify` recomputes
 the checksums on demand and reports any difference (a flipped byte in one chunk
 changes that array's checksum).
@@ -35,15 +48,18 @@ over; ``sitiancal.compute.products``' arrays and tables fit as they are), ``Chec
 ``discard``, ``delete_orphan``, ``exists``, ``open_zarr``, ``zarr_store``,
 ``open_dataset``, ``read_region``, ``read_table``, ``fits_bytes``,
 ``fits_path``, ``open_fits``, ``compute_checksums``, ``verify``,
-``list_staging``, ``sweep_staging``, ``list_product_keys``, ``product_created``; ``product_key``, ``content_key``,
+``list_staging``, ``sweep_staging``, ``list_product_keys``, ``is_published``,
+``product_created``; ``product_key``, ``content_key``,
 ``code_version``, ``library_versions``, ``build_provenance``, ``to_jsonable``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -69,6 +85,8 @@ from sitiancal.compute.content import ProductArray, ProductTable
 
 __all__ = ["ProductArray", "ProductPayload", "ProductStore", "ProductTable"]
 
+log = logging.getLogger(__name__)
+
 #: 2-D maps are chunked like the compute tiles: 6388 x 9576 = 4 x 7 chunks of
 #: 1597 x 1368 (DESIGN.md section 7).
 MAP_CHUNKS = (1597, 1368)
@@ -80,6 +98,9 @@ ZARR_NAME = "product.zarr"
 FITS_NAME = "product.fits"
 #: Marker of a staging folder, relative to its key.
 MARKER_NAME = "_staging.json"
+#: Commit marker of a published version, relative to its key: written last;
+#: readers ignore a version without it.
+PUBLISHED_NAME = "_published.json"
 #: Root attribute of a product group that holds its identity.
 META_ATTR = "sitiancal"
 #: Version of the layout of a product group.
@@ -436,6 +457,21 @@ def _chunk_slices(shape: tuple[int, ...],
                                                                    strict=True))
 
 
+def _pid_running(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0 probe)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, under another user
+        return True
+    except OSError:
+        return True
+    return True
+
+
 def _fill_value(dtype: np.dtype) -> Any:
     return np.nan if dtype.kind == "f" else 0
 
@@ -493,10 +529,48 @@ class ProductStore:
         self.fs.invalidate_cache()
         return bool(self.fs.exists(self._path(key)))
 
-    def _require(self, key: str) -> None:
+    def is_published(self, key: str) -> bool:
+        """Whether ``key`` holds a completely published version (its commit marker is there).
+
+        Files under a key without the marker are a publication that failed or
+        is still being copied: no reader sees them.
+        """
         self.fs.invalidate_cache()
-        if not self.fs.exists(self._path(key, ZARR_NAME, "zarr.json")):
+        return bool(self.fs.exists(self._path(key, PUBLISHED_NAME)))
+
+    def _require(self, key: str) -> None:
+        if not (self.is_published(key) or self._adopt_unmarked(key)):
             raise ProductMissing(key)
+
+    def _adopt_unmarked(self, key: str) -> bool:
+        """Make visible a version published before commit markers existed, if it is whole.
+
+        A product folder without the marker is visible only when every byte
+        verifies against the checksums recorded in its group at staging time
+        (the FITS file and every array): then the marker is written (once) and
+        True returned. A partial copy never verifies.
+        """
+        if not key.startswith("products/"):
+            return False
+        try:
+            recorded = self._json(key, "zarr.json").get("attributes", {}).get("checksums")
+            if not recorded:
+                return False
+            expected = Checksums.from_dict(recorded)
+            if self._fits_checksum(key) != expected.fits:
+                return False
+            if self._array_checksums(key) != expected.arrays:
+                return False
+        except (OSError, KeyError, ValueError, TypeError):
+            return False
+        commit = {"key": key, "published": _iso(datetime.now(UTC)),
+                  "checksums": expected.to_dict(), "adopted": True}
+        try:
+            self.fs.pipe_file(self._path(key, PUBLISHED_NAME), json.dumps(commit).encode())
+        except OSError:  # a read-only store: visible anyway, verified again next time
+            log.warning("could not write the commit marker of %s", key, exc_info=True)
+        log.info("adopted %s, published before commit markers, after verifying it", key)
+        return True
 
     # -- writing ---------------------------------------------------------------
     def stage(self, payload: ProductPayload, version: int) -> StagedProduct:
@@ -559,11 +633,7 @@ class ProductStore:
                 for table in payload.tables:
                     self._write_table(tables, table)
             arrays = {name: self._array_checksum(key, name) for name in self._array_names(key)}
-            from sitiancal.storage.export import export_fits
-
-            fits = export_fits(self._open_group(key))
-            self.fs.pipe_file(self._path(key, FITS_NAME), fits)
-            checksums = Checksums(fits=hashlib.sha256(fits).hexdigest(), arrays=arrays)
+            checksums = Checksums(fits=self._write_fits(key), arrays=arrays)
             group.attrs.update({"checksums": checksums.to_dict()})
         except BaseException:
             self._rm(key)
@@ -574,6 +644,20 @@ class ProductStore:
                              shape=(tuple(int(n) for n in payload.arrays[0].data.shape)
                                     if payload.arrays else ()),
                              units=payload.main_units, created=created)
+
+    def _write_fits(self, key: str) -> str:
+        """Write the FITS export of a staged product (streamed); return its sha256."""
+        from sitiancal.storage.export import write_fits
+
+        if self.local:
+            return write_fits(self._open_group(key), self._path(key, FITS_NAME))
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="sitiancal-fits-") as tmp:
+            local = os.path.join(tmp, FITS_NAME)
+            sha = write_fits(self._open_group(key), local)
+            self.fs.put_file(local, self._path(key, FITS_NAME))
+        return sha
 
     def _write_array(self, group: zarr.Group, arr: Any) -> None:
         shape = tuple(int(n) for n in arr.data.shape)
@@ -614,12 +698,24 @@ class ProductStore:
                 col[...] = values
 
     def publish(self, staged: StagedProduct, key: str | None = None) -> str:
-        """Move a staged product to its final key and return the key.
+        """Make a staged product visible at its final key, atomically; return the key.
+
+        A reader sees either no version or the complete one: on a local disk
+        the staging folder, commit marker included, is renamed to the final
+        key in one ``rename(2)``; on object storage the files are copied to
+        the final key and the commit marker (:data:`PUBLISHED_NAME`) is
+        written last, and readers require it. If the publication fails midway,
+        what was copied to the final key is removed (where the store still
+        allows it; otherwise it stays invisible until
+        :meth:`sitiancal.storage.catalog.Catalog.sweep_orphans`) and the error
+        propagates; the staged files are left for the caller to discard or retry.
 
         Raises
         ------
         ProductExists
             If anything is stored under the key already.
+        ProductMissing
+            If the staged product is not (completely) there.
         """
         final = key or staged.final_key
         if self.exists(final):
@@ -627,26 +723,40 @@ class ProductStore:
         src = self._path(staged.key)
         if not self.fs.exists(self._path(staged.key, ZARR_NAME, "zarr.json")):
             raise ProductMissing(staged.key)
-        self.fs.rm(self._path(staged.key, MARKER_NAME))
+        commit = json.dumps({"key": final, "published": _iso(datetime.now(UTC)),
+                             "checksums": staged.checksums.to_dict(),
+                             "host": socket.gethostname(), "pid": os.getpid()}).encode()
         dst = self._path(final)
         if self.local:
             os.makedirs(posixpath.dirname(dst), exist_ok=True)
+            self.fs.pipe_file(self._path(staged.key, PUBLISHED_NAME), commit)
+            self.fs.rm(self._path(staged.key, MARKER_NAME))
             try:
-                os.mkdir(dst)  # exclusive: fails if another publish got there first
-            except FileExistsError as exc:
-                raise ProductExists(final) from exc
-            for name in sorted(os.listdir(src)):
-                os.rename(posixpath.join(src, name), posixpath.join(dst, name))
-            os.rmdir(src)
+                # one atomic step; fails if another publish put files there first
+                os.rename(src, dst)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise ProductExists(final) from exc
+                raise
             return final
-        sources = sorted(self.fs.find(src))
+        marker = self._path(staged.key, MARKER_NAME)
+        sources = sorted(p for p in self.fs.find(src) if p != marker)
         targets = [dst + p[len(src):] for p in sources]
         try:
             self.fs.copy(sources, targets)
+            self.fs.pipe_file(self._path(final, PUBLISHED_NAME), commit)  # the commit point
         except BaseException:
-            self._rm(final)
+            try:
+                self._rm(final)
+            except Exception:  # the store is failing: the files stay invisible (no marker)
+                log.warning("could not remove the partial copy at %s; sweep_orphans will",
+                            final, exc_info=True)
             raise
-        self._rm(staged.key)
+        try:
+            self._rm(staged.key)
+        except Exception:  # published already; the leftover staging folder is swept later
+            log.warning("could not remove %s after publishing %s", staged.key, final,
+                        exc_info=True)
         return final
 
     def discard(self, staged: StagedProduct | str) -> None:
@@ -673,7 +783,11 @@ class ProductStore:
         self.fs.invalidate_cache()
 
     def list_product_keys(self) -> list[str]:
-        """Keys of every published product folder (``products/<camera>/<type>/vNNNN``)."""
+        """Keys of every product folder (``products/<camera>/<type>/vNNNN``).
+
+        Includes folders without a commit marker (a failed or unfinished
+        publication; see :meth:`is_published`), so that a sweep finds them.
+        """
         self.fs.invalidate_cache()
         base = self._path("products")
         if not self.fs.exists(base):
@@ -684,12 +798,30 @@ class ProductStore:
         return sorted(keys)
 
     def product_created(self, key: str) -> datetime | None:
-        """Creation time recorded in a product group (``None`` if unreadable)."""
+        """Creation time recorded in a product group.
+
+        When the group metadata is unreadable (a publication that failed, or
+        is still copying, before its ``zarr.json``), the latest modification
+        time of the files under ``key``; ``None`` if there are none.
+        """
         try:
             meta = json.loads(self.fs.cat_file(self._path(key, ZARR_NAME, "zarr.json")))
             return _parse_iso(meta["attributes"][META_ATTR]["created"])
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            pass
+        return self._latest_modified(key)
+
+    def _latest_modified(self, key: str) -> datetime | None:
+        """Latest modification time (UTC) of the files under ``key``; ``None`` if none."""
+        times = []
+        self.fs.invalidate_cache()
+        for path in self.fs.find(self._path(key)):
+            try:
+                modified = self.fs.modified(path)
+            except (OSError, NotImplementedError):
+                continue
+            times.append(modified if modified.tzinfo else modified.replace(tzinfo=UTC))
+        return max(times) if times else None
 
     def list_staging(self) -> list[str]:
         """Keys of the staging folders present."""
@@ -705,35 +837,41 @@ class ProductStore:
 
     def sweep_staging(self, older_than: timedelta, *,
                       now: datetime | None = None) -> list[str]:
-        """Remove staging folders created more than ``older_than`` ago; return their keys.
+        """Remove abandoned staging folders; return their keys.
 
-        Age comes from the staging marker; a folder without a readable marker
-        (a crash before it was written) is aged by its files' modification
-        time, or swept if it has none.
+        A folder is abandoned when it was created more than ``older_than``
+        ago, or when its marker names a process of this host that no longer
+        runs (a crashed writer: swept at once, whatever its age). Age comes
+        from the staging marker; a folder without a readable marker (a crash
+        before it was written) is aged by its files' modification time, or
+        swept if it has none.
         """
         now = now or datetime.now(UTC)
         removed = []
         for key in self.list_staging():
-            created = self._staging_created(key)
-            if created is None or now - created > older_than:
+            created, owner_alive = self._staging_owner(key)
+            if created is None or now - created > older_than or owner_alive is False:
                 self._rm(key)
                 removed.append(key)
         return removed
 
-    def _staging_created(self, key: str) -> datetime | None:
+    def _staging_owner(self, key: str) -> tuple[datetime | None, bool | None]:
+        """Creation time of a staging folder and whether its writer still runs.
+
+        The second item is ``None`` when that cannot be told (no marker, or a
+        writer on another host).
+        """
         try:
             marker = json.loads(self.fs.cat_file(self._path(key, MARKER_NAME)))
-            return _parse_iso(marker["created"])
-        except (OSError, ValueError, KeyError):
-            pass
-        times = []
-        for path in self.fs.find(self._path(key)):
-            try:
-                modified = self.fs.modified(path)
-            except (OSError, NotImplementedError):
-                continue
-            times.append(modified if modified.tzinfo else modified.replace(tzinfo=UTC))
-        return max(times) if times else None
+            created = _parse_iso(marker["created"])
+        except (OSError, ValueError, KeyError, TypeError):
+            marker, created = None, None
+        if marker is not None and created is not None:
+            alive = None
+            if marker.get("host") == socket.gethostname() and isinstance(marker.get("pid"), int):
+                alive = _pid_running(marker["pid"])
+            return created, alive
+        return self._latest_modified(key), None
 
     # -- reading ---------------------------------------------------------------
     def _open_group(self, key: str) -> zarr.Group:
@@ -778,6 +916,7 @@ class ProductStore:
 
     def fits_bytes(self, key: str) -> bytes:
         """The stored FITS export of a product."""
+        self._require(key)
         try:
             return bytes(self.fs.cat_file(self._path(key, FITS_NAME)))
         except FileNotFoundError as exc:
@@ -785,6 +924,7 @@ class ProductStore:
 
     def open_fits(self, key: str) -> IO[bytes]:
         """A binary file object on the stored FITS export (for streaming)."""
+        self._require(key)
         try:
             return self.fs.open(self._path(key, FITS_NAME), "rb")
         except FileNotFoundError as exc:
@@ -864,10 +1004,10 @@ class ProductStore:
     def _fits_checksum(self, key: str) -> str | None:
         h = hashlib.sha256()
         try:
-            with self.open_fits(key) as fobj:
+            with self.fs.open(self._path(key, FITS_NAME), "rb") as fobj:
                 for block in iter(lambda: fobj.read(8 * 1024 * 1024), b""):
                     h.update(block)
-        except (ProductMissing, FileNotFoundError):
+        except FileNotFoundError:
             return None
         return h.hexdigest()
 

@@ -4,7 +4,8 @@
 conventions of MaxIm DL/ASCOM, N.I.N.A., SharpCap, IRAF and Ekos, with 8- and
 16-bit data, images in extension 1, tile-compressed and gzip files, plus the bad
 files a real folder holds (truncated, empty, not FITS, tables, wrong shape,
-missing or negative exposure, unknown type, float, 32-bit, 3-D, mixed GAIN...).
+missing, negative or contradictory exposure, unknown or contradictory type, float
+with NaN, 32- and 64-bit, 3-D, mixed GAIN or OFFSET, a duplicated frame...).
 It returns one :class:`CorpusFile` per file with what a correct scan must say
 about it, so the same corpus serves scan, cube and reliability tests.
 
@@ -15,6 +16,7 @@ set (bias, darks, flats) for cube tests and benchmarks.
 from __future__ import annotations
 
 import gzip
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -299,14 +301,44 @@ def write_bad_files(w: _Writer) -> None:
     write_fits(w.root / "bad/float64.fits", dark.astype(np.float64),
                {**base, "IMAGETYP": "DARK"})
     w.bad("bad/float64.fits", "floating-point data (BITPIX=-64)")
+    nan_frame = dark.astype(np.float32)
+    nan_frame[3, 5] = np.nan
+    write_fits(w.root / "bad/float_nan.fits", nan_frame, {**base, "IMAGETYP": "DARK"})
+    w.bad("bad/float_nan.fits", "floating-point data (BITPIX=-32)", note="NaN pixels")
     write_fits(w.root / "bad/int32.fits", dark.astype(np.int32), {**base, "IMAGETYP": "DARK"})
     w.bad("bad/int32.fits", "32-bit integer data (BITPIX=32)")
+    write_fits(w.root / "bad/int64.fits", dark.astype(np.int64), {**base, "IMAGETYP": "DARK"})
+    w.bad("bad/int64.fits", "64-bit integer data (BITPIX=64)")
     write_fits(w.root / "bad/cube3d.fits", np.stack([dark, dark, dark]),
                {**base, "IMAGETYP": "DARK"})
     w.bad("bad/cube3d.fits", f"3-D data (NAXIS=3, shape 3 x {ny} x {nx})")
     write_fits(w.root / "bad/gain200_dark.fits", dark, {**base, "IMAGETYP": "DARK", "GAIN": 200})
     w.bad("bad/gain200_dark.fits", "operating state gain=200, offset=50, binning 1x1, readout "
                                    "mode None differs from the set's majority state gain=100")
+    write_fits(w.root / "bad/offset60_flat.fits", dark,
+               {**base, "IMAGETYP": "FLAT", "EXPTIME": 1.0, "OFFSET": 60})
+    w.bad("bad/offset60_flat.fits", "operating state gain=100, offset=60, binning 1x1, readout "
+                                    "mode None differs from the set's majority state gain=100, "
+                                    "offset=50")
+    write_fits(w.root / "bad/conflicting_type.fits", dark,
+               {**base, "IMAGETYP": "DARK", "FRAME": "Flat"})
+    w.bad("bad/conflicting_type.fits", "conflicting frame types IMAGETYP='DARK' and "
+                                       "FRAME='Flat'")
+    write_fits(w.root / "bad/conflicting_exptime.fits", dark,
+               {**base, "IMAGETYP": "DARK", "EXPOSURE": 30.0})
+    w.bad("bad/conflicting_exptime.fits", "conflicting exposure times EXPTIME=10 s and "
+                                          "EXPOSURE=30 s")
+    write_fits(w.root / "bad/text_date_exptime.fits", dark,
+               {**base, "IMAGETYP": "DARK", "EXPTIME": "2026-03-14"})
+    w.bad("bad/text_date_exptime.fits", "unparsable exposure time: EXPTIME='2026-03-14'")
+    # a copy of an accepted frame (same sha256) under a later path: the first is kept
+    original = next(f for f in w.files if f.name == "maxim/dark_frame.fit")
+    copy = w.root / "zz_copies/dark_frame (1).fit"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes((w.root / original.name).read_bytes())
+    w.bad("zz_copies/dark_frame (1).fit",
+          f"duplicate frame: same bytes (sha256 {hashlib.sha256(copy.read_bytes()).hexdigest()[:16]}"
+          f"...) as {w.root / original.name}")
     raw = gzip.compress(blob, mtime=0)
     (w.root / "bad/corrupt.fits.gz").write_bytes(raw[: len(raw) // 2])
     w.bad("bad/corrupt.fits.gz", "corrupt or truncated gzip stream")

@@ -155,5 +155,6 @@ def test_serve_prints_where_the_token_is_not_the_token(tmp_path, monkeypatch):
     token = (tmp_path / "d" / TOKEN_FILE).read_text().strip()
     assert str((tmp_path / "d" / TOKEN_FILE).resolve()) in result.output
     assert token not in result.output
-    assert seen["kwargs"] == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+    assert seen["kwargs"] == {"host": "127.0.0.1", "port": 8123, "log_level": "info",
+                              "access_log": True, **server.uvicorn_options()}
     assert seen["app"].state.auth.operator_tokens == (token,)

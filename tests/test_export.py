@@ -133,3 +133,36 @@ def test_invalid_payloads_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="2 dimensions but 1 names"):
         store.stage(p, 1)
     assert store.list_staging() == []
+
+
+def test_streamed_file_equals_astropy_writeto(tmp_path) -> None:
+    """write_fits streams band by band; its bytes are those of astropy's own writer."""
+    from sitiancal.storage.export import _BAND_ROWS, build_hdulist, write_fits
+
+    rng = np.random.default_rng(SEED)
+    ny = 2 * _BAND_ROWS + 37  # several bands, the last one partial
+    payload = ProductPayload(
+        camera="MST3", type="mask",
+        arrays=[ProductArray("MASK", rng.integers(0, 1 << 16, (ny, 9), dtype=np.uint16), "",
+                             "defect bitmask"),
+                ProductArray("RESID", rng.normal(0, 1, (2, ny, 9)).astype(np.float32), "%",
+                             "residual", dims=("level", "y", "x")),
+                ProductArray("CLASS", rng.integers(0, 4, (ny, 9), dtype=np.uint8), "", "class"),
+                ProductArray("F64", rng.normal(0, 1, (ny, 9)), "ADU", "float64 map"),
+                ProductArray("FLAG", rng.random((ny, 9)) > 0.5, "", "flag")],
+        tables=[ProductTable("T", {"a": np.arange(3, dtype=np.uint16)}, {"a": "s"}, "t")],
+        stats={}, inputs=[{"path": "/x.fits", "sha256": "3" * 64}], params={},
+        code_version="0.1.0")
+    store = ProductStore(tmp_path / "store")
+    key = store.publish(store.stage(payload, 1))
+    group = store.open_zarr(key)
+    buffer = io.BytesIO()
+    build_hdulist(group).writeto(buffer, output_verify="exception")
+    sha = write_fits(group, tmp_path / "streamed.fits")
+    data = (tmp_path / "streamed.fits").read_bytes()
+    assert data == buffer.getvalue()
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert store.fits_bytes(key) == data
+    with fits.open(io.BytesIO(data)) as hdul:
+        np.testing.assert_array_equal(hdul["MASK"].data, payload.arrays[0].data)
+        np.testing.assert_array_equal(hdul["RESID"].data, payload.arrays[1].data)
