@@ -149,6 +149,8 @@ def cube(path: Path, store: str, progress: bool) -> None:
             ds = build_cube(inventory, store, progress=bar)
     except (ScanError, CubeError) as exc:
         _fail(str(exc))
+    except OSError as exc:  # disk full, file size limit, permissions: no traceback
+        _fail(f"cube {store} not built: {exc}")
     click.echo(f"cube of {ds.sizes['frame']} frames "
                f"({ds.sizes['y']} x {ds.sizes['x']}) written to {store}")
 
@@ -165,14 +167,28 @@ def cube(path: Path, store: str, progress: bool) -> None:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Job parameter (JSON value), repeatable, e.g. --param clip_sigma=4.")
 @click.option("--force", is_flag=True, help="Publish new versions even if identical ones exist.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory budget of the run, e.g. 4GB (default: SITIANCAL_MEMORY_LIMIT, 4GB); "
+              "fewer tiles run at once, or smaller ones, to stay within it.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def calibrate(path: Path, camera: str, data_dir: Path | None, export_dir: Path | None,
-              products: str | None, params: tuple[str, ...], force: bool, progress: bool) -> None:
+              products: str | None, params: tuple[str, ...], force: bool,
+              memory_limit: str | None, progress: bool) -> None:
     """Run the whole calibration of the camera dataset at PATH and store its products."""
+    from dask.utils import parse_bytes
+
     from sitiancal.service.pipeline import calibrate as run_calibrate
     from sitiancal.service.settings import Settings
 
-    settings = Settings(**({"data_dir": data_dir} if data_dir is not None else {}))
+    overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir is not None else {}
+    if memory_limit is not None:
+        try:
+            if parse_bytes(memory_limit) <= 0:
+                raise ValueError
+        except ValueError:
+            _fail(f"--memory-limit {memory_limit!r}: expected a size such as 4GB or 512MB")
+        overrides["memory_limit"] = memory_limit
+    settings = Settings(**overrides)
     wanted = [p.strip() for p in products.split(",") if p.strip()] if products else None
     job_params: dict[str, Any] = {}
     for item in params:

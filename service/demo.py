@@ -5,7 +5,7 @@ the sensor with the reference study's properties), starts ``sitiancal serve``
 on the embedded default (SQLite, local zarr store, a dask LocalCluster),
 registers the dataset, runs the calibration job through the HTTP API, prints
 the QC table, certifies the gain map, asks for the best gain at a time and
-prints where every result is.
+prints where every result is (the dashboard, the dask dashboard, the report).
 
 Run with ``python -m sitiancal.service.demo [DIR]`` (default ``./demo``).
 """
@@ -54,6 +54,14 @@ def _wait_until_up(base: str, server: subprocess.Popen, timeout: float = 120.0) 
     raise RuntimeError(f"sitiancal serve did not answer on {base} within {timeout:.0f} s")
 
 
+def _dask_dashboard(http: httpx.Client) -> str:
+    """The dask dashboard link the service shows on ``/ui``, or why there is none."""
+    info = http.get("/ui/info.json").json()
+    if info.get("dask_dashboard"):
+        return str(info["dask_dashboard"])
+    return f"none ({info.get('dask_dashboard_state', 'unavailable')}; SITIANCAL_DASK_DASHBOARD)"
+
+
 def _print_table(report: dict) -> None:
     table = report["table"]
     width = max(len(row[0]) for row in table)
@@ -93,6 +101,8 @@ def run(root: Path) -> int:
         _wait_until_up(base, server)
         auth = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=base, timeout=60.0) as http:
+            dask_link = _dask_dashboard(http)
+            print(f"      dask dashboard: {dask_link}")
             reply = http.post("/v1/datasets", headers=auth,
                               json={"camera": "MST3", "source": str(raw.resolve()), "label": "demo"})
             reply.raise_for_status()
@@ -133,6 +143,7 @@ def run(root: Path) -> int:
             print(f"  best gain for MST3 at 2024-06-01: v{best['version']} ({best['state']}, "
                   f"valid from {best['valid_from']}), median {best['stats']['median']:.4f} e-/ADU")
         print(f"\ndashboard: {base}/ui (while the service runs)"
+              f"\ndask:      {dask_link}"
               f"\nreport:    {root / 'export' / 'report.html'} (plots), "
               f"{root / 'export' / 'report.json'}\nFITS:      {root / 'export'}/<type>.fits"
               f"\ncatalog:   {data / 'catalog.sqlite'}\nstore:     {data / 'store'}"

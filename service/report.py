@@ -66,7 +66,8 @@ class QCReport:
     context: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (``report.json`` and ``GET /v1/cameras/{camera}/report``)."""
+        """JSON form (``report.json``, ``GET /v1/cameras/{camera}/report`` and
+        ``GET /v1/jobs/{job_id}/report``)."""
         return {
             "camera": self.camera,
             "figures": {f.key: {"label": f.label, "value": f.value, "error": f.error,

@@ -4,6 +4,11 @@ The page holds the scalar QC table of :mod:`sitiancal.service.report` and the
 figures of :mod:`sitiancal.service.plots` as base64-embedded PNGs, so it
 works offline (no CDN, no external file). :func:`export_report` writes the
 page, one PNG per figure and optionally a PDF with every figure.
+
+A report covers either a camera (its newest or currently certified version
+of each product type: :func:`build_html_report`) or one job (the versions it
+produced or reused, as the catalog links them: :func:`job_report` and
+:func:`build_job_html_report`); both draw the same figures.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, Literal
 
 from sitiancal.service.plots import RenderedFigure, render_figures
 from sitiancal.service.report import QCReport, build_report
+from sitiancal.storage.catalog import StateConflict
 
 ReportBasis = Literal["latest", "certified"]
 
@@ -42,14 +48,15 @@ class HTMLReport:
 
     def html(self) -> str:
         """The whole report as one HTML document with embedded PNGs."""
-        camera = html.escape(self.qc.camera)
+        title, basis_line = (html.escape(t) for t in self.subject())
         rows = "\n".join(
             f"<tr><td>{html.escape(f.label)}</td><td>{html.escape(f.text())}</td>"
             f"<td>{html.escape(f.product)}</td></tr>" for f in self.qc.figures)
         prod_rows = "\n".join(
             f"<tr><td>{html.escape(t)}</td><td>v{p.version}</td><td>{html.escape(p.state)}</td>"
             f"<td>{html.escape(p.created.isoformat())}</td><td><code>{html.escape(p.id)}</code>"
-            f"</td></tr>" for t, p in sorted(self.products.items()))
+            f"</td><td><code>{html.escape(p.job or '')}</code></td></tr>"
+            for t, p in sorted(self.products.items()))
         figs = []
         for i, fig in enumerate(self.figures, 1):
             data = base64.b64encode(fig.png).decode("ascii")
@@ -61,21 +68,136 @@ class HTMLReport:
         missing = dict(self.qc.missing)
         skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
                           for k, v in {**missing, **self.skipped}.items())
-        basis = html.escape(str(self.qc.context.get("basis", "latest")))
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return (
             "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>QC report for camera {camera}</title><style>{_STYLE}</style></head><body>"
-            f"<h1>QC report for camera {camera}</h1>"
-            f"<p class='muted'>Products: {basis} versions. Generated {now}.</p>"
+            f"<title>{title}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>{title}</h1>"
+            f"<p class='muted'>{basis_line} Generated {now}.</p>"
             "<h2>Product versions</h2><table><thead><tr><th>type</th><th>version</th>"
-            f"<th>state</th><th>created</th><th>id</th></tr></thead><tbody>{prod_rows}"
+            "<th>state</th><th>created</th><th>id</th><th>made by job</th></tr></thead>"
+            f"<tbody>{prod_rows}"
             "</tbody></table>"
             "<h2>QC figures</h2><table><thead><tr><th>figure</th><th>value</th>"
             f"<th>product</th></tr></thead><tbody>{rows}</tbody></table>"
             f"<h2>Plots</h2>{''.join(figs)}"
             f"<h2>Not computed</h2><ul>{skipped or '<li>nothing</li>'}</ul>"
             "</body></html>")
+
+
+    def subject(self) -> tuple[str, str]:
+        """The report's title and the sentence saying which product versions it uses."""
+        context = self.qc.context
+        job = context.get("job")
+        if job:
+            reused = sum(1 for p in self.products.values() if p.job != job)
+            return (f"QC report for job {job} (camera {self.qc.camera})",
+                    f"Products: the {len(self.products)} versions job {job} produced "
+                    f"({len(self.products) - reused} new, {reused} reused).")
+        basis = str(context.get("basis", "latest"))
+        return f"QC report for camera {self.qc.camera}", f"Products: {basis} versions."
+
+
+class JobReportUnavailable(StateConflict):
+    """A job has no products to report on (queued, running, failed, cancelled) (HTTP 409)."""
+
+
+def job_products(catalog: Any, job_id: str) -> tuple[Any, dict[str, Any]]:
+    """The job and product type -> version it produced or reused (linked in the catalog).
+
+    Raises
+    ------
+    NotFound
+        Unknown job.
+    JobReportUnavailable
+        The job has not succeeded, or succeeded without any product; the
+        message says which.
+    """
+    job = catalog.get_job(job_id)
+    if job.state == "queued":
+        raise JobReportUnavailable(f"job {job.id} is queued: it has no products yet; its "
+                                   "report exists once it has succeeded")
+    if job.state == "running":
+        stage = f"stage {job.stage}, " if job.stage else ""
+        raise JobReportUnavailable(f"job {job.id} is running ({stage}{job.progress:.0%}): its "
+                                   "products are published when it succeeds")
+    if job.state == "failed":
+        raise JobReportUnavailable(f"job {job.id} failed ({job.error or 'no error text'}): a "
+                                   "failed job publishes no products")
+    if job.state == "cancelled":
+        raise JobReportUnavailable(f"job {job.id} was cancelled: a cancelled job publishes "
+                                   "no products")
+    if not job.products:
+        raise JobReportUnavailable(f"job {job.id} {job.state} without producing or reusing "
+                                   "any product")
+    chosen: dict[str, Any] = {}
+    for product_id in job.products:
+        product = catalog.get_product(product_id)
+        held = chosen.get(product.type)
+        if held is None or product.version > held.version:
+            chosen[product.type] = product
+    return job, chosen
+
+
+def job_report(catalog: Any, job_id: str) -> tuple[QCReport, dict[str, Any]]:
+    """The QC figures of the product versions one job produced or reused.
+
+    Parameters
+    ----------
+    catalog : Catalog
+        The product catalog.
+    job_id : str
+        Job id (``NotFound`` when unknown, :class:`JobReportUnavailable`
+        when it has no products).
+
+    Returns
+    -------
+    (QCReport, products)
+        The report (JSON context: ``basis`` ``"job"``, ``job``, ``job_state``,
+        ``products`` with ``reused``, ``jobs``, ``datasets``) and product type
+        -> version.
+    """
+    from sitiancal.service.datasets import ALL_PRODUCTS
+
+    job, products = job_products(catalog, job_id)
+    missing: dict[str, str] = {}
+    for product in products.values():
+        for kind, reason in (product.provenance.get("missing") or {}).items():
+            if kind not in products:
+                missing[kind] = str(reason)
+    for kind in ALL_PRODUCTS:
+        if kind not in products and kind not in missing:
+            missing[kind] = ("requested but not produced by this job" if kind in job.requested
+                             else "not requested by this job")
+    context: dict[str, Any] = {
+        "basis": "job", "job": job.id, "job_state": job.state,
+        "finished": job.finished.isoformat() if job.finished else None,
+        "products": {k: {"id": p.id, "version": p.version, "state": p.state,
+                         "created": p.created.isoformat(), "job": p.job,
+                         "reused": p.job != job.id} for k, p in sorted(products.items())},
+        "jobs": sorted({p.job for p in products.values() if p.job}),
+        "datasets": sorted({p.dataset for p in products.values() if p.dataset})}
+    qc = build_report(job.camera, {k: p.stats for k, p in products.items()}, missing=missing,
+                      context=context)
+    return qc, products
+
+
+def build_job_html_report(catalog: Any, store: Any, job_id: str) -> HTMLReport:
+    """Render the QC report of one job from the product versions it produced or reused.
+
+    Parameters
+    ----------
+    catalog : Catalog
+        The product catalog.
+    store : ProductStore
+        The product store holding the arrays and tables.
+    job_id : str
+        Job id (``NotFound`` when unknown, :class:`JobReportUnavailable`
+        when it has no products).
+    """
+    qc, products = job_report(catalog, job_id)
+    figures, skipped = render_figures(store, products)
+    return HTMLReport(qc=qc, figures=figures, skipped=skipped, products=products)
 
 
 def select_products(catalog: Any, camera: str, basis: ReportBasis = "latest") -> dict[str, Any]:
@@ -149,8 +271,7 @@ def _write_pdf(report: HTMLReport, path: Path) -> Path:
 
     with PdfPages(path) as pdf:
         page = Figure(figsize=(8.27, 11.69))
-        page.text(0.05, 0.95, f"QC report for camera {report.qc.camera}", fontsize=16,
-                  va="top")
+        page.text(0.05, 0.95, report.subject()[0], fontsize=16, va="top")
         page.text(0.05, 0.9, report.qc.table(), family="monospace", fontsize=7, va="top")
         pdf.savefig(page)
         for fig in report.figures:
@@ -178,36 +299,49 @@ def _report_command() -> Any:
     from sitiancal.service.products_cli import _handle_errors, _settings
 
     @click.command("report")
-    @click.argument("camera")
+    @click.argument("camera", required=False)
+    @click.option("--job", "job_id", default=None,
+                  help="Report on the products this job produced or reused (instead of CAMERA).")
     @click.option("--out", "out_dir", required=True,
                   type=click.Path(file_okay=False, path_type=Path),
                   help="Folder for report.html and one PNG per figure.")
-    @click.option("--basis", type=click.Choice(["latest", "certified"]), default="latest",
-                  show_default=True, help="Newest versions, or the versions certified now.")
+    @click.option("--basis", type=click.Choice(["latest", "certified"]), default=None,
+                  help="Newest versions (default), or the versions certified now; "
+                  "camera reports only.")
     @click.option("--pdf", is_flag=True, help="Also write report.pdf (one page per figure).")
     @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Data directory (default: SITIANCAL_DATA_DIR or ./data).")
     @_handle_errors
-    def report(camera: str, out_dir: Path, basis: ReportBasis, pdf: bool,
-               data_dir: Path | None) -> None:
-        """Write the QC report of CAMERA (HTML with embedded plots, PNGs, optional PDF)."""
+    def report(camera: str | None, job_id: str | None, out_dir: Path,
+               basis: ReportBasis | None, pdf: bool, data_dir: Path | None) -> None:
+        """Write the QC report of CAMERA, or of one job with --job ID (HTML with embedded
+        plots, PNGs, optional PDF)."""
         from sitiancal.storage.catalog import Catalog
         from sitiancal.storage.store import ProductStore
 
+        if (camera is None) == (job_id is None):
+            raise click.UsageError("give either CAMERA or --job ID")
+        if job_id is not None and basis is not None:
+            raise click.UsageError("--basis applies to camera reports; a job report uses the "
+                                   "versions the job produced or reused")
         settings = _settings(data_dir)
         catalog = Catalog.open(settings.catalog_url)
+        store = ProductStore(settings.product_store_url)
         try:
-            rendered = build_html_report(catalog, ProductStore(settings.product_store_url),
-                                         camera, basis)
+            if job_id is not None:
+                rendered = build_job_html_report(catalog, store, job_id)
+            else:
+                rendered = build_html_report(catalog, store, str(camera), basis or "latest")
         finally:
             catalog.close()
         if not rendered.products:
-            raise ValueError(f"camera {camera} has no products ({basis})")
+            raise ValueError(f"camera {camera} has no products ({basis or 'latest'})")
         paths = export_report(rendered, out_dir, pdf=pdf)
-        click.echo(f"{len(rendered.figures)} figures for camera {camera}; report: {paths[0]}")
+        what = f"job {job_id} (camera {rendered.qc.camera})" if job_id else f"camera {camera}"
+        click.echo(f"{len(rendered.figures)} figures for {what}; report: {paths[0]}")
 
     return report
 
 
-#: ``sitiancal report CAMERA --out DIR``
+#: ``sitiancal report CAMERA --out DIR`` or ``sitiancal report --job ID --out DIR``
 report_command = _report_command()

@@ -179,6 +179,9 @@ def start_dask(settings: Settings) -> tuple[Any, Any]:
     every imported library and of the job's data, and the tile tasks release
     the GIL in their compiled kernels.
 
+    The embedded cluster serves the dask dashboard on ``settings.dask_dashboard``
+    (none when that is off); see :func:`dashboard_location` for its link.
+
     Returns
     -------
     (client, cluster)
@@ -192,12 +195,75 @@ def start_dask(settings: Settings) -> tuple[Any, Any]:
         return Client(settings.scheduler_address, timeout="20s"), None
     cluster = LocalCluster(n_workers=settings.n_workers,
                            threads_per_worker=settings.threads_per_worker, processes=False,
-                           memory_limit=settings.memory_limit, dashboard_address=None)
+                           memory_limit=settings.memory_limit,
+                           dashboard_address=settings.dask_dashboard)
     try:
         return Client(cluster), cluster
     except BaseException:
         cluster.close()
         raise
+
+
+@dataclass(frozen=True)
+class DaskDashboard:
+    """Where the dask dashboard of the service's scheduler is.
+
+    Attributes
+    ----------
+    url : str
+        The link for an operator's browser (the scheduler's ``dashboard_link``,
+        shaped by dask's ``distributed.dashboard.link`` template).
+    probe : str
+        Where the service itself reaches the dashboard to see that it answers
+        (loopback for an embedded one bound to every interface).
+    """
+
+    url: str
+    probe: str
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def dashboard_location(client: Any, bind: str | None = None) -> DaskDashboard | None:
+    """The dask dashboard of ``client``'s scheduler, or None when it serves none.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The service's client; its scheduler is asked which services it runs
+        (a blocking call).
+    bind : str, optional
+        The ``[host]:port`` the embedded cluster's dashboard was started on;
+        None for an external scheduler (or a client handed to the runner),
+        whose own ``dashboard_link`` is used.
+
+    Returns
+    -------
+    DaskDashboard or None
+        None when the scheduler runs no dashboard.
+    """
+    import dask
+    from distributed.comm import get_address_host
+    from distributed.utils import format_dashboard_link
+
+    info = client.scheduler_info()
+    port = (info.get("services") or {}).get("dashboard") if isinstance(info, dict) else None
+    if port is None:
+        return None
+    scheme = "https" if dask.config.get("distributed.scheduler.dashboard.tls.cert", None) \
+        else "http"
+    if bind is not None:
+        host = bind.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::", "*"):  # every interface: the machine's address
+            return DaskDashboard(url=str(client.dashboard_link),
+                                 probe=f"{scheme}://127.0.0.1:{port}/status")
+        return DaskDashboard(url=format_dashboard_link(_url_host(host), port),
+                             probe=f"{scheme}://{_url_host(host)}:{port}/status")
+    host = get_address_host(str(client.scheduler.address))
+    return DaskDashboard(url=str(client.dashboard_link),
+                         probe=f"{scheme}://{_url_host(host)}:{port}/status")
 
 
 class JobRunner:
@@ -266,6 +332,21 @@ class JobRunner:
     def client(self) -> Any:
         """The dask client (None without dask or before :meth:`start`)."""
         return self._client
+
+    @property
+    def uses_dask(self) -> bool:
+        """Whether jobs run on a dask client (False: local threads, no dashboard)."""
+        return self._use_dask
+
+    def dask_dashboard(self) -> DaskDashboard | None:
+        """The dask dashboard the service links to, or None (off, no dask, none served).
+
+        Asks the scheduler (blocking); its errors propagate.
+        """
+        if self.settings.dask_dashboard is None or self._client is None:
+            return None
+        bind = self.settings.dask_dashboard if self._cluster is not None else None
+        return dashboard_location(self._client, bind)
 
     @property
     def started(self) -> bool:

@@ -15,6 +15,9 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: Values of ``dask_dashboard`` that turn the dashboard off.
+_OFF = frozenset({"", "off", "none", "false", "no", "disabled"})
+
 
 def _split(value: object, sep: str) -> object:
     if isinstance(value, str):
@@ -52,6 +55,12 @@ class Settings(BaseSettings):
         description="Address of an existing dask scheduler (tcp://host:8786); "
         "default: a LocalCluster started by the process.",
     )
+    dask_dashboard: str | None = Field(
+        default="127.0.0.1:0",
+        description="Address ([host]:port) the embedded LocalCluster serves the dask "
+        "dashboard on; port 0 picks a free port. Empty or 'off' starts none and the "
+        "service links to none (also with an external scheduler).",
+    )
     input_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Colon-separated folders or URL prefixes datasets may be registered from.",
@@ -71,6 +80,23 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=512 * 1024**2, ge=1, description="Largest accepted frame upload (bytes)."
     )
+
+    @field_validator("dask_dashboard", mode="before")
+    @classmethod
+    def _dashboard_address(cls, value: object) -> object:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.lower() in _OFF:
+            return None
+        if text.isdigit():
+            text = f":{text}"
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535 or "://" in host:
+            raise ValueError(f"dask_dashboard must be [host]:port or 'off', not {value!r}")
+        return text
 
     @field_validator("input_roots", mode="before")
     @classmethod

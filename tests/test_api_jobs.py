@@ -303,6 +303,32 @@ def _slow_task(i: int) -> int:
     return i
 
 
+def test_cancel_of_a_running_job_that_stops_before_the_reply_is_202(tmp_path, app_with,
+                                                                    monkeypatch):
+    """A running job that ends ``cancelled`` before the reply is built is still a 202."""
+    job_fn = BlockingJob(result=["never"])
+    client = app_with(job_fn)
+    runner = client.app.state.sitiancal.runner
+    job = _submit(client, "MST3", _dataset(tmp_path, client)).json()
+    assert job_fn.started.wait(10)
+    wait_for(lambda: _state_is(client, job["id"], "running"))
+    cancel = runner.cancel
+
+    def cancel_and_wait_until_stopped(job_id, actor):
+        cancel(job_id, actor=actor)
+        return wait_for(lambda: _state_is_final(runner.catalog.get_job(job_id)))
+
+    monkeypatch.setattr(runner, "cancel", cancel_and_wait_until_stopped)
+    r = client.delete(f"/v1/jobs/{job['id']}", headers=OP)
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] == "cancelled" and r.json()["products"] == []
+    assert job_fn.saw_cancel == [job["id"]]
+
+
+def _state_is_final(job):
+    return job if job.state in ("cancelled", "failed", "succeeded") else None
+
+
 def test_cancel_stops_the_jobs_dask_work(tmp_path):
     """Cancelling cancels the futures the job submitted: pending tasks never run."""
     import dask
@@ -329,7 +355,10 @@ def test_cancel_stops_the_jobs_dask_work(tmp_path):
         assert submitted.wait(30)
         wait_for(lambda: _TASK_STARTS)
         t0 = time.monotonic()
-        assert client.delete(f"/v1/jobs/{job['id']}", headers=OP).status_code == 202
+        r = client.delete(f"/v1/jobs/{job['id']}", headers=OP)
+        # the job was running when asked: 202, even when it stopped before the reply
+        assert r.status_code == 202, r.text
+        assert r.json()["state"] in ("running", "cancelled")
         done = wait_for(lambda: _state_is(client, job["id"], "cancelled", "failed",
                                           "succeeded"))
         stopped_in = time.monotonic() - t0

@@ -15,6 +15,7 @@ from sitiancal.service.cli import main
 from sitiancal.service.pipeline import JobCancelled, calibrate, run_calibration_job
 from sitiancal.service.settings import Settings
 from sitiancal.storage.catalog import Catalog
+from sitiancal.storage.cube import open_cube
 from sitiancal.storage.scan import scan
 from sitiancal.storage.store import ProductStore
 
@@ -31,6 +32,9 @@ def raw(tmp_path_factory) -> Path:
 def test_calibrate_publishes_every_product_then_reuses_them(raw, tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
     first = calibrate(raw, "MST9", settings, export_dir=tmp_path / "export")
+    # plain BZERO 32768 frames: the job's cube references them in place
+    cube = open_cube(f"{settings.cube_store_url}/{first.dataset_id}.zarr")
+    assert cube.attrs["layout"] == "virtual" and "frames" in cube
     catalog = Catalog.open(settings.catalog_url)
     try:
         products = catalog.list_products(camera="MST9")
@@ -85,7 +89,7 @@ def test_a_cancelled_job_publishes_nothing_and_leaves_no_staging(raw, tmp_path):
 
 def test_unknown_job_parameter_is_a_clear_error(raw, tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
-    with pytest.raises(ValueError, match="unknown job parameter.*clip_sgima"):
+    with pytest.raises(ValueError, match=r"unknown job parameter.*clip_sgima"):
         calibrate(raw, "MST7", settings, params={"clip_sgima": 4})
 
 

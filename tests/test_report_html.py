@@ -137,3 +137,113 @@ def test_histogram_samples_and_thumbnails_are_bounded():
     arr[...] = np.arange(1100 * 700, dtype="float32").reshape(1100, 700)
     sample = strided_sample(arr, 7)
     assert np.array_equal(sample, arr[...][::7, ::7])
+
+
+# -- the report of one job ---------------------------------------------------------
+
+def _calibration_job(catalog: Catalog) -> str:
+    jobs = [j for j in catalog.list_jobs(camera="MST5") if j.state == "succeeded"
+            and j.products and all(catalog.get_product(p).job == j.id for p in j.products)]
+    assert len(jobs) == 1
+    return jobs[0].id
+
+
+def test_http_job_report_draws_the_jobs_products(data_dir):
+    app = create_app(Settings(data_dir=data_dir, operator_tokens=["op"]), use_dask=False)
+    with TestClient(app) as client:
+        catalog = client.app.state.sitiancal.catalog
+        job_id = _calibration_job(catalog)
+        made = {catalog.get_product(p).type: p for p in catalog.get_job(job_id).products}
+
+        reply = client.get(f"/v1/jobs/{job_id}/report")
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["camera"] == "MST5" and body["basis"] == "job" and body["job"] == job_id
+        assert body["job_state"] == "succeeded" and body["jobs"] == [job_id]
+        assert {k: v["id"] for k, v in body["products"].items()} == made
+        assert not any(v["reused"] for v in body["products"].values())
+        # the same figures as the camera report built from the same versions
+        camera = client.get("/v1/cameras/MST5/report").json()
+        assert body["figures"] == camera["figures"] and body["table"] == camera["table"]
+        assert body["figures"]["gain_conventional"]["value"] > 0
+
+        page = client.get(f"/v1/jobs/{job_id}/report.html")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert f"QC report for job {job_id} (camera MST5)" in page.text
+        assert f"({len(made)} new, 0 reused)" in page.text
+        images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page.text)
+        assert len(images) == len(FIGURES)
+        assert all(_image(base64.b64decode(d)).std() > 10 for d in images)
+        for title in ("Photon transfer curve", "Per-pixel gain histogram", "Defect counts"):
+            assert title in page.text
+
+        # a later job that reused two of those versions reports just them, as reused
+        later = catalog.create_job("MST5", products=("bias", "gain"), actor="test")
+        for kind in ("bias", "gain"):
+            catalog.link_product(later.id, made[kind], reused=True, actor="test")
+        catalog.update_job(later.id, state="running", actor="test")
+        catalog.update_job(later.id, state="succeeded", progress=1.0, actor="test")
+        body = client.get(f"/v1/jobs/{later.id}/report").json()
+        assert set(body["products"]) == {"bias", "gain"}
+        assert all(v["reused"] and v["job"] == job_id for v in body["products"].values())
+        assert body["missing"]["ptc"] == "not requested by this job"
+        assert body["figures"]["gain_per_pixel"]["value"] == camera["figures"][
+            "gain_per_pixel"]["value"]
+        assert body["figures"]["gain_conventional"]["value"] is None  # no PTC in this job
+        page = client.get(f"/v1/jobs/{later.id}/report.html").text
+        assert "(0 new, 2 reused)" in page and "Per-pixel gain histogram" in page
+        assert "Photon transfer curve" not in page and "ptc: no ptc product" in page
+
+
+def test_http_job_report_of_a_job_without_products(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, operator_tokens=["op"]), use_dask=False)
+    with TestClient(app) as client:
+        catalog = client.app.state.sitiancal.catalog
+        # created in the catalog behind the runner's back: it never runs them
+        queued = catalog.create_job("MST9", products=("bias",), actor="test").id
+        running = catalog.create_job("MST9", products=("bias",), actor="test").id
+        catalog.update_job(running, state="running", stage="tiles", progress=0.4, actor="test")
+        failed = catalog.create_job("MST9", products=("bias",), actor="test").id
+        catalog.update_job(failed, state="failed", error="no bias frames", actor="test")
+        cancelled = catalog.create_job("MST9", products=("bias",), actor="test").id
+        catalog.update_job(cancelled, state="cancelled", actor="test")
+        empty = catalog.create_job("MST9", products=("bias",), actor="test").id
+        catalog.update_job(empty, state="running", actor="test")
+        catalog.update_job(empty, state="succeeded", actor="test")
+        expected = {queued: f"job {queued} is queued: it has no products yet",
+                    running: f"job {running} is running (stage tiles, 40%)",
+                    failed: f"job {failed} failed (no bias frames): a failed job publishes",
+                    cancelled: f"job {cancelled} was cancelled",
+                    empty: f"job {empty} succeeded without producing or reusing any product"}
+        for job_id, reason in expected.items():
+            for path in (f"/v1/jobs/{job_id}/report", f"/v1/jobs/{job_id}/report.html"):
+                reply = client.get(path)
+                assert reply.status_code == 409, (path, reply.text)
+                assert reply.json()["detail"].startswith(reason), reply.json()
+        for path in ("/v1/jobs/nope/report", "/v1/jobs/nope/report.html"):
+            reply = client.get(path)
+            assert reply.status_code == 404 and reply.json()["detail"] == "unknown job 'nope'"
+
+
+def test_cli_job_report(data_dir, tmp_path):
+    settings = Settings(data_dir=data_dir)
+    catalog = Catalog.open(settings.catalog_url)
+    try:
+        job_id = _calibration_job(catalog)
+    finally:
+        catalog.close()
+    out = tmp_path / "job"
+    result = CliRunner().invoke(main, ["report", "--job", job_id, "--out", str(out),
+                                       "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"for job {job_id} (camera MST5)" in result.output
+    assert [p.stem.split("_", 1)[1] for p in sorted(out.glob("*.png"))] == FIGURES
+    assert f"QC report for job {job_id}" in (out / "report.html").read_text()
+    for args, message in ((["MST5", "--job", job_id], "either CAMERA or --job ID"),
+                          ([], "either CAMERA or --job ID"),
+                          (["--job", job_id, "--basis", "certified"], "--basis applies to"),
+                          (["--job", "nope"], "unknown job 'nope'")):
+        bad = CliRunner().invoke(main, ["report", *args, "--out", str(out),
+                                        "--data-dir", str(data_dir)])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+        assert "Traceback" not in bad.output

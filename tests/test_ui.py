@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -10,9 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import requests
 from simdata import small_dataset
@@ -185,6 +192,12 @@ def test_dashboard_fills_jobs_and_fleet_tables(service, chromium, tmp_path):
     assert "/v1/cameras/MST1/report.html" in dom
     assert dom.count('class="trend"') >= 8  # 4 figures x 2 cameras
     assert "updated " in dom and "error:" not in dom
+    # the header links to the embedded cluster's dask dashboard
+    link = re.search(r'<a id="dask-link"[^>]*>', dom)
+    assert link is not None and " hidden" not in link.group(0)
+    dask_url = requests.get(f"{service}/ui/info.json", timeout=10).json()["dask_dashboard"]
+    assert f'href="{dask_url}"' in link.group(0)
+    assert re.search(r'<span id="dask-note"[^>]* hidden', dom)
 
     shot = tmp_path / "dashboard.png"
     _chromium(chromium, tmp_path, f"{service}/ui", f"--screenshot={shot}")
@@ -205,11 +218,128 @@ def test_fleet_and_trends_json(service):
     assert requests.get(f"{service}/ui/trends.json", params={"camera": "NOPE"},
                         timeout=10).status_code == 404
     info = requests.get(f"{service}/ui/info.json", timeout=10).json()
-    assert set(info) == {"version", "dask_dashboard"}
+    assert set(info) == {"version", "dask_dashboard", "dask_dashboard_state"}
     page = requests.get(f"{service}/ui", timeout=10).text
     assert "http://" not in page and "https://" not in page  # no CDN
     js = requests.get(f"{service}/ui/static/dashboard.js", timeout=10).text
     assert "/v1/jobs" in js and "Bearer " in js
+
+
+def _assert_bokeh_dashboard(url: str) -> None:
+    """``url`` is a dask dashboard page served by bokeh."""
+    reply = requests.get(url, timeout=10)
+    assert reply.status_code == 200, url
+    assert "text/html" in reply.headers["Content-Type"]
+    assert "bokeh" in reply.text.lower() and "dask" in reply.text.lower()
+
+
+def test_embedded_service_links_a_working_dask_dashboard(service):
+    """``sitiancal serve`` on the embedded default runs the dask dashboard on loopback
+    (``SITIANCAL_DASK_DASHBOARD`` = 127.0.0.1:0, a free port) and links to it."""
+    info = requests.get(f"{service}/ui/info.json", timeout=10).json()
+    assert info["dask_dashboard_state"] == "running"
+    url = info["dask_dashboard"]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/status", url), url
+    assert url != f"{service}/status"  # its own port, not the service's
+    _assert_bokeh_dashboard(url)
+
+
+@pytest.fixture(scope="module")
+def dashboard_off(tmp_path_factory):
+    """A live service on the embedded LocalCluster with ``SITIANCAL_DASK_DASHBOARD=off``."""
+    from test_api_support import live_server, make_settings
+
+    from sitiancal.api.app import create_app
+
+    settings = make_settings(tmp_path_factory.mktemp("ui_off"), dask_dashboard="off",
+                             n_workers=1, threads_per_worker=1)
+    with live_server(create_app(settings)) as url:
+        yield url
+
+
+def test_dask_dashboard_off_is_reported(dashboard_off):
+    health = requests.get(f"{dashboard_off}/healthz", timeout=10)
+    assert health.status_code == 200, health.text  # the cluster runs, without a dashboard
+    assert health.json()["dask"]["workers"] == 1
+    info = requests.get(f"{dashboard_off}/ui/info.json", timeout=10).json()
+    assert info["dask_dashboard"] is None and info["dask_dashboard_state"] == "disabled"
+
+
+def test_dask_dashboard_off_page_says_so(dashboard_off, chromium, tmp_path):
+    dom = _chromium(chromium, tmp_path, f"{dashboard_off}/ui", "--dump-dom").stdout.decode()
+    note = re.search(r'<span id="dask-note"[^>]*>([^<]*)</span>', dom)
+    assert note is not None and " hidden" not in note.group(0)
+    assert note.group(1) == "dask dashboard: off (SITIANCAL_DASK_DASHBOARD)"
+    assert re.search(r'<a id="dask-link"[^>]* hidden', dom)
+    assert "updated " in dom and "error:" not in dom
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("127.0.0.1:0", "127.0.0.1:0"), (" :8787 ", ":8787"), ("8787", ":8787"),
+    ("[::1]:0", "[::1]:0"), ("off", None), ("OFF", None), ("", None), ("none", None)])
+def test_dask_dashboard_setting(monkeypatch, value, expected):
+    monkeypatch.setenv("SITIANCAL_DASK_DASHBOARD", value)
+    assert Settings().dask_dashboard == expected
+
+
+@pytest.mark.parametrize("value", ["http://host:8787", "host", "host:port", "h:70000"])
+def test_dask_dashboard_setting_rejects(value):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="dask_dashboard"):
+        Settings(dask_dashboard=value)
+
+
+@pytest.fixture(scope="module")
+def external_scheduler():
+    """A dask scheduler on tcp loopback with its dashboard, standing in for a deployment's."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+        yield cluster
+
+
+def test_external_scheduler_dashboard_link(external_scheduler, tmp_path):
+    from test_api_support import TestClient, make_settings
+
+    from sitiancal.api.app import create_app
+    from sitiancal.service.runner import dashboard_location
+
+    address = external_scheduler.scheduler_address
+    assert address.startswith("tcp://127.0.0.1:")
+    settings = make_settings(tmp_path / "a", scheduler_address=address)
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/ui/info.json").json()
+        runner = client.app.state.sitiancal.runner
+        assert info["dask_dashboard_state"] == "running"
+        assert info["dask_dashboard"] == external_scheduler.dashboard_link
+        _assert_bokeh_dashboard(info["dask_dashboard"])
+        # an embedded dashboard bound to every interface is probed on loopback
+        port = int(info["dask_dashboard"].rsplit(":", 1)[1].split("/")[0])
+        anywhere = dashboard_location(runner.client, bind="0.0.0.0:0")
+        assert anywhere is not None
+        assert anywhere.probe == f"http://127.0.0.1:{port}/status"
+    # off also hides an external scheduler's dashboard
+    settings = make_settings(tmp_path / "b", scheduler_address=address, dask_dashboard="off")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/ui/info.json").json() == {
+            "version": info["version"], "dask_dashboard": None,
+            "dask_dashboard_state": "disabled"}
+
+
+def test_external_scheduler_without_dashboard(tmp_path):
+    from distributed import LocalCluster
+    from test_api_support import TestClient, make_settings
+
+    from sitiancal.api.app import create_app
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      host="127.0.0.1", dashboard_address=None) as cluster:
+        settings = make_settings(tmp_path, scheduler_address=cluster.scheduler_address)
+        with TestClient(create_app(settings)) as client:
+            info = client.get("/ui/info.json").json()
+    assert info["dask_dashboard"] is None and info["dask_dashboard_state"] == "unavailable"
 
 
 def test_robust_outliers_against_the_fleet():
@@ -219,3 +349,213 @@ def test_robust_outliers_against_the_fleet():
     assert outliers == ["MST7"] and abs(median - 0.25) < 0.003 and 0 < sigma < 0.01
     assert robust_outliers({"A": 1.0, "B": 9.0})[2] == []  # too few cameras to judge
     assert MIN_FLEET == 3
+
+
+# -- clicking the page's buttons over the Chrome DevTools protocol ---------------------
+
+class _DevTools:
+    """A minimal Chrome DevTools protocol client on one page's websocket (aiohttp).
+
+    Requests are answered by id; JavaScript dialogs (``prompt``, ``alert``) are
+    recorded in ``dialogs`` and answered from ``answers`` (prompt text, in
+    order) while the page waits on them, as an operator would.
+    """
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+        self._next = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.dialogs: list[tuple[str, str]] = []
+        self.answers: list[str] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self._ws:
+            data = json.loads(msg.data)
+            if "id" in data:
+                future = self._pending.pop(data["id"], None)
+                if future is not None and not future.done():
+                    if "error" in data:
+                        future.set_exception(RuntimeError(f"DevTools: {data['error']}"))
+                    else:
+                        future.set_result(data.get("result", {}))
+            elif data.get("method") == "Page.javascriptDialogOpening":
+                params = data["params"]
+                self.dialogs.append((params["type"], params["message"]))
+                text = self.answers.pop(0) if params["type"] == "prompt" else ""
+                # answered from a task: the reader must keep reading to get the reply
+                task = asyncio.create_task(self.send("Page.handleJavaScriptDialog",
+                                                     accept=True, promptText=text))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = future
+        await self._ws.send_json({"id": self._next, "method": method, "params": params})
+        return await asyncio.wait_for(future, 30)
+
+    async def evaluate(self, expression: str) -> Any:
+        reply = await self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                                awaitPromise=True)
+        if "exceptionDetails" in reply:
+            raise RuntimeError(f"{expression}: {reply['exceptionDetails']}")
+        return reply["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"not true within {timeout} s: {expression}"
+            await asyncio.sleep(0.1)
+
+    async def click(self, element: str) -> None:
+        """A left mouse click in the middle of the element ``element`` evaluates to."""
+        box = await self.evaluate(f"(() => {{ const e = {element}; e.scrollIntoView("
+                                  "{block: 'center'}); const r = e.getBoundingClientRect(); "
+                                  "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        x, y = box
+        await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                            clickCount=1)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, *self._tasks, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def _chromium_with_devtools(binary: str, profile: Path) -> Iterator[str]:
+    """Headless Chromium with a DevTools port; yields its first page's websocket URL."""
+    proc = subprocess.Popen(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+         "--remote-debugging-address=127.0.0.1", "--window-size=1400,1300", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"  # Chromium writes its port here
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None, "chromium exited"
+            assert time.monotonic() < deadline, "chromium opened no DevTools port"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        yield next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+#: Cell texts of camera MST2's ``bias`` row of the page (null when absent).
+_BIAS_ROW = ("(() => { const cam = document.querySelector('#cameras .camera[data-camera=\"MST2\"]');"
+             " const row = cam && [...cam.querySelectorAll('tbody tr')].find("
+             "(r) => r.cells[0].textContent === 'bias');"
+             " return row ? [...row.cells].map((c) => c.textContent) : null; })()")
+
+
+def _bias_button(label: str) -> str:
+    return ("[...document.querySelector('#cameras .camera[data-camera=\"MST2\"]')"
+            ".querySelectorAll('tbody tr')].find((r) => r.cells[0].textContent === 'bias')"
+            f".cells[3].querySelector('button:{'first' if label == 'certify' else 'last'}"
+            f"-of-type')")
+
+
+async def _certify_and_retract_on_the_page(ws_url: str, service: str, product: str,
+                                           shot: Path,
+                                           ) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """Certify then retract MST2's bias with the page's buttons.
+
+    Returns the (text, href) of the jobs table's links and the dialogs the page opened.
+    """
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            ws_url, max_msg_size=0) as ws:
+        page = _DevTools(ws)
+        try:
+            await page.send("Page.enable")
+            await page.send("Runtime.enable")
+            await page.send("Page.navigate", url=f"{service}/ui")
+            row = await page.wait_for(_BIAS_ROW)
+            assert row[1].startswith("v1 candidate") and row[2] == "-", row
+            assert await page.evaluate(f"{_bias_button('certify')}.textContent") == "certify"
+            assert await page.evaluate(f"{_bias_button('retract')}.textContent") == "retract"
+
+            # without a token the page refuses, and nothing changes
+            page.answers.append("2026-02-01T00:00:00Z")
+            await page.click(_bias_button("certify"))
+            for _ in range(300):  # the prompt, then the alert
+                if len(page.dialogs) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert page.dialogs[-1] == ("alert", "Type an operator token first."), page.dialogs
+            product_state = requests.get(f"{service}/v1/products/{product}", timeout=10)
+            assert product_state.json()["state"] == "candidate"
+
+            # the operator types the token, then certifies from 2026-02-01
+            await page.click("document.querySelector('#token')")
+            await page.send("Input.insertText", text=TOKEN)
+            await page.evaluate("document.querySelector('#token').blur()")
+            page.answers.append("2026-02-01T00:00:00Z")
+            await page.click(_bias_button("certify"))
+            row = await page.wait_for(f"(() => {{ const r = {_BIAS_ROW}; "
+                                      "return r && r[2] !== '-' ? r : null; })()")
+            assert row[1].startswith("v1 certified") and row[2] == (
+                "v1 certified [2026-02-01 00:00:00Z, open)"), row
+            assert page.dialogs[-1][0] == "prompt" and page.dialogs[-1][1].startswith(
+                "Valid from")
+
+            # ... and retracts it with a reason: the row goes (nothing left to show)
+            page.answers.append("bias frames taken with the shutter open (ui test)")
+            await page.click(_bias_button("retract"))
+            await page.wait_for(f"{_BIAS_ROW} === null")
+            assert page.dialogs[-1] == ("prompt", "Reason for retracting")
+            jobs = await page.evaluate("[...document.querySelectorAll('#jobs tbody a')]"
+                                       ".map((a) => [a.textContent, a.getAttribute('href')])")
+            capture = await page.send("Page.captureScreenshot", format="png")
+            shot.write_bytes(base64.b64decode(capture["data"]))
+        finally:
+            await page.close()
+    return jobs, page.dialogs
+
+
+def test_certify_and_retract_buttons_in_chromium(service, chromium, tmp_path):
+    """An operator certifies then retracts a product by clicking the page's buttons."""
+    cams = requests.get(f"{service}/ui/cameras.json", timeout=10).json()["cameras"]
+    product = next(c for c in cams if c["camera"] == "MST2")["products"]["bias"]["latest"]["id"]
+    shot = tmp_path / "certify.png"
+    with _chromium_with_devtools(chromium, tmp_path / "profile") as ws_url:
+        links, dialogs = asyncio.run(asyncio.wait_for(
+            _certify_and_retract_on_the_page(ws_url, service, product, shot), 180))
+    assert [kind for kind, _ in dialogs] == ["prompt", "alert", "prompt", "prompt"]
+
+    # the catalog has the certification and the retraction, by the operator token
+    body = requests.get(f"{service}/v1/products/{product}", timeout=10).json()
+    assert body["state"] == "retracted"
+    history = requests.get(f"{service}/v1/cameras/MST2/history/bias", timeout=10).json()
+    changes = [h for h in history["history"] if h["product"] == product]
+    assert [h["action"] for h in changes][-2:] == ["certify", "retract"], history
+    assert changes[-1]["reason"] == "bias frames taken with the shutter open (ui test)"
+    assert all(h["actor"].startswith("operator token:") for h in changes[-2:])
+    assert changes[-2]["valid_from"].startswith("2026-02-01T00:00:00")
+    best = requests.get(f"{service}/v1/cameras/MST2/best/bias", timeout=10)
+    assert best.status_code == 404
+
+    # every finished job links its QC report, and the link serves it
+    jobs = requests.get(f"{service}/v1/jobs", timeout=10).json()["jobs"]
+    assert sorted(href for _, href in links) == sorted(
+        f"/v1/jobs/{j['id']}/report.html" for j in jobs if j["state"] == "succeeded")
+    assert len(links) == 2 and all(text == "report" for text, _ in links)
+    page = requests.get(service + links[0][1], timeout=120)
+    assert page.status_code == 200 and "QC report for job " in page.text
+    assert page.text.count("data:image/png;base64,") >= 8
+    assert shot.stat().st_size > 20_000

@@ -1,16 +1,18 @@
-"""Jobs: submit, poll, list, cancel."""
+"""Jobs: submit, poll, list, cancel; the QC report of a job's products."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query
+from fastapi.responses import HTMLResponse
 
 from sitiancal.api.content import FiniteJSONResponse as JSONResponse
-from sitiancal.api.deps import CatalogDep, Operator, Reader, RunnerDep
+from sitiancal.api.deps import CatalogDep, Operator, Reader, RunnerDep, StoreDep
 from sitiancal.api.errors import Conflict, Unprocessable
 from sitiancal.api.schemas import CAMERA_PATTERN, ErrorOut, JobCreate, JobList, JobOut, JobStateName
 from sitiancal.service.datasets import supported_products
+from sitiancal.service.report_html import build_job_html_report, job_report
 from sitiancal.storage.catalog import Job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -72,6 +74,27 @@ def get_job(job_id: JobId, catalog: CatalogDep, _: Reader) -> JobOut:
     return job_out(catalog.get_job(job_id))
 
 
+_REPORT_ERRORS = {**_ERRORS, 409: {"model": ErrorOut, "description": "The job has no "
+                                   "products yet (queued, running) or publishes none (failed, "
+                                   "cancelled); the detail says which."}}
+
+
+@router.get("/jobs/{job_id}/report", responses=_REPORT_ERRORS)
+def report(job_id: JobId, catalog: CatalogDep, _: Reader) -> dict[str, Any]:
+    """The QC figures of the product versions a job produced or reused (as the camera
+    report, with ``basis`` ``"job"`` and ``reused`` per product)."""
+    qc, _products = job_report(catalog, job_id)
+    return qc.to_dict()
+
+
+@router.get("/jobs/{job_id}/report.html", response_class=HTMLResponse,
+            responses=_REPORT_ERRORS)
+def report_html(job_id: JobId, catalog: CatalogDep, store: StoreDep, _: Reader) -> HTMLResponse:
+    """The operators' QC report of a job: the figures table and every QC plot (PNG
+    embedded), drawn from the product versions the job produced or reused."""
+    return HTMLResponse(build_job_html_report(catalog, store, job_id).html())
+
+
 @router.get("/jobs", response_model=JobList, responses=_ERRORS)
 def list_jobs(catalog: CatalogDep, _: Reader,
               camera: Annotated[str | None, Query(pattern=CAMERA_PATTERN)] = None,
@@ -85,8 +108,16 @@ def list_jobs(catalog: CatalogDep, _: Reader,
                responses={**_ERRORS, 409: {"model": ErrorOut},
                           202: {"description": "Cancellation requested; the job stops at "
                                 "its next check and publishes nothing."}})
-def cancel_job(job_id: JobId, runner: RunnerDep, who: Operator) -> JSONResponse:
+def cancel_job(job_id: JobId, catalog: CatalogDep, runner: RunnerDep,
+               who: Operator) -> JSONResponse:
     """Cancel a job: a queued job is cancelled at once (200); a running one stops its
-    dask work and ends ``cancelled`` shortly (202). A finished job is a 409."""
+    dask work and ends ``cancelled`` shortly (202). A finished job is a 409.
+
+    The status follows the state the request found, not the state the reply
+    shows: a running job can stop before the reply is built, and is still a
+    202 (its body then already says ``cancelled``).
+    """
+    before = catalog.get_job(job_id)
     job = runner.cancel(job_id, actor=who.name)
-    return _reply(job, 200 if job.state == "cancelled" else 202)
+    at_once = before.state == "queued" and job.state == "cancelled"
+    return _reply(job, 200 if at_once else 202)

@@ -11,10 +11,18 @@ server-side from the catalog's product statistics:
   ``OUTLIER_SIGMA`` robust sigma from it;
 - ``/ui/trends.json``: the same figures for every version of every camera
   over time (drift).
+
+``/ui/info.json`` gives the service version and the link to the dask
+dashboard (the embedded cluster's, on ``SITIANCAL_DASK_DASHBOARD``, or the
+external scheduler's) once the service has seen it answer.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from sitiancal.api.deps import CatalogDep, Reader
 from sitiancal.storage.catalog import Catalog, ProductVersion
 
+log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -128,41 +137,49 @@ def camera_trends(catalog: Catalog, camera: str | None = None) -> dict[str, Any]
             "cameras": out}
 
 
-def dask_dashboard(request: Request) -> str | None:
-    """The dask dashboard URL when the service's dask client has one running."""
+def dask_dashboard(request: Request) -> tuple[str | None, str]:
+    """The dask dashboard link for the page, and its state.
+
+    Returns
+    -------
+    (url, state)
+        ``state`` is ``"running"`` (``url`` answers), ``"disabled"``
+        (``SITIANCAL_DASK_DASHBOARD`` is off, or the service runs without dask)
+        or ``"unavailable"`` (the scheduler serves no dashboard, or it does not
+        answer, or the scheduler cannot be reached); ``url`` is None unless running.
+    """
     state = getattr(request.app.state, "sitiancal", None)
-    client = getattr(getattr(state, "runner", None), "client", None)
-    if client is None:
-        return None
+    runner = getattr(state, "runner", None)
+    if runner is None:
+        return None, "unavailable"
+    if runner.settings.dask_dashboard is None or not runner.uses_dask:
+        return None, "disabled"
     try:
-        services = client.scheduler_info().get("services", {})
+        where = runner.dask_dashboard()
     except Exception:  # a lost scheduler must not break the dashboard page
-        return None
-    if "dashboard" not in services:
-        return None
-    try:
-        link = str(client.dashboard_link)
-    except Exception:
-        return None
-    return link if _serves(link) else None
+        log.debug("could not ask the dask scheduler for its dashboard", exc_info=True)
+        return None, "unavailable"
+    if where is None or not _serves(where.probe):
+        return None, "unavailable"
+    return where.url, "running"
 
 
+#: probe URL -> (monotonic time, whether it answered 200)
 _PROBED: dict[str, tuple[float, bool]] = {}
+#: The probe goes straight to the scheduler, never through an HTTP proxy of the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _serves(link: str, ttl: float = 60.0) -> bool:
+def _serves(link: str, ttl: float = 60.0, retry: float = 5.0) -> bool:
     """Whether ``link`` answers 200 (the scheduler's HTTP server runs without the
-    dashboard's pages when bokeh is missing or the dashboard is disabled)."""
-    import time
-    import urllib.error
-    import urllib.request
-
+    dashboard's pages when bokeh is missing). An answer is remembered ``ttl``
+    seconds, a failure ``retry`` seconds."""
     now = time.monotonic()
     hit = _PROBED.get(link)
-    if hit is not None and now - hit[0] < ttl:
+    if hit is not None and now - hit[0] < (ttl if hit[1] else retry):
         return hit[1]
     try:
-        with urllib.request.urlopen(link, timeout=1.0) as reply:
+        with _DIRECT.open(link, timeout=2.0) as reply:
             ok = reply.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         ok = False
@@ -199,10 +216,12 @@ def trends(catalog: CatalogDep, _: Reader, camera: str | None = None) -> dict[st
 
 @router.get("/ui/info.json")
 def info(request: Request, _: Reader) -> dict[str, Any]:
-    """Service facts for the page: version and the dask dashboard link when one runs."""
+    """Service facts for the page: version, and the dask dashboard link when one runs
+    (``dask_dashboard_state``: running, disabled or unavailable)."""
     from sitiancal import __version__
 
-    return {"version": __version__, "dask_dashboard": dask_dashboard(request)}
+    url, state = dask_dashboard(request)
+    return {"version": __version__, "dask_dashboard": url, "dask_dashboard_state": state}
 
 
 def camera_products(catalog: Catalog) -> dict[str, Any]:

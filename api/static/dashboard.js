@@ -45,8 +45,10 @@ async function refreshJobs() {
     el("td", {class: "state-" + j.state}, j.state), el("td", {}, j.stage || ""),
     el("td", {}, el("progress", {max: "1", value: String(j.progress)}), " " + Math.round(100 * j.progress) + "%"),
     el("td", {}, short(j.created)), el("td", {}, short(j.finished)),
-    el("td", {}, j.error || j.message || ""))));
-  if (!data.jobs.length) body.append(el("tr", {}, el("td", {colspan: "8", class: "muted"}, "no jobs yet")));
+    el("td", {}, j.error || j.message || ""),
+    el("td", {}, j.state === "succeeded" && j.products.length
+      ? el("a", {href: "/v1/jobs/" + encodeURIComponent(j.id) + "/report.html", target: "_blank"}, "report") : ""))));
+  if (!data.jobs.length) body.append(el("tr", {}, el("td", {colspan: "9", class: "muted"}, "no jobs yet")));
 }
 
 async function refreshFleet() {
@@ -141,11 +143,21 @@ async function refreshTrends() {
       sparkline(pts, data.figures[k].label, data.figures[k].units)))));
 }
 
+// why the page shows no dask dashboard link (dask_dashboard_state of /ui/info.json)
+const DASK_NOTES = {
+  disabled: "off (SITIANCAL_DASK_DASHBOARD)",
+  unavailable: "not running",
+};
+
 async function refreshInfo() {
   const info = await getJSON("/ui/info.json");
   $("#version").textContent = "v" + info.version;
-  const link = $("#dask-link");
-  if (info.dask_dashboard) { link.href = info.dask_dashboard; link.hidden = false; } else link.hidden = true;
+  const link = $("#dask-link"), note = $("#dask-note");
+  const running = Boolean(info.dask_dashboard);
+  if (running) link.href = info.dask_dashboard;
+  link.hidden = !running;
+  note.hidden = running;
+  note.textContent = running ? "" : "dask dashboard: " + (DASK_NOTES[info.dask_dashboard_state] || "not running");
 }
 
 async function tick(all) {
