@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,26 +157,17 @@ def job_report(catalog: Any, job_id: str) -> tuple[QCReport, dict[str, Any]]:
         ``products`` with ``reused``, ``jobs``, ``datasets``) and product type
         -> version.
     """
-    from sitiancal.service.datasets import ALL_PRODUCTS
-
     job, products = job_products(catalog, job_id)
-    missing: dict[str, str] = {}
-    for product in products.values():
-        for kind, reason in (product.provenance.get("missing") or {}).items():
-            if kind not in products:
-                missing[kind] = str(reason)
-    for kind in ALL_PRODUCTS:
-        if kind not in products and kind not in missing:
-            missing[kind] = ("requested but not produced by this job" if kind in job.requested
-                             else "not requested by this job")
+    missing = _missing_reasons(products, lambda kind: (
+        "requested but not produced by this job" if kind in job.requested
+        else "not requested by this job"))
     context: dict[str, Any] = {
         "basis": "job", "job": job.id, "job_state": job.state,
         "finished": job.finished.isoformat() if job.finished else None,
         "products": {k: {"id": p.id, "version": p.version, "state": p.state,
                          "created": p.created.isoformat(), "job": p.job,
                          "reused": p.job != job.id} for k, p in sorted(products.items())},
-        "jobs": sorted({p.job for p in products.values() if p.job}),
-        "datasets": sorted({p.dataset for p in products.values() if p.dataset})}
+        **_lineage(products)}
     qc = build_report(job.camera, {k: p.stats for k, p in products.items()}, missing=missing,
                       context=context)
     return qc, products
@@ -200,24 +191,77 @@ def build_job_html_report(catalog: Any, store: Any, job_id: str) -> HTMLReport:
     return HTMLReport(qc=qc, figures=figures, skipped=skipped, products=products)
 
 
+def latest_products(catalog: Any, camera: str) -> dict[str, Any]:
+    """Product type -> newest version of that type that is not retracted."""
+    latest: dict[str, Any] = {}
+    for product in catalog.list_products(camera=camera):
+        if product.state != "retracted" and product.type not in latest:
+            latest[product.type] = product
+    return latest
+
+
 def select_products(catalog: Any, camera: str, basis: ReportBasis = "latest") -> dict[str, Any]:
     """Product type -> version the report uses (newest non-retracted, or certified now)."""
     from sitiancal.service.datasets import ALL_PRODUCTS
     from sitiancal.storage.catalog import NoProduct
 
     catalog.get_camera(camera)
+    if basis == "latest":
+        return latest_products(catalog, camera)
     chosen: dict[str, Any] = {}
-    if basis == "certified":
-        for kind in ALL_PRODUCTS:
-            try:
-                chosen[kind] = catalog.best(camera, kind)
-            except NoProduct:
-                continue
-        return chosen
-    for product in catalog.list_products(camera=camera):
-        if product.state != "retracted" and product.type not in chosen:
-            chosen[product.type] = product
+    for kind in ALL_PRODUCTS:
+        try:
+            chosen[kind] = catalog.best(camera, kind)
+        except NoProduct:
+            continue
     return chosen
+
+
+def _missing_reasons(products: Mapping[str, Any],
+                     default: Callable[[str], str]) -> dict[str, str]:
+    """Why each product type is absent: the reason its job recorded, else ``default(type)``."""
+    from sitiancal.service.datasets import ALL_PRODUCTS
+
+    missing: dict[str, str] = {}
+    for product in products.values():
+        for kind, reason in (product.provenance.get("missing") or {}).items():
+            if kind not in products:
+                missing[kind] = str(reason)
+    for kind in ALL_PRODUCTS:
+        if kind not in products and kind not in missing:
+            missing[kind] = default(kind)
+    return missing
+
+
+def _lineage(products: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The jobs and datasets the chosen versions came from."""
+    return {"jobs": sorted({p.job for p in products.values() if p.job}),
+            "datasets": sorted({p.dataset for p in products.values() if p.dataset})}
+
+
+def camera_report(catalog: Any, camera: str, basis: ReportBasis = "latest") -> QCReport:
+    """The QC figures of a camera from its newest (or currently certified) versions.
+
+    Parameters
+    ----------
+    catalog : Catalog
+        The product catalog.
+    camera : str
+        Camera name (``NotFound`` when unknown).
+    basis : {"latest", "certified"}
+        Which versions to use.
+    """
+    products = select_products(catalog, camera, basis)
+    reason = ("no certified version valid now" if basis == "certified"
+              else "no product of this type yet")
+    missing = _missing_reasons(products, lambda kind: reason)
+    context: dict[str, Any] = {
+        "basis": basis,
+        "products": {k: {"id": p.id, "version": p.version, "state": p.state,
+                         "created": p.created.isoformat()} for k, p in sorted(products.items())},
+        **_lineage(products)}
+    return build_report(camera, {k: p.stats for k, p in products.items()}, missing=missing,
+                        context=context)
 
 
 def build_html_report(catalog: Any, store: Any, camera: str, basis: ReportBasis = "latest",
@@ -239,8 +283,7 @@ def build_html_report(catalog: Any, store: Any, camera: str, basis: ReportBasis 
     """
     products = select_products(catalog, camera, basis)
     if qc is None:
-        qc = build_report(camera, {k: p.stats for k, p in products.items()},
-                          context={"basis": basis})
+        qc = camera_report(catalog, camera, basis)
     figures, skipped = render_figures(store, products)
     return HTMLReport(qc=qc, figures=figures, skipped=skipped, products=products)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import HTMLResponse
@@ -10,25 +10,18 @@ from fastapi.responses import HTMLResponse
 from sitiancal.api.deps import CatalogDep, Reader, StoreDep
 from sitiancal.api.routers.jobs import job_out
 from sitiancal.api.schemas import CAMERA_PATTERN, CameraList, CameraOut, ErrorOut
-from sitiancal.service.datasets import ALL_PRODUCTS
-from sitiancal.service.report import QCReport, build_report
-from sitiancal.service.report_html import build_html_report
-from sitiancal.storage.catalog import Camera, Catalog, NoProduct, ProductVersion
+from sitiancal.service.report_html import (
+    ReportBasis,
+    build_html_report,
+    camera_report,
+    latest_products,
+)
+from sitiancal.storage.catalog import Camera, Catalog
 
 router = APIRouter(prefix="/v1", tags=["cameras"])
 
 CameraPath = Annotated[str, Path(pattern=CAMERA_PATTERN, description="Camera name.")]
-ReportBasis = Literal["latest", "certified"]
 _ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut}}
-
-
-def _latest(catalog: Catalog, camera: str) -> dict[str, ProductVersion]:
-    """Newest version of each product type that is not retracted."""
-    latest: dict[str, ProductVersion] = {}
-    for product in catalog.list_products(camera=camera):
-        if product.state != "retracted" and product.type not in latest:
-            latest[product.type] = product
-    return latest
 
 
 def camera_out(catalog: Catalog, camera: Camera) -> CameraOut:
@@ -36,7 +29,7 @@ def camera_out(catalog: Catalog, camera: Camera) -> CameraOut:
     jobs = catalog.list_jobs(camera=camera.name, limit=1)
     latest = {t: {"id": p.id, "version": p.version, "state": p.state, "created": p.created,
                   "valid_from": p.valid_from, "valid_to": p.valid_to, "sha256": p.sha256}
-              for t, p in sorted(_latest(catalog, camera.name).items())}
+              for t, p in sorted(latest_products(catalog, camera.name).items())}
     return CameraOut.model_validate({
         "camera": camera.name, "model": camera.model, "description": camera.description,
         "created": camera.created, "latest_products": latest,
@@ -53,38 +46,6 @@ def list_cameras(catalog: CatalogDep, _: Reader) -> CameraList:
 def get_camera(camera: CameraPath, catalog: CatalogDep, _: Reader) -> CameraOut:
     """One camera with its latest products and job."""
     return camera_out(catalog, catalog.get_camera(camera))
-
-
-def camera_report(catalog: Catalog, camera: str, basis: ReportBasis = "latest") -> QCReport:
-    """The QC report of a camera from its latest (or currently certified) products."""
-    catalog.get_camera(camera)
-    if basis == "certified":
-        products = {}
-        for kind in ALL_PRODUCTS:
-            try:
-                products[kind] = catalog.best(camera, kind)
-            except NoProduct:
-                continue
-    else:
-        products = _latest(catalog, camera)
-    missing: dict[str, str] = {}
-    for product in products.values():
-        for kind, reason in (product.provenance.get("missing") or {}).items():
-            if kind not in products:
-                missing[kind] = str(reason)
-    for kind in ALL_PRODUCTS:
-        if kind not in products and kind not in missing:
-            missing[kind] = ("no certified version valid now" if basis == "certified"
-                             else "no product of this type yet")
-    jobs = sorted({p.job for p in products.values() if p.job})
-    datasets = sorted({p.dataset for p in products.values() if p.dataset})
-    context: dict[str, Any] = {
-        "basis": basis,
-        "products": {k: {"id": p.id, "version": p.version, "state": p.state,
-                         "created": p.created.isoformat()} for k, p in sorted(products.items())},
-        "jobs": jobs, "datasets": datasets}
-    return build_report(camera, {k: p.stats for k, p in products.items()}, missing=missing,
-                        context=context)
 
 
 @router.get("/cameras/{camera}/report", responses=_ERRORS)

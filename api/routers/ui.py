@@ -32,6 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse
 
 from sitiancal.api.deps import CatalogDep, Reader
+from sitiancal.service.report_html import latest_products
 from sitiancal.storage.catalog import Catalog, ProductVersion
 
 log = logging.getLogger(__name__)
@@ -90,19 +91,11 @@ def robust_outliers(values: Mapping[str, float], n_sigma: float = OUTLIER_SIGMA
                                  if abs(v - median) > n_sigma * sigma)
 
 
-def _latest(catalog: Catalog, camera: str) -> dict[str, ProductVersion]:
-    latest: dict[str, ProductVersion] = {}
-    for product in catalog.list_products(camera=camera):
-        if product.state != "retracted" and product.type not in latest:
-            latest[product.type] = product
-    return latest
-
-
 def fleet_summary(catalog: Catalog) -> dict[str, Any]:
     """Key figures of every camera's newest products, with fleet statistics and outliers."""
     rows: dict[str, dict[str, float | None]] = {}
     for camera in catalog.list_cameras():
-        latest = _latest(catalog, camera.name)
+        latest = latest_products(catalog, camera.name)
         rows[camera.name] = {
             key: (get(latest[kind].stats) if kind in latest else None)
             for key, (_, _, kind, get) in KEY_FIGURES.items()}
@@ -237,7 +230,7 @@ def camera_products(catalog: Catalog) -> dict[str, Any]:
 
     cameras = []
     for camera in catalog.list_cameras():
-        latest = _latest(catalog, camera.name)
+        latest = latest_products(catalog, camera.name)
         types = {}
         for kind in ALL_PRODUCTS:
             try:
