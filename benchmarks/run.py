@@ -48,7 +48,7 @@ import numpy as np
 import psutil
 
 STAGES = ("scan", "cube", "plan", "tiles", "products", "publish")
-BASELINES = ("read", "numpy", "ccdproc")
+BASELINES = ("read", "numpy", "ccdproc", "graph")
 
 
 class RssSampler:
@@ -280,6 +280,41 @@ def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssS
     return stages, inventory
 
 
+def graph_construction(shape: tuple[int, int], n_frames: int = 300) -> dict[str, float]:
+    """Seconds to build the tile graph of an ``n_frames`` cube of ``shape`` (nothing computed).
+
+    The plan splits the frames into a bias stack, five dark times and ten flat
+    levels; the reader and sink refuse to be called, and dask's scheduler is
+    replaced by one that refuses to run, so only graph construction is timed.
+    """
+    import dask
+
+    from sitiancal.compute.graph import build_tile_graph
+    from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
+    from sitiancal.storage.cube import choose_tile
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("graph construction computed something")
+
+    per = n_frames // 3
+    bias, darks, flats = (tuple(range(i * per, (i + 1) * per)) for i in range(3))
+    plan = TilePlan(
+        bias=FrameGroup("bias", 0.0, bias), bias_time_s=tuple(float(i) for i in range(per)),
+        bias_frame_level=(500.0,) * per,
+        darks=tuple(FrameGroup("dark", float(t), darks[k::5]) for k, t in enumerate((1, 2, 3, 4, 5))),
+        flats=tuple(FrameGroup("flat", float(t), flats[k::10], (1.0,) * len(flats[k::10]))
+                    for k, t in enumerate(range(1, 11))),
+        flat_dark=(None,) * 10, saturation=60000.0, gain_levels=(True,) * 10,
+        lin_used=(True,) * 10, lin_at=(0, 5, 9), flat_ref=5)
+    tile = choose_tile(*shape)
+    with dask.config.set(scheduler=refuse):
+        t0 = time.perf_counter()
+        tasks = build_tile_graph(refuse, refuse, shape=shape, tile=tile, plan=plan,
+                                 params=CalibrationParams())
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "n_frames": float(n_frames), "tasks": float(len(tasks))}
+
+
 def _rate(n: float, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
@@ -323,6 +358,11 @@ def markdown(result: dict[str, Any]) -> str:
                              f"{s['peak_rss_gb']:.2f} |")
         if "speedup" in mb:
             lines.append(f"| speed-up vs ccdproc | {mb['speedup']:.1f}x | | |")
+    graph = result.get("graph")
+    if graph:
+        lines += ["", f"Graph construction for a {graph['n_frames']:.0f}-frame cube of this "
+                  f"shape: {graph['wall_s'] * 1e3:.0f} ms ({graph['tasks']:.0f} tile tasks, "
+                  "nothing computed)."]
     if result.get("notes"):
         lines += [""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -416,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         s["input_gbps"] = _rate(nbytes / 1e9, s["wall_s"])
         s["gpixps"] = _rate(n / 1e9, s["wall_s"])
 
+    if "graph" in wanted_stages:
+        result["graph"] = graph_construction((ny, nx))
     if "read" in wanted_stages:
         cold = drop_caches()
         sampler.reset()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import dask
 import numpy as np
 import pytest
@@ -125,8 +123,11 @@ def _refuse(*args, **kwargs):
     raise AssertionError("the graph builder computed something")
 
 
-def test_full_size_graph_builds_instantly_and_computes_nothing():
-    """A 300-frame 9576 x 6388 cube: building the tile graph runs and allocates nothing."""
+def test_full_size_graph_computes_nothing():
+    """A 300-frame 9576 x 6388 cube: building the tile graph runs and allocates nothing.
+
+    Its time is a benchmark figure (``benchmarks/run.py``), not asserted here.
+    """
     ny, nx, n = 6388, 9576, 300
 
     def reader(indices, ys, xs):  # never called while building
@@ -144,9 +145,6 @@ def test_full_size_graph_builds_instantly_and_computes_nothing():
     )
     sink = MemorySink((1, 1))  # never called while building
     with dask.config.set(scheduler=_refuse):
-        t0 = time.perf_counter()
         tasks = build_tile_graph(reader, sink, shape=(ny, nx), tile=(1597, 1368), plan=plan,
                                  params=CalibrationParams())
-        elapsed = time.perf_counter() - t0
     assert len(tasks) == len(list(iter_tiles((ny, nx), (1597, 1368)))) == 28
-    assert elapsed < 1.0
