@@ -181,6 +181,37 @@ def ccdproc_master_bias(paths: Sequence[str], mem_limit: float) -> float:
     return time.perf_counter() - t0
 
 
+def master_bias_kernel(paths: Sequence[str], threads: int) -> float:
+    """The master bias alone, as the tile pass computes it; return the wall time, s.
+
+    The bias frames are read in place (``VirtualFrameReader`` over their FITS
+    data blocks, the virtual cube's reader), one dask task per tile computes
+    the per-pixel 3-sigma clipped mean (median centre, up to 5 iterations: more
+    than ccdproc's single clip) with the compiled kernel, and the tiles fill
+    one float32 map. No hashing, catalog or product files: those are in the
+    whole-job figure. Runs on the local threaded scheduler with ``threads``.
+    """
+    import dask
+
+    from sitiancal.compute.graph import iter_tiles
+    from sitiancal.compute.stats import sigma_clipped_stats
+    from sitiancal.storage.cube import FrameSource, VirtualFrameReader, choose_tile
+
+    t0 = time.perf_counter()
+    sources = [FrameSource.of_file(str(p)) for p in paths]
+    reader = VirtualFrameReader("bench", sources)
+    shape = sources[0].shape
+    master = np.empty(shape, dtype=np.float32)
+    frames = list(range(len(sources)))
+
+    def one(ys: slice, xs: slice) -> None:
+        master[ys, xs] = sigma_clipped_stats(reader(frames, ys, xs), sigma=3.0, maxiters=5).mean
+
+    tasks = [dask.delayed(one)(ys, xs) for ys, xs in iter_tiles(shape, choose_tile(*shape))]
+    dask.compute(*tasks, scheduler="threads", num_workers=threads)
+    return time.perf_counter() - t0
+
+
 @contextlib.contextmanager
 def spawned_cluster(n_workers: int, workdir: Path) -> Iterator[str]:
     """Start ``dask scheduler`` and ``n_workers`` ``dask worker`` processes on loopback.
@@ -351,13 +382,17 @@ def markdown(result: dict[str, Any]) -> str:
     if mb:
         lines += ["", "| master bias, " + f"{mb['n_frames']} frames | wall (s) | Gpix/s | "
                   "peak RSS (GB) |", "|---|---:|---:|---:|"]
-        for name in ("sitiancal", "ccdproc"):
+        labels = {"kernel": "sitiancal master-bias kernel (frames read in place, clipped mean)",
+                  "sitiancal": "sitiancal whole job on the bias frames (bias product, published)",
+                  "ccdproc": "ccdproc `combine` (average, 3-sigma clip)"}
+        for name, label in labels.items():
             if name in mb:
                 s = mb[name]
-                lines.append(f"| {name} | {s['wall_s']:.1f} | {s['gpixps']:.3f} | "
+                lines.append(f"| {label} | {s['wall_s']:.1f} | {s['gpixps']:.3f} | "
                              f"{s['peak_rss_gb']:.2f} |")
-        if "speedup" in mb:
-            lines.append(f"| speed-up vs ccdproc | {mb['speedup']:.1f}x | | |")
+        for key, label in (("kernel_speedup", "kernel"), ("speedup", "whole job")):
+            if key in mb:
+                lines.append(f"| speed-up vs ccdproc, {label} | {mb[key]:.1f}x | | |")
     graph = result.get("graph")
     if graph:
         lines += ["", f"Graph construction for a {graph['n_frames']:.0f}-frame cube of this "
@@ -516,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     shutil.rmtree(work / "pipeline", ignore_errors=True)
             if "ccdproc" in wanted_stages:
                 result["master_bias"] = master_bias(inventory, work, client, sampler,
-                                                    args.memory_limit, ny * nx)
+                                                    args.memory_limit, ny * nx, threads)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -536,8 +571,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def master_bias(inventory: Any, work: Path, client: Any, sampler: RssSampler,
-                mem_limit_gb: float, frame_pix: int) -> dict[str, Any]:
-    """Our master bias (bias frames only, bias product only) against ccdproc's combine."""
+                mem_limit_gb: float, frame_pix: int, threads: int) -> dict[str, Any]:
+    """Our master bias against ccdproc's combine, each from a cold page cache.
+
+    Two figures of ours: the whole job on the bias frames alone (scan, hashing,
+    plan, the tile pass with RTN and trends, the bias product with its FITS
+    file, publication) and the master-bias kernel alone
+    (:func:`master_bias_kernel`), which computes what ``combine`` computes.
+    """
     bias = [f.path for f in inventory.frames if f.type == "bias"]
     out: dict[str, Any] = {"n_frames": len(bias)}
     if not bias:
@@ -560,10 +601,16 @@ def master_bias(inventory: Any, work: Path, client: Any, sampler: RssSampler,
     shutil.rmtree(work / "bias-pipeline", ignore_errors=True)
     drop_caches()
     sampler.reset()
+    wall = master_bias_kernel(bias, threads)
+    out["kernel"] = {"wall_s": wall, "gpixps": npix / 1e9 / wall,
+                     "peak_rss_gb": sampler.peak / 1e9}
+    drop_caches()
+    sampler.reset()
     wall = ccdproc_master_bias(bias, mem_limit_gb * 1e9)
     out["ccdproc"] = {"wall_s": wall, "gpixps": npix / 1e9 / wall,
                       "peak_rss_gb": sampler.peak / 1e9}
     out["speedup"] = out["ccdproc"]["wall_s"] / out["sitiancal"]["wall_s"]
+    out["kernel_speedup"] = out["ccdproc"]["wall_s"] / out["kernel"]["wall_s"]
     return out
 
 

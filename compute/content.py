@@ -50,6 +50,41 @@ class ProductArray:
         return tuple(f"{self.name}_dim{i}" for i in range(ndim))
 
 
+class ScaledMap:
+    """A map times a factor, evaluated region by region when read (float32).
+
+    A product can store a map in other units (ADU -> e- through a gain map)
+    without holding the converted map in memory: the store reads it chunk by
+    chunk, and each read multiplies just that region.
+
+    Parameters
+    ----------
+    source : array-like
+        The map (a numpy or zarr array; anything with ``shape`` and slicing).
+    factor : float or numpy.ndarray
+        Scalar, or an array of the source's shape.
+    """
+
+    def __init__(self, source: Any, factor: Any) -> None:
+        if np.ndim(factor) and tuple(np.shape(factor)) != tuple(source.shape):
+            raise ValueError(f"factor of shape {np.shape(factor)} does not match the map "
+                             f"{tuple(source.shape)}")
+        self.source = source
+        self.factor = factor
+        self.shape = tuple(int(n) for n in source.shape)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, region: Any) -> np.ndarray:
+        f = self.factor if np.ndim(self.factor) == 0 else np.asarray(self.factor[region])
+        values = np.asarray(self.source[region], dtype=np.float32)
+        return np.multiply(values, f, dtype=np.float32)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 @dataclass
 class ProductTable:
     """A small table of a product (stored as a FITS BinTable and zarr 1-D arrays)."""

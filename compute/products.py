@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sitiancal.compute.bias import dsnu_emva, row_column_profiles
-from sitiancal.compute.content import ProductArray, ProductContent, ProductTable
+from sitiancal.compute.content import ProductArray, ProductContent, ProductTable, ScaledMap
 from sitiancal.compute.dark import dark_populations, dark_summary
 from sitiancal.compute.defects import (
     MaskBit,
@@ -281,10 +281,11 @@ class Assembler:
                                "per-pixel temporal std of the bias stack")]
         g = self.conversion_gain()
         if g is not None:
-            rn_e = read_noise_map(std, g)
-            arrays.append(ProductArray("READ_NOISE_E", rn_e, "e-", "per-pixel read noise"))
-            stats["per_pixel_e"] = read_noise_summary(rn_e)
+            stats["per_pixel_e"] = read_noise_summary(read_noise_map(std, g))
             stats["median_e"] = stats["per_pixel_e"].get("median")
+            # stored band by band from the ADU map: the e- map is not kept in memory
+            arrays.append(ProductArray("READ_NOISE_E", ScaledMap(self.lazy("bias_std"), g), "e-",
+                                       "per-pixel read noise"))
         conv = self.planned.conventional_rn
         if conv is not None:
             stats["conventional_adu"] = _f(conv.read_noise_adu)
@@ -302,13 +303,16 @@ class Assembler:
         tables: list[ProductTable] = []
         stats: dict = {"temperature_c": _f(self.temperature)}
         if g is not None:
-            # in place, band by band: the ADU maps are re-read lazily for storage
+            # in place, band by band, for the statistics; the stored e-/s maps are
+            # converted again from the ADU maps chunk by chunk when written
             for rows in _bands(rate.shape):
                 gb = g if np.ndim(g) == 0 else g[rows]  # type: ignore[index]
                 rate[rows] *= gb
                 err[rows] *= gb
-            arrays += [ProductArray("DARK_RATE", rate, "e-/s", "dark current per pixel"),
-                       ProductArray("DARK_RATE_ERR", err, "e-/s", "1-sigma error of DARK_RATE")]
+            arrays += [ProductArray("DARK_RATE", ScaledMap(self.lazy("dark_rate"), g), "e-/s",
+                                    "dark current per pixel"),
+                       ProductArray("DARK_RATE_ERR", ScaledMap(self.lazy("dark_rate_err"), g),
+                                    "e-/s", "1-sigma error of DARK_RATE")]
             unit = "e-/s"
         else:
             unit = "ADU/s"

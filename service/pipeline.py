@@ -8,10 +8,12 @@ callback and can be cancelled between tasks through a ``cancelled()`` check.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +44,9 @@ StageProgress = Callable[[str, float], None]
 
 class JobCancelled(RuntimeError):
     """The job was cancelled; nothing it computed is published."""
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -346,6 +351,50 @@ class _PayloadFactory:
         )
 
 
+class _StagingWriter:
+    """Writes staged products on one background thread, one at a time.
+
+    Product assembly is CPU-bound and staging (zarr and FITS writes,
+    checksums) mostly waits on the disk, so the store writes product *k*
+    while product *k + 1* is assembled. At most one product is in flight:
+    :meth:`submit` first collects the previous write, which bounds memory to
+    the product being written plus the one being built.
+    """
+
+    def __init__(self, store: object) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sitiancal-stage")
+        self._pending: tuple[Future, object] | None = None
+
+    def submit(self, payload: object, version: int) -> list[tuple[object, object]]:
+        """Start writing ``payload``; return the previous write's ``(staged, payload)``, if any.
+
+        Raises the previous write's error, if it failed.
+        """
+        done = self.drain()
+        self._pending = (self._pool.submit(self.store.stage, payload, version),  # type: ignore[attr-defined]
+                         payload)
+        return done
+
+    def drain(self) -> list[tuple[object, object]]:
+        """Wait for the write in flight; return its ``(staged, payload)`` (or nothing)."""
+        if self._pending is None:
+            return []
+        future, payload = self._pending
+        self._pending = None
+        return [(future.result(), payload)]
+
+    def close(self) -> None:
+        """Wait for any write in flight, discard what it staged, and stop the thread."""
+        try:
+            for item, _ in self.drain():
+                self.store.discard(item)  # type: ignore[attr-defined]
+        except Exception:  # its error was raised, or is moot, where the job failed first
+            log.debug("staging write failed during clean-up", exc_info=True)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 #: Frame types each product is computed from (its inputs in provenance and content key).
 _PRODUCT_INPUTS = {
     "bias": ("bias",), "read_noise": ("bias", "flat"), "dark": ("bias", "dark", "flat"),
@@ -473,9 +522,14 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
     make_payload.timings["cube"] = cube_s
     staged: list = []  # (StagedProduct, payload): published together at the end
     reused: list[str] = []
+    writer = _StagingWriter(store)
 
     def stage(content: ProductContent) -> None:
-        """Stage a product as soon as it is built, so its maps can leave memory."""
+        """Stage a product as soon as it is built, so its maps can leave memory.
+
+        The catalog work (reuse check, version) happens here; the store write
+        runs on the writer thread while the next product is assembled.
+        """
         payload = make_payload(content)
         if not job.force:
             existing = catalog.find_by_content_key(job.camera, content.type, payload.content_key)
@@ -488,13 +542,14 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
         except ValueError as exc:
             raise ValueError(f"{content.type}: {exc}") from exc
         version = catalog.reserve_version(job.camera, content.type)
-        staged.append((store.stage(payload, version), payload))
+        staged.extend(writer.submit(payload, version))
 
     try:
         outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
                                    client=client, progress=report, cancelled=is_cancelled,
                                    memory_limit=None if client is not None else limit,
                                    span=(0.45, 0.92), emit=stage)
+        staged.extend(writer.drain())
         if not outcome.products:
             reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())
             raise ValueError(f"the dataset supports none of the requested products ({reasons})")
@@ -515,6 +570,7 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
         report("done", 1.0)
         return ids
     finally:
+        writer.close()
         for item, _ in staged:  # anything not published (failure or cancellation)
             store.discard(item)
         remove_tree(workdir)

@@ -61,6 +61,7 @@ from sitiancal import __version__
 from sitiancal.storage.frames import (
     FrameReadError,
     HduInfo,
+    file_read_at,
     find_image_hdu,
     open_binary,
     read_file_bytes,
@@ -318,6 +319,26 @@ class FrameSource:
         return cls(path=str(raw["path"]), offset=int(raw["offset"]), dtype=str(raw["dtype"]),
                    bzero=int(raw["bzero"]), shape=(int(ny), int(nx)), size=int(raw["size"]),
                    mtime_ns=int(raw["mtime_ns"]))
+
+    @classmethod
+    def of_file(cls, path: str, hdu: int | None = None) -> FrameSource:
+        """The source of a FITS file's image read in place, from its headers alone.
+
+        Raises
+        ------
+        FrameReadError
+            The file has no image HDU, or its pixels cannot be read in place
+            (compressed, not BITPIX 16, scaled).
+        """
+        with open_binary(path) as f:
+            st = os.fstat(f.fileno())
+            _, info = find_image_hdu(file_read_at(f), path, hdu, size=st.st_size)
+        why = _virtual_kind(info)
+        if why is not None:
+            raise FrameReadError(path, f"cannot be read in place ({why})")
+        return cls(path=str(path), offset=info.data_offset, dtype=_FITS_INT16,
+                   bzero=int(info.bzero), shape=tuple(info.image_axes),  # type: ignore[arg-type]
+                   size=st.st_size, mtime_ns=st.st_mtime_ns)
 
     def changed(self, st: os.stat_result) -> str | None:
         """Why the file described by ``st`` is not the one recorded, or None."""

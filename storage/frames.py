@@ -280,7 +280,8 @@ def walk_hdus(read_at: ReadAt, name: str, *, stop: Callable[[HduInfo], bool] | N
             return  # end of stream, or trailing bytes that are not an extension
 
 
-def _file_read_at(f: IO[bytes]) -> ReadAt:
+def file_read_at(f: IO[bytes]) -> ReadAt:
+    """``read_at(offset, n) -> bytes`` over an open binary file (seek and read)."""
     def read_at(offset: int, n: int) -> bytes:
         f.seek(offset)
         return f.read(n)
@@ -419,7 +420,7 @@ def read_frame(path: PathLike, hdu: int | None = None) -> np.ndarray:
                 f.seek(0)
                 return read_frame_bytes(read_all(f, name), hdu, name=name)
             size = stream_size(f)
-            read_at = _file_read_at(f)
+            read_at = file_read_at(f)
             _, info = find_image_hdu(read_at, name, hdu, size=size)
             if info.is_fast_path:
                 return _fast_read_file(f, info, name, size)

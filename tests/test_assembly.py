@@ -122,3 +122,29 @@ def test_glow_is_a_background_not_warm_pixels() -> None:
     hot, warm = hot_warm(rate, err, populations=None, background=bg)
     assert warm[10, nx - 20] and warm[200, 50] and not hot.any()
     assert warm.sum() <= 4
+
+
+@pytest.mark.parametrize("factor", ["map", "scalar"])
+def test_scaled_map_reads_like_the_product_it_replaces(factor: str) -> None:
+    """``ScaledMap`` gives, region by region, what multiplying the whole map gives."""
+    import zarr
+
+    from sitiancal.compute.content import ScaledMap
+    from sitiancal.compute.readnoise import read_noise_map
+
+    rng = np.random.default_rng(5)
+    std = rng.gamma(4.0, 1.0, (37, 53)).astype(np.float32)
+    std[3, 4] = np.nan
+    g = (rng.normal(0.25, 0.01, std.shape).astype(np.float32) if factor == "map" else 0.2531)
+    source = zarr.create_array(zarr.storage.MemoryStore(), shape=std.shape, dtype=np.float32,
+                               chunks=(10, 16))
+    source[...] = std
+    lazy = ScaledMap(source, g)
+    whole = read_noise_map(std, g)
+    assert lazy.shape == std.shape and lazy.dtype == np.float32 and lazy.ndim == 2
+    np.testing.assert_array_equal(np.asarray(lazy), whole)
+    for region in [(slice(0, 10), slice(16, 32)), (slice(30, 37), slice(48, 53)),
+                   (slice(5, 6), slice(None))]:
+        np.testing.assert_array_equal(lazy[region], whole[region])
+    with pytest.raises(ValueError, match="does not match"):
+        ScaledMap(source, np.ones((3, 3), np.float32))

@@ -32,6 +32,7 @@ from sitiancal.service.pipeline import compute_products, dataset_cube
 from sitiancal.service.settings import Settings
 from sitiancal.storage.cube import (
     CubeError,
+    FrameSource,
     StaleCubeError,
     VirtualFrameReader,
     ZarrFrameReader,
@@ -39,6 +40,7 @@ from sitiancal.storage.cube import (
     frame_reader,
     open_cube,
 )
+from sitiancal.storage.frames import FrameReadError
 from sitiancal.storage.scan import scan
 
 SHAPE = (24, 40)
@@ -291,6 +293,29 @@ def test_tile_compressed_and_8_bit_frames_fall_back_to_copy(tmp_path: Path) -> N
     ds = build_cube(scan(tmp_path / "b"), tmp_path / "b.zarr")
     assert ds.attrs["layout"] == "copy" and "BITPIX 8" in ds.attrs["layout_note"]
 
+
+
+def test_frame_source_of_a_file_matches_the_cube_manifest(tmp_path: Path) -> None:
+    """``FrameSource.of_file`` (headers only) gives the source the cube build records."""
+    from astropy.io import fits
+
+    files = write_camera_set(tmp_path / "set", SHAPE, n_bias=3, dark_exptimes=(),
+                             flat_exptimes=(), seed=18)
+    _move_image_to_extension(tmp_path / "set" / files[1].name)
+    build_cube(scan(tmp_path / "set"), tmp_path / "v.zarr", layout="virtual")
+    recorded = {Path(s["path"]).name: FrameSource.from_dict(s) for s in
+                zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["frame_sources"]}
+    for f in files:
+        source = FrameSource.of_file(str(tmp_path / "set" / f.name))
+        assert source == recorded[f.name]
+        got = VirtualFrameReader("x", [source])([0], slice(0, SHAPE[0]), slice(0, SHAPE[1]))
+        np.testing.assert_array_equal(got[0], f.pixels)
+    # a tile-compressed image cannot be read in place: the reason names it
+    with fits.open(tmp_path / "set" / files[0].name) as hdul:
+        data = hdul[0].data.copy()
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data)]).writeto(tmp_path / "c.fits.fz")
+    with pytest.raises(FrameReadError, match=r"cannot be read in place.*compressed"):
+        FrameSource.of_file(str(tmp_path / "c.fits.fz"))
 
 def test_tiles_of_a_row_band_run_together(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace

@@ -87,6 +87,59 @@ def test_a_cancelled_job_publishes_nothing_and_leaves_no_staging(raw, tmp_path):
         catalog.close()
 
 
+
+class _FailingStore(ProductStore):
+    """A product store whose staging of one product type fails (disk error)."""
+
+    fail_on = "gain"
+
+    def stage(self, payload, version):
+        if payload.type == self.fail_on:
+            raise OSError(28, "No space left on device (test)")
+        return super().stage(payload, version)
+
+
+def _job(catalog: Catalog, raw: Path, camera: str) -> str:
+    return catalog.create_job(camera, catalog.add_dataset(camera, scan(raw))).id
+
+
+def test_a_staging_failure_on_the_writer_thread_fails_the_job_and_leaves_nothing(raw, tmp_path):
+    """Products are written on a background thread: its error reaches the job."""
+    settings = Settings(data_dir=tmp_path / "data")
+    catalog = Catalog.open(settings.catalog_url)
+    store = _FailingStore(settings.product_store_url)
+    try:
+        job = _job(catalog, raw, "MST7")
+        with pytest.raises(OSError, match="No space left"):
+            run_calibration_job(catalog=catalog, store=store, settings=settings, job_id=job)
+        assert catalog.list_products(camera="MST7") == []
+        assert store.list_staging() == []  # bias ... dark were staged, then discarded
+        assert not (Path(settings.data_dir) / "work" / job).exists()
+    finally:
+        catalog.close()
+
+
+def test_an_assembly_failure_while_a_product_is_being_written_leaves_nothing(
+        raw, tmp_path, monkeypatch):
+    """The write in flight when assembly fails is awaited and its staging discarded."""
+    from sitiancal.compute import products
+
+    def broken(self):
+        raise RuntimeError("assembly failed (test)")
+
+    monkeypatch.setattr(products.Assembler, "linearity", broken)
+    settings = Settings(data_dir=tmp_path / "data")
+    catalog = Catalog.open(settings.catalog_url)
+    store = ProductStore(settings.product_store_url)
+    try:
+        job = _job(catalog, raw, "MST6")
+        with pytest.raises(RuntimeError, match="assembly failed"):
+            run_calibration_job(catalog=catalog, store=store, settings=settings, job_id=job)
+        assert catalog.list_products(camera="MST6") == []
+        assert store.list_staging() == []
+    finally:
+        catalog.close()
+
 def test_unknown_job_parameter_is_a_clear_error(raw, tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
     with pytest.raises(ValueError, match=r"unknown job parameter.*clip_sgima"):
