@@ -80,8 +80,27 @@ def block_medians(map2d: np.ndarray, block: int) -> np.ndarray:
             cells = rows.reshape(rows.shape[0], nbx, block).transpose(1, 0, 2).reshape(nbx, -1)
             # np.median is several times faster than np.nanmedian; use it when it can.
             out[i] = (
-                np.nanmedian(cells, axis=1) if np.isnan(cells).any() else np.median(cells, axis=1)
+                nanmedian_rows(cells) if np.isnan(cells).any() else np.median(cells, axis=1)
             )
+    return out
+
+
+def nanmedian_rows(values: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(values, axis=1)`` of a 2-D array, by one sort of each row.
+
+    numpy's ``nanmedian`` along an axis of a large array with NaNs runs a
+    Python-level loop over the rows (``apply_along_axis``): ~12 us a row, 5 s
+    for the 64-pixel cells of a 61 MP map. Sorting puts NaNs last, so each
+    row's median is the mean of its two middle finite values. Same result
+    (tested against ``np.nanmedian``); rows without a finite value give NaN
+    without a warning.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64), axis=1)
+    n = np.count_nonzero(~np.isnan(v), axis=1)
+    lo = np.maximum((n - 1) // 2, 0)[:, None]
+    hi = np.maximum(n // 2, 0)[:, None]
+    out = 0.5 * (np.take_along_axis(v, lo, axis=1)[:, 0] + np.take_along_axis(v, hi, axis=1)[:, 0])
+    out[n == 0] = np.nan
     return out
 
 
