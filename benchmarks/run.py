@@ -346,6 +346,61 @@ def graph_construction(shape: tuple[int, int], n_frames: int = 300) -> dict[str,
     return {"wall_s": wall, "n_frames": float(n_frames), "tasks": float(len(tasks))}
 
 
+def _in_child(fn: Any, args: tuple, with_sampler: bool) -> tuple[Any, int]:
+    """Child side of :func:`isolated`: run ``fn`` while sampling this process tree's RSS."""
+    sampler = RssSampler().start()
+    try:
+        result = fn(*args, sampler) if with_sampler else fn(*args)
+        return result, sampler.overall
+    finally:
+        sampler.stop()
+
+
+def isolated(fn: Any, *args: Any, with_sampler: bool = False) -> tuple[Any, float]:
+    """Run ``fn(*args)`` in a fresh (spawned) Python process; return its result and peak RSS.
+
+    Each measurement starts from a new interpreter, so its peak resident set
+    size (GB, the process and its children) holds only what it allocated, not
+    what an earlier measurement left in this process's heap. With
+    ``with_sampler`` the child's :class:`RssSampler` is passed as the last
+    argument (for per-stage peaks).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result, peak = pool.submit(_in_child, fn, args, with_sampler).result()
+    return result, peak / 1e9
+
+
+def pipeline_run(frames_dir: Path, data_dir: Path, address: str | None, threads: int,
+                 wanted: Sequence[str] | None,
+                 sampler: RssSampler) -> tuple[dict[str, dict[str, float]], float]:
+    """:func:`run_pipeline` on the threaded scheduler (``threads``) or a dask scheduler.
+
+    Returns the per-stage figures and the end-to-end wall time, s (the
+    package is imported first: interpreter start-up is not a pipeline stage).
+    """
+    import dask
+
+    import sitiancal.service.pipeline  # noqa: F401
+    import sitiancal.storage.catalog  # noqa: F401
+    import sitiancal.storage.scan  # noqa: F401
+
+    with contextlib.ExitStack() as stack:
+        client = None
+        if address:
+            from distributed import Client
+
+            client = stack.enter_context(Client(address, timeout="60s"))
+        else:
+            stack.enter_context(dask.config.set(num_workers=threads))
+        t0 = time.perf_counter()
+        stages, _ = run_pipeline(frames_dir, data_dir, client=client, sampler=sampler,
+                                 wanted=wanted)
+        return stages, time.perf_counter() - t0
+
+
 def _rate(n: float, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
@@ -495,9 +550,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["graph"] = graph_construction((ny, nx))
     if "read" in wanted_stages:
         cold = drop_caches()
-        sampler.reset()
-        s = {"wall_s": read_once(paths), "cache": "cold" if cold else "warm"}
-        s["peak_rss_gb"] = sampler.peak / 1e9
+        wall, peak = isolated(read_once, paths)
+        s = {"wall_s": wall, "cache": "cold" if cold else "warm", "peak_rss_gb": peak}
         add_rates(s)
         result["baselines"]["read"] = s
     if "numpy" in wanted_stages:
@@ -505,9 +559,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for f in inventory.frames:
             groups.setdefault(f"{f.type}-{f.exptime:g}", []).append((f.path, f.hdu))
         cold = drop_caches()
-        sampler.reset()
-        s = {"wall_s": numpy_single_pass(groups), "cache": "cold" if cold else "warm"}
-        s["peak_rss_gb"] = sampler.peak / 1e9
+        wall, peak = isolated(numpy_single_pass, groups)
+        s = {"wall_s": wall, "cache": "cold" if cold else "warm", "peak_rss_gb": peak}
         add_rates(s)
         result["baselines"]["numpy"] = s
 
@@ -535,11 +588,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     notes.append("pipeline started with a cold page cache")
                 else:
                     notes.append("page cache could not be dropped (not root): warm cache")
-                sampler.reset()
-                t0 = time.perf_counter()
-                stages, _ = run_pipeline(frames_dir, work / "pipeline", client=client,
-                                         sampler=sampler)
-                total = time.perf_counter() - t0
+                (stages, total), _ = isolated(pipeline_run, frames_dir, work / "pipeline",
+                                              address, threads, None, with_sampler=True)
                 for s in stages.values():
                     add_rates(s)
                 result["stages"] = stages
@@ -550,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if not args.keep:
                     shutil.rmtree(work / "pipeline", ignore_errors=True)
             if "ccdproc" in wanted_stages:
-                result["master_bias"] = master_bias(inventory, work, client, sampler,
+                result["master_bias"] = master_bias(inventory, work, address,
                                                     args.memory_limit, ny * nx, threads)
     finally:
         if not args.keep:
@@ -570,9 +620,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def master_bias(inventory: Any, work: Path, client: Any, sampler: RssSampler,
-                mem_limit_gb: float, frame_pix: int, threads: int) -> dict[str, Any]:
-    """Our master bias against ccdproc's combine, each from a cold page cache.
+def master_bias(inventory: Any, work: Path, address: str | None, mem_limit_gb: float,
+                frame_pix: int, threads: int) -> dict[str, Any]:
+    """Our master bias against ccdproc's combine, each from a cold page cache in its own process.
 
     Two figures of ours: the whole job on the bias frames alone (scan, hashing,
     plan, the tile pass with RTN and trends, the bias product with its FITS
@@ -590,29 +640,22 @@ def master_bias(inventory: Any, work: Path, client: Any, sampler: RssSampler,
         link = bias_dir / Path(p).name
         if not link.exists():
             link.symlink_to(p)
+
+    def figure(wall: float, peak: float) -> dict[str, float]:
+        return {"wall_s": wall, "gpixps": npix / 1e9 / wall, "peak_rss_gb": peak}
+
     drop_caches()
-    sampler.reset()
-    t0 = time.perf_counter()
-    run_pipeline(bias_dir, work / "bias-pipeline", client=client, sampler=sampler,
-                 wanted=("bias",))
-    wall = time.perf_counter() - t0
-    out["sitiancal"] = {"wall_s": wall, "gpixps": npix / 1e9 / wall,
-                        "peak_rss_gb": sampler.peak / 1e9}
+    (_, wall), peak = isolated(pipeline_run, bias_dir, work / "bias-pipeline", address,
+                               threads, ("bias",), with_sampler=True)
+    out["sitiancal"] = figure(wall, peak)
     shutil.rmtree(work / "bias-pipeline", ignore_errors=True)
     drop_caches()
-    sampler.reset()
-    wall = master_bias_kernel(bias, threads)
-    out["kernel"] = {"wall_s": wall, "gpixps": npix / 1e9 / wall,
-                     "peak_rss_gb": sampler.peak / 1e9}
+    out["kernel"] = figure(*isolated(master_bias_kernel, bias, threads))
     drop_caches()
-    sampler.reset()
-    wall = ccdproc_master_bias(bias, mem_limit_gb * 1e9)
-    out["ccdproc"] = {"wall_s": wall, "gpixps": npix / 1e9 / wall,
-                      "peak_rss_gb": sampler.peak / 1e9}
+    out["ccdproc"] = figure(*isolated(ccdproc_master_bias, bias, mem_limit_gb * 1e9))
     out["speedup"] = out["ccdproc"]["wall_s"] / out["sitiancal"]["wall_s"]
     out["kernel_speedup"] = out["ccdproc"]["wall_s"] / out["kernel"]["wall_s"]
     return out
-
 
 if __name__ == "__main__":
     main()
