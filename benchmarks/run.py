@@ -383,8 +383,8 @@ def pipeline_run(frames_dir: Path, data_dir: Path, address: str | None, threads:
     """
     import dask
 
-    import sitiancal.service.pipeline  # noqa: F401
-    import sitiancal.storage.catalog  # noqa: F401
+    import sitiancal.service.pipeline
+    import sitiancal.storage.catalog
     import sitiancal.storage.scan  # noqa: F401
 
     with contextlib.ExitStack() as stack:
