@@ -41,9 +41,12 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
         assert result["baselines"][name]["wall_s"] > 0
     assert e2e["x_numpy"] > 0 and e2e["x_read"] > 0
     mb = result["master_bias"]
-    assert mb["n_frames"] == 3 and mb["speedup"] > 0
+    assert mb["n_frames"] == 3 and mb["speedup"] > 0 and mb["kernel_speedup"] > 0
+    assert all(mb[k]["peak_rss_gb"] > 0.01 for k in ("sitiancal", "kernel", "ccdproc"))
+    assert result["graph"]["tasks"] == 1 and result["graph"]["wall_s"] > 0
     table = (out / "results.md").read_text()
-    assert "| **end to end** |" in table and "| ccdproc |" in table
+    assert "| **end to end** |" in table and "| ccdproc `combine`" in table
+    assert "| sitiancal master-bias kernel" in table and "Graph construction" in table
     assert "| **end to end** |" in proc.stdout
     leftovers = [p.name for p in out.iterdir() if p.name.startswith("sitiancal-bench-")]
     assert leftovers == []  # scratch cube and store removed
