@@ -442,11 +442,17 @@ def _parse_iso(text: str) -> datetime:
 
 
 def default_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Chunk shape of a stored array: 1597 x 1368 tiles for maps, bounded chunks otherwise."""
+    """Chunk shape of a stored array: 1597 x 1368 tiles for maps, bounded chunks otherwise.
+
+    A stack of maps ``(level, y, x)`` is chunked one map tile at a time, ``(1, ty, tx)``,
+    so a region read of one level fetches only the tiles it covers.
+    """
     if len(shape) == 0:
         return ()
     if len(shape) == 2:
         return (max(1, min(shape[0], MAP_CHUNKS[0])), max(1, min(shape[1], MAP_CHUNKS[1])))
+    if len(shape) == 3 and math.prod(shape[1:]) > MAX_CHUNK_ELEMENTS:
+        return (1, *default_chunks(shape[1:]))
     rest = math.prod(max(1, n) for n in shape[1:])
     first = max(1, min(max(1, shape[0]), MAX_CHUNK_ELEMENTS // rest))
     return (first, *(max(1, n) for n in shape[1:]))
@@ -459,14 +465,23 @@ _WRITE_BAND_BYTES = 128 * 1024**2
 
 def _write_regions(shape: tuple[int, ...], chunks: tuple[int, ...],
                    itemsize: int) -> Iterator[tuple[slice, ...]]:
-    """Regions to write an array in: bands of whole chunk rows, else single chunks."""
-    band = math.prod(shape[1:]) * chunks[0] * itemsize if shape else 0
-    if len(shape) < 2 or band > _WRITE_BAND_BYTES:
+    """Regions to write an array in: bands of whole chunk rows, else single chunks.
+
+    For 2-D maps a band is a row of chunks across the map; for stacks of maps
+    (leading axes chunked by 1) a band is a row of chunks of one map.
+    """
+    if len(shape) < 2:
         yield from _chunk_slices(shape, chunks)
         return
-    rest = tuple(slice(0, n) for n in shape[1:])
-    for y0 in range(0, shape[0], chunks[0]):
-        yield (slice(y0, min(y0 + chunks[0], shape[0])), *rest)
+    lead = len(shape) - 2
+    band = shape[-1] * chunks[-2] * itemsize
+    if any(c != 1 for c in chunks[:lead]) or band > _WRITE_BAND_BYTES:
+        yield from _chunk_slices(shape, chunks)
+        return
+    for index in itertools.product(*(range(n) for n in shape[:lead])):
+        for y0 in range(0, shape[-2], chunks[-2]):
+            yield (*(slice(i, i + 1) for i in index),
+                   slice(y0, min(y0 + chunks[-2], shape[-2])), slice(0, shape[-1]))
 
 
 def _chunk_slices(shape: tuple[int, ...],

@@ -163,6 +163,8 @@ def test_chunking_of_maps_and_content_key() -> None:
     assert default_chunks((6388, 9576)) == MAP_CHUNKS == (1597, 1368)
     assert default_chunks((100, 50)) == (100, 50)
     assert default_chunks((9576,)) == (9576,)
+    assert default_chunks((3, 6388, 9576)) == (1, *MAP_CHUNKS)  # LIN_RESID: tiles per level
+    assert default_chunks((3, 40, 50)) == (3, 40, 50)
     key = content_key(["b", "a"], {"x": 1, "y": [1, 2]}, "gain", "1.0")
     assert key == content_key(["a", "b"], {"y": [1, 2], "x": 1}, "gain", "1.0")
     assert key != content_key(["a", "b"], {"y": [1, 2], "x": 1}, "gain", "1.1")
