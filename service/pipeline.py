@@ -351,46 +351,82 @@ class _PayloadFactory:
         )
 
 
+#: Bytes of in-memory product arrays that may wait for the writer thread at once.
+#: Arrays read lazily (the tile pass's maps, ``ScaledMap``) cost only a band
+#: while they are written and count zero here.
+_STAGING_INFLIGHT_BYTES = 1_000_000_000
+
+
+def _resident_bytes(payload: object) -> int:
+    """Bytes of a payload's arrays held in memory (numpy arrays; lazy arrays count 0)."""
+    return sum(int(a.data.nbytes) for a in payload.arrays  # type: ignore[attr-defined]
+               if isinstance(a.data, np.ndarray))
+
+
 class _StagingWriter:
-    """Writes staged products on one background thread, one at a time.
+    """Writes staged products on one background thread, in order.
 
     Product assembly is CPU-bound and staging (zarr and FITS writes,
-    checksums) mostly waits on the disk, so the store writes product *k*
-    while product *k + 1* is assembled. At most one product is in flight:
-    :meth:`submit` first collects the previous write, which bounds memory to
-    the product being written plus the one being built.
+    checksums) mostly waits on the disk, so the store writes earlier products
+    while later ones are assembled. Memory stays bounded: :meth:`submit`
+    first collects finished writes, then waits for the oldest ones until the
+    in-memory arrays of the products waiting to be written (and the new one)
+    fit in ``inflight_bytes``. A product whose maps are all read lazily from
+    the tile pass's store costs nothing to keep waiting.
     """
 
-    def __init__(self, store: object) -> None:
+    def __init__(self, store: object, inflight_bytes: int = _STAGING_INFLIGHT_BYTES) -> None:
         self.store = store
+        self.inflight_bytes = inflight_bytes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sitiancal-stage")
-        self._pending: tuple[Future, object] | None = None
+        self._pending: list[tuple[Future, object, int]] = []
+        self._finished: list[tuple[object, object]] = []
+
+    def _collect(self, wait_for: int) -> None:
+        """Move finished writes from the head of the queue to ``_finished``.
+
+        Waits for the first ``wait_for`` of them; raises a failed write's error
+        (what was collected before it stays in ``_finished`` for :meth:`close`).
+        """
+        while self._pending and (wait_for > 0 or self._pending[0][0].done()):
+            future, payload, _ = self._pending.pop(0)
+            wait_for -= 1
+            self._finished.append((future.result(), payload))
+
+    def _take(self) -> list[tuple[object, object]]:
+        out, self._finished = self._finished, []
+        return out
 
     def submit(self, payload: object, version: int) -> list[tuple[object, object]]:
-        """Start writing ``payload``; return the previous write's ``(staged, payload)``, if any.
+        """Queue ``payload`` for writing; return the ``(staged, payload)`` of finished writes.
 
-        Raises the previous write's error, if it failed.
+        Raises the error of a failed earlier write.
         """
-        done = self.drain()
-        self._pending = (self._pool.submit(self.store.stage, payload, version),  # type: ignore[attr-defined]
-                         payload)
-        return done
+        size = _resident_bytes(payload)
+        self._collect(0)
+        while self._pending and sum(n for _, _, n in self._pending) + size > self.inflight_bytes:
+            self._collect(1)
+        future = self._pool.submit(self.store.stage, payload, version)  # type: ignore[attr-defined]
+        self._pending.append((future, payload, size))
+        return self._take()
 
     def drain(self) -> list[tuple[object, object]]:
-        """Wait for the write in flight; return its ``(staged, payload)`` (or nothing)."""
-        if self._pending is None:
-            return []
-        future, payload = self._pending
-        self._pending = None
-        return [(future.result(), payload)]
+        """Wait for every queued write; return their ``(staged, payload)``."""
+        self._collect(len(self._pending))
+        return self._take()
 
     def close(self) -> None:
-        """Wait for any write in flight, discard what it staged, and stop the thread."""
+        """Wait for the queued writes, discard what they staged, and stop the thread."""
+        staged = [item for item, _ in self._take()]
+        pending, self._pending = self._pending, []
+        for future, _, _ in pending:
+            try:
+                staged.append(future.result())
+            except Exception:  # its error was raised, or is moot, where the job failed first
+                log.debug("staging write failed during clean-up", exc_info=True)
         try:
-            for item, _ in self.drain():
+            for item in staged:
                 self.store.discard(item)  # type: ignore[attr-defined]
-        except Exception:  # its error was raised, or is moot, where the job failed first
-            log.debug("staging write failed during clean-up", exc_info=True)
         finally:
             self._pool.shutdown(wait=True)
 

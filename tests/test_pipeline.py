@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from astropy.io import fits
@@ -172,3 +173,71 @@ def test_verify_the_whole_store_detects_a_corrupted_chunk(raw, tmp_path):
     bad = CliRunner().invoke(main, ["verify", "--data-dir", str(data)])
     assert bad.exit_code == 1
     assert "1 with problems" in bad.output
+
+
+class _GatedStore:
+    """A store whose writes wait for a gate; records what it staged and discarded."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+        self.staged: list[str] = []
+        self.discarded: list[str] = []
+
+    def stage(self, payload, version):
+        assert self.gate.wait(30), "the test never opened the gate"
+        self.staged.append(payload.name)
+        return payload.name
+
+    def discard(self, item) -> None:
+        self.discarded.append(item)
+
+
+def _payload(name: str, resident: int):
+    import numpy as np
+
+    from sitiancal.compute.content import ProductArray, ScaledMap
+
+    data = np.zeros(resident, np.uint8) if resident else ScaledMap(np.zeros((2, 2)), 2.0)
+    return SimpleNamespace(name=name, arrays=[ProductArray("A", data, "", "")])
+
+
+def test_staging_writer_bounds_the_bytes_waiting_in_memory():
+    """Lazy products queue freely; in-memory arrays wait once the budget is used."""
+    import threading
+
+    from sitiancal.service.pipeline import _StagingWriter
+
+    store = _GatedStore()
+    writer = _StagingWriter(store, inflight_bytes=100)
+    try:
+        assert writer.submit(_payload("a", 80), 1) == []   # 80 bytes waiting
+        assert writer.submit(_payload("b", 0), 1) == []    # lazy: free
+        handed: list = []
+        third = threading.Thread(target=lambda: handed.extend(writer.submit(_payload("c", 80), 1)))
+        third.start()
+        third.join(0.3)
+        assert third.is_alive()                            # 80 + 80 > 100: waits for "a"
+        store.gate.set()
+        third.join(10)
+        assert not third.is_alive()
+        assert [p.name for _, p in handed] == ["a", "b"]  # finished: handed over
+        assert [p.name for _, p in writer.drain()] == ["c"]
+        assert store.staged == ["a", "b", "c"]
+    finally:
+        store.gate.set()
+        writer.close()
+    assert store.discarded == []                           # all were handed over
+
+
+def test_staging_writer_close_discards_what_was_not_handed_over():
+    from sitiancal.service.pipeline import _StagingWriter
+
+    store = _GatedStore()
+    store.gate.set()
+    writer = _StagingWriter(store)
+    handed = writer.submit(_payload("a", 10), 1) + writer.submit(_payload("b", 0), 1)
+    writer.close()  # the job failed: the caller discards what it was handed, close the rest
+    assert sorted(store.discarded + [item for item, _ in handed]) == ["a", "b"]
+    assert not set(store.discarded) & {item for item, _ in handed}
