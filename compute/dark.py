@@ -31,7 +31,13 @@ import numpy as np
 from numba import njit, prange
 
 from sitiancal.compute.mixture import MixtureFit, fit_mixture
-from sitiancal.compute.summary import MAD_TO_SIGMA, finite_values, mean_std, quantiles
+from sitiancal.compute.summary import (
+    MAD_TO_SIGMA,
+    finite_values,
+    mean_std,
+    median,
+    quantiles,
+)
 
 __all__ = ["DarkRateFit", "dark_populations", "dark_summary", "fit_dark_rate"]
 
@@ -399,11 +405,11 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     half = 0.5 / np.sqrt(n)
     qs = [max(0.5 - half, 0.0), 0.5, min(0.5 + half, 1.0)] + [p / 100.0 for p in _PERCENTILES]
     lo, med, hi, *pct = quantiles(r, qs)
-    robust_sigma = MAD_TO_SIGMA * float(np.median(
-        np.abs(np.subtract(r, r.dtype.type(med), out=r), out=r), overwrite_input=True))
+    robust_sigma = MAD_TO_SIGMA * median(
+        np.abs(np.subtract(r, r.dtype.type(med), out=r), out=r))
     del r
     e = finite_values(rate_err_e)
-    median_pixel_err = float(np.median(e, overwrite_input=True)) if e.size else None
+    median_pixel_err = median(e) if e.size else None
     del e
     median_err = float(0.5 * (hi - lo))
     if median_err <= 0.0:

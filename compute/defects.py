@@ -56,7 +56,7 @@ from scipy.special import gammaln, log_ndtr, logsumexp
 from sitiancal.compute.flat import block_centres, block_medians
 from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.stats import sorting_network as _sorting_network
-from sitiancal.compute.summary import finite_values, mean_std
+from sitiancal.compute.summary import finite_values, mean_std, median
 
 __all__ = [
     "DefectConfig",
@@ -188,9 +188,9 @@ def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
     v = finite_values(values)  # one copy (float32 stays float32), reused in place below
     if v.size == 0:
         return float("nan"), float("nan")
-    med = float(np.median(v, overwrite_input=True))
+    med = median(v)  # np.median's value; parallel radix select for float32
     dev = np.abs(np.subtract(v, v.dtype.type(med), out=v), out=v)
-    scale = 1.4826 * float(np.median(dev, overwrite_input=True))
+    scale = 1.4826 * median(dev)
     if scale == 0.0:
         scale = float(np.sqrt(np.pi / 2.0) * mean_std(dev)[0])
     return med, scale

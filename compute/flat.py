@@ -26,7 +26,7 @@ import numpy as np
 from scipy.interpolate import RectBivariateSpline, griddata
 from scipy.ndimage import distance_transform_edt
 
-from sitiancal.compute.summary import finite_values, row_bands
+from sitiancal.compute.summary import finite_values, median, row_bands
 
 __all__ = ["PRNU", "large_scale", "master_flat", "prnu_emva"]
 
@@ -53,7 +53,7 @@ def master_flat(signal: np.ndarray) -> np.ndarray:
     finite = finite_values(arr)
     if finite.size == 0:
         raise ValueError("the flat has no finite pixel")
-    med = float(np.median(finite, overwrite_input=True))
+    med = median(finite)
     del finite
     if not med > 0:
         raise ValueError(f"the flat's median must be positive, got {med}")

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numba
 import numpy as np
+from numba import njit, prange
 
-__all__ = ["MAD_TO_SIGMA", "finite_values", "mean_std", "quantiles", "row_bands"]
+__all__ = ["MAD_TO_SIGMA", "finite_values", "mean_std", "median", "order_statistics",
+           "quantiles", "row_bands"]
 
 #: 1.4826: the MAD of a Gaussian times this is its standard deviation.
 MAD_TO_SIGMA = 1.482602218505602
@@ -96,3 +99,96 @@ def row_bands(n_rows: int, n_cols: int, *, pixels: int = 1 << 22) -> Iterator[sl
     step = max(1, pixels // max(n_cols, 1))
     for y0 in range(0, n_rows, step):
         yield slice(y0, min(y0 + step, n_rows))
+
+
+# ---------------------------------------------------------------------------
+# Exact order statistics of float32 values by a two-pass radix select.
+#
+# np.median partitions with one thread (~0.6 s for 61 M float32 values, and the
+# assembly takes a dozen medians of full maps). float32 values map to uint32
+# keys whose unsigned order is the values' order (flip every bit of negatives,
+# the sign bit of the others); a parallel histogram of the top 16 bits finds
+# the 65536-wide key range holding the wanted rank, a second one of the low 16
+# bits within that range finds the key itself. Two parallel passes, exact for
+# any distribution (no bins tuned to the data), and no reordering of the input.
+
+_RADIX = 1 << 16
+
+
+@njit(cache=True, inline="always")
+def _key(bits: np.uint32) -> np.uint32:
+    if bits >> np.uint32(31):
+        return ~bits
+    return bits | np.uint32(0x80000000)
+
+
+@njit(parallel=True, cache=True)
+def _radix_histogram(bits: np.ndarray, top: np.int64, n_parts: np.int64) -> np.ndarray:
+    """Counts of the top 16 key bits (``top < 0``), or of the low 16 bits of keys whose top is ``top``."""
+    n = bits.size
+    hist = np.zeros((n_parts, _RADIX), dtype=np.int64)
+    step = (n + n_parts - 1) // n_parts
+    for part in prange(n_parts):
+        for i in range(part * step, min(n, (part + 1) * step)):
+            key = _key(bits[i])
+            if top < 0:
+                hist[part, key >> np.uint32(16)] += 1
+            elif (key >> np.uint32(16)) == top:
+                hist[part, key & np.uint32(0xFFFF)] += 1
+    return hist.sum(axis=0)
+
+
+def _from_key(key: int) -> np.float32:
+    bits = key ^ 0x80000000 if key >> 31 else key ^ 0xFFFFFFFF
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def order_statistics(values: np.ndarray, ranks: Sequence[int]) -> np.ndarray:
+    """Values of the given ranks (0 = smallest) of a 1-D float32 array of finite values.
+
+    Same as ``np.sort(values)[ranks]`` (tested), by a parallel two-pass radix
+    select: the input is read, never reordered. Other dtypes: ``np.partition``.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        1-D, finite values (e.g. from :func:`finite_values`).
+    ranks : sequence of int
+        Ranks in ``[0, values.size)``.
+    """
+    v = np.ascontiguousarray(values)
+    wanted = [int(r) for r in ranks]
+    if any(r < 0 or r >= v.size for r in wanted):
+        raise IndexError(f"ranks {wanted} outside [0, {v.size})")
+    if v.dtype != np.float32:
+        return np.partition(v, wanted)[wanted]
+    bits = v.view(np.uint32)
+    parts = np.int64(numba.get_num_threads())
+    cum_top = np.cumsum(_radix_histogram(bits, np.int64(-1), parts))
+    out = np.empty(len(wanted), dtype=np.float32)
+    low_cum: dict[int, np.ndarray] = {}
+    for j, rank in enumerate(wanted):
+        top = int(np.searchsorted(cum_top, rank, side="right"))
+        before = int(cum_top[top - 1]) if top else 0
+        if top not in low_cum:
+            low_cum[top] = np.cumsum(_radix_histogram(bits, np.int64(top), parts))
+        low = int(np.searchsorted(low_cum[top], rank - before, side="right"))
+        out[j] = _from_key((top << 16) | low)
+    return out
+
+
+def median(values: np.ndarray) -> float:
+    """Median of a 1-D array of finite values: ``np.median(values)`` exactly, for float32 in parallel.
+
+    NaN for an empty array. The input is not modified.
+    """
+    n = values.size
+    if n == 0:
+        return float("nan")
+    if values.dtype != np.float32:
+        return float(np.median(values))
+    if n % 2:
+        return float(order_statistics(values, [n // 2])[0])
+    a, b = order_statistics(values, [n // 2 - 1, n // 2])
+    # np.median averages the two middle values in the array's dtype
+    return float((a + b) / np.float32(2.0))

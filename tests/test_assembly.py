@@ -148,3 +148,27 @@ def test_scaled_map_reads_like_the_product_it_replaces(factor: str) -> None:
         np.testing.assert_array_equal(lazy[region], whole[region])
     with pytest.raises(ValueError, match="does not match"):
         ScaledMap(source, np.ones((3, 3), np.float32))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 64, 1001, 200_000, 200_001])
+@pytest.mark.parametrize("dist", ["normal", "quantised", "two-sided heavy tail"])
+def test_radix_order_statistics_equal_sorting(n: int, dist: str) -> None:
+    """The parallel radix select gives ``np.sort(v)[ranks]`` and ``np.median(v)`` exactly."""
+    from sitiancal.compute.summary import median, order_statistics
+
+    rng = np.random.default_rng(n)
+    if dist == "normal":
+        v = rng.normal(3.0, 2.0, n).astype(np.float32)
+    elif dist == "quantised":  # many ties, zeros of both signs
+        v = (rng.integers(-3, 4, n) * 0.25).astype(np.float32)
+        v[: n // 10] = -0.0
+    else:
+        v = (rng.lognormal(0.0, 4.0, n) * rng.choice([-1.0, 1.0], n)).astype(np.float32)
+    before = v.copy()
+    ranks = sorted({0, n - 1, n // 2, (n - 1) // 2, n // 3})
+    np.testing.assert_array_equal(order_statistics(v, ranks), np.sort(v)[ranks])
+    assert median(v) == np.median(v)
+    np.testing.assert_array_equal(v, before)  # read, never reordered
+    assert median(v.astype(np.float64)) == np.median(v.astype(np.float64))
+    with pytest.raises(IndexError):
+        order_statistics(v, [n])
