@@ -81,6 +81,8 @@ class ScaledMap:
         return np.multiply(values, f, dtype=np.float32)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a ScaledMap is computed when read: it cannot be viewed without a copy")
         out = self[...]
         return out if dtype is None else out.astype(dtype, copy=False)
 

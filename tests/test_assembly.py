@@ -148,6 +148,8 @@ def test_scaled_map_reads_like_the_product_it_replaces(factor: str) -> None:
         np.testing.assert_array_equal(lazy[region], whole[region])
     with pytest.raises(ValueError, match="does not match"):
         ScaledMap(source, np.ones((3, 3), np.float32))
+    with pytest.raises(ValueError, match="without a copy"):
+        np.asarray(lazy, copy=False)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 64, 1001, 200_000, 200_001])
