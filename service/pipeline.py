@@ -38,15 +38,14 @@ from sitiancal.compute.tile import CalibrationParams, TileResult, expected_maps
 from sitiancal.service.settings import Settings
 from sitiancal.storage.cube import ZarrFrameReader, frame_reader
 
+log = logging.getLogger(__name__)
+
 #: ``progress(stage, fraction)``: fraction of the whole job done, 0..1.
 StageProgress = Callable[[str, float], None]
 
 
 class JobCancelled(RuntimeError):
     """The job was cancelled; nothing it computed is published."""
-
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -100,24 +100,26 @@ class _FailingStore(ProductStore):
         return super().stage(payload, version)
 
 
-def _job(catalog: Catalog, raw: Path, camera: str) -> str:
-    return catalog.create_job(camera, catalog.add_dataset(camera, scan(raw))).id
+def _failing_job_leaves_nothing(raw: Path, tmp_path: Path, store_class: type, camera: str,
+                                error: type, match: str) -> None:
+    """Run a job that fails; nothing is published and no staging or work files remain."""
+    settings = Settings(data_dir=tmp_path / "data")
+    catalog = Catalog.open(settings.catalog_url)
+    store = store_class(settings.product_store_url)
+    try:
+        job = catalog.create_job(camera, catalog.add_dataset(camera, scan(raw))).id
+        with pytest.raises(error, match=match):
+            run_calibration_job(catalog=catalog, store=store, settings=settings, job_id=job)
+        assert catalog.list_products(camera=camera) == []
+        assert store.list_staging() == []  # what was staged before the failure is discarded
+        assert not (Path(settings.data_dir) / "work" / job).exists()
+    finally:
+        catalog.close()
 
 
 def test_a_staging_failure_on_the_writer_thread_fails_the_job_and_leaves_nothing(raw, tmp_path):
     """Products are written on a background thread: its error reaches the job."""
-    settings = Settings(data_dir=tmp_path / "data")
-    catalog = Catalog.open(settings.catalog_url)
-    store = _FailingStore(settings.product_store_url)
-    try:
-        job = _job(catalog, raw, "MST7")
-        with pytest.raises(OSError, match="No space left"):
-            run_calibration_job(catalog=catalog, store=store, settings=settings, job_id=job)
-        assert catalog.list_products(camera="MST7") == []
-        assert store.list_staging() == []  # bias ... dark were staged, then discarded
-        assert not (Path(settings.data_dir) / "work" / job).exists()
-    finally:
-        catalog.close()
+    _failing_job_leaves_nothing(raw, tmp_path, _FailingStore, "MST7", OSError, "No space left")
 
 
 def test_an_assembly_failure_while_a_product_is_being_written_leaves_nothing(
@@ -129,17 +131,9 @@ def test_an_assembly_failure_while_a_product_is_being_written_leaves_nothing(
         raise RuntimeError("assembly failed (test)")
 
     monkeypatch.setattr(products.Assembler, "linearity", broken)
-    settings = Settings(data_dir=tmp_path / "data")
-    catalog = Catalog.open(settings.catalog_url)
-    store = ProductStore(settings.product_store_url)
-    try:
-        job = _job(catalog, raw, "MST6")
-        with pytest.raises(RuntimeError, match="assembly failed"):
-            run_calibration_job(catalog=catalog, store=store, settings=settings, job_id=job)
-        assert catalog.list_products(camera="MST6") == []
-        assert store.list_staging() == []
-    finally:
-        catalog.close()
+    _failing_job_leaves_nothing(raw, tmp_path, ProductStore, "MST6", RuntimeError,
+                                "assembly failed")
+
 
 def test_unknown_job_parameter_is_a_clear_error(raw, tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
