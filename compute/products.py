@@ -37,7 +37,7 @@ from sitiancal.compute.gain import frames_for_precision, gain_populations
 from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.plan import PlanResult
 from sitiancal.compute.readnoise import read_noise_map, read_noise_summary
-from sitiancal.compute.summary import row_bands
+from sitiancal.compute.summary import finite_median, row_bands
 from sitiancal.compute.tile import CalibrationParams
 
 #: Product types, in the order they are assembled (the mask needs the others).
@@ -141,6 +141,7 @@ class Assembler:
     _evaluated: set[str] = field(default_factory=set)
     _gain_pop: MixtureFit | None = None
     _gain_conv: np.ndarray | float | None = None
+    _gain_med: float | None = None
 
     def __post_init__(self) -> None:
         self.missing = dict(self.planned.missing)
@@ -213,10 +214,12 @@ class Assembler:
 
     def gain_median(self) -> float | None:
         """Median of the conversion gain (e-/ADU): the scalar gain of frame-level figures."""
-        g = self.conversion_gain()
-        if g is None:
-            return None
-        return float(g) if np.ndim(g) == 0 else robust_center_scale(g)[0]
+        if self._gain_med is None:
+            g = self.conversion_gain()
+            if g is None:
+                return None
+            self._gain_med = float(g) if np.ndim(g) == 0 else robust_center_scale(g)[0]
+        return self._gain_med
 
     def gain_populations(self) -> MixtureFit | None:
         """Mixture of per-pixel gain populations in ln g, deconvolving per-pixel errors.
@@ -252,7 +255,7 @@ class Assembler:
         temporal_var = (self.partials.get("bias_var_sum", np.nan)
                         / max(self.partials.get("bias_var_count", 0.0), 1.0))
         dsnu = dsnu_emva(master, temporal_var=temporal_var, n_frames=n, gain=self.gain_median())
-        stats: dict = {"level_median_adu": _f(np.nanmedian(master)), "n_frames": n,
+        stats: dict = {"level_median_adu": _f(finite_median(master)), "n_frames": n,
                        "dsnu": dsnu.to_dict(), "temporal_var_mean_adu2": _f(temporal_var)}
         tables = [ProductTable("ROW_PROFILE", {"row": np.arange(rows.size), "offset": rows},
                                {"offset": "ADU"}, "row offsets from the global level"),
@@ -276,7 +279,7 @@ class Assembler:
         std = self.map("bias_std")
         if std is None:
             return None
-        stats: dict = {"median_adu": _f(np.nanmedian(std))}
+        stats: dict = {"median_adu": _f(finite_median(std))}
         arrays = [ProductArray("READ_NOISE", self.lazy("bias_std"), "ADU",
                                "per-pixel temporal std of the bias stack")]
         g = self.conversion_gain()

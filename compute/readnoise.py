@@ -16,6 +16,7 @@ import numpy as np
 from astropy.stats import sigma_clip
 
 from sitiancal.compute.summary import MAD_TO_SIGMA, finite_values, mean_std, quantiles
+from sitiancal.compute.summary import median as exact_median
 
 __all__ = [
     "ConventionalReadNoise",
@@ -202,8 +203,8 @@ def read_noise_summary(rn_e_map: np.ndarray) -> dict[str, Any]:
     rms = float(np.sqrt(std**2 * (n - 1) / n + mean**2)) if n > 1 else abs(mean)
     vmin, vmax = float(v.min()), float(v.max())
     median, *pcts = quantiles(v, [0.5] + [q / 100.0 for q in _PERCENTILES])
-    mad_std = MAD_TO_SIGMA * float(np.median(
-        np.abs(np.subtract(v, v.dtype.type(median), out=v), out=v), overwrite_input=True))
+    mad_std = MAD_TO_SIGMA * exact_median(
+        np.abs(np.subtract(v, v.dtype.type(median), out=v), out=v))
     out.update(
         {
             "median": float(median),

@@ -20,8 +20,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["MAD_TO_SIGMA", "finite_values", "mean_std", "median", "order_statistics",
-           "quantiles", "row_bands"]
+__all__ = ["MAD_TO_SIGMA", "finite_median", "finite_values", "mean_std", "median",
+           "order_statistics", "quantiles", "row_bands"]
 
 #: 1.4826: the MAD of a Gaussian times this is its standard deviation.
 MAD_TO_SIGMA = 1.482602218505602
@@ -40,12 +40,73 @@ def finite_values(values: np.ndarray) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        A new array the caller may sort or overwrite.
+        A new array the caller may sort or overwrite, the finite values in
+        their (C) order: ``values[np.isfinite(values)]`` (tested).
+
+    Notes
+    -----
+    Large contiguous float32/float64 arrays are compacted by a parallel
+    compiled kernel (count per part, then copy at the parts' offsets): numpy's
+    boolean indexing takes ~0.3 s on one core for a 61 MP map, and the product
+    assembly takes this copy of a couple of dozen maps.
     """
     a = np.asarray(values)
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" or a.dtype == np.float16:
         a = a.astype(np.float64)
-    return a[np.isfinite(a)].ravel()
+    if a.size < _PARALLEL_MIN or not a.flags.c_contiguous:
+        return a[np.isfinite(a)].ravel()
+    flat = a.reshape(-1)
+    parts = max(1, min(int(numba.get_num_threads()) * 4, flat.size // (1 << 16)))
+    counts = _finite_counts(flat, np.int64(parts))
+    offsets = np.zeros(parts + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    out = np.empty(int(offsets[-1]), dtype=a.dtype)
+    _finite_copy(flat, offsets, out)
+    return out
+
+
+#: Arrays smaller than this are compacted by numpy (the kernel's start-up is not worth it).
+_PARALLEL_MIN = 1 << 20
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _finite_counts(flat: np.ndarray, parts: np.int64) -> np.ndarray:  # pragma: no cover - compiled
+    """Finite values in each of ``parts`` equal slices of ``flat``."""
+    n = flat.size
+    step = (n + parts - 1) // parts
+    counts = np.zeros(parts, dtype=np.int64)
+    for part in prange(parts):
+        c = 0
+        for i in range(part * step, min(n, (part + 1) * step)):
+            if np.isfinite(flat[i]):
+                c += 1
+        counts[part] = c
+    return counts
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _finite_copy(flat: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Copy the finite values of each slice of ``flat`` to ``out[offsets[part]:]``."""
+    n = flat.size
+    parts = offsets.size - 1
+    step = (n + parts - 1) // parts
+    for part in prange(parts):
+        j = offsets[part]
+        for i in range(part * step, min(n, (part + 1) * step)):
+            v = flat[i]
+            if np.isfinite(v):
+                out[j] = v
+                j += 1
+
+
+def finite_median(values: np.ndarray) -> float:
+    """Median of the finite values of a map of any shape (NaN when none is finite).
+
+    ``np.nanmedian`` for maps without infinities. One float32 copy of the
+    finite values and the parallel exact median (:func:`median`); numpy's
+    ``nanmedian`` partitions a full-size copy on one core.
+    """
+    return median(finite_values(values))
 
 
 def mean_std(values: np.ndarray, *, ddof: int = 1) -> tuple[float, float]:
@@ -73,25 +134,49 @@ def mean_std(values: np.ndarray, *, ddof: int = 1) -> tuple[float, float]:
 
 
 def quantiles(values: np.ndarray, q: Sequence[float]) -> np.ndarray:
-    """Quantiles (numpy's default linear method) of a 1-D array, partitioning it in place.
+    """Quantiles (numpy's default linear method) of a 1-D array of finite values.
 
     Parameters
     ----------
     values : numpy.ndarray
-        1-D array of finite values; it is reordered (pass a copy you own, e.g.
-        from :func:`finite_values`).
+        1-D array of finite values. float32 input is only read (exact order
+        statistics by the parallel radix select, :func:`order_statistics`);
+        other dtypes are partitioned in place (pass a copy you own, e.g. from
+        :func:`finite_values`).
     q : sequence of float
         Quantiles in [0, 1].
 
     Returns
     -------
     numpy.ndarray
-        float64 quantiles, same as ``np.quantile(values, q)``.
+        float64 quantiles, the same as ``np.quantile(values, q)`` (tested).
+
+    Notes
+    -----
+    numpy's linear quantile at ``q`` depends only on the two order statistics
+    around the virtual index ``h = (n - 1) q`` and on ``h - floor(h)``; the
+    interpolation between them is left to ``np.quantile`` itself on those two
+    values (whose own virtual index is that same fraction), so rounding and
+    dtype handling are numpy's.
     """
-    if values.size == 0:
-        return np.full(len(q), np.nan)
-    return np.asarray(np.quantile(values, np.asarray(q, dtype=np.float64), overwrite_input=True),
-                      dtype=np.float64)
+    qs = np.asarray(q, dtype=np.float64)
+    n = values.size
+    if n == 0:
+        return np.full(qs.size, np.nan)
+    if values.dtype != np.float32 or n < _PARALLEL_MIN:
+        return np.asarray(np.quantile(values, qs, overwrite_input=True), dtype=np.float64)
+    if np.any((qs < 0) | (qs > 1)):
+        raise ValueError("quantiles must be in the range [0, 1]")
+    h = (n - 1) * qs
+    lo = np.floor(h).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    ranks = sorted(set(lo.tolist()) | set(hi.tolist()))
+    at = dict(zip(ranks, order_statistics(values, ranks).tolist(), strict=True))
+    out = np.empty(qs.size)
+    for j in range(qs.size):
+        pair = np.array([at[int(lo[j])], at[int(hi[j])]], dtype=values.dtype)
+        out[j] = float(np.quantile(pair, h[j] - lo[j]))
+    return out
 
 
 def row_bands(n_rows: int, n_cols: int, *, pixels: int = 1 << 22) -> Iterator[slice]:

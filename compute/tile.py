@@ -336,8 +336,10 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             variances.append(mom.var)
             counts.append(group.n)
         if plan.has_dark_fit:
-            fit = fit_dark_rate(np.asarray(times), np.stack(means, axis=-1),
-                                np.stack(variances, axis=-1), np.asarray(counts))
+            # stacked along a new first axis (a plain copy) and viewed as (..., K): the
+            # compiled fit takes strided input; np.stack(axis=-1) interleaves, ~12x slower
+            fit = fit_dark_rate(np.asarray(times), np.moveaxis(np.stack(means), 0, -1),
+                                np.moveaxis(np.stack(variances), 0, -1), np.asarray(counts))
             dark_rate = np.asarray(fit.rate, dtype=np.float64)
             maps["dark_rate"] = dark_rate.astype(f32)
             maps["dark_rate_err"] = np.asarray(fit.rate_err, dtype=f32)

@@ -174,3 +174,35 @@ def test_radix_order_statistics_equal_sorting(n: int, dist: str) -> None:
     assert median(v.astype(np.float64)) == np.median(v.astype(np.float64))
     with pytest.raises(IndexError):
         order_statistics(v, [n])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parallel_finite_values_quantiles_and_median_equal_numpy(dtype: type) -> None:
+    """Above the parallel threshold the compiled compaction and the radix quantiles give numpy's answers exactly."""
+    from sitiancal.compute import summary
+
+    rng = np.random.default_rng(11)
+    shape = (1031, 1297)  # > _PARALLEL_MIN pixels, sizes not multiples of the parts
+    assert shape[0] * shape[1] >= summary._PARALLEL_MIN
+    m = rng.normal(5.0, 3.0, shape).astype(dtype)
+    m[rng.random(shape) < 0.02] = np.nan
+    m[0, :7] = np.inf
+    m[-1, -3:] = -np.inf
+    m[:, 100:140] = np.nan  # a fully masked column band
+    before = m.copy()
+    fin = summary.finite_values(m)
+    ref = m[np.isfinite(m)]
+    assert fin.dtype == dtype
+    np.testing.assert_array_equal(fin, ref)  # same values, same order
+    np.testing.assert_array_equal(summary.finite_values(m[:, ::2]), m[:, ::2][np.isfinite(m[:, ::2])])
+    np.testing.assert_array_equal(m, before)
+    q = [0.0, 1e-6, 0.00135, 0.02275, 0.15865, 0.5, 0.84135, 0.999, 1.0]
+    got = summary.quantiles(fin, q)
+    np.testing.assert_array_equal(got, np.quantile(ref, q))
+    assert summary.finite_median(m) == np.median(ref)
+    no_inf = np.where(np.isinf(m), np.nan, m)
+    assert summary.finite_median(no_inf) == np.nanmedian(no_inf)
+    assert np.isnan(summary.finite_median(np.full(shape, np.nan, dtype)))
+    assert summary.finite_values(np.full(shape, np.nan, dtype)).size == 0
+    with pytest.raises(ValueError):
+        summary.quantiles(fin.astype(np.float32), [1.5])

@@ -119,6 +119,29 @@ def test_large_scale_follows_vignetting_not_prnu() -> None:
     assert np.allclose(tiny, 2.0)
 
 
+@pytest.mark.parametrize(("degrees", "shape"), [((3, 3), (517, 1203)), ((1, 3), (70, 300)),
+                                                 ((3, 1), (300, 70))])
+def test_spline_on_pixels_equals_fitpack(degrees: tuple[int, int], shape: tuple[int, int]) -> None:
+    """The design-matrix evaluation gives FITPACK's values (float64 rounding; float32 output to its own)."""
+    from scipy.interpolate import RectBivariateSpline
+
+    from sitiancal.compute.flat import evaluate_on_pixels
+
+    ny, nx = shape
+    rng = np.random.default_rng(5)
+    yc = np.linspace(3.0, ny - 4.0, 9 if degrees[0] == 3 else 2)
+    xc = np.linspace(5.0, nx - 2.0, 12 if degrees[1] == 3 else 2)
+    grid = np.add.outer(np.sin(yc / 90.0), np.cos(xc / 140.0)) + 3 + rng.normal(0, 1e-3, (yc.size, xc.size))
+    spline = RectBivariateSpline(yc, xc, grid, s=grid.size * 1e-7, bbox=[0, ny - 1, 0, nx - 1],
+                                 kx=degrees[0], ky=degrees[1])
+    ref = spline(np.arange(ny, dtype=float), np.arange(nx, dtype=float))
+    got = evaluate_on_pixels(spline, ny, nx, np.float64)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+    got32 = evaluate_on_pixels(spline, ny, nx, np.float32)
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, ref, rtol=1e-6, atol=0)
+
+
 def test_master_flat() -> None:
     rng = np.random.default_rng(8)
     signal = SIGNAL * _vignetting() * (1 + 0.01 * rng.standard_normal(SHAPE))
