@@ -198,6 +198,7 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         raise JobCancelled("cancelled after the plan stage")
 
     t0 = time.perf_counter()
+    report("tiles", lo + (hi - lo) * 0.1)  # the stage starts now, not at its first tile's end
     threads = None
     if client is None:
         tile, threads = _fit_memory(planned, params, shape, tile, memory_limit,
@@ -510,9 +511,12 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
     workers = None
     limit = memory_limit_bytes(settings)
     if limit is not None and inventory.shape is not None and scheduler is None:
-        # one file buffer plus the frame's statistics per thread: ~2.5x a frame
+        # one file buffer plus the frame's statistics per thread: ~2.5x a frame.
+        # Ingesting waits on reads as much as it computes (hash, statistics): two
+        # threads per core read a cold 61 MP set ~20% faster than one (measured,
+        # 11-13 s vs 13-17 s for 8.4 GB on 2 cores).
         per_thread = 2.5 * 2 * inventory.shape[0] * inventory.shape[1]
-        workers = int(max(1, min(os.cpu_count() or 1, limit // per_thread)))
+        workers = int(max(1, min(2 * (os.cpu_count() or 1), 8, limit // per_thread)))
     ds = build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers)
     return ds, store
 

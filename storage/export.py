@@ -214,18 +214,26 @@ def _stored_band(values: np.ndarray, header: fits.Header) -> np.ndarray:
     return values
 
 
-def _stream_image(path: str, arr: zarr.Array, header: fits.Header) -> None:
+def _stream_image(path: str, arr: zarr.Array, header: fits.Header, source: Any = None) -> None:
+    """Append the image HDU of ``arr``, its values read band by band from ``source`` (default ``arr``)."""
     shape = tuple(int(n) for n in arr.shape)
+    data = arr if source is None else source
+    if not hasattr(data, "shape"):
+        data = np.asarray(data)
+    if tuple(int(n) for n in data.shape) != shape:
+        raise ValueError(f"source of {arr.name!r} has shape {tuple(data.shape)}, "
+                         f"the stored array {shape}")
     with fits.StreamingHDU(path, header) as shdu:
         if not shape or 0 in shape:
             return
         if len(shape) < 2:  # small vectors: one write
-            shdu.write(np.ascontiguousarray(_stored_band(np.asarray(arr[...]), header)))
+            shdu.write(np.ascontiguousarray(_stored_band(np.asarray(data[...], dtype=arr.dtype),
+                                                         header)))
             return
         lead = shape[:-2]
         for index in np.ndindex(*lead) if lead else [()]:
             for y0 in range(0, shape[-2], _BAND_ROWS):
-                band = np.asarray(arr[(*index, slice(y0, y0 + _BAND_ROWS))])
+                band = np.asarray(data[(*index, slice(y0, y0 + _BAND_ROWS))], dtype=arr.dtype)
                 shdu.write(np.ascontiguousarray(_stored_band(band, header)))
 
 
@@ -238,13 +246,19 @@ def file_sha256(path: str | os.PathLike[str], block: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_fits(group: zarr.Group, path: str | os.PathLike[str]) -> str:
+def write_fits(group: zarr.Group, path: str | os.PathLike[str], *,
+               sources: Mapping[str, Any] | None = None) -> str:
     """Write the FITS file of a stored product group to ``path``; return its sha256.
 
     The bytes are those astropy's ``HDUList.writeto`` gives for
     :func:`build_hdulist` (tested), written with ``StreamingHDU``: one image
     HDU at a time, ``_BAND_ROWS`` rows at a time, so memory stays at one band
     whatever the size of the product. An existing file at ``path`` is replaced.
+
+    ``sources`` maps array names to the array-likes the group's arrays were
+    just written from (same shape, values cast to the stored dtype): their
+    bands are read instead of decoding the stored chunks again, for the same
+    bytes (the zarr codecs are lossless). Metadata always comes from the group.
     """
     path = os.fspath(path)
     if os.path.exists(path):
@@ -263,8 +277,9 @@ def write_fits(group: zarr.Group, path: str | os.PathLike[str]) -> str:
         _set(header, "BUNIT", _ascii(meta.get("units", "")), "units of the figures")
     for key, value, comment in _primary_header(meta, len(inputs)):
         _set(header, key, value, comment)
+    src = dict(sources or {})
     if names:
-        _stream_image(path, group[names[0]], header)
+        _stream_image(path, group[names[0]], header, src.get(names[0]))
     else:
         fits.PrimaryHDU(header=header).writeto(path, output_verify="exception")
     for name in names[1:]:
@@ -272,7 +287,7 @@ def write_fits(group: zarr.Group, path: str | os.PathLike[str]) -> str:
         header = _image_header(arr, name, primary=False)
         _set(header, "BUNIT", _ascii(arr.attrs.get("units", "")), "units")
         _set(header, "LONGNAME", _ascii(arr.attrs.get("long_name", "")))
-        _stream_image(path, arr, header)
+        _stream_image(path, arr, header, src.get(name))
     small = [_table_hdu(name, group["tables"][name]) for name in meta.get("tables") or []]
     small.append(_inputs_hdu(inputs))
     for hdu in small:  # tables are small: appended whole

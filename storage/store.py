@@ -668,7 +668,9 @@ class ProductStore:
                 for table in payload.tables:
                     self._write_table(tables, table)
             arrays = {name: self._array_checksum(key, name) for name in self._array_names(key)}
-            checksums = Checksums(fits=self._write_fits(key), arrays=arrays)
+            # the FITS bands come from the payload's arrays, not from decoding the chunks
+            sources = {arr.name: arr.data for arr in payload.arrays}
+            checksums = Checksums(fits=self._write_fits(key, sources), arrays=arrays)
             group.attrs.update({"checksums": checksums.to_dict()})
         except BaseException:
             self._rm(key)
@@ -680,17 +682,20 @@ class ProductStore:
                                     if payload.arrays else ()),
                              units=payload.main_units, created=created)
 
-    def _write_fits(self, key: str) -> str:
-        """Write the FITS export of a staged product (streamed); return its sha256."""
+    def _write_fits(self, key: str, sources: dict[str, Any] | None = None) -> str:
+        """Write the FITS export of a staged product (streamed); return its sha256.
+
+        ``sources``: the arrays the group was written from (see ``write_fits``).
+        """
         from sitiancal.storage.export import write_fits
 
         if self.local:
-            return write_fits(self._open_group(key), self._path(key, FITS_NAME))
+            return write_fits(self._open_group(key), self._path(key, FITS_NAME), sources=sources)
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="sitiancal-fits-") as tmp:
             local = os.path.join(tmp, FITS_NAME)
-            sha = write_fits(self._open_group(key), local)
+            sha = write_fits(self._open_group(key), local, sources=sources)
             self.fs.put_file(local, self._path(key, FITS_NAME))
         return sha
 

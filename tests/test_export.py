@@ -162,7 +162,12 @@ def test_streamed_file_equals_astropy_writeto(tmp_path) -> None:
     data = (tmp_path / "streamed.fits").read_bytes()
     assert data == buffer.getvalue()
     assert sha == hashlib.sha256(data).hexdigest()
-    assert store.fits_bytes(key) == data
+    assert store.fits_bytes(key) == data  # staged from the payload's arrays (sources)
+    sources = {a.name: a.data for a in payload.arrays}
+    write_fits(group, tmp_path / "from_sources.fits", sources=sources)
+    assert (tmp_path / "from_sources.fits").read_bytes() == data
+    with pytest.raises(ValueError, match="shape"):
+        write_fits(group, tmp_path / "bad.fits", sources={"MASK": np.zeros((3, 3), np.uint16)})
     with fits.open(io.BytesIO(data)) as hdul:
         np.testing.assert_array_equal(hdul["MASK"].data, payload.arrays[0].data)
         np.testing.assert_array_equal(hdul["RESID"].data, payload.arrays[1].data)
