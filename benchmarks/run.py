@@ -192,6 +192,7 @@ def master_bias_kernel(paths: Sequence[str], threads: int) -> float:
     whole-job figure. Runs on the local threaded scheduler with ``threads``.
     """
     import dask
+    import numba
 
     from sitiancal.compute.graph import iter_tiles
     from sitiancal.compute.stats import sigma_clipped_stats
@@ -204,7 +205,12 @@ def master_bias_kernel(paths: Sequence[str], threads: int) -> float:
     master = np.empty(shape, dtype=np.float32)
     frames = list(range(len(sources)))
 
+    # numba threads per task: the cores shared by the tasks that run at once, as
+    # the tile pass does (process_tile's threads=), so that they do not oversubscribe
+    per_task = max(1, (os.cpu_count() or 1) // max(1, threads))
+
     def one(ys: slice, xs: slice) -> None:
+        numba.set_num_threads(min(per_task, numba.config.NUMBA_NUM_THREADS))
         master[ys, xs] = sigma_clipped_stats(reader(frames, ys, xs), sigma=3.0, maxiters=5).mean
 
     tasks = [dask.delayed(one)(ys, xs) for ys, xs in iter_tiles(shape, choose_tile(*shape))]

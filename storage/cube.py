@@ -904,6 +904,12 @@ class VirtualFrameReader:
                 raise self._stale(source, f"changed ({why})")
             with mmap.mmap(f.fileno(), stop - base, access=mmap.ACCESS_READ,
                            offset=base) as mapped:
+                if _WILLNEED is not None:
+                    # one asynchronous read-ahead of the rows' whole byte range: a cold
+                    # window (a strip of each row) is otherwise faulted in by small
+                    # synchronous reads, a few rows at a time. Measured on 12 cold 61 MP
+                    # frames read tile by tile: 5.8-7.8 s without, 4.8-5.7 s with.
+                    mapped.madvise(_WILLNEED)
                 band = np.frombuffer(mapped, dtype=source.dtype, count=(stop - start) // itemsize,
                                      offset=start - base).reshape(-1, nx)
                 try:  # byte swap and wrap to uint16 in one cast
@@ -929,6 +935,10 @@ class VirtualFrameReader:
         for k, i in enumerate(indices):
             self._copy(self.sources[i], ys, xs, out[k])
         return out
+
+
+#: ``madvise`` advice to read a mapped range ahead (None where the platform has none).
+_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
 
 
 class _VirtualFrames:
