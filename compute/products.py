@@ -328,17 +328,18 @@ class Assembler:
             arrays.append(ProductArray("DARK_CHI2", self.lazy("dark_chi2"), "",
                                        "reduced chi-square of the dark fit"))
         ok = np.isfinite(r) & np.isfinite(e) & (e > 0)
-        stats["summary"] = dark_summary(np.where(ok, r, np.float32(np.nan)),
-                                        np.where(ok, e, np.float32(np.nan)),
+        r_ok = np.where(ok, r, np.float32(np.nan))  # the usable rates, NaN elsewhere
+        stats["summary"] = dark_summary(r_ok, np.where(ok, e, np.float32(np.nan)),
                                         temperature=self.temperature)
         stats["units"] = unit
         idx = _subsample(ok, self.params.mixture_samples, self.params.seed)
         pops = dark_populations(r.ravel()[idx], e.ravel()[idx], seed=self.params.seed)
         stats["populations"] = pops.to_dict()
         tables.append(_mixture_table(pops, "POPULATIONS", unit))
-        center, scale = robust_center_scale(np.where(ok, r, np.float32(np.nan)))
+        center, scale = robust_center_scale(r_ok)
         # smooth local level (64 px cells): warm pixels are pixel-scale excesses over it
-        background = local_median(np.where(ok, r, np.float32(np.nan)), block=64)
+        background = local_median(r_ok, block=64)
+        del r_ok
         cls = np.full(rate.shape, 255, dtype=np.uint8)
         hot = np.zeros(rate.shape, dtype=bool)
         warm = np.zeros(rate.shape, dtype=bool)
