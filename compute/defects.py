@@ -1135,8 +1135,28 @@ def nonlinear(residual_pct: np.ndarray, *, config: DefectConfig | None = None,
     cfg = config if config is not None else DefectConfig()
     v = _float_map(residual_pct)
     c, s = _center_scale(v, center, scale)
+    if v.dtype == np.float32 and v.flags.c_contiguous and v.size >= _FUSED_MIN:
+        # one compiled pass, the same float32 operations as the expression below
+        out = np.empty(v.shape, dtype=bool)
+        _nonlinear_kernel(v.reshape(-1), np.float32(c), np.float32(cfg.nonlinear_nsigma * s),
+                          np.float32(cfg.nonlinear_floor_pct), out.reshape(-1))
+        return out
     return (_finite_gt(np.abs(v - c), cfg.nonlinear_nsigma * s)
             & _finite_gt(np.abs(v), cfg.nonlinear_floor_pct))
+
+
+#: Maps smaller than this are tested with numpy expressions (no kernel start-up).
+_FUSED_MIN = 1 << 20
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _nonlinear_kernel(v: np.ndarray, c: np.float32, thr: np.float32, floor: np.float32,
+                      out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``(|v - c| > thr) & (|v| > floor)`` in float32, NaN giving False, over flat ``v``."""
+    n = v.size
+    for i in prange(n):
+        x = v[i]
+        out[i] = abs(x - c) > thr and abs(x) > floor
 
 
 def gain_outlier(gain: np.ndarray, gain_err: np.ndarray, *, populations: MixtureFit,

@@ -460,3 +460,28 @@ def test_rtn_flags_do_not_depend_on_the_tiling() -> None:
             tiled[y0:y0 + 25, x0:x0 + 40] = detect_rtn(sub, config=CFG, seed=2,
                                                        pixel_index=(yy * nx + xx).ravel())
     np.testing.assert_array_equal(tiled, whole)
+
+
+def test_nonlinear_kernel_equals_the_numpy_expression() -> None:
+    """Large float32 maps go through the fused kernel: the same flags as the float32 expression."""
+    from sitiancal.compute import defects
+
+    rng = np.random.default_rng(17)
+    shape = (1100, 1000)
+    assert shape[0] * shape[1] >= defects._FUSED_MIN
+    v = rng.normal(0.0, 0.2, shape).astype(np.float32)
+    v[rng.random(shape) < 0.01] = np.nan
+    v[rng.random(shape) < 0.001] = np.inf
+    cfg = defects.DefectConfig()
+    c, s = 0.01, 0.1
+    # values exactly on both thresholds (float32), where a float64 comparison would differ
+    v[0, :3] = np.float32(c) + np.float32(cfg.nonlinear_nsigma * s)
+    v[1, :3] = np.float32(cfg.nonlinear_floor_pct)
+    v[2, :3] = -v[0, :3]
+    got = defects.nonlinear(v, config=cfg, center=c, scale=s)
+    with np.errstate(invalid="ignore"):
+        ref = (np.abs(v - c) > cfg.nonlinear_nsigma * s) & (np.abs(v) > cfg.nonlinear_floor_pct)
+    np.testing.assert_array_equal(got, ref)
+    assert 0 < got.sum() < got.size
+    small = v[:100, :100].copy()  # below the kernel's size: the numpy path
+    np.testing.assert_array_equal(defects.nonlinear(small, config=cfg, center=c, scale=s), ref[:100, :100])
