@@ -833,6 +833,10 @@ class ZarrFrameReader:
         return self.array.get_orthogonal_selection((np.asarray(list(indices)), ys, xs))
 
 
+#: ``madvise`` advice to read a mapped range ahead (None where the platform has none).
+_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+
+
 class VirtualFrameReader:
     """``reader(indices, ys, xs) -> (F, ty, tx)`` uint16 over a virtual cube's FITS files.
 
@@ -935,10 +939,6 @@ class VirtualFrameReader:
         for k, i in enumerate(indices):
             self._copy(self.sources[i], ys, xs, out[k])
         return out
-
-
-#: ``madvise`` advice to read a mapped range ahead (None where the platform has none).
-_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
 
 
 class _VirtualFrames:
