@@ -237,36 +237,55 @@ def _fit_dark_rate_numpy(t: np.ndarray, y: np.ndarray, s2: np.ndarray, n: np.nda
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _wls_point(t, y, w):  # pragma: no cover - compiled
-    """Scalar :func:`_wls_line` of one pixel: ``(c0, c1, var_c0, var_c1, sum_w)``."""
+def _wls_block(t, y, w, nb, sw, tm, stt, c0, c1, v0, v1):  # pragma: no cover - compiled
+    """:func:`_wls_line` of ``nb`` pixels at once: ``y``, ``w`` are (K, block) rows.
+
+    Every step is a loop over the block's pixels inside a loop over the K
+    points (SIMD over pixels); each pixel's sums run over the points in the
+    same order as the scalar formula, so the results do not depend on the
+    blocking. Fills ``sw`` (sum of weights), ``tm`` (weighted mean time), ``stt``,
+    and the line ``c0 + c1 t`` with variances ``v0``, ``v1`` (NaN when degenerate).
+    """
     k = t.shape[0]
-    sw = 0.0
-    swt = 0.0
-    swy = 0.0
+    for i in range(nb):
+        sw[i] = 0.0
+        tm[i] = 0.0  # sum w t, then the mean
+        c0[i] = 0.0  # sum w y, then the intercept
+        stt[i] = 0.0
+        c1[i] = 0.0  # sum w (t - tm) y, then the slope
     for j in range(k):
-        sw += w[j]
-        swt += w[j] * t[j]
-        swy += w[j] * y[j]
-    tm = swt / sw
-    stt = 0.0
-    sty = 0.0
+        tj = t[j]
+        for i in range(nb):
+            sw[i] += w[j, i]
+            tm[i] += w[j, i] * tj
+            c0[i] += w[j, i] * y[j, i]
+    for i in range(nb):
+        tm[i] = tm[i] / sw[i]
     for j in range(k):
-        dt = t[j] - tm
-        stt += w[j] * dt * dt
-        sty += w[j] * dt * y[j]
-    ym = swy / sw
-    c1 = sty / stt
-    c0 = ym - c1 * tm
-    var_c1 = 1.0 / stt
-    var_c0 = 1.0 / sw + tm * tm / stt
-    if not (stt > 0) or not (sw > 0):
-        return np.nan, np.nan, np.nan, np.nan, sw
-    return c0, c1, var_c0, var_c1, sw
+        tj = t[j]
+        for i in range(nb):
+            dt = tj - tm[i]
+            stt[i] += w[j, i] * dt * dt
+            c1[i] += w[j, i] * dt * y[j, i]
+    for i in range(nb):
+        ym = c0[i] / sw[i]
+        slope = c1[i] / stt[i]
+        ok = (stt[i] > 0) & (sw[i] > 0)
+        c1[i] = slope if ok else np.nan
+        c0[i] = ym - slope * tm[i] if ok else np.nan
+        v1[i] = 1.0 / stt[i] if ok else np.nan
+        v0[i] = 1.0 / sw[i] + tm[i] * tm[i] / stt[i] if ok else np.nan
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _dark_fit_kernel(t, y, s2, n, floor, n_iter):  # pragma: no cover - compiled
-    """:func:`_fit_dark_rate_numpy` for every row of ``y``/``s2`` (P, K), one pixel at a time."""
+    """:func:`_fit_dark_rate_numpy` for every row of ``y``/``s2`` (P, K).
+
+    Vectorised over blocks of pixels (loops over a block's pixels inside
+    loops over the K groups, see :func:`_wls_block`); each pixel's numbers
+    are those of the scalar formulas in the same order. ``y`` and ``s2`` may
+    be strided views of (K, P) arrays: the inner loops then read contiguous rows.
+    """
     n_pix, k = y.shape
     rate = np.empty(n_pix)
     rate_err = np.empty(n_pix)
@@ -276,68 +295,88 @@ def _dark_fit_kernel(t, y, s2, n, floor, n_iter):  # pragma: no cover - compiled
     read_var = np.empty(n_pix)
     shot = np.empty(n_pix)
     n_pts = np.empty(n_pix, np.int32)
-    block = 4096
+    block = 512
     n_blocks = (n_pix + block - 1) // block
     big = np.finfo(np.float64).max
+    per_pixel_n = n.shape[0] > 1
     for bi in prange(n_blocks):
-        yy = np.empty(k)
-        ss = np.empty(k)
-        dof = np.empty(k)
-        nn = np.empty(k)
-        w = np.empty(k)
-        use = np.empty(k, np.bool_)
-        for p in range(bi * block, min(n_pix, (bi + 1) * block)):
-            row = p if n.shape[0] > 1 else 0
-            npt = 0
-            for j in range(k):
-                nn[j] = n[row, j]
+        p0 = bi * block
+        nb = min(n_pix, p0 + block) - p0
+        yy = np.empty((k, block))
+        ss = np.empty((k, block))
+        dof = np.empty((k, block))
+        nn = np.empty((k, block))
+        w = np.empty((k, block))
+        use = np.empty((k, block), np.bool_)
+        npt = np.zeros(block, np.int32)
+        a = np.zeros(block)
+        b = np.zeros(block)
+        sw = np.empty(block)
+        tm = np.empty(block)
+        stt = np.empty(block)
+        c0 = np.empty(block)
+        c1 = np.empty(block)
+        v0 = np.empty(block)
+        v1 = np.empty(block)
+        for j in range(k):
+            for i in range(nb):
+                p = p0 + i
+                nv = n[p if per_pixel_n else 0, j]
                 yv = np.float64(y[p, j])
-                use[j] = np.isfinite(yv) and nn[j] >= 1
-                yy[j] = yv if use[j] else 0.0
                 sv = np.float64(s2[p, j])
-                ok = use[j] and np.isfinite(sv) and nn[j] - 1.0 > 0
-                ss[j] = sv if ok else 0.0
-                dof[j] = nn[j] - 1.0 if ok else 0.0
-                if use[j]:
-                    npt += 1
-            # variance model a + b t, b >= 0, by IRLS (see _variance_model)
-            a = 0.0
-            b = 0.0
+                u = np.isfinite(yv) & (nv >= 1)
+                ok = u & np.isfinite(sv) & (nv - 1.0 > 0)
+                nn[j, i] = nv
+                use[j, i] = u
+                yy[j, i] = yv if u else 0.0
+                ss[j, i] = sv if ok else 0.0
+                dof[j, i] = nv - 1.0 if ok else 0.0
+                npt[i] += 1 if u else 0
+        # variance model a + b t, b >= 0, by IRLS (see _variance_model)
+        for it in range(n_iter):
             for j in range(k):
-                w[j] = dof[j]  # model = 1 on the first pass
-            for it in range(n_iter):
-                if it > 0:
-                    for j in range(k):
-                        mdl = a + b * t[j]
-                        w[j] = dof[j] / (mdl * mdl)
-                a, b, _, _, sw = _wls_point(t, ss, w)
+                tj = t[j]
+                for i in range(nb):
+                    mdl = a[i] + b[i] * tj
+                    w[j, i] = dof[j, i] / (mdl * mdl) if it > 0 else dof[j, i]  # model 1 first
+            _wls_block(t, ss, w, nb, sw, tm, stt, c0, c1, v0, v1)
+            for i in range(nb):
+                # c0 = a, c1 = b; the constrained solution b = 0, a = weighted mean when b < 0
                 swy = 0.0
                 for j in range(k):
-                    swy += w[j] * ss[j]
-                if not (b >= 0):
-                    a = swy / sw
-                    b = 0.0
-                if np.isnan(a):
-                    a = floor
-                elif a > big:
-                    a = big
-                if a < floor:
-                    a = floor
-            for j in range(k):
-                w[j] = nn[j] / (a + b * t[j]) if use[j] else 0.0
-            c0, c1, v0, v1, _ = _wls_point(t, yy, w)
+                    swy += w[j, i] * ss[j, i]
+                ai = c0[i]
+                bi_ = c1[i]
+                if not (bi_ >= 0):
+                    ai = swy / sw[i]
+                    bi_ = 0.0
+                if np.isnan(ai):
+                    ai = floor
+                elif ai > big:
+                    ai = big
+                if ai < floor:
+                    ai = floor
+                a[i] = ai
+                b[i] = bi_
+        for j in range(k):
+            tj = t[j]
+            for i in range(nb):
+                w[j, i] = nn[j, i] / (a[i] + b[i] * tj) if use[j, i] else 0.0
+        _wls_block(t, yy, w, nb, sw, tm, stt, c0, c1, v0, v1)
+        for i in range(nb):
             chi2 = 0.0
             for j in range(k):
-                r = yy[j] - (c0 + c1 * t[j])
-                chi2 += w[j] * r * r
-            rate[p] = c1
-            rate_err[p] = np.sqrt(v1)
-            offset[p] = c0
-            offset_err[p] = np.sqrt(v0)
-            chi2_red[p] = chi2 / (npt - 2) if npt > 2 else np.nan
-            read_var[p] = a
-            shot[p] = b
-            n_pts[p] = npt
+                r = yy[j, i] - (c0[i] + c1[i] * t[j])
+                chi2 += w[j, i] * r * r
+            p = p0 + i
+            rate[p] = c1[i]
+            rate_err[p] = np.sqrt(v1[i])
+            offset[p] = c0[i]
+            offset_err[p] = np.sqrt(v0[i])
+            chi2_red[p] = chi2 / (npt[i] - 2) if npt[i] > 2 else np.nan
+            read_var[p] = a[i]
+            shot[p] = b[i]
+            n_pts[p] = npt[i]
     return rate, rate_err, offset, offset_err, chi2_red, read_var, shot, n_pts
 
 

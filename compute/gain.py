@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from sitiancal.compute.mixture import MixtureFit, fit_mixture
-from sitiancal.compute.stats import weighted_line, weighted_line_point
+from sitiancal.compute.stats import weighted_line
 
 __all__ = [
     "PixelGainFit",
@@ -246,68 +246,108 @@ def _horner(c, x):  # pragma: no cover - compiled
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _gain_fit_kernel(mean, var, n, max_mean, min_levels, n_iter, coef, dcoef,
                      linearize):  # pragma: no cover - compiled
-    """:func:`_fit_chunk` for every row of ``mean``/``var`` (P, L), one pixel at a time."""
+    """:func:`_fit_chunk` for every row of ``mean``/``var`` (P, L).
+
+    Vectorised over blocks of pixels: after the levels of a block are loaded
+    into (L, block) rows, every step is a loop over the block's pixels inside
+    a loop over levels (SIMD over pixels). Each pixel's sums run over its
+    levels in the order of :func:`compute.stats.weighted_line_point`, so the
+    numbers are those of a per-pixel loop.
+    """
     n_pix, n_lev = mean.shape
     gain = np.empty(n_pix)
     gain_err = np.empty(n_pix)
     read_var = np.empty(n_pix)
     chi2_red = np.empty(n_pix)
     n_used = np.empty(n_pix, np.int64)
-    block = 4096
+    block = 512
     n_blocks = (n_pix + block - 1) // block
+    per_pixel_n = n.shape[0] > 1
     for bi in prange(n_blocks):
-        m = np.empty(n_lev)
-        v = np.empty(n_lev)
-        dof = np.empty(n_lev)
-        w = np.empty(n_lev)
-        pred = np.empty(n_lev)
-        for p in range(bi * block, min(n_pix, (bi + 1) * block)):
-            row = p if n.shape[0] > 1 else 0
-            nu = 0
-            mmax = -np.inf
-            for j in range(n_lev):
+        p0 = bi * block
+        nb = min(n_pix, p0 + block) - p0
+        m = np.empty((n_lev, block))
+        v = np.empty((n_lev, block))
+        dof = np.empty((n_lev, block))
+        w = np.empty((n_lev, block))
+        pred = np.empty((n_lev, block))
+        nu = np.zeros(block, np.int64)
+        mmax = np.full(block, -np.inf)
+        floor = np.empty(block)
+        s = np.empty(block)
+        sx = np.empty(block)
+        sy = np.empty(block)
+        sxx = np.empty(block)
+        sxy = np.empty(block)
+        slope = np.full(block, np.nan)
+        icpt = np.full(block, np.nan)
+        var_slope = np.full(block, np.nan)
+        det = np.full(block, np.nan)
+        for j in range(n_lev):
+            for i in range(nb):
+                p = p0 + i
                 mj = np.float64(mean[p, j])
                 vj = np.float64(var[p, j])
                 if linearize:
                     d = _horner(dcoef, mj)
                     vj = vj * d * d
                     mj = _horner(coef, mj)
-                nj = n[row, j]
-                ok = (np.isfinite(mj) and np.isfinite(vj) and np.isfinite(nj) and nj > 1
-                      and mj > 0 and mj <= max_mean)
-                m[j] = mj if ok else 0.0
-                v[j] = vj if ok else 0.0
-                dof[j] = nj - 1.0 if ok else 0.0
-                if ok:
-                    nu += 1
-                if m[j] > mmax:
-                    mmax = m[j]
-            floor = max(1e-3 * mmax, 1e-12)
+                nj = n[p if per_pixel_n else 0, j]
+                ok = (np.isfinite(mj) & np.isfinite(vj) & np.isfinite(nj) & (nj > 1)
+                      & (mj > 0) & (mj <= max_mean))
+                mm = mj if ok else 0.0
+                m[j, i] = mm
+                v[j, i] = vj if ok else 0.0
+                dof[j, i] = nj - 1.0 if ok else 0.0
+                nu[i] += 1 if ok else 0
+                mmax[i] = mm if mm > mmax[i] else mmax[i]
+        for i in range(nb):
+            floor[i] = max(1e-3 * mmax[i], 1e-12)
+        for j in range(n_lev):
+            for i in range(nb):
+                pred[j, i] = max(m[j, i], floor[i])
+        for _ in range(n_iter + 1):
+            for i in range(nb):
+                s[i] = 0.0
+                sx[i] = 0.0
+                sy[i] = 0.0
+                sxx[i] = 0.0
+                sxy[i] = 0.0
             for j in range(n_lev):
-                pred[j] = max(m[j], floor)
-            slope = np.nan
-            icpt = np.nan
-            var_slope = np.nan
-            det = np.nan
-            for _ in range(n_iter + 1):
-                for j in range(n_lev):
-                    w[j] = dof[j] / (2.0 * pred[j] * pred[j])
-                slope, icpt, var_slope, _, det = weighted_line_point(m, v, w)
-                for j in range(n_lev):
-                    q = slope * m[j] + icpt
+                for i in range(nb):
+                    wj = dof[j, i] / (2.0 * pred[j, i] * pred[j, i])
+                    w[j, i] = wj
+                    wx = wj * m[j, i]
+                    s[i] += wj
+                    sx[i] += wx
+                    sy[i] += wj * v[j, i]
+                    sxx[i] += wx * m[j, i]
+                    sxy[i] += wx * v[j, i]
+            for i in range(nb):
+                dt = s[i] * sxx[i] - sx[i] * sx[i]
+                det[i] = dt
+                slope[i] = (s[i] * sxy[i] - sx[i] * sy[i]) / dt
+                icpt[i] = (sxx[i] * sy[i] - sx[i] * sxy[i]) / dt
+                var_slope[i] = s[i] / dt
+            for j in range(n_lev):
+                for i in range(nb):
+                    q = slope[i] * m[j, i] + icpt[i]
                     # np.maximum propagates NaN
-                    pred[j] = q if (np.isnan(q) or q > floor) else floor
-            ok_fit = nu >= min_levels and det > 0 and np.isfinite(slope) and slope > 0
-            n_used[p] = nu
+                    pred[j, i] = q if (np.isnan(q) or q > floor[i]) else floor[i]
+        for i in range(nb):
+            p = p0 + i
+            sl = slope[i]
+            ok_fit = nu[i] >= min_levels and det[i] > 0 and np.isfinite(sl) and sl > 0
+            n_used[p] = nu[i]
             if ok_fit:
                 chi2 = 0.0
                 for j in range(n_lev):
-                    r = v[j] - (slope * m[j] + icpt)
-                    chi2 += w[j] * r * r
-                gain[p] = 1.0 / slope
-                gain_err[p] = np.sqrt(var_slope) / (slope * slope)
-                read_var[p] = icpt
-                chi2_red[p] = chi2 / (nu - 2) if nu > 2 else np.nan
+                    r = v[j, i] - (sl * m[j, i] + icpt[i])
+                    chi2 += w[j, i] * r * r
+                gain[p] = 1.0 / sl
+                gain_err[p] = np.sqrt(var_slope[i]) / (sl * sl)
+                read_var[p] = icpt[i]
+                chi2_red[p] = chi2 / (nu[i] - 2) if nu[i] > 2 else np.nan
             else:
                 gain[p] = np.nan
                 gain_err[p] = np.nan
