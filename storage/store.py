@@ -69,6 +69,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -661,16 +662,26 @@ class ProductStore:
                                 for i in payload.inputs]}
             group = zarr.open_group(self.zarr_store(key, read_only=False), mode="w-",
                                     zarr_format=3, attributes=attrs)
-            for arr in payload.arrays:
-                self._write_array(group, arr)
+            targets = [self._create_array(group, arr) for arr in payload.arrays]
             if payload.tables:
                 tables = group.create_group("tables")
                 for table in payload.tables:
                     self._write_table(tables, table)
-            arrays = {name: self._array_checksum(key, name) for name in self._array_names(key)}
-            # the FITS bands come from the payload's arrays, not from decoding the chunks
+            # The FITS file needs only the group's metadata (all written by now) and the
+            # payload's arrays, not their chunks: it is written on a second thread while
+            # this one fills and checksums the chunks (the same bytes either way).
             sources = {arr.name: arr.data for arr in payload.arrays}
-            checksums = Checksums(fits=self._write_fits(key, sources), arrays=arrays)
+            with ThreadPoolExecutor(1, thread_name_prefix="sitiancal-fits") as pool:
+                fits_sha = pool.submit(self._write_fits, key, sources)
+                try:
+                    for arr, target in zip(payload.arrays, targets, strict=True):
+                        self._fill_array(target, arr)
+                    arrays = {name: self._array_checksum(key, name)
+                              for name in self._array_names(key)}
+                except BaseException:
+                    fits_sha.cancel()
+                    raise
+                checksums = Checksums(fits=fits_sha.result(), arrays=arrays)
             group.attrs.update({"checksums": checksums.to_dict()})
         except BaseException:
             self._rm(key)
@@ -699,20 +710,24 @@ class ProductStore:
             self.fs.put_file(local, self._path(key, FITS_NAME))
         return sha
 
-    def _write_array(self, group: zarr.Group, arr: Any) -> None:
+    def _create_array(self, group: zarr.Group, arr: Any) -> zarr.Array:
+        """Create the zarr array of a product array (metadata only; see :meth:`_fill_array`)."""
         shape = tuple(int(n) for n in arr.data.shape)
         dtype = np.dtype(arr.data.dtype)
-        chunks = default_chunks(shape)
-        target = group.create_array(
-            arr.name, shape=shape, dtype=dtype, chunks=chunks,
+        return group.create_array(
+            arr.name, shape=shape, dtype=dtype, chunks=default_chunks(shape),
             dimension_names=dimension_names(arr), compressors=_compressor(),
             fill_value=_fill_value(dtype), config={"write_empty_chunks": True},
             attributes={"units": arr.units, "long_name": arr.long_name})
+
+    def _fill_array(self, target: zarr.Array, arr: Any) -> None:
+        """Write the values of ``arr`` into ``target``, band by band."""
+        shape = tuple(int(n) for n in target.shape)
         if len(shape) == 0:
             target[()] = np.asarray(arr.data[()])
             return
-        for region in _write_regions(shape, chunks, dtype.itemsize):
-            target[region] = np.asarray(arr.data[region], dtype=dtype)
+        for region in _write_regions(shape, tuple(target.chunks), target.dtype.itemsize):
+            target[region] = np.asarray(arr.data[region], dtype=target.dtype)
 
     def _write_table(self, parent: zarr.Group, table: Any) -> None:
         names = list(table.columns)

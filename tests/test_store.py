@@ -138,6 +138,25 @@ def test_failed_write_leaves_no_staging(store: ProductStore) -> None:
     assert not store.exists("products")
 
 
+def test_failed_fits_write_leaves_no_staging(store: ProductStore, monkeypatch) -> None:
+    """The FITS file is written on a second thread beside the chunks: its failure fails the stage."""
+    import sitiancal.storage.export as export
+
+    real = export.write_fits
+
+    def failing(group, path, *, sources=None):
+        real(group, path, sources=sources)  # a partial file exists when the error comes
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_fits", failing)
+    with pytest.raises(OSError, match="No space left"):
+        store.stage(payload(), 1)
+    assert store.list_staging() == []
+    monkeypatch.setattr(export, "write_fits", real)
+    staged = store.stage(payload(), 1)  # and the store works on afterwards
+    assert store.list_staging() == [staged.key]
+
+
 def test_sweep_staging_removes_only_old_leftovers(store: ProductStore) -> None:
     kept = store.stage(payload(), 1)
     assert store.sweep_staging(timedelta(hours=1)) == []
