@@ -56,7 +56,7 @@ from scipy.special import gammaln, log_ndtr, logsumexp
 from sitiancal.compute.flat import block_centres, block_medians
 from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.stats import sorting_network as _sorting_network
-from sitiancal.compute.summary import finite_values, mean_std, median
+from sitiancal.compute.summary import finite_median_mad, finite_values, mean_std
 
 __all__ = [
     "DefectConfig",
@@ -185,13 +185,14 @@ def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
         When the MAD is 0 (heavily quantised data) the scale falls back to
         ``sqrt(pi/2)`` times the mean absolute deviation; NaN for no data.
     """
-    v = finite_values(values)  # one copy (float32 stays float32), reused in place below
-    if v.size == 0:
+    # np.median's values; float32 maps by the parallel radix select, without a copy
+    med, mad = finite_median_mad(values)
+    if not np.isfinite(med):
         return float("nan"), float("nan")
-    med = median(v)  # np.median's value; parallel radix select for float32
-    dev = np.abs(np.subtract(v, v.dtype.type(med), out=v), out=v)
-    scale = 1.4826 * median(dev)
+    scale = 1.4826 * mad
     if scale == 0.0:
+        v = finite_values(values)
+        dev = np.abs(np.subtract(v, v.dtype.type(med), out=v), out=v)
         scale = float(np.sqrt(np.pi / 2.0) * mean_std(dev)[0])
     return med, scale
 

@@ -20,8 +20,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["MAD_TO_SIGMA", "finite_median", "finite_values", "mean_std", "median",
-           "order_statistics", "quantiles", "row_bands"]
+__all__ = ["MAD_TO_SIGMA", "finite_median", "finite_median_mad", "finite_values", "mean_std",
+           "median", "order_statistics", "quantiles", "row_bands"]
 
 #: 1.4826: the MAD of a Gaussian times this is its standard deviation.
 MAD_TO_SIGMA = 1.482602218505602
@@ -102,11 +102,101 @@ def _finite_copy(flat: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None
 def finite_median(values: np.ndarray) -> float:
     """Median of the finite values of a map of any shape (NaN when none is finite).
 
-    ``np.nanmedian`` for maps without infinities. One float32 copy of the
-    finite values and the parallel exact median (:func:`median`); numpy's
+    ``np.nanmedian`` for maps without infinities. Large float32 maps: the
+    parallel radix select straight over the map (:func:`finite_median_mad`),
+    no copy; others: :func:`median` of :func:`finite_values`. numpy's
     ``nanmedian`` partitions a full-size copy on one core.
     """
-    return median(finite_values(values))
+    a = np.asarray(values)
+    if a.dtype == np.float32 and a.size >= _PARALLEL_MIN and a.flags.c_contiguous:
+        return finite_median_mad(a, mad=False)[0]
+    return median(finite_values(a))
+
+
+def finite_median_mad(values: np.ndarray, *, mad: bool = True) -> tuple[float, float]:
+    """Median of the finite values of a map and their median absolute deviation from it.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Any shape and units; NaN and inf are ignored.
+    mad : bool
+        Also compute the MAD (else it is returned as NaN).
+
+    Returns
+    -------
+    (float, float)
+        ``m = median(v)`` and ``median(|v - m|)`` of the finite values ``v``,
+        exactly what :func:`median` of :func:`finite_values` and of
+        ``np.abs(v - v.dtype.type(m))`` give (tested); NaN for no finite value.
+
+    Notes
+    -----
+    For C-contiguous float32 maps, the radix select of :func:`order_statistics`
+    runs straight over the map, skipping non-finite values, and the deviations
+    are computed on the fly inside its histogram passes (the same float32
+    subtraction and absolute value): four parallel passes over the map and no
+    copy, where compacting and then taking the deviations in place made a
+    245 MB copy and seven passes for a 61 MP map. Other inputs take that route.
+    """
+    a = np.asarray(values)
+    if not (a.dtype == np.float32 and a.flags.c_contiguous):
+        v = finite_values(a)
+        m = median(v)
+        if not mad or v.size == 0:
+            return m, float("nan")
+        return m, median(np.abs(np.subtract(v, v.dtype.type(m), out=v), out=v))
+    bits = a.reshape(-1).view(np.uint32)
+    m = _select_median(bits, np.float32(0.0), False)
+    if not mad or not np.isfinite(m):
+        return m, float("nan")
+    return m, _select_median(bits, np.float32(m), True)
+
+
+def _select_median(bits: np.ndarray, centre: np.float32, deviations: bool) -> float:
+    """:func:`median` of the finite values of float32 ``bits`` (or of their ``|v - centre|``)."""
+    parts = np.int64(numba.get_num_threads())
+    cum_top = np.cumsum(_finite_histogram(bits, np.int64(-1), parts, centre, deviations))
+    n = int(cum_top[-1])
+    if n == 0:
+        return float("nan")
+    low_cum: dict[int, np.ndarray] = {}
+
+    def rank(r: int) -> np.float32:
+        top = int(np.searchsorted(cum_top, r, side="right"))
+        before = int(cum_top[top - 1]) if top else 0
+        if top not in low_cum:
+            low_cum[top] = np.cumsum(_finite_histogram(bits, np.int64(top), parts, centre,
+                                                       deviations))
+        return _from_key((top << 16) | int(np.searchsorted(low_cum[top], r - before,
+                                                            side="right")))
+
+    if n % 2:
+        return float(rank(n // 2))
+    return float((rank(n // 2 - 1) + rank(n // 2)) / np.float32(2.0))
+
+
+@njit(parallel=True, cache=True)
+def _finite_histogram(bits: np.ndarray, top: np.int64, n_parts: np.int64, centre: np.float32,
+                      deviations: bool) -> np.ndarray:  # pragma: no cover - compiled
+    """:func:`_radix_histogram` of the finite values only, or of ``|v - centre|`` of each finite ``v``."""
+    n = bits.size
+    hist = np.zeros((n_parts, _RADIX), dtype=np.int64)
+    step = (n + n_parts - 1) // n_parts
+    values = bits.view(np.float32)
+    for part in prange(n_parts):
+        for i in range(part * step, min(n, (part + 1) * step)):
+            v = values[i]
+            if not np.isfinite(v):
+                continue
+            if deviations:
+                v = np.abs(v - centre)
+            key = _key(np.float32(v).view(np.uint32))
+            if top < 0:
+                hist[part, key >> np.uint32(16)] += 1
+            elif (key >> np.uint32(16)) == top:
+                hist[part, key & np.uint32(0xFFFF)] += 1
+    return hist.sum(axis=0)
 
 
 def mean_std(values: np.ndarray, *, ddof: int = 1) -> tuple[float, float]:

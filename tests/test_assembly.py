@@ -206,3 +206,36 @@ def test_parallel_finite_values_quantiles_and_median_equal_numpy(dtype: type) ->
     assert summary.finite_values(np.full(shape, np.nan, dtype)).size == 0
     with pytest.raises(ValueError):
         summary.quantiles(fin.astype(np.float32), [1.5])
+
+
+@pytest.mark.parametrize("extra", [0, 1])  # even and odd numbers of finite values
+def test_finite_median_mad_without_a_copy_equals_numpy(extra: int) -> None:
+    """The radix select straight over a float32 map (deviations computed inside its
+    passes) gives numpy's median and MAD of the finite values, bit for bit."""
+    from sitiancal.compute import summary
+
+    rng = np.random.default_rng(71 + extra)
+    shape = (1031, 1297)
+    m = rng.standard_t(3, shape).astype(np.float32) * np.float32(2.5) + np.float32(100.0)
+    m[rng.random(shape) < 0.03] = np.nan
+    m[0, :9] = np.inf
+    m[1, :4] = -np.inf
+    m[2, :6] = -0.0
+    m[3, :6] = 0.0
+    if np.isfinite(m).sum() % 2 != extra:
+        m[4, 0] = np.nan if np.isfinite(m[4, 0]) else np.float32(1.0)
+    fin = m[np.isfinite(m)]
+    assert fin.size % 2 == extra
+    med = np.median(fin)
+    mad = np.median(np.abs(fin - med))
+    got = summary.finite_median_mad(m)
+    assert got == (float(med), float(mad))
+    only_median = summary.finite_median_mad(m, mad=False)
+    assert only_median[0] == got[0] and np.isnan(only_median[1])
+    # the same through the copying route (non-contiguous input) and float64 input
+    assert summary.finite_median_mad(m[:, ::1].T) == got
+    m64 = m.astype(np.float64)
+    fin64 = m64[np.isfinite(m64)]
+    assert summary.finite_median_mad(m64) == (np.median(fin64),
+                                              np.median(np.abs(fin64 - np.median(fin64))))
+    assert all(np.isnan(summary.finite_median_mad(np.full(shape, np.nan, np.float32))))
