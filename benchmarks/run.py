@@ -189,15 +189,18 @@ def master_bias_kernel(paths: Sequence[str], threads: int) -> float:
     the per-pixel 3-sigma clipped mean (median centre, up to 5 iterations: more
     than ccdproc's single clip) with the compiled kernel, and the tiles fill
     one float32 map. No hashing, catalog or product files: those are in the
-    whole-job figure. Runs on the local threaded scheduler with ``threads``.
+    whole-job figure. Runs on the local threaded scheduler with ``threads``,
+    with the allocator settings of a job (``keep_freed_memory``).
     """
     import dask
     import numba
 
     from sitiancal.compute.graph import iter_tiles
     from sitiancal.compute.stats import sigma_clipped_stats
+    from sitiancal.service.pipeline import keep_freed_memory
     from sitiancal.storage.cube import FrameSource, VirtualFrameReader, choose_tile
 
+    keep_freed_memory()  # as every job does (runs in a fresh process: see isolated())
     t0 = time.perf_counter()
     sources = [FrameSource.of_file(str(p)) for p in paths]
     reader = VirtualFrameReader("bench", sources)
