@@ -194,10 +194,10 @@ class Assembler:
             return self._gain_conv
         gain = self.map("gain")
         if gain is not None and np.isfinite(gain).any():
-            fit = self.gain_populations()
+            err = self.map("gain_err")
+            fit = self.gain_populations(gain, err)
             median = robust_center_scale(gain)[0]
             if fit is not None and len(fit.best.weights) > 1:
-                err = self.map("gain_err")
                 conv = np.full(gain.shape, median, dtype=np.float32)
                 centres = np.exp(np.asarray(fit.best.means)).astype(np.float32)
                 for rows in _bands(gain.shape):  # blockwise: no full-size float64 temporaries
@@ -221,8 +221,12 @@ class Assembler:
             self._gain_med = float(g) if np.ndim(g) == 0 else robust_center_scale(g)[0]
         return self._gain_med
 
-    def gain_populations(self) -> MixtureFit | None:
+    def gain_populations(self, gain: np.ndarray | None = None,
+                         err: np.ndarray | None = None) -> MixtureFit | None:
         """Mixture of per-pixel gain populations in ln g, deconvolving per-pixel errors.
+
+        ``gain`` and ``err``: the ``gain`` and ``gain_err`` maps if the caller
+        has them in memory already (else they are read).
 
         The fit runs on ln g with the relative error as the per-pixel error:
         a per-pixel gain from ~10 levels of ~40 frames has a ~10% error whose
@@ -232,7 +236,8 @@ class Assembler:
         pulls are symmetric (tested). Components convert back as g = exp(mean).
         """
         if self._gain_pop is None:
-            gain, err = self.map("gain"), self.map("gain_err")
+            gain = self.map("gain") if gain is None else gain
+            err = self.map("gain_err") if err is None else err
             if gain is None or err is None:
                 return None
             ok = np.isfinite(gain) & np.isfinite(err) & (err > 0) & (gain > 0)
