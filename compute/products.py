@@ -42,6 +42,12 @@ from sitiancal.compute.tile import CalibrationParams
 
 #: Product types, in the order they are assembled (the mask needs the others).
 PRODUCT_TYPES = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask")
+#: The order :func:`assemble_products` builds (and emits) them in. The flat
+#: needs the dark's HOT/WARM flags and the mask every flag; linearity needs
+#: nothing else and has the most bytes to store (a residual map per level), so
+#: it goes first: its staging then overlaps the assembly of the others instead
+#: of delaying the end of the job.
+_BUILD_ORDER = ("linearity", "bias", "read_noise", "dark", "ptc", "gain", "flat", "mask")
 
 
 def _f(x: object) -> float | None:
@@ -587,7 +593,7 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
                 "mask": lambda: asm.mask(shape)}
     # Products feed the mask (their flags), so every product is built; only the
     # wanted ones are kept or emitted.
-    for name in PRODUCT_TYPES:
+    for name in _BUILD_ORDER:
         if name == "mask" and "mask" not in wanted:
             continue
         content = builders[name]()
@@ -601,6 +607,7 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
             content = ProductContent(content.type, content.units, stats=content.stats)
             _return_freed_memory()
         out[name] = content
+    out = {name: out[name] for name in PRODUCT_TYPES if name in out}
     missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}
     for name in wanted:
         if name not in out and name not in missing:
