@@ -174,15 +174,20 @@ def row_column_profiles(master: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the median of the clipped row means: it is insensitive to a few bad rows
     and, because each row mean already averages ``nx`` pixels, it has almost
     the precision of a clipped mean of the whole map at a fraction of the
-    cost. Rows/columns with no finite pixel give NaN. The row pass transposes
-    the map (one float copy of the map).
+    cost. Rows/columns with no finite pixel give NaN. The column pass reads a
+    transposed copy of the map (one float copy), the row pass the map itself.
     """
     m = np.asarray(master)
     if m.ndim != 2:
         raise ValueError(f"master must be 2-D, got shape {m.shape}")
     if m.dtype.kind not in "f":
         m = m.astype(np.float64)
-    cols = sigma_clipped_stats(m, sigma=_PROFILE_SIGMA, maxiters=_PROFILE_MAXITERS).mean
+    # The clip kernel reads each column's (row's) values in turn: give it a layout in
+    # which they are contiguous. Columns: one transposed copy of the map (reading them
+    # strided from the C-ordered map was 3-4x slower at 61 MP); rows: the transpose
+    # view of the map, read in place.
+    cols = sigma_clipped_stats(np.asfortranarray(m), sigma=_PROFILE_SIGMA,
+                               maxiters=_PROFILE_MAXITERS).mean
     rows = sigma_clipped_stats(m.T, sigma=_PROFILE_SIGMA, maxiters=_PROFILE_MAXITERS).mean
     finite_rows = rows[np.isfinite(rows)]
     if finite_rows.size == 0:

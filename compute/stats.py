@@ -208,10 +208,14 @@ class TimeTrend:
 # ---------------------------------------------------------------------------
 
 
-def _as_frames(stack: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+def _as_frames(stack: np.ndarray, *,
+               keep_fortran: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
     """View a stack ``(F, ...)`` as ``(F, P)``.
 
     Copies only if the stack is not C-contiguous, or uint8 (widened to uint16).
+    With ``keep_fortran``, a 2-D Fortran-ordered ``(F, P)`` stack (e.g. the
+    transpose of a C-ordered map) is passed as it is, for kernels that read
+    each pixel's F values in turn: they are then contiguous.
     """
     stack = np.asarray(stack)
     if stack.ndim < 1:
@@ -221,6 +225,9 @@ def _as_frames(stack: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     if stack.dtype.kind not in "uif":
         raise TypeError(f"unsupported stack dtype {stack.dtype}")
     shape = stack.shape[1:]
+    if keep_fortran and stack.ndim == 2 and stack.flags.f_contiguous \
+            and not stack.flags.c_contiguous and stack.dtype.kind == "f":
+        return stack, shape
     flat = np.ascontiguousarray(stack).reshape(stack.shape[0], -1)
     if flat.dtype == np.uint8:
         # one compiled specialisation less per kernel; the cube stores uint16 anyway
@@ -1131,7 +1138,9 @@ def sigma_clipped_stats(
         raise ValueError("maxiters must be >= 1 or None")
     if not sigma > 0:
         raise ValueError("sigma must be positive")
-    flat, shape = _as_frames(stack)
+    # a Fortran-ordered 2-D float stack is read in place: the float kernel reads each
+    # pixel's values in turn, which are then contiguous (e.g. the columns of a map)
+    flat, shape = _as_frames(stack, keep_fortran=True)
     off = _pixel_offset(offset, shape)
     maxit = -1 if maxiters is None else int(maxiters)
     if _resolve(backend) == "numpy":

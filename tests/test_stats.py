@@ -486,3 +486,23 @@ def test_clipped_stats_and_moments_equals_separate_calls(dtype, n_frames):
     np.testing.assert_allclose(num_m.var, mom.var, rtol=1e-12)
     with pytest.raises(ValueError, match="maxiters"):
         clipped_stats_and_moments(stack, maxiters=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigma_clip_of_a_fortran_ordered_stack_is_read_in_place_with_the_same_result(dtype) -> None:
+    """Columns of a map (a Fortran-ordered (F, P) stack) give what a C-ordered copy gives."""
+    rng = np.random.default_rng(5)
+    m = rng.normal(100.0, 2.0, (300, 41)).astype(dtype)
+    m[rng.random(m.shape) < 0.02] = np.nan
+    m[7, :] = 500.0  # an outlier row, clipped from every column
+    fortran = np.asfortranarray(m)
+    assert fortran.flags.f_contiguous and not fortran.flags.c_contiguous
+    got = sigma_clipped_stats(fortran, sigma=3.0, maxiters=5)
+    ref = sigma_clipped_stats(np.ascontiguousarray(m), sigma=3.0, maxiters=5)
+    for name in ("mean", "median", "std", "n_used"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+    assert (got.n_used < 300).all()
+    # and a row pass through the transpose view
+    rows = sigma_clipped_stats(m.T, sigma=3.0, maxiters=5)
+    rows_ref = sigma_clipped_stats(np.ascontiguousarray(m.T), sigma=3.0, maxiters=5)
+    np.testing.assert_array_equal(rows.mean, rows_ref.mean)
