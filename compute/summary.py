@@ -14,7 +14,7 @@ of a map of millions of pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numba
 import numpy as np
@@ -132,7 +132,7 @@ def finite_median_mad(values: np.ndarray, *, mad: bool = True) -> tuple[float, f
 
     Notes
     -----
-    For C-contiguous float32 maps, the radix select of :func:`order_statistics`
+    For large C-contiguous float32 maps, the radix select of :func:`order_statistics`
     runs straight over the map, skipping non-finite values, and the deviations
     are computed on the fly inside its histogram passes (the same float32
     subtraction and absolute value): four parallel passes over the map and no
@@ -140,63 +140,17 @@ def finite_median_mad(values: np.ndarray, *, mad: bool = True) -> tuple[float, f
     245 MB copy and seven passes for a 61 MP map. Other inputs take that route.
     """
     a = np.asarray(values)
-    if not (a.dtype == np.float32 and a.flags.c_contiguous):
+    if not (a.dtype == np.float32 and a.flags.c_contiguous and a.size >= _PARALLEL_MIN):
         v = finite_values(a)
         m = median(v)
         if not mad or v.size == 0:
             return m, float("nan")
         return m, median(np.abs(np.subtract(v, v.dtype.type(m), out=v), out=v))
     bits = a.reshape(-1).view(np.uint32)
-    m = _select_median(bits, np.float32(0.0), False)
+    m = _select_median(bits, 0.0, False)
     if not mad or not np.isfinite(m):
         return m, float("nan")
-    return m, _select_median(bits, np.float32(m), True)
-
-
-def _select_median(bits: np.ndarray, centre: np.float32, deviations: bool) -> float:
-    """:func:`median` of the finite values of float32 ``bits`` (or of their ``|v - centre|``)."""
-    parts = np.int64(numba.get_num_threads())
-    cum_top = np.cumsum(_finite_histogram(bits, np.int64(-1), parts, centre, deviations))
-    n = int(cum_top[-1])
-    if n == 0:
-        return float("nan")
-    low_cum: dict[int, np.ndarray] = {}
-
-    def rank(r: int) -> np.float32:
-        top = int(np.searchsorted(cum_top, r, side="right"))
-        before = int(cum_top[top - 1]) if top else 0
-        if top not in low_cum:
-            low_cum[top] = np.cumsum(_finite_histogram(bits, np.int64(top), parts, centre,
-                                                       deviations))
-        return _from_key((top << 16) | int(np.searchsorted(low_cum[top], r - before,
-                                                            side="right")))
-
-    if n % 2:
-        return float(rank(n // 2))
-    return float((rank(n // 2 - 1) + rank(n // 2)) / np.float32(2.0))
-
-
-@njit(parallel=True, cache=True)
-def _finite_histogram(bits: np.ndarray, top: np.int64, n_parts: np.int64, centre: np.float32,
-                      deviations: bool) -> np.ndarray:  # pragma: no cover - compiled
-    """:func:`_radix_histogram` of the finite values only, or of ``|v - centre|`` of each finite ``v``."""
-    n = bits.size
-    hist = np.zeros((n_parts, _RADIX), dtype=np.int64)
-    step = (n + n_parts - 1) // n_parts
-    values = bits.view(np.float32)
-    for part in prange(n_parts):
-        for i in range(part * step, min(n, (part + 1) * step)):
-            v = values[i]
-            if not np.isfinite(v):
-                continue
-            if deviations:
-                v = np.abs(v - centre)
-            key = _key(np.float32(v).view(np.uint32))
-            if top < 0:
-                hist[part, key >> np.uint32(16)] += 1
-            elif (key >> np.uint32(16)) == top:
-                hist[part, key & np.uint32(0xFFFF)] += 1
-    return hist.sum(axis=0)
+    return m, _select_median(bits, m, True)
 
 
 def mean_std(values: np.ndarray, *, ddof: int = 1) -> tuple[float, float]:
@@ -286,6 +240,8 @@ def row_bands(n_rows: int, n_cols: int, *, pixels: int = 1 << 22) -> Iterator[sl
 # the 65536-wide key range holding the wanted rank, a second one of the low 16
 # bits within that range finds the key itself. Two parallel passes, exact for
 # any distribution (no bins tuned to the data), and no reordering of the input.
+# The histograms skip non-finite values, so a map can be read as it is, and can
+# count |v - c| instead of v (the MAD about the median c, without a copy).
 
 _RADIX = 1 << 16
 
@@ -297,25 +253,70 @@ def _key(bits: np.uint32) -> np.uint32:
     return bits | np.uint32(0x80000000)
 
 
+def _from_key(key: int) -> np.float32:
+    bits = key ^ 0x80000000 if key >> 31 else key ^ 0xFFFFFFFF
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def _select_median(bits: np.ndarray, centre: float, deviations: bool) -> float:
+    """:func:`median` of the finite values of float32 ``bits`` (or of their ``|v - centre|``)."""
+    n, rank = _rank_selector(bits, centre, deviations)
+    if n == 0:
+        return float("nan")
+    if n % 2:
+        return float(rank(n // 2))
+    return float((rank(n // 2 - 1) + rank(n // 2)) / np.float32(2.0))
+
+
+def _rank_selector(bits: np.ndarray, centre: float = 0.0,
+                   deviations: bool = False) -> tuple[int, Callable[[int], np.float32]]:
+    """The radix select over float32 ``bits``: the number of finite values and ``rank(r)``.
+
+    ``rank(r)`` is the value of rank ``r`` (0 = smallest) of the finite values
+    (of their ``|v - centre|`` with ``deviations``): one parallel histogram of
+    the top 16 key bits here, one of the low 16 bits per distinct top range
+    asked for (cached).
+    """
+    parts = np.int64(numba.get_num_threads())
+    c = np.float32(centre)
+    cum_top = np.cumsum(_finite_histogram(bits, np.int64(-1), parts, c, deviations))
+    low_cum: dict[int, np.ndarray] = {}
+
+    def rank(r: int) -> np.float32:
+        top = int(np.searchsorted(cum_top, r, side="right"))
+        before = int(cum_top[top - 1]) if top else 0
+        if top not in low_cum:
+            low_cum[top] = np.cumsum(_finite_histogram(bits, np.int64(top), parts, c,
+                                                       deviations))
+        return _from_key((top << 16) | int(np.searchsorted(low_cum[top], r - before,
+                                                            side="right")))
+
+    return int(cum_top[-1]), rank
+
+
 @njit(parallel=True, cache=True)
-def _radix_histogram(bits: np.ndarray, top: np.int64, n_parts: np.int64) -> np.ndarray:
-    """Counts of the top 16 key bits (``top < 0``), or of the low 16 bits of keys whose top is ``top``."""
+def _finite_histogram(bits: np.ndarray, top: np.int64, n_parts: np.int64, centre: np.float32,
+                      deviations: bool) -> np.ndarray:  # pragma: no cover - compiled
+    """Counts of the top 16 key bits (``top < 0``), or of the low 16 bits of keys whose
+    top is ``top``, of the finite values of float32 ``bits`` only (NaN and inf are
+    skipped), or of ``|v - centre|`` of each finite ``v`` when ``deviations``."""
     n = bits.size
     hist = np.zeros((n_parts, _RADIX), dtype=np.int64)
     step = (n + n_parts - 1) // n_parts
+    values = bits.view(np.float32)
     for part in prange(n_parts):
         for i in range(part * step, min(n, (part + 1) * step)):
-            key = _key(bits[i])
+            v = values[i]
+            if not np.isfinite(v):
+                continue
+            if deviations:
+                v = np.abs(v - centre)
+            key = _key(np.float32(v).view(np.uint32))
             if top < 0:
                 hist[part, key >> np.uint32(16)] += 1
             elif (key >> np.uint32(16)) == top:
                 hist[part, key & np.uint32(0xFFFF)] += 1
     return hist.sum(axis=0)
-
-
-def _from_key(key: int) -> np.float32:
-    bits = key ^ 0x80000000 if key >> 31 else key ^ 0xFFFFFFFF
-    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
 
 
 def order_statistics(values: np.ndarray, ranks: Sequence[int]) -> np.ndarray:
@@ -337,19 +338,8 @@ def order_statistics(values: np.ndarray, ranks: Sequence[int]) -> np.ndarray:
         raise IndexError(f"ranks {wanted} outside [0, {v.size})")
     if v.dtype != np.float32:
         return np.partition(v, wanted)[wanted]
-    bits = v.view(np.uint32)
-    parts = np.int64(numba.get_num_threads())
-    cum_top = np.cumsum(_radix_histogram(bits, np.int64(-1), parts))
-    out = np.empty(len(wanted), dtype=np.float32)
-    low_cum: dict[int, np.ndarray] = {}
-    for j, rank in enumerate(wanted):
-        top = int(np.searchsorted(cum_top, rank, side="right"))
-        before = int(cum_top[top - 1]) if top else 0
-        if top not in low_cum:
-            low_cum[top] = np.cumsum(_radix_histogram(bits, np.int64(top), parts))
-        low = int(np.searchsorted(low_cum[top], rank - before, side="right"))
-        out[j] = _from_key((top << 16) | low)
-    return out
+    _, rank = _rank_selector(v.view(np.uint32))
+    return np.array([rank(r) for r in wanted], dtype=np.float32)
 
 
 def median(values: np.ndarray) -> float:
