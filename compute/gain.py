@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from sitiancal.compute.mixture import MixtureFit, fit_mixture
-from sitiancal.compute.stats import weighted_line
+from sitiancal.compute.stats import weighted_line, weighted_line_block
 
 __all__ = [
     "PixelGainFit",
@@ -250,9 +250,9 @@ def _gain_fit_kernel(mean, var, n, max_mean, min_levels, n_iter, coef, dcoef,
 
     Vectorised over blocks of pixels: after the levels of a block are loaded
     into (L, block) rows, every step is a loop over the block's pixels inside
-    a loop over levels (SIMD over pixels). Each pixel's sums run over its
-    levels in the order of :func:`compute.stats.weighted_line_point`, so the
-    numbers are those of a per-pixel loop.
+    a loop over levels (SIMD over pixels); the line is
+    :func:`compute.stats.weighted_line_block`, whose sums run over each pixel's
+    levels in the order of the per-pixel ``weighted_line_point``.
     """
     n_pix, n_lev = mean.shape
     gain = np.empty(n_pix)
@@ -274,12 +274,8 @@ def _gain_fit_kernel(mean, var, n, max_mean, min_levels, n_iter, coef, dcoef,
         nu = np.zeros(block, np.int64)
         mmax = np.full(block, -np.inf)
         floor = np.empty(block)
-        s = np.empty(block)
-        sx = np.empty(block)
-        sy = np.empty(block)
-        sxx = np.empty(block)
-        sxy = np.empty(block)
-        slope = np.full(block, np.nan)
+        sums = np.empty((5, block))
+        slope = np.full(block, np.nan)  # NaN if no iteration runs (n_iter < 0)
         icpt = np.full(block, np.nan)
         var_slope = np.full(block, np.nan)
         det = np.full(block, np.nan)
@@ -307,28 +303,10 @@ def _gain_fit_kernel(mean, var, n, max_mean, min_levels, n_iter, coef, dcoef,
             for i in range(nb):
                 pred[j, i] = max(m[j, i], floor[i])
         for _ in range(n_iter + 1):
-            for i in range(nb):
-                s[i] = 0.0
-                sx[i] = 0.0
-                sy[i] = 0.0
-                sxx[i] = 0.0
-                sxy[i] = 0.0
             for j in range(n_lev):
                 for i in range(nb):
-                    wj = dof[j, i] / (2.0 * pred[j, i] * pred[j, i])
-                    w[j, i] = wj
-                    wx = wj * m[j, i]
-                    s[i] += wj
-                    sx[i] += wx
-                    sy[i] += wj * v[j, i]
-                    sxx[i] += wx * m[j, i]
-                    sxy[i] += wx * v[j, i]
-            for i in range(nb):
-                dt = s[i] * sxx[i] - sx[i] * sx[i]
-                det[i] = dt
-                slope[i] = (s[i] * sxy[i] - sx[i] * sy[i]) / dt
-                icpt[i] = (sxx[i] * sy[i] - sx[i] * sxy[i]) / dt
-                var_slope[i] = s[i] / dt
+                    w[j, i] = dof[j, i] / (2.0 * pred[j, i] * pred[j, i])
+            weighted_line_block(m, v, w, nb, sums, slope, icpt, var_slope, det)
             for j in range(n_lev):
                 for i in range(nb):
                     q = slope[i] * m[j, i] + icpt[i]

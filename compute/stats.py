@@ -1422,3 +1422,37 @@ def weighted_line_point(x, y, w):  # pragma: no cover - compiled
         sxy += wx * y[j]
     det = s * sxx - sx * sx
     return (s * sxy - sx * sy) / det, (sxx * sy - sx * sxy) / det, s / det, sxx / det, det
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def weighted_line_block(x, y, w, nb, sums, slope, icpt, var_slope, det):  # pragma: no cover
+    """:func:`weighted_line_point` of ``nb`` pixels at once, for compiled fits.
+
+    ``x``, ``y``, ``w`` are (K, block) rows (point, pixel) and ``sums`` a
+    (5, block) scratch array; every step is a loop over the pixels inside the
+    loop over points (SIMD over pixels), and each pixel's sums run over its
+    points in the order of :func:`weighted_line_point`, so its numbers are the
+    same. Fills the first ``nb`` entries of ``slope``, ``icpt``, ``var_slope``
+    and ``det``.
+    """
+    s, sx, sy, sxx, sxy = sums[0], sums[1], sums[2], sums[3], sums[4]
+    for i in range(nb):
+        s[i] = 0.0
+        sx[i] = 0.0
+        sy[i] = 0.0
+        sxx[i] = 0.0
+        sxy[i] = 0.0
+    for j in range(x.shape[0]):
+        for i in range(nb):
+            wx = w[j, i] * x[j, i]
+            s[i] += w[j, i]
+            sx[i] += wx
+            sy[i] += w[j, i] * y[j, i]
+            sxx[i] += wx * x[j, i]
+            sxy[i] += wx * y[j, i]
+    for i in range(nb):
+        d = s[i] * sxx[i] - sx[i] * sx[i]
+        slope[i] = (s[i] * sxy[i] - sx[i] * sy[i]) / d
+        icpt[i] = (sxx[i] * sy[i] - sx[i] * sxy[i]) / d
+        var_slope[i] = s[i] / d
+        det[i] = d
