@@ -107,10 +107,7 @@ def finite_median(values: np.ndarray) -> float:
     no copy; others: :func:`median` of :func:`finite_values`. numpy's
     ``nanmedian`` partitions a full-size copy on one core.
     """
-    a = np.asarray(values)
-    if a.dtype == np.float32 and a.size >= _PARALLEL_MIN and a.flags.c_contiguous:
-        return finite_median_mad(a, mad=False)[0]
-    return median(finite_values(a))
+    return finite_median_mad(values, mad=False)[0]
 
 
 def finite_median_mad(values: np.ndarray, *, mad: bool = True) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 from pathlib import Path
 
@@ -113,9 +114,9 @@ print(held - rss_anon())
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists() or
-                    not __import__("platform").libc_ver()[0] == "glibc", reason="glibc on Linux only")
-def test_keep_freed_memory_keeps_a_freed_array_for_reuse(tmp_path) -> None:
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="glibc on Linux only")
+def test_keep_freed_memory_keeps_a_freed_array_for_reuse() -> None:
     """By default glibc unmaps a freed 64 MB array (its pages are zeroed again when
     reallocated); after ``keep_freed_memory`` the memory stays in the process."""
     import subprocess
