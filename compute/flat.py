@@ -18,14 +18,15 @@ Units: ADU; PRNU in percent of the mean signal.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from numba import njit, prange
 from scipy.interpolate import BSpline, RectBivariateSpline, griddata
 from scipy.ndimage import distance_transform_edt
 
+from sitiancal.compute.stats import buffer_median
 from sitiancal.compute.summary import finite_values, median, row_bands
 
 __all__ = ["PRNU", "large_scale", "master_flat", "prnu_emva"]
@@ -63,45 +64,45 @@ def master_flat(signal: np.ndarray) -> np.ndarray:
 def block_medians(map2d: np.ndarray, block: int) -> np.ndarray:
     """NaN-aware median of each ``block x block`` cell (edge cells may be smaller).
 
-    Works one band of ``block`` rows at a time (no full-size temporary);
-    cells without a finite pixel are NaN.
+    Equal to ``np.nanmedian`` of each cell's values taken as float64 (tested;
+    infinities count as values, as there), NaN for a cell without a non-NaN
+    pixel. A compiled selection per cell, cells in parallel, one band of cells
+    at a time (a lazy map is read band by band; no full-size temporary):
+    ~10x faster than numpy's sort- or partition-based medians of the cells.
     """
     ny, nx = map2d.shape
     nby, nbx = -(-ny // block), -(-nx // block)
     out = np.empty((nby, nbx))
-    pad = nbx * block - nx
-    with warnings.catch_warnings():
-        # A cell with no finite pixel gives NaN; it is filled from its neighbours below.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for i in range(nby):
-            rows = np.asarray(map2d[i * block : (i + 1) * block], dtype=np.float64)
-            if pad:
-                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=np.nan)
-            cells = rows.reshape(rows.shape[0], nbx, block).transpose(1, 0, 2).reshape(nbx, -1)
-            # np.median is several times faster than np.nanmedian; use it when it can.
-            out[i] = (
-                nanmedian_rows(cells) if np.isnan(cells).any() else np.median(cells, axis=1)
-            )
+    band = block * max(1, (1 << 22) // max(block * nx, 1))
+    for y0 in range(0, ny, band):
+        rows = np.asarray(map2d[y0 : y0 + band])
+        if rows.dtype not in (np.float32, np.float64):
+            rows = rows.astype(np.float64)
+        _block_medians_kernel(rows, block, out[y0 // block : -(-(y0 + rows.shape[0]) // block)])
     return out
 
 
-def nanmedian_rows(values: np.ndarray) -> np.ndarray:
-    """``np.nanmedian(values, axis=1)`` of a 2-D array, by one sort of each row.
-
-    numpy's ``nanmedian`` along an axis of a large array with NaNs runs a
-    Python-level loop over the rows (``apply_along_axis``): ~12 us a row, 5 s
-    for the 64-pixel cells of a 61 MP map. Sorting puts NaNs last, so each
-    row's median is the mean of its two middle finite values. Same result
-    (tested against ``np.nanmedian``); rows without a finite value give NaN
-    without a warning.
-    """
-    v = np.sort(np.asarray(values, dtype=np.float64), axis=1)
-    n = np.count_nonzero(~np.isnan(v), axis=1)
-    lo = np.maximum((n - 1) // 2, 0)[:, None]
-    hi = np.maximum(n // 2, 0)[:, None]
-    out = 0.5 * (np.take_along_axis(v, lo, axis=1)[:, 0] + np.take_along_axis(v, hi, axis=1)[:, 0])
-    out[n == 0] = np.nan
-    return out
+@njit(cache=True, nogil=True, parallel=True)
+def _block_medians_kernel(rows: np.ndarray, block: int,
+                          out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Median of the non-NaN values of each ``block x block`` cell of ``rows`` into ``out``."""
+    ny, nx = rows.shape
+    nby, nbx = out.shape
+    for i in prange(nby):
+        buf = np.empty(block * block)
+        y0 = i * block
+        y1 = min(ny, y0 + block)
+        for j in range(nbx):
+            x0 = j * block
+            x1 = min(nx, x0 + block)
+            n = 0
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    v = np.float64(rows[y, x])
+                    if not np.isnan(v):
+                        buf[n] = v
+                        n += 1
+            out[i, j] = buffer_median(buf, n) if n > 0 else np.nan
 
 
 def _fill_cells(grid: np.ndarray, bad: np.ndarray) -> np.ndarray:

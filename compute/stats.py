@@ -531,6 +531,25 @@ def _select(a, n, k):  # pragma: no cover - compiled
     return a[k]
 
 
+@njit(cache=True, nogil=True, fastmath=False)
+def buffer_median(a, n):  # pragma: no cover - compiled
+    """``np.median`` of ``a[:n]`` (NaN-free, n >= 1), partially reordering ``a``.
+
+    The middle order statistic by selection (:func:`_select`); for even
+    ``n`` the mean of the two middle values, ``0.5 * (lo + hi)``, which is
+    numpy's ``(lo + hi) / 2`` exactly.
+    """
+    k = n // 2
+    hi = _select(a, n, k)
+    if n % 2 == 1:
+        return hi
+    lo = a[0]
+    for i in range(1, k):
+        if a[i] > lo:
+            lo = a[i]
+    return 0.5 * (lo + hi)
+
+
 @njit(cache=True, fastmath=False)
 def _gather_sorted_int(st, p, o, ibuf, work, counts, s):  # pragma: no cover - compiled
     """Fill s[:F] with the sorted values ``float(st[:, p]) - o`` of an integer stack.
@@ -896,7 +915,6 @@ def _median_float_kernel(st, block):  # pragma: no cover - compiled
     n_frames, n_pix = st.shape
     out = np.empty(n_pix)
     n_blocks = (n_pix + block - 1) // block
-    k = n_frames // 2
     for b in prange(n_blocks):
         p0 = b * block
         p1 = min(n_pix, p0 + block)
@@ -911,15 +929,7 @@ def _median_float_kernel(st, block):  # pragma: no cover - compiled
             if has_nan:
                 out[p] = np.nan
                 continue
-            hi = _select(buf, n_frames, k)
-            if n_frames % 2 == 1:
-                out[p] = hi
-            else:
-                lo = buf[0]
-                for i in range(1, k):
-                    if buf[i] > lo:
-                        lo = buf[i]
-                out[p] = 0.5 * (lo + hi)
+            out[p] = buffer_median(buf, n_frames)
     return out
 
 
@@ -1275,6 +1285,71 @@ def sigma_clipped_mean(
     return sigma_clipped_stats(
         stack, sigma=sigma, maxiters=maxiters, offset=offset, backend=backend
     ).mean
+
+
+def clipped_row_means(rows: np.ndarray, *, sigma: float = 3.0, maxiters: int | None = 5,
+                      overwrite: bool = False) -> np.ndarray:
+    """Sigma-clipped mean of each row of a 2-D float map, ADU.
+
+    The same clip as :func:`sigma_clipped_stats` (median centre, ``std``
+    bounds, astropy's rules) applied to each row's finite values, and the
+    same float64 numbers as ``sigma_clipped_stats(rows.T).mean`` (tested):
+    the values are sorted once per row by numpy's vectorised sort (several
+    threads, on row bands), then the clip only moves the ends of an index
+    range of the sorted row. For rows of thousands of values this is ~3x the
+    per-pixel kernel, whose time is its comparison sort.
+
+    Parameters
+    ----------
+    rows : numpy.ndarray
+        ``(n, m)`` float32 or float64 map (any units); NaN and inf are ignored.
+    sigma, maxiters
+        As in :func:`sigma_clipped_stats`.
+    overwrite : bool
+        Sort ``rows`` in place (it must be C-contiguous) instead of a copy.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` float64 clipped means; NaN for a row without a finite value.
+    """
+    if maxiters is not None and maxiters < 1:
+        raise ValueError("maxiters must be >= 1 or None")
+    if not sigma > 0:
+        raise ValueError("sigma must be positive")
+    a = np.asarray(rows)
+    if a.ndim != 2 or a.dtype not in (np.float32, np.float64):
+        raise ValueError(f"rows must be a 2-D float32/float64 map, got {a.dtype} {a.shape}")
+    if not (overwrite and a.flags.c_contiguous and a.flags.writeable):
+        a = np.array(a, order="C")
+    threads = max(1, min(numba.get_num_threads(), a.shape[0]))
+    step = max(1, -(-a.shape[0] // (4 * threads)))
+    if threads == 1:
+        a.sort(axis=1)
+    else:  # numpy's sort releases the GIL: bands sort side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="sitiancal-sort") as pool:
+            list(pool.map(lambda y0: a[y0 : y0 + step].sort(axis=1), range(0, a.shape[0], step)))
+    maxit = -1 if maxiters is None else int(maxiters)
+    return _clip_sorted_rows(a, float(sigma), maxit)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _clip_sorted_rows(a, sig, maxiters):  # pragma: no cover - compiled
+    """Clipped mean of each row of ``a``, each row sorted (numpy order: NaN last)."""
+    n, m = a.shape
+    out = np.empty(n)
+    for r in prange(n):
+        s = np.empty(m)
+        k = 0
+        for j in range(m):  # the finite values, in order (-inf first, +inf and NaN last)
+            v = np.float64(a[r, j])
+            if np.isfinite(v):
+                s[k] = v
+                k += 1
+        out[r] = np.nan if k == 0 else _clip_sorted(s[:k], sig, sig, maxiters)[0]
+    return out
 
 
 def pixel_median(stack: np.ndarray, *, backend: Backend = "auto") -> np.ndarray:

@@ -90,6 +90,34 @@ def test_local_median_follows_vignetting() -> None:
     assert np.isnan(local_median(np.full((8, 8), np.nan))).all()
 
 
+@pytest.mark.parametrize(("shape", "block"), [((100, 130), 16), ((70, 45), 7), ((64, 40), 32),
+                                              ((33, 200), 16)])
+def test_local_median_equals_scipy_splines(shape: tuple[int, int], block: int) -> None:
+    """The compiled row evaluation gives scipy's ``CubicSpline`` values (as float32) exactly.
+
+    Reference: the cell medians (numpy), the same separable not-a-knot splines
+    through the cell centres evaluated by scipy at every row, cast to float32.
+    Odd blocks put cell centres on pixel rows (the interval rule at a break),
+    and the ends extrapolate.
+    """
+    from scipy.interpolate import CubicSpline
+
+    rng = np.random.default_rng(block)
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    a = (1.0 + 0.1 * np.sin(yy / 17.0) * np.cos(xx / 23.0)
+         + rng.normal(0.0, 0.01, shape)).astype(np.float32)
+    got = local_median(a, block=block)
+    nby, nbx = -(-ny // block), -(-nx // block)
+    grid = np.array([[np.median(a[i * block:(i + 1) * block, j * block:(j + 1) * block]
+                                .astype(np.float64)) for j in range(nbx)] for i in range(nby)])
+    yc = np.array([0.5 * (s + min(s + block, ny) - 1) for s in range(0, ny, block)])
+    xc = np.array([0.5 * (s + min(s + block, nx) - 1) for s in range(0, nx, block)])
+    rows = CubicSpline(xc, grid, axis=1, bc_type="not-a-knot")(np.arange(nx, dtype=np.float64))
+    want = CubicSpline(yc, rows, axis=0, bc_type="not-a-knot")(np.arange(ny, dtype=np.float64))
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
 def test_dead_and_low_response_under_vignetting() -> None:
     flat, _, dead, low = _vignetted_flat(2)
     d, lo = dead_low(flat, local_median(flat), config=CFG)

@@ -7,6 +7,8 @@ noise), on top of a bias with DSNU that the dark map removes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,6 @@ from sitiancal.compute.flat import (
     block_medians,
     large_scale,
     master_flat,
-    nanmedian_rows,
     prnu_emva,
 )
 
@@ -157,22 +158,49 @@ def test_master_flat() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_nanmedian_rows_equals_numpy(seed: int) -> None:
-    """The sort-based row median equals ``np.nanmedian(axis=1)`` exactly, NaN rows included."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+@pytest.mark.parametrize("block", [1, 4, 7, 16])
+def test_block_medians_equal_numpy(seed: int, dtype: type, block: int) -> None:
+    """The compiled cell medians equal ``np.nanmedian`` of each cell (as float64) exactly.
+
+    Odd and even counts, partial edge cells, cells with no, one and two finite
+    values, infinities (values for numpy too) and integer maps.
+    """
     rng = np.random.default_rng(seed)
-    values = rng.normal(100.0, 5.0, (60, 257)).astype(np.float32)
-    values[rng.random(values.shape) < rng.uniform(0.0, 0.6)] = np.nan
-    values[3] = np.nan                      # no finite value
-    values[4, 1:] = np.nan                  # one
-    values[5, 2:] = np.nan                  # two (even count)
-    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning, match="All-NaN"):
-        expected = np.nanmedian(values.astype(np.float64), axis=1)
-    np.testing.assert_array_equal(nanmedian_rows(values), expected)
-    # and block_medians of a map with NaNs equals the cell-by-cell numpy answer
-    grid = rng.normal(0.0, 1.0, (70, 90))
-    grid[rng.random(grid.shape) < 0.2] = np.nan
-    cells = block_medians(grid, 16)
+    grid = rng.normal(100.0, 5.0, (70, 90))
+    if dtype is np.int32:
+        grid = np.round(grid).astype(np.int32)
+    else:
+        grid = grid.astype(dtype)
+        grid[rng.random(grid.shape) < rng.uniform(0.0, 0.6)] = np.nan
+        grid[:block, :block] = np.nan                     # no finite value
+        grid[block:2 * block, :block] = np.nan
+        grid[block, 0] = 3.0                              # one
+        grid[2 * block:3 * block, :block] = np.nan
+        grid[2 * block, :2] = (1.0, np.inf)               # two (even count), one infinite
+    cells = block_medians(grid, block)
+    assert cells.shape == (-(-70 // block), -(-90 // block))
     for i in range(cells.shape[0]):
         for j in range(cells.shape[1]):
-            cell = grid[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16]
-            assert cells[i, j] == np.nanmedian(cell)
+            cell = grid[i * block:(i + 1) * block, j * block:(j + 1) * block].astype(np.float64)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                expected = np.nanmedian(cell)
+            np.testing.assert_equal(cells[i, j], expected)
+
+
+def test_block_medians_of_a_lazy_map_read_in_bands() -> None:
+    """A map that is not an ndarray (read by slicing) gives the same medians, band by band."""
+
+    class Lazy:
+        def __init__(self, a: np.ndarray) -> None:
+            self.a, self.shape, self.reads = a, a.shape, 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.a[key]
+
+    a = np.random.default_rng(5).normal(0.0, 1.0, (300, 20000)).astype(np.float32)
+    lazy = Lazy(a)
+    np.testing.assert_array_equal(block_medians(lazy, 32), block_medians(a, 32))
+    assert lazy.reads > 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from astropy.stats import SigmaClip
@@ -506,3 +508,44 @@ def test_sigma_clip_of_a_fortran_ordered_stack_is_read_in_place_with_the_same_re
     rows = sigma_clipped_stats(m.T, sigma=3.0, maxiters=5)
     rows_ref = sigma_clipped_stats(np.ascontiguousarray(m.T), sigma=3.0, maxiters=5)
     np.testing.assert_array_equal(rows.mean, rows_ref.mean)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("sigma", "maxiters"), [(3.0, 5), (2.5, None), (3.0, 1)])
+def test_clipped_row_means_equal_the_clip_kernel_and_astropy(dtype, sigma, maxiters) -> None:
+    """Row means by sort-then-clip equal the per-pixel clip of the transpose, bit for bit.
+
+    NaN and infinite values (ignored), a row without a finite value, rows of
+    one and two values, outliers; the input is left untouched unless
+    ``overwrite``; astropy agrees to rounding.
+    """
+    rng = np.random.default_rng(11)
+    m = rng.normal(100.0, 2.0, (37, 501)).astype(dtype)
+    m[rng.random(m.shape) < 0.03] = np.nan
+    m[:, 7] = 500.0                      # an outlier column, clipped from every row
+    m[3, 10:20] = np.inf
+    m[4, 30:40] = -np.inf
+    m[5] = np.nan                        # no finite value
+    m[6, 1:] = np.nan                    # one
+    m[8, 2:] = np.nan                    # two
+    before = m.copy()
+    got = stats_module.clipped_row_means(m, sigma=sigma, maxiters=maxiters)
+    np.testing.assert_array_equal(m, before)
+    ref = sigma_clipped_stats(np.ascontiguousarray(m.T), sigma=sigma, maxiters=maxiters).mean
+    np.testing.assert_array_equal(got, ref)
+    assert np.isnan(got[5]) and np.isfinite(np.delete(got, 5)).all()
+    finite = np.delete(np.where(np.isfinite(m), m, np.nan).astype(np.float64), 5, axis=0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy warns about the NaN it masks
+        want = astropy_scs(finite, axis=1, sigma=sigma, maxiters=maxiters)[0]
+    np.testing.assert_allclose(np.delete(got, 5), want, rtol=1e-12)
+    # in place: the same means, and the rows come back sorted
+    work = np.array(m)
+    np.testing.assert_array_equal(
+        stats_module.clipped_row_means(work, sigma=sigma, maxiters=maxiters, overwrite=True), got)
+    k = int(np.isfinite(work[0]).sum())
+    assert (np.diff(work[0, :k]) >= 0).all() and np.isnan(work[0, k:]).all()
+    with pytest.raises(ValueError, match="2-D"):
+        stats_module.clipped_row_means(np.zeros((3, 4), np.int32))
+    with pytest.raises(ValueError, match="maxiters"):
+        stats_module.clipped_row_means(m, maxiters=0)
