@@ -55,6 +55,7 @@ from scipy.special import gammaln, log_ndtr, logsumexp
 
 from sitiancal.compute.flat import block_centres, block_medians
 from sitiancal.compute.mixture import MixtureFit
+from sitiancal.compute.stats import buffer_median
 from sitiancal.compute.stats import sorting_network as _sorting_network
 from sitiancal.compute.summary import finite_median_mad, finite_values, mean_std
 
@@ -309,34 +310,52 @@ def _spline_rows(breaks: np.ndarray, c: np.ndarray,
 _TABLE_STEP = 0.01
 
 
-def _log_phi_table(zmax: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """``log Phi`` and its derivative (the inverse Mills ratio) on a uniform grid."""
+def _log_phi_table(zmax: float) -> tuple[np.ndarray, float]:
+    """``log Phi(z)`` and ``log Phi(-z)`` with their derivatives (times the step) on one grid.
+
+    Returns the ``(N, 4)`` table ``[f, h f', g, h g']`` with ``f = log Phi(z)``,
+    ``g = log Phi(-z)`` at ``z = z0 + i h``, and ``z0``. The Anderson-Darling
+    sum needs both at every standardised value: one interval search and one
+    set of Hermite weights serve the two (:func:`_log_phi_pair`), and the two
+    rows of an interval are one cache line.
+    """
     zmax = float(np.ceil(zmax + 1.0))
-    z = np.arange(-zmax, zmax + 0.5 * _TABLE_STEP, _TABLE_STEP)
-    f = log_ndtr(z)
-    df = np.exp(-0.5 * z * z - 0.5 * np.log(2.0 * np.pi) - f)
-    return f, df, -zmax
+    h = _TABLE_STEP
+    z = np.arange(-zmax, zmax + 0.5 * h, h)
+    log_pdf = -0.5 * z * z - 0.5 * np.log(2.0 * np.pi)
+    f, g = log_ndtr(z), log_ndtr(-z)
+    tab = np.empty((z.size, 4))
+    tab[:, 0] = f
+    tab[:, 1] = h * np.exp(log_pdf - f)   # d/dz log Phi(z): the inverse Mills ratio
+    tab[:, 2] = g
+    tab[:, 3] = -h * np.exp(log_pdf - g)  # d/dz log Phi(-z)
+    return tab, -zmax
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _log_phi(z: float, f: np.ndarray, df: np.ndarray, z0: float, h: float,
-             inv_h: float) -> float:  # pragma: no cover - compiled
-    """``log Phi(z)`` by cubic Hermite interpolation of the table ``f`` (step ``h = 1 / inv_h``)."""
+def _log_phi_pair(z: float, tab: np.ndarray, z0: float,
+                  inv_h: float) -> tuple[float, float]:  # pragma: no cover - compiled
+    """``(log Phi(z), log Phi(-z))`` by cubic Hermite interpolation of :func:`_log_phi_table`."""
     u = (z - z0) * inv_h
     i = int(u)
     if i < 0:
         i = 0
-    elif i > f.size - 2:
-        i = f.size - 2
+    elif i > tab.shape[0] - 2:
+        i = tab.shape[0] - 2
     t = u - i
     t2 = t * t
     t3 = t2 * t
-    return ((2 * t3 - 3 * t2 + 1) * f[i] + (t3 - 2 * t2 + t) * h * df[i]
-            + (-2 * t3 + 3 * t2) * f[i + 1] + (t3 - t2) * h * df[i + 1])
+    h00 = 2 * t3 - 3 * t2 + 1
+    h10 = t3 - 2 * t2 + t
+    h01 = -2 * t3 + 3 * t2
+    h11 = t3 - t2
+    lo = h00 * tab[i, 0] + h10 * tab[i, 1] + h01 * tab[i + 1, 0] + h11 * tab[i + 1, 1]
+    hi = h00 * tab[i, 2] + h10 * tab[i, 3] + h01 * tab[i + 1, 2] + h11 * tab[i + 1, 3]
+    return lo, hi
 
 
 @njit(cache=True, nogil=True)
-def _ad_pixel(x: np.ndarray, f: np.ndarray, df: np.ndarray, z0: float,
+def _ad_pixel(x: np.ndarray, tab: np.ndarray, z0: float,
               h: float) -> float:  # pragma: no cover - compiled
     """A*^2 of one pixel's values ``x`` (F,), sorted ascending; NaN if constant."""
     n_f = x.shape[0]
@@ -358,20 +377,21 @@ def _ad_pixel(x: np.ndarray, f: np.ndarray, df: np.ndarray, z0: float,
     for k in range(n_f):
         z = (x[k] - m) * inv_sd
         # (2i-1) log Phi(z_i) + (2n+1-2i) log Phi(-z_i), i = k + 1
-        acc += (2 * k + 1) * _log_phi(z, f, df, z0, h, inv_h)
-        acc += (2 * n_f - 1 - 2 * k) * _log_phi(-z, f, df, z0, h, inv_h)
+        lo, hi = _log_phi_pair(z, tab, z0, inv_h)
+        acc += (2 * k + 1) * lo
+        acc += (2 * n_f - 1 - 2 * k) * hi
     return (-n_f - acc / n_f) * corr
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _ad_kernel(x: np.ndarray, f: np.ndarray, df: np.ndarray, z0: float, h: float,
+def _ad_kernel(x: np.ndarray, tab: np.ndarray, z0: float, h: float,
                out: np.ndarray) -> None:  # pragma: no cover - compiled
     """A*^2 of every column of ``x`` (F, P), each column sorted ascending."""
     n_p = x.shape[1]
     n_blocks = (n_p + 1023) // 1024
     for bi in prange(n_blocks):
         for p in range(bi * 1024, min(n_p, (bi + 1) * 1024)):
-            out[p] = _ad_pixel(x[:, p], f, df, z0, h)
+            out[p] = _ad_pixel(x[:, p], tab, z0, h)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -448,7 +468,7 @@ def _level_kernel(x: np.ndarray, mf: int, out: np.ndarray) -> None:  # pragma: n
 
 @njit(cache=True, nogil=True, parallel=True)
 def _rtn_stage1_kernel(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither: bool,
-                       f: np.ndarray, df: np.ndarray, z0: float, h: float, mf: int,
+                       tab: np.ndarray, z0: float, h: float, mf: int,
                        a2: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover - compiled
     """Stage 1 of :func:`detect_rtn` in one pass over a chunk ``st`` (F, P) of raw values.
 
@@ -482,7 +502,7 @@ def _rtn_stage1_kernel(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither:
                 v[j] = x
             for k in range(n_f):
                 buf[k, p] = v[k]
-            a2[p] = _ad_pixel(v, f, df, z0, h)
+            a2[p] = _ad_pixel(v, tab, z0, h)
             s3[p] = _level_pixel(v, mf, c1, c2)
 
 
@@ -674,13 +694,13 @@ def rtn_statistic(stack: np.ndarray, *, frame_level: np.ndarray | None = None, s
     if n_f < 3:
         return out.reshape(shape)
     if backend == "numba":
-        f, df, z0 = _log_phi_table((n_f - 1) / np.sqrt(n_f))
+        tab, z0 = _log_phi_table((n_f - 1) / np.sqrt(n_f))
     elif backend != "numpy":
         raise ValueError(f"unknown backend {backend!r}")
     for p0, vals in _chunks(x, frame_level, seed):
         vals.sort(axis=0)  # numpy's vectorised sort; the statistic needs order statistics
         if backend == "numba":
-            _ad_kernel(vals, f, df, z0, _TABLE_STEP, out[p0 : p0 + vals.shape[1]])
+            _ad_kernel(vals, tab, z0, _TABLE_STEP, out[p0 : p0 + vals.shape[1]])
         else:
             out[p0 : p0 + vals.shape[1]] = _ad_numpy(vals)
     return out.reshape(shape)
@@ -782,29 +802,88 @@ def _tied_gmm(y: np.ndarray, k: int, *, max_iter: int = 300,
 _T_DOF = (1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
-def _student_t_loglike(y: np.ndarray, *, n_iter: int = 40) -> np.ndarray:
+def _student_t_loglike(y: np.ndarray, *, n_iter: int = 40, backend: str = "numba") -> np.ndarray:
     """Best log-likelihood over :data:`_T_DOF` of a Student-t location-scale fit per row.
 
     EM for the t distribution with known degrees of freedom (Dempster, Laird
-    & Rubin 1977, section 4.6): weights ``u = (nu + 1) / (nu + d^2 / s^2)``.
+    & Rubin 1977, section 4.6): weights ``u = (nu + 1) / (nu + d^2 / s^2)``,
+    from the row's median and variance, ``n_iter`` steps per ``nu``.
+    ``backend="numpy"`` is the reference (whole-batch array steps); the
+    compiled kernel runs the same steps row by row, ~10x faster (sums in a
+    different order: equal to ~1e-12 relative, tested).
     """
+    y = np.ascontiguousarray(y, dtype=np.float64)
+    nu = np.asarray(_T_DOF, dtype=np.float64)
+    const = gammaln(0.5 * (nu + 1.0)) - gammaln(0.5 * nu) - 0.5 * np.log(nu * np.pi)
+    if backend == "numba":
+        return _student_t_kernel(y, nu, const, int(n_iter))
+    if backend != "numpy":
+        raise ValueError(f"unknown backend {backend!r}")
     m, n = y.shape
     best = np.full(m, -np.inf)
     floor = 1e-6 * np.maximum(y.var(axis=1), 1e-300)
-    for nu in _T_DOF:
+    for dof, c in zip(nu, const, strict=True):
         mu = np.median(y, axis=1)
         s2 = np.maximum(y.var(axis=1), floor)
         for _ in range(n_iter):
             d = y - mu[:, None]
-            u = (nu + 1.0) / (nu + d * d / s2[:, None])
+            u = (dof + 1.0) / (dof + d * d / s2[:, None])
             mu = mu + (u * d).sum(axis=1) / u.sum(axis=1)
             d = y - mu[:, None]
             s2 = np.maximum((u * d * d).sum(axis=1) / n, floor)
         d = y - mu[:, None]
-        const = gammaln(0.5 * (nu + 1.0)) - gammaln(0.5 * nu) - 0.5 * np.log(nu * np.pi)
-        ll = (n * (const - 0.5 * np.log(s2))
-              - 0.5 * (nu + 1.0) * np.log1p(d * d / (nu * s2[:, None])).sum(axis=1))
+        ll = (n * (c - 0.5 * np.log(s2))
+              - 0.5 * (dof + 1.0) * np.log1p(d * d / (dof * s2[:, None])).sum(axis=1))
         best = np.maximum(best, ll)
+    return best
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _student_t_kernel(y: np.ndarray, nus: np.ndarray, consts: np.ndarray,
+                      n_iter: int) -> np.ndarray:  # pragma: no cover - compiled
+    """Rows of :func:`_student_t_loglike` (the numpy reference's steps, one row at a time)."""
+    m, n = y.shape
+    best = np.full(m, -np.inf)
+    for r in prange(m):
+        row = y[r]
+        work = np.empty(n)
+        u = np.empty(n)
+        s = 0.0
+        for j in range(n):
+            s += row[j]
+        mean = s / n
+        ss = 0.0
+        for j in range(n):
+            ss += (row[j] - mean) * (row[j] - mean)
+        var = ss / n
+        floor = 1e-6 * max(var, 1e-300)
+        work[:] = row
+        med = buffer_median(work, n)
+        for q in range(nus.size):
+            dof = nus[q]
+            mu = med
+            s2 = max(var, floor)
+            for _ in range(n_iter):
+                su = 0.0
+                sud = 0.0
+                for j in range(n):
+                    d = row[j] - mu
+                    u[j] = (dof + 1.0) / (dof + d * d / s2)
+                    su += u[j]
+                    sud += u[j] * d
+                mu = mu + sud / su
+                sudd = 0.0
+                for j in range(n):
+                    d = row[j] - mu
+                    sudd += u[j] * d * d
+                s2 = max(sudd / n, floor)
+            acc = 0.0
+            for j in range(n):
+                d = row[j] - mu
+                acc += np.log1p(d * d / (dof * s2))
+            ll = n * (consts[q] - 0.5 * np.log(s2)) - 0.5 * (dof + 1.0) * acc
+            if ll > best[r] or np.isnan(ll):  # np.maximum's rule: NaN wins
+                best[r] = ll
     return best
 
 
@@ -862,7 +941,7 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
 
 @njit(cache=True, nogil=True, parallel=True)
 def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither: bool,
-                        net: np.ndarray, f: np.ndarray, df: np.ndarray, z0: float, h: float,
+                        net: np.ndarray, tab: np.ndarray, z0: float, h: float,
                         mf: int, a2: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
     """:func:`_rtn_stage1_kernel` for NaN-free values, vectorised over blocks of pixels.
 
@@ -934,8 +1013,9 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
             w_hi = 2 * n_f - 1 - 2 * k
             for i in range(nb):
                 z = (row[i] - m[i]) * (1.0 / sd[i])
-                acc[i] += w_lo * _log_phi(z, f, df, z0, h, inv_h)
-                acc[i] += w_hi * _log_phi(-z, f, df, z0, h, inv_h)
+                lo, hi = _log_phi_pair(z, tab, z0, inv_h)
+                acc[i] += w_lo * lo
+                acc[i] += w_hi * hi
         for i in range(nb):
             if not (sd[i] > 0.0) or not np.isfinite(sd[i]):
                 a2[p0 + i] = np.nan
@@ -948,7 +1028,7 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
 
 
 def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,
-                   f: np.ndarray, df: np.ndarray, z0: float, mf: int,
+                   tab: np.ndarray, z0: float, mf: int,
                    pixel_index: np.ndarray | None = None):
     """Yield ``(first_pixel, sorted values (F, P_chunk), A*^2, level statistic)`` per chunk.
 
@@ -975,10 +1055,10 @@ def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,
         a2 = np.empty(part.shape[1])
         s3 = np.empty(part.shape[1])
         if integral or not np.isnan(part).any():
-            _rtn_stage1_network(part, buf, lvl, integral, _sorting_network(n_f), f, df, z0,
+            _rtn_stage1_network(part, buf, lvl, integral, _sorting_network(n_f), tab, z0,
                                 _TABLE_STEP, mf, a2, s3)
         else:
-            _rtn_stage1_kernel(part, buf, lvl, integral, f, df, z0, _TABLE_STEP, mf, a2, s3)
+            _rtn_stage1_kernel(part, buf, lvl, integral, tab, z0, _TABLE_STEP, mf, a2, s3)
         yield p0, buf, a2, s3
 
 
@@ -1015,7 +1095,7 @@ def detect_rtn(stack: np.ndarray, *, frame_level: np.ndarray | None = None,
     result = np.zeros(int(np.prod(shape)), dtype=bool)
     if n_f < max(cfg.rtn_min_frames, 3):
         return result.reshape(shape)
-    f, df, z0 = _log_phi_table((n_f - 1) / np.sqrt(n_f))
+    tab, z0 = _log_phi_table((n_f - 1) / np.sqrt(n_f))
     mf = max(int(cfg.rtn_min_level_frames), 1)
     lvl_thr = _level_threshold(n_f, mf, float(cfg.rtn_level_pvalue))
     # Stage 2 runs on the candidates of all chunks together (its EM iterates in
@@ -1023,7 +1103,7 @@ def detect_rtn(stack: np.ndarray, *, frame_level: np.ndarray | None = None,
     # pixel's fit depends only on its own values, not on the batch.
     where: list[np.ndarray] = []
     values: list[np.ndarray] = []
-    for p0, vals, a2, s3 in _stage1_chunks(x, frame_level, seed, f, df, z0, mf, pixel_index):
+    for p0, vals, a2, s3 in _stage1_chunks(x, frame_level, seed, tab, z0, mf, pixel_index):
         cand = np.flatnonzero(_finite_gt(a2, cfg.rtn_ad_threshold) | _finite_gt(s3, lvl_thr))
         where.append(p0 + cand)
         values.append(vals[:, cand])

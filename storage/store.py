@@ -1040,7 +1040,8 @@ class ProductStore:
                 if blob is None:
                     h.update(b"absent\0")
                 else:
-                    h.update(len(blob).to_bytes(8, "little") + bytes(blob))
+                    h.update(len(blob).to_bytes(8, "little"))
+                    h.update(blob)  # hashed where it lies (no concatenated copy)
         return h.hexdigest()
 
     def compute_checksums(self, key: str) -> Checksums:

@@ -394,13 +394,13 @@ def test_rtn_confirm_rejects_broad_and_accepts_levels() -> None:
 def _detect_rtn_reference(stack: np.ndarray, frame_level, seed: int) -> np.ndarray:
     """detect_rtn in separate steps: the prepared chunks, numpy's sort, the per-column kernels."""
     n_f = stack.shape[0]
-    f, df, z0 = D._log_phi_table((n_f - 1) / np.sqrt(n_f))
+    tab, z0 = D._log_phi_table((n_f - 1) / np.sqrt(n_f))
     thr = D._level_threshold(n_f, CFG.rtn_min_level_frames, CFG.rtn_level_pvalue)
     out = np.zeros(int(np.prod(stack.shape[1:])), dtype=bool)
     for p0, vals in D._chunks(stack, frame_level, seed):
         vals.sort(axis=0)
         a2 = np.empty(vals.shape[1])
-        D._ad_kernel(vals, f, df, z0, D._TABLE_STEP, a2)
+        D._ad_kernel(vals, tab, z0, D._TABLE_STEP, a2)
         s3 = np.empty(vals.shape[1])
         D._level_kernel(vals, CFG.rtn_min_level_frames, s3)
         cand = np.flatnonzero((a2 > CFG.rtn_ad_threshold) | (s3 > thr))
@@ -418,7 +418,7 @@ def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
                             _rtn3(rng, n_f, 400, (10, 14))], axis=1)
     stack[:, :10] = stack[0, :10]  # constant counts (dithered, so still a statistic)
     level = 1000.0 + rng.normal(0.0, 0.3, n_f)
-    f, df, z0 = D._log_phi_table((n_f - 1) / np.sqrt(n_f))
+    tab, z0 = D._log_phi_table((n_f - 1) / np.sqrt(n_f))
     flat = stack.reshape(n_f, -1)
     lvl = (level - level.mean()).astype(np.float32)
     dither = np.random.default_rng([3, 0]).random(size=flat.shape, dtype=np.float32)
@@ -427,10 +427,10 @@ def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
         buf = dither.copy()
         a2, s3 = np.empty(flat.shape[1]), np.empty(flat.shape[1])
         if kernel == "net":
-            D._rtn_stage1_network(flat, buf, lvl, True, D._sorting_network(n_f), f, df, z0,
+            D._rtn_stage1_network(flat, buf, lvl, True, D._sorting_network(n_f), tab, z0,
                                   D._TABLE_STEP, 2, a2, s3)
         else:
-            D._rtn_stage1_kernel(flat, buf, lvl, True, f, df, z0, D._TABLE_STEP, 2, a2, s3)
+            D._rtn_stage1_kernel(flat, buf, lvl, True, tab, z0, D._TABLE_STEP, 2, a2, s3)
         outs.append((buf, a2, s3))
     for x, y in zip(outs[0], outs[1], strict=True):
         np.testing.assert_array_equal(x, y)
@@ -513,3 +513,32 @@ def test_nonlinear_kernel_equals_the_numpy_expression() -> None:
     assert 0 < got.sum() < got.size
     small = v[:100, :100].copy()  # below the kernel's size: the numpy path
     np.testing.assert_array_equal(defects.nonlinear(small, config=cfg, center=c, scale=s), ref[:100, :100])
+
+
+def test_student_t_kernel_equals_numpy_reference() -> None:
+    """The compiled t fits give the reference's log-likelihoods (sums in another order)."""
+    rng = np.random.default_rng(46)
+    rows = np.concatenate([rng.normal(0.0, 1.0, (300, 12)),
+                           rng.standard_t(2.0, (300, 12)),
+                           np.repeat([[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]],
+                                     50, axis=0) + rng.normal(0.0, 0.05, (50, 12)),
+                           np.zeros((3, 12))], axis=0)        # constant rows: the variance floor
+    rows = (rows - rows.mean(axis=1, keepdims=True)) / np.maximum(rows.std(axis=1), 1e-300)[:, None]
+    fast = D._student_t_loglike(rows)
+    ref = D._student_t_loglike(rows, backend="numpy")
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-9)
+    # and the whole confirmation gives the same flags either way
+    values = np.concatenate([_q(rng.normal(0.0, READ_ADU, (30, 2000))),
+                             _rtn2(rng, 30, 300, (10, 14), (0.3, 0.7))], axis=1)
+    flags = rtn_confirm(values, config=CFG)
+    orig = D._student_t_loglike
+    try:
+        D._student_t_loglike = lambda y, **kw: orig(y, backend="numpy", **kw)
+        ref_flags = rtn_confirm(values, config=CFG)
+    finally:
+        D._student_t_loglike = orig
+    np.testing.assert_array_equal(flags, ref_flags)
+    assert flags[2000:].mean() > 0.9 and flags[:2000].mean() < 0.01
+    with pytest.raises(ValueError, match="backend"):
+        D._student_t_loglike(rows, backend="gpu")
