@@ -809,8 +809,8 @@ def _student_t_loglike(y: np.ndarray, *, n_iter: int = 40, backend: str = "numba
     & Rubin 1977, section 4.6): weights ``u = (nu + 1) / (nu + d^2 / s^2)``,
     from the row's median and variance, ``n_iter`` steps per ``nu``.
     ``backend="numpy"`` is the reference (whole-batch array steps); the
-    compiled kernel runs the same steps row by row, ~10x faster (sums in a
-    different order: equal to ~1e-12 relative, tested).
+    compiled kernel runs the same steps row by row, 2-4x faster (sums in a
+    different order, a product by ``1 / s^2``: equal to ~1e-12 relative, tested).
     """
     y = np.ascontiguousarray(y, dtype=np.float64)
     nu = np.asarray(_T_DOF, dtype=np.float64)
@@ -866,9 +866,10 @@ def _student_t_kernel(y: np.ndarray, nus: np.ndarray, consts: np.ndarray,
             for _ in range(n_iter):
                 su = 0.0
                 sud = 0.0
+                inv_s2 = 1.0 / s2
                 for j in range(n):
                     d = row[j] - mu
-                    u[j] = (dof + 1.0) / (dof + d * d / s2)
+                    u[j] = (dof + 1.0) / (dof + d * d * inv_s2)
                     su += u[j]
                     sud += u[j] * d
                 mu = mu + sud / su
