@@ -354,20 +354,28 @@ def _log_phi_pair(z: float, tab: np.ndarray, z0: float,
     return lo, hi
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _mean_sumsq(x: np.ndarray) -> tuple[float, float]:  # pragma: no cover - compiled
+    """Mean and sum of squared deviations of ``x`` (two passes, in index order)."""
+    n = x.shape[0]
+    s = 0.0
+    for k in range(n):
+        s += x[k]
+    m = s / n
+    ss = 0.0
+    for k in range(n):
+        d = x[k] - m
+        ss += d * d
+    return m, ss
+
+
 @njit(cache=True, nogil=True)
 def _ad_pixel(x: np.ndarray, tab: np.ndarray, z0: float,
               h: float) -> float:  # pragma: no cover - compiled
     """A*^2 of one pixel's values ``x`` (F,), sorted ascending; NaN if constant."""
     n_f = x.shape[0]
     corr = 1.0 + 0.75 / n_f + 2.25 / (n_f * n_f)
-    s = 0.0
-    for k in range(n_f):
-        s += x[k]
-    m = s / n_f
-    ss = 0.0
-    for k in range(n_f):
-        d = x[k] - m
-        ss += d * d
+    m, ss = _mean_sumsq(x)
     sd = np.sqrt(ss / (n_f - 1))
     if not (sd > 0.0) or not np.isfinite(sd):
         return np.nan
@@ -848,14 +856,7 @@ def _student_t_kernel(y: np.ndarray, nus: np.ndarray, consts: np.ndarray,
         row = y[r]
         work = np.empty(n)
         u = np.empty(n)
-        s = 0.0
-        for j in range(n):
-            s += row[j]
-        mean = s / n
-        ss = 0.0
-        for j in range(n):
-            ss += (row[j] - mean) * (row[j] - mean)
-        var = ss / n
+        var = _mean_sumsq(row)[1] / n
         floor = 1e-6 * max(var, 1e-300)
         work[:] = row
         med = buffer_median(work, n)
