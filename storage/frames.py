@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
+import numba
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
@@ -330,12 +331,73 @@ def _check_2d(info: HduInfo, name: str) -> tuple[int, int]:
     return axes[0], axes[1]
 
 
+@numba.njit(nogil=True, cache=True)
+def _decode_be16_kernel(src: np.ndarray, out: np.ndarray, flip: int) -> None:  # pragma: no cover - numba
+    """``out = byteswap(src) ^ flip`` element by element, both ``(n, m)`` uint16."""
+    f = np.uint16(flip)
+    eight = np.uint16(8)  # uint16 shifts stay uint16 (an int shift widens, and does not vectorise)
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            v = src[i, j]
+            out[i, j] = np.uint16((v >> eight) | (v << eight)) ^ f
+
+
+@numba.njit(nogil=True, cache=True)
+def _decode_be16_inplace(x: np.ndarray, flip: int) -> None:  # pragma: no cover - numba
+    """``x = byteswap(x) ^ flip`` in place, ``x`` 1-D contiguous uint16.
+
+    A kernel of its own: with ``out`` aliasing ``src`` the two-array kernel
+    fails LLVM's runtime overlap check and runs scalar (6x slower).
+    """
+    f = np.uint16(flip)
+    eight = np.uint16(8)
+    for i in range(x.size):
+        v = x[i]
+        x[i] = np.uint16((v >> eight) | (v << eight)) ^ f
+
+
+def decode_be16(src: np.ndarray, out: np.ndarray, *, bzero: int) -> np.ndarray:
+    """Decode FITS 16-bit words into native unsigned counts (ADU), into ``out``.
+
+    Parameters
+    ----------
+    src
+        ``(n, m)`` (or 1-D) uint16 view of the raw big-endian bytes of BITPIX 16
+        data; any strides (a window of a memory-mapped data block).
+    out
+        Native uint16 array of the same shape; may be ``src`` itself (in place).
+    bzero
+        The HDU's BZERO: 32768 (unsigned counts stored as int16: the sign bit
+        is flipped) or 0 (non-negative int16 counts: the words are the counts).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``out``. One compiled pass (byte swap and offset together) instead of
+        numpy's byte swap followed by an XOR pass; the same values (tested).
+    """
+    if bzero not in (0, 32768):
+        raise ValueError(f"BZERO {bzero} is not a plain unsigned offset")
+    if src.shape != out.shape or src.dtype != np.uint16 or out.dtype != np.uint16:
+        raise ValueError("src and out must be uint16 arrays of the same shape")
+    flip = 0x8000 if bzero == 32768 else 0
+    if sys.byteorder != "little":  # the words are native already
+        if out is not src:
+            np.copyto(out, src)
+        if flip:
+            out ^= np.uint16(flip)
+        return out
+    if out is src and src.flags.c_contiguous:
+        _decode_be16_inplace(src.reshape(-1), flip)
+    else:
+        _decode_be16_kernel(src.reshape(1, -1) if src.ndim == 1 else src,
+                            out.reshape(1, -1) if out.ndim == 1 else out, flip)
+    return out
+
+
 def _to_unsigned_inplace(raw: np.ndarray) -> np.ndarray:
     """Turn big-endian BZERO=32768 int16 bytes (held as uint16) into native uint16, in place."""
-    if sys.byteorder == "little":
-        raw.byteswap(inplace=True)
-    raw ^= np.uint16(0x8000)
-    return raw
+    return decode_be16(raw, raw, bzero=32768)
 
 
 def _fast_read_file(f: IO[bytes], info: HduInfo, name: str, size: int) -> np.ndarray:

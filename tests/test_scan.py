@@ -16,6 +16,7 @@ from fitscorpus import STATE, CorpusFile, write_camera_set, write_corpus, write_
 from sitiancal.service.cli import main as cli
 from sitiancal.storage.frames import (
     FrameReadError,
+    decode_be16,
     file_sha256,
     read_file_bytes,
     read_frame,
@@ -246,6 +247,28 @@ def test_fast_path_converts_every_uint16_value(tmp_path: Path) -> None:
     in_place = read_frame_bytes(buf)
     np.testing.assert_array_equal(in_place, data)
     assert np.shares_memory(in_place, np.frombuffer(buf, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("bzero", [32768, 0])
+def test_decode_be16_matches_numpy(bzero: int) -> None:
+    # every 16-bit word, as big-endian bytes: numpy's byte swap (and XOR for BZERO 32768)
+    words = np.random.default_rng(4).permutation(np.arange(65536, dtype=np.uint16)).reshape(256, 256)
+    raw = words.astype(">u2").view(np.uint16)  # the file's bytes, seen as native words
+    expected = words ^ np.uint16(0x8000) if bzero == 32768 else words
+    out = np.empty_like(raw)
+    np.testing.assert_array_equal(decode_be16(raw, out, bzero=bzero), expected)
+    in_place = raw.copy()
+    assert decode_be16(in_place, in_place, bzero=bzero) is in_place
+    np.testing.assert_array_equal(in_place, expected)
+    flat = raw.ravel().copy()
+    np.testing.assert_array_equal(decode_be16(flat, flat, bzero=bzero), expected.ravel())
+    window = np.empty((85, 100), np.uint16)  # a strided window of a mapped block
+    decode_be16(raw[1::3, 17:117], window, bzero=bzero)
+    np.testing.assert_array_equal(window, expected[1::3, 17:117])
+    with pytest.raises(ValueError, match="BZERO"):
+        decode_be16(raw, out, bzero=1)
+    with pytest.raises(ValueError, match="same shape"):
+        decode_be16(raw, out[:10], bzero=bzero)
 
 
 def test_read_frame_errors(corpus, tmp_path: Path) -> None:
