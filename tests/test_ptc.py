@@ -195,3 +195,29 @@ def test_fit_ptc_input_errors() -> None:
         fit_ptc(np.arange(5.0), np.arange(5.0), np.ones(5), model="cubic")
     with pytest.raises(ValueError, match="usable"):
         fit_ptc(np.array([1.0, 2.0]), np.array([1.0, 2.0]), np.ones(2))
+
+
+def test_level_pair_stats_equal_the_serial_computation() -> None:
+    # the plan stage runs the pair statistics on threads: the same numbers, in level order
+    from sitiancal.compute.plan import _level_pair_stats
+    from sitiancal.compute.tile import FrameGroup
+
+    rng = np.random.default_rng(11)
+    frames = rng.normal(1000.0, 30.0, (40, 64, 64)) * np.linspace(1, 20, 40)[:, None, None] ** 0.5
+    groups = [FrameGroup("flat", float(i), tuple(range(4 * i, 4 * i + 4))) for i in range(10)]
+    groups[3] = FrameGroup("flat", 3.0, (12,))  # one frame: no pair, the level is skipped
+    offsets = {li: rng.normal(100.0, 1.0, (64, 64)) for li in range(10)}
+    reads: list[list[int]] = []
+
+    def read_region(indices):
+        reads.append(list(indices))
+        return frames[list(indices)]
+
+    got = list(_level_pair_stats(groups, read_region, 2, offsets.__getitem__))
+    assert [li for li, _ in got] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    for li, stats in got:
+        idx = groups[li].indices
+        expected = [pair_stats(frames[idx[0]], frames[idx[1]], offset=offsets[li]),
+                    pair_stats(frames[idx[2]], frames[idx[3]], offset=offsets[li])]
+        assert stats == expected
+    assert len(reads) == 18  # each pair's region read once
