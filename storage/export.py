@@ -237,13 +237,60 @@ def _stream_image(path: str, arr: zarr.Array, header: fits.Header, source: Any =
                 shdu.write(np.ascontiguousarray(_stored_band(band, header)))
 
 
-def file_sha256(path: str | os.PathLike[str], block: int = 16 << 20) -> str:
-    """sha256 (hex) of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+def settle_file(path: str | os.PathLike[str], start: int = 0, length: int = 0) -> None:
+    """Write a byte range of a file back to disk and drop it from the page cache.
+
+    For files written once and not read again by this process (staged
+    products): their pages are freed for the next writes instead of the page
+    cache growing by every byte written. Growing it costs the kernel far more
+    than writing into recycled pages where memory is fresh to the machine (a
+    VM whose free memory goes back to its host: ~2 s vs ~0.3 s of system time
+    per GB, measured on the benchmark machine), and staged bytes are on disk
+    before they are published. ``length`` 0: to the end of the file. A no-op
+    for the page cache where ``posix_fadvise`` does not exist.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class _SettledHash:
+    """sha256 of a file that is being appended to, settled step by step.
+
+    :meth:`update` hashes the bytes appended since its last call (read back
+    from the page cache into one reused buffer), then :func:`settle_file`s
+    them, so a file of any size holds at most one step (an HDU) in the page
+    cache. The digest is the sha256 of the whole file's bytes.
+    """
+
+    _BLOCK = 16 << 20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pos = 0
+        self.digest = hashlib.sha256()
+        self._buf = bytearray(self._BLOCK)
+
+    def update(self) -> None:
+        """Hash and settle everything appended to the file since the last call."""
+        end = os.path.getsize(self.path)
+        view = memoryview(self._buf)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.pos)
+            while self.pos < end:
+                n = f.readinto(view[: min(self._BLOCK, end - self.pos)])
+                if not n:
+                    raise OSError(f"{self.path}: shorter than its size while hashing")
+                self.digest.update(view[:n])
+                self.pos += n
+        settle_file(self.path)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
 
 
 def write_fits(group: zarr.Group, path: str | os.PathLike[str], *,
@@ -278,21 +325,25 @@ def write_fits(group: zarr.Group, path: str | os.PathLike[str], *,
     for key, value, comment in _primary_header(meta, len(inputs)):
         _set(header, key, value, comment)
     src = dict(sources or {})
+    written = _SettledHash(path)  # hashed HDU by HDU, as written: never read back whole
     if names:
         _stream_image(path, group[names[0]], header, src.get(names[0]))
     else:
         fits.PrimaryHDU(header=header).writeto(path, output_verify="exception")
+    written.update()
     for name in names[1:]:
         arr = group[name]
         header = _image_header(arr, name, primary=False)
         _set(header, "BUNIT", _ascii(arr.attrs.get("units", "")), "units")
         _set(header, "LONGNAME", _ascii(arr.attrs.get("long_name", "")))
         _stream_image(path, arr, header, src.get(name))
+        written.update()
     small = [_table_hdu(name, group["tables"][name]) for name in meta.get("tables") or []]
     small.append(_inputs_hdu(inputs))
     for hdu in small:  # tables are small: appended whole
         fits.append(path, hdu.data, hdu.header, output_verify="exception")
-    return file_sha256(path)
+    written.update()
+    return written.hexdigest()
 
 
 def export_fits(group: zarr.Group) -> bytes:

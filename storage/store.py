@@ -676,8 +676,10 @@ class ProductStore:
                 try:
                     for arr, target in zip(payload.arrays, targets, strict=True):
                         self._fill_array(target, arr)
-                    arrays = {name: self._array_checksum(key, name)
-                              for name in self._array_names(key)}
+                    arrays = {}
+                    for name in self._array_names(key):
+                        arrays[name] = self._array_checksum(key, name)
+                        self._settle_array(key, name)
                 except BaseException:
                     fits_sha.cancel()
                     raise
@@ -1007,6 +1009,20 @@ class ProductStore:
             except (FileNotFoundError, KeyError, ValueError):
                 out[name] = None
         return out
+
+    def _settle_array(self, key: str, name: str) -> None:
+        """Write a local array's chunk files back to disk and drop them from the page cache.
+
+        Called once the array is checksummed, the last time this process reads
+        it (see ``storage.export.settle_file``). A no-op for remote stores.
+        """
+        if not self.local:
+            return
+        from sitiancal.storage.export import settle_file
+
+        for folder, _, files in os.walk(self._path(key, ZARR_NAME, name)):
+            for file in files:
+                settle_file(os.path.join(folder, file))
 
     def _array_checksum(self, key: str, name: str) -> str:
         """sha256 of an array's ``zarr.json`` and its stored chunks in C order of the grid.

@@ -171,3 +171,23 @@ def test_streamed_file_equals_astropy_writeto(tmp_path) -> None:
     with fits.open(io.BytesIO(data)) as hdul:
         np.testing.assert_array_equal(hdul["MASK"].data, payload.arrays[0].data)
         np.testing.assert_array_equal(hdul["RESID"].data, payload.arrays[1].data)
+
+
+def test_settled_hash_is_the_file_digest_across_steps_and_blocks(tmp_path, monkeypatch) -> None:
+    """The FITS digest is taken step by step as the file grows (and its pages settled)."""
+    from sitiancal.storage.export import _SettledHash, settle_file
+
+    monkeypatch.setattr(_SettledHash, "_BLOCK", 7)  # many blocks per step, partial last ones
+    path = tmp_path / "grown.bin"
+    chunks = [b"", np.random.default_rng(SEED).bytes(1000), b"x", b"", bytes(range(256)) * 3]
+    path.write_bytes(b"")
+    hashed = _SettledHash(str(path))
+    for chunk in chunks:
+        with open(path, "ab") as f:
+            f.write(chunk)
+        hashed.update()
+    data = path.read_bytes()
+    assert data == b"".join(chunks)  # settling leaves the bytes as they are
+    assert hashed.hexdigest() == hashlib.sha256(data).hexdigest()
+    settle_file(path, 10, 20)
+    assert path.read_bytes() == data
