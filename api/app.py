@@ -121,9 +121,13 @@ def create_app(settings: Settings | None = None, *, job_function: JobFunction | 
         import logging
         from datetime import timedelta
 
+        from sitiancal.service.pipeline import keep_freed_memory
         from sitiancal.storage.catalog import Catalog
         from sitiancal.storage.store import ProductStore
 
+        # before the service starts its threads: a thread that has allocated keeps
+        # its own malloc arena, where a job's large arrays would be mapped afresh
+        keep_freed_memory()
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         catalog = await asyncio.to_thread(Catalog.open, settings.catalog_url)
         store = ProductStore(settings.product_store_url)

@@ -129,3 +129,63 @@ def test_keep_freed_memory_keeps_a_freed_array_for_reuse() -> None:
 
     assert released("default") > 60 << 20
     assert released("tuned") < 8 << 20
+
+
+_THREAD_PROBE = """
+import sys, threading
+import numpy as np
+from sitiancal.service.pipeline import keep_freed_memory
+
+def rss_anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
+go = threading.Event()
+out = []
+
+def work():
+    np.ones(1 << 10)  # the thread's first allocation: its arena is chosen now
+    go.wait()
+    a = np.ones(128 << 20, np.uint8)  # 128 MB, larger than a thread arena's heap
+    held = rss_anon()
+    del a
+    out.append(held - rss_anon())
+
+if sys.argv[1] == "late":  # the thread allocated before the call
+    t = threading.Thread(target=work); t.start(); keep_freed_memory()
+else:
+    keep_freed_memory(); t = threading.Thread(target=work); t.start()
+go.set(); t.join()
+print(out[0])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="glibc on Linux only")
+def test_keep_freed_memory_must_come_before_the_threads() -> None:
+    """A thread that allocated before the call keeps an arena of its own and gives a
+    freed 128 MB array back at once; one started after shares the kept heap (why the
+    service calls it at start-up, before its threads)."""
+    import subprocess
+    import sys
+
+    def released(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, mode], check=True,
+                             capture_output=True, text=True).stdout
+        return int(out.strip().splitlines()[-1])
+
+    assert released("late") > 120 << 20
+    assert released("first") < 8 << 20
+
+
+def test_the_service_keeps_freed_memory_from_start_up(tmp_path, monkeypatch) -> None:
+    from test_api_support import TestClient, make_settings
+
+    import sitiancal.service.pipeline as pipeline
+    from sitiancal.api.app import create_app
+
+    calls: list[int] = []
+    monkeypatch.setattr(pipeline, "keep_freed_memory", lambda: calls.append(1) or True)
+    app = create_app(make_settings(tmp_path), job_function=lambda **kw: [], use_dask=False)
+    with TestClient(app):
+        assert calls == [1]  # at start-up, before any job
