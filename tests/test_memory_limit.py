@@ -114,21 +114,23 @@ print(held - rss_anon())
 """
 
 
+def _released(probe: str, mode: str) -> int:
+    """Bytes of anonymous memory the probe's process gave back when it freed its array."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", probe, mode], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
                     reason="glibc on Linux only")
 def test_keep_freed_memory_keeps_a_freed_array_for_reuse() -> None:
     """By default glibc unmaps a freed 64 MB array (its pages are zeroed again when
     reallocated); after ``keep_freed_memory`` the memory stays in the process."""
-    import subprocess
-    import sys
-
-    def released(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], check=True,
-                             capture_output=True, text=True).stdout
-        return int(out.strip().splitlines()[-1])
-
-    assert released("default") > 60 << 20
-    assert released("tuned") < 8 << 20
+    assert _released(_REUSE_PROBE, "default") > 60 << 20
+    assert _released(_REUSE_PROBE, "tuned") < 8 << 20
 
 
 _THREAD_PROBE = """
@@ -166,16 +168,8 @@ def test_keep_freed_memory_must_come_before_the_threads() -> None:
     """A thread that allocated before the call keeps an arena of its own and gives a
     freed 128 MB array back at once; one started after shares the kept heap (why the
     service calls it at start-up, before its threads)."""
-    import subprocess
-    import sys
-
-    def released(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, mode], check=True,
-                             capture_output=True, text=True).stdout
-        return int(out.strip().splitlines()[-1])
-
-    assert released("late") > 120 << 20
-    assert released("first") < 8 << 20
+    assert _released(_THREAD_PROBE, "late") > 120 << 20
+    assert _released(_THREAD_PROBE, "first") < 8 << 20
 
 
 def test_the_service_keeps_freed_memory_from_start_up(tmp_path, monkeypatch) -> None:
