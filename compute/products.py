@@ -202,7 +202,7 @@ class Assembler:
         if gain is not None and np.isfinite(gain).any():
             err = self.map("gain_err")
             fit = self.gain_populations(gain, err)
-            median = robust_center_scale(gain)[0]
+            median = finite_median(gain)
             if fit is not None and len(fit.best.weights) > 1:
                 conv = np.full(gain.shape, median, dtype=np.float32)
                 centres = np.exp(np.asarray(fit.best.means)).astype(np.float32)
@@ -224,7 +224,7 @@ class Assembler:
             g = self.conversion_gain()
             if g is None:
                 return None
-            self._gain_med = float(g) if np.ndim(g) == 0 else robust_center_scale(g)[0]
+            self._gain_med = float(g) if np.ndim(g) == 0 else finite_median(g)
         return self._gain_med
 
     def gain_populations(self, gain: np.ndarray | None = None,
@@ -405,7 +405,7 @@ class Assembler:
         ok = np.isfinite(gain) & np.isfinite(err) & (err > 0)
         center, scale = robust_center_scale(np.where(ok, gain, np.float32(np.nan)))
         with np.errstate(divide="ignore", invalid="ignore"):
-            rel = robust_center_scale(np.where(ok, err / gain, np.float32(np.nan)))[0]
+            rel = finite_median(np.where(ok, err / gain, np.float32(np.nan)))
         stats: dict = {"median": _f(center), "robust_sigma": _f(scale),
                        "median_rel_err": _f(rel),
                        "n_pixels": int(ok.sum()),

@@ -239,3 +239,33 @@ def test_finite_median_mad_without_a_copy_equals_numpy(extra: int) -> None:
     assert summary.finite_median_mad(m64) == (np.median(fin64),
                                               np.median(np.abs(fin64 - np.median(fin64))))
     assert all(np.isnan(summary.finite_median_mad(np.full(shape, np.nan, np.float32))))
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_radix_histograms_equal_a_numpy_count(deviations: bool) -> None:
+    """Both passes of the radix select count exactly the keys numpy gives, blocks and
+    parts of any size, non-finite inputs skipped (an infinite deviation of a finite
+    value is still counted, as its key)."""
+    from sitiancal.compute import summary
+
+    rng = np.random.default_rng(5)
+    v = (rng.lognormal(0.0, 3.0, 3 * summary._KEY_BLOCK + 77) * rng.choice([-1, 1], 6221))
+    v = v.astype(np.float32)
+    v[::97] = np.nan
+    v[5::101] = np.inf
+    v[7::103] = -np.inf
+    v[:40] = np.float32(3.0e38)  # |v - centre| overflows to inf
+    centre = np.float32(-3.0e38) if deviations else np.float32(0.0)
+    fin = v[np.isfinite(v)]
+    with np.errstate(over="ignore"):
+        x = np.abs(fin - centre) if deviations else fin
+    b = x.view(np.uint32)
+    keys = np.where(b >> 31, ~b, b | np.uint32(0x80000000)).astype(np.uint32)
+    bits = v.view(np.uint32)
+    for parts in (1, 2, 3):
+        top = summary._finite_histogram(bits, np.int64(-1), np.int64(parts), centre, deviations)
+        np.testing.assert_array_equal(top, np.bincount(keys >> 16, minlength=1 << 16))
+        for t in np.unique(keys >> 16)[[0, -1]]:
+            low = summary._finite_histogram(bits, np.int64(t), np.int64(parts), centre, deviations)
+            np.testing.assert_array_equal(
+                low, np.bincount(keys[(keys >> 16) == t] & 0xFFFF, minlength=1 << 16))
