@@ -322,6 +322,19 @@ _SPARE = 16
 _MAX_SLOTS = 32
 
 
+@njit(cache=True, inline="always")
+def _value_key(bits: np.ndarray, i: int, centre: np.float32,
+               deviations: bool) -> tuple[bool, np.uint32]:  # pragma: no cover - compiled
+    """Whether value ``i`` of float32 ``bits`` is finite, and the key of it (or of
+    ``|v - centre|`` with ``deviations``)."""
+    u = bits[i]
+    finite = (u & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
+    v = np.uint32(u).view(np.float32)
+    if deviations:
+        v = np.abs(v - centre)
+    return finite, _key(np.float32(v).view(np.uint32))
+
+
 @njit(parallel=True, cache=True)
 def _key_histograms(bits: np.ndarray, slot_of_top: np.ndarray, n_slots: np.int64,
                     n_parts: np.int64, centre: np.float32,
@@ -336,28 +349,19 @@ def _key_histograms(bits: np.ndarray, slot_of_top: np.ndarray, n_slots: np.int64
     counted, and a second loop counts them: ~1.2-3x testing and counting value
     by value (the most where most values are not counted, a low-bits pass).
     """
-    n = bits.size
     rows = n_slots
     hist = np.zeros((n_parts, rows * _RADIX + _SPARE), dtype=np.int64)
-    step = (n + n_parts - 1) // n_parts
-    values = bits.view(np.float32)
-    exponent = np.uint32(0x7F800000)
-    sixteen = np.uint32(16)
+    step = (bits.size + n_parts - 1) // n_parts
     for part in prange(n_parts):
         h = hist[part]
         slot = np.empty(_KEY_BLOCK, np.int64)
-        lo = part * step
-        hi = min(n, (part + 1) * step)
-        for b0 in range(lo, hi, _KEY_BLOCK):
+        hi = min(bits.size, (part + 1) * step)
+        for b0 in range(part * step, hi, _KEY_BLOCK):
             m = min(_KEY_BLOCK, hi - b0)
             for j in range(m):
-                v = values[b0 + j]
-                finite = (bits[b0 + j] & exponent) != exponent
-                if deviations:
-                    v = np.abs(v - centre)
-                key = _key(np.float32(v).view(np.uint32))
+                finite, key = _value_key(bits, b0 + j, centre, deviations)
+                s = np.int64(slot_of_top[key >> np.uint32(16)])
                 spare = rows * _RADIX + (j & (_SPARE - 1))
-                s = np.int64(slot_of_top[key >> sixteen])
                 counted = finite and s >= 0
                 slot[j] = s * _RADIX + np.int64(key & np.uint32(0xFFFF)) if counted else spare
             for j in range(m):
@@ -370,30 +374,21 @@ def _range_kernel(bits: np.ndarray, top: np.int64, n_parts: np.int64, centre: np
                   deviations: bool) -> np.ndarray:  # pragma: no cover - compiled
     """:func:`_key_histograms` for the top 16 key bits (``top < 0``) or for the low
     16 bits within the one top range ``top``, without the slot lookup (~1.5x)."""
-    n = bits.size
     hist = np.zeros((n_parts, _RADIX + _SPARE), dtype=np.int64)
-    step = (n + n_parts - 1) // n_parts
-    values = bits.view(np.float32)
-    exponent = np.uint32(0x7F800000)
-    sixteen = np.uint32(16)
+    step = (bits.size + n_parts - 1) // n_parts
     for part in prange(n_parts):
         h = hist[part]
         slot = np.empty(_KEY_BLOCK, np.uint32)
-        lo = part * step
-        hi = min(n, (part + 1) * step)
-        for b0 in range(lo, hi, _KEY_BLOCK):
+        hi = min(bits.size, (part + 1) * step)
+        for b0 in range(part * step, hi, _KEY_BLOCK):
             m = min(_KEY_BLOCK, hi - b0)
             for j in range(m):
-                v = values[b0 + j]
-                finite = (bits[b0 + j] & exponent) != exponent
-                if deviations:
-                    v = np.abs(v - centre)
-                key = _key(np.float32(v).view(np.uint32))
+                finite, key = _value_key(bits, b0 + j, centre, deviations)
                 spare = np.uint32(_RADIX) + (np.uint32(j) & np.uint32(_SPARE - 1))
                 if top < 0:
-                    slot[j] = (key >> sixteen) if finite else spare
+                    slot[j] = (key >> np.uint32(16)) if finite else spare
                 else:
-                    counted = finite and (key >> sixteen) == top
+                    counted = finite and (key >> np.uint32(16)) == top
                     slot[j] = (key & np.uint32(0xFFFF)) if counted else spare
             for j in range(m):
                 h[slot[j]] += 1
