@@ -29,6 +29,7 @@ Public API: ``write_fits(group, path) -> sha256``, ``export_fits(group) -> bytes
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -237,6 +238,10 @@ def _stream_image(path: str, arr: zarr.Array, header: fits.Header, source: Any =
                 shdu.write(np.ascontiguousarray(_stored_band(band, header)))
 
 
+#: ``errno`` values of a sync that the file system does not support.
+_NO_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS}
+
+
 def settle_file(path: str | os.PathLike[str], start: int = 0, length: int = 0) -> None:
     """Write a byte range of a file back to disk and drop it from the page cache.
 
@@ -251,11 +256,23 @@ def settle_file(path: str | os.PathLike[str], start: int = 0, length: int = 0) -
     """
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+        try:
+            if hasattr(os, "fdatasync"):
+                os.fdatasync(fd)
+            else:
+                os.fsync(fd)
+        except OSError as exc:  # a file system without sync support: nothing to settle
+            if exc.errno not in _NO_SYNC:
+                raise  # a real write error (EIO, ENOSPC) fails the staging
+            return
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+            try:
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # advice only
     finally:
         os.close(fd)
+
 
 
 class _SettledHash:
@@ -269,8 +286,9 @@ class _SettledHash:
 
     _BLOCK = 16 << 20
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, settle: bool = True) -> None:
         self.path = path
+        self.settle = settle
         self.pos = 0
         self.digest = hashlib.sha256()
         self._buf = bytearray(self._BLOCK)
@@ -287,14 +305,15 @@ class _SettledHash:
                     raise OSError(f"{self.path}: shorter than its size while hashing")
                 self.digest.update(view[:n])
                 self.pos += n
-        settle_file(self.path)
+        if self.settle:
+            settle_file(self.path)
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
 
 
 def write_fits(group: zarr.Group, path: str | os.PathLike[str], *,
-               sources: Mapping[str, Any] | None = None) -> str:
+               sources: Mapping[str, Any] | None = None, settle: bool = True) -> str:
     """Write the FITS file of a stored product group to ``path``; return its sha256.
 
     The bytes are those astropy's ``HDUList.writeto`` gives for
@@ -306,6 +325,10 @@ def write_fits(group: zarr.Group, path: str | os.PathLike[str], *,
     just written from (same shape, values cast to the stored dtype): their
     bands are read instead of decoding the stored chunks again, for the same
     bytes (the zarr codecs are lossless). Metadata always comes from the group.
+
+    ``settle``: write each HDU back to disk and drop it from the page cache
+    once hashed (:func:`settle_file`); off for a temporary file that is read
+    or uploaded next.
     """
     path = os.fspath(path)
     if os.path.exists(path):
@@ -325,7 +348,7 @@ def write_fits(group: zarr.Group, path: str | os.PathLike[str], *,
     for key, value, comment in _primary_header(meta, len(inputs)):
         _set(header, key, value, comment)
     src = dict(sources or {})
-    written = _SettledHash(path)  # hashed HDU by HDU, as written: never read back whole
+    written = _SettledHash(path, settle=settle)  # hashed HDU by HDU: never read back whole
     if names:
         _stream_image(path, group[names[0]], header, src.get(names[0]))
     else:
@@ -353,6 +376,6 @@ def export_fits(group: zarr.Group) -> bytes:
     """
     with tempfile.TemporaryDirectory(prefix="sitiancal-fits-") as tmp:
         path = os.path.join(tmp, "product.fits")
-        write_fits(group, path)
+        write_fits(group, path, settle=False)
         with open(path, "rb") as f:
             return f.read()

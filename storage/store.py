@@ -708,7 +708,7 @@ class ProductStore:
 
         with tempfile.TemporaryDirectory(prefix="sitiancal-fits-") as tmp:
             local = os.path.join(tmp, FITS_NAME)
-            sha = write_fits(self._open_group(key), local, sources=sources)
+            sha = write_fits(self._open_group(key), local, sources=sources, settle=False)
             self.fs.put_file(local, self._path(key, FITS_NAME))
         return sha
 

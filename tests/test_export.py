@@ -191,3 +191,26 @@ def test_settled_hash_is_the_file_digest_across_steps_and_blocks(tmp_path, monke
     assert hashed.hexdigest() == hashlib.sha256(data).hexdigest()
     settle_file(path, 10, 20)
     assert path.read_bytes() == data
+
+
+def test_settle_file_skips_unsupported_sync_and_raises_write_errors(tmp_path, monkeypatch) -> None:
+    """A file system without sync support is not an error; a failed write-back is."""
+    import errno
+    import os
+
+    from sitiancal.storage.export import settle_file
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abc")
+
+    def failing(code: int):
+        def sync(fd: int) -> None:
+            raise OSError(code, os.strerror(code))
+        return sync
+
+    monkeypatch.setattr(os, "fdatasync", failing(errno.EINVAL), raising=False)
+    settle_file(path)  # nothing to settle there
+    monkeypatch.setattr(os, "fdatasync", failing(errno.EIO), raising=False)
+    with pytest.raises(OSError, match="Input/output error"):
+        settle_file(path)
+    assert path.read_bytes() == b"abc"
