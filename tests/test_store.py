@@ -144,8 +144,8 @@ def test_failed_fits_write_leaves_no_staging(store: ProductStore, monkeypatch) -
 
     real = export.write_fits
 
-    def failing(group, path, *, sources=None):
-        real(group, path, sources=sources)  # a partial file exists when the error comes
+    def failing(group, path, *, sources=None, settle=True):
+        real(group, path, sources=sources, settle=settle)  # a partial file exists when the error comes
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "write_fits", failing)
