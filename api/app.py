@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None, *, job_function: JobFunction | 
         import logging
         from datetime import timedelta
 
-        from sitiancal.service.pipeline import keep_freed_memory
+        from sitiancal.compute.allocator import keep_freed_memory
         from sitiancal.storage.catalog import Catalog
         from sitiancal.storage.store import ProductStore
 

@@ -195,9 +195,9 @@ def master_bias_kernel(paths: Sequence[str], threads: int) -> float:
     import dask
     import numba
 
+    from sitiancal.compute.allocator import keep_freed_memory
     from sitiancal.compute.graph import iter_tiles
     from sitiancal.compute.stats import sigma_clipped_stats
-    from sitiancal.service.pipeline import keep_freed_memory
     from sitiancal.storage.cube import FrameSource, VirtualFrameReader, choose_tile
 
     keep_freed_memory()  # as every job does (runs in a fresh process: see isolated())

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sitiancal.compute.allocator import return_freed_memory
 from sitiancal.compute.bias import dsnu_emva, row_column_profiles
 from sitiancal.compute.content import ProductArray, ProductContent, ProductTable, ScaledMap
 from sitiancal.compute.dark import dark_populations, dark_summary
@@ -545,25 +546,6 @@ class Assembler:
                               stats)
 
 
-def _return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Between products the process has freed several full-frame maps; blocks of
-    them that glibc kept in its arenas (row-band temporaries of many threads)
-    would otherwise stay in the resident set and add up across products.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or "libc" not in name:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: CalibrationParams,
                       *, shape: tuple[int, int], temperature: float | None = None,
                       partials: dict[str, float] | None = None,
@@ -605,7 +587,7 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
         if emit is not None:
             emit(content)
             content = ProductContent(content.type, content.units, stats=content.stats)
-            _return_freed_memory()
+            return_freed_memory()
         out[name] = content
     out = {name: out[name] for name in PRODUCT_TYPES if name in out}
     missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}

@@ -99,7 +99,7 @@ def test_cli_rejects_a_bad_memory_limit(tmp_path):
 _REUSE_PROBE = """
 import sys
 import numpy as np
-from sitiancal.service.pipeline import keep_freed_memory
+from sitiancal.compute.allocator import keep_freed_memory
 
 def rss_anon():
     with open("/proc/self/status") as f:
@@ -136,7 +136,7 @@ def test_keep_freed_memory_keeps_a_freed_array_for_reuse() -> None:
 _THREAD_PROBE = """
 import sys, threading
 import numpy as np
-from sitiancal.service.pipeline import keep_freed_memory
+from sitiancal.compute.allocator import keep_freed_memory
 
 def rss_anon():
     with open("/proc/self/status") as f:
@@ -175,11 +175,11 @@ def test_keep_freed_memory_must_come_before_the_threads() -> None:
 def test_the_service_keeps_freed_memory_from_start_up(tmp_path, monkeypatch) -> None:
     from test_api_support import TestClient, make_settings
 
-    import sitiancal.service.pipeline as pipeline
+    import sitiancal.compute.allocator as allocator
     from sitiancal.api.app import create_app
 
     calls: list[int] = []
-    monkeypatch.setattr(pipeline, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     app = create_app(make_settings(tmp_path), job_function=lambda **kw: [], use_dask=False)
     with TestClient(app):
         assert calls == [1]  # at start-up, before any job

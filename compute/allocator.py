@@ -1,0 +1,82 @@
+"""Process-wide glibc allocator settings of a calibration job (a no-op on other C libraries).
+
+:func:`keep_freed_memory` keeps freed array memory for reuse (called by every
+job and by the service at start-up); :func:`return_freed_memory` hands it back
+between products. Only ``ctypes``: cheap to import where a process starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
+from typing import Any
+
+
+@functools.cache
+def _libc_path() -> str | None:
+    """The C library's file name (looked up once: ``find_library`` runs a subprocess)."""
+    return ctypes.util.find_library("c")
+
+
+def _libc_function(name: str) -> Callable[..., Any] | None:
+    """Function ``name`` of glibc, or None where the C library is not glibc or lacks it."""
+    path = _libc_path()
+    if not path or "libc" not in path:
+        return None
+    try:
+        return getattr(ctypes.CDLL(path), name)
+    except (OSError, AttributeError):
+        return None
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_MMAP_THRESHOLD_BYTES = 256 << 20
+_TRIM_THRESHOLD_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let the process reuse the memory of freed arrays instead of returning it at once (glibc).
+
+    A job allocates and frees tens of GB of tile stacks, moments and map
+    temporaries of 10-250 MB each. By default glibc serves each from a fresh
+    ``mmap`` and unmaps it when freed, so the kernel zeroes every page again
+    (measured here: 19% of the job's CPU time in ``clear_page``). With these
+    settings arrays up to 256 MB come from one heap shared by all threads and
+    freed memory stays in it for reuse; up to 1 GB of free heap top is kept,
+    and :func:`compute.products.assemble_products` still hands freed memory
+    back between products (:func:`return_freed_memory`), so the peak stays within the
+    job's budget. Measured on a 69-frame 61 MP set (2 cores): ``clear_page``
+    fell from 19% to 8% of the CPU samples and the job from 75 s to 71-73 s,
+    at the same peak RSS (3.1 GB). Called at the start of every job, and by
+    the service before it starts any thread: the one-arena setting applies to
+    threads that have not allocated yet. A thread that allocated before keeps
+    an arena of its own, whose heaps are at most 64 MB, so every larger array
+    it allocates is mapped (and zeroed by the kernel) afresh: a 61 MP tile
+    pass whose zarr I/O thread had started first spent 14% of its CPU time in
+    ``clear_page`` (measured; 1% with the call first).
+
+    Returns False (and changes nothing) where the C library has no ``mallopt``.
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    ok = True
+    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES),
+                         (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)):
+        ok = bool(mallopt(ctypes.c_int(param), ctypes.c_int(value))) and ok
+    return ok
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Between products the process has freed several full-frame maps; blocks of
+    them that glibc kept in its arenas (row-band temporaries of many threads)
+    would otherwise stay in the resident set and add up across products.
+    """
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
