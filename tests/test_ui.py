@@ -15,18 +15,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 import requests
 from simdata import small_dataset
 
-from sitiancal.api.routers.ui import MIN_FLEET, robust_outliers
+from sitiancal.api.routers.ui import MIN_FLEET, camera_products, robust_outliers
 from sitiancal.service.pipeline import calibrate
 from sitiancal.service.settings import Settings
+from sitiancal.storage.catalog import Catalog
+from sitiancal.storage.store import ProductArray, ProductPayload, ProductStore
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "ui-test-operator-token"
@@ -352,6 +356,36 @@ def test_robust_outliers_against_the_fleet():
 
 
 # -- clicking the page's buttons over the Chrome DevTools protocol ---------------------
+
+def test_camera_products_reads_both_columns_at_once(catalog_url, tmp_path):
+    """A certification committed while the camera view is built shows in both columns
+    or in neither: never "candidate" as the newest version and "certified" beside it."""
+    catalog = Catalog.open(catalog_url)
+    try:
+        payload = ProductPayload(
+            camera="MST9", type="bias",
+            arrays=[ProductArray("bias", np.full((4, 6), 500.0, np.float32), "ADU", "map")],
+            stats={"median": 500.0}, inputs=[{"path": "/d/b.fits", "sha256": "0" * 64}],
+            date_beg=datetime(2026, 1, 1, tzinfo=UTC), date_end=datetime(2026, 1, 2, tzinfo=UTC),
+            params={}, code_version="test")
+        product = catalog.publish_payload(ProductStore(tmp_path / "store"), payload).product
+        read_versions = catalog.list_products
+
+        def certify_after_reading(*args: Any, **kwargs: Any) -> Any:
+            versions = read_versions(*args, **kwargs)
+            if catalog.get_product(product.id).state == "candidate":  # an operator, meanwhile
+                catalog.certify(product.id, datetime(2026, 1, 1, tzinfo=UTC), actor="ui test")
+            return versions
+
+        catalog.list_products = certify_after_reading  # type: ignore[method-assign]
+        before = camera_products(catalog)["cameras"][0]["products"]["bias"]
+        assert before["latest"]["state"] == "candidate" and before["certified"] is None
+        after = camera_products(catalog)["cameras"][0]["products"]["bias"]
+        assert after["latest"]["state"] == "certified" and after["certified"] == after["latest"]
+        assert after["certified"]["valid_from"].startswith("2026-01-01T00:00:00")
+    finally:
+        catalog.close()
+
 
 class _DevTools:
     """A minimal Chrome DevTools protocol client on one page's websocket (aiohttp).

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +219,14 @@ def info(request: Request, _: Reader) -> dict[str, Any]:
 
 
 def camera_products(catalog: Catalog) -> dict[str, Any]:
-    """Per camera and product type: the newest version and the version certified now."""
+    """Per camera and product type: the newest version and the version certified now.
+
+    Both columns of a camera come from one read of its versions, so a certification
+    or retraction committed while the answer is built shows in both or in neither
+    (reading them with two queries once showed a version as "candidate" in one
+    column and "certified" in the other).
+    """
     from sitiancal.service.datasets import ALL_PRODUCTS
-    from sitiancal.storage.catalog import NoProduct
 
     def brief(p: ProductVersion) -> dict[str, Any]:
         return {"id": p.id, "version": p.version, "state": p.state,
@@ -228,18 +234,21 @@ def camera_products(catalog: Catalog) -> dict[str, Any]:
                 "valid_to": p.valid_to.isoformat() if p.valid_to else None,
                 "created": p.created.isoformat()}
 
+    now = datetime.now(UTC)
     cameras = []
     for camera in catalog.list_cameras():
-        latest = latest_products(catalog, camera.name)
+        versions = catalog.list_products(camera=camera.name)  # newest version first
         types = {}
         for kind in ALL_PRODUCTS:
-            try:
-                certified: dict[str, Any] | None = brief(catalog.best(camera.name, kind))
-            except NoProduct:
-                certified = None
-            if kind in latest or certified:
-                types[kind] = {"latest": brief(latest[kind]) if kind in latest else None,
-                               "certified": certified}
+            of_kind = [p for p in versions if p.type == kind]
+            latest = next((p for p in of_kind if p.state != "retracted"), None)
+            # as Catalog.best: the newest certified version whose range holds now
+            certified = next((p for p in of_kind if p.state == "certified"
+                              and p.valid_from is not None and p.valid_from <= now
+                              and (p.valid_to is None or p.valid_to > now)), None)
+            if latest or certified:
+                types[kind] = {"latest": brief(latest) if latest else None,
+                               "certified": brief(certified) if certified else None}
         cameras.append({"camera": camera.name, "products": types})
     return {"cameras": cameras}
 
