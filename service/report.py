@@ -9,6 +9,7 @@ defined, its 1-sigma uncertainty.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,11 @@ class Figure:
         if self.value is None:
             return "n/a"
         digits = _digits(self.value)
+        if self.error is not None and math.isfinite(self.error) and self.error > 0:
+            # as measurements are quoted: the error to two significant digits and
+            # the value to the same decimal place (an error below the value's
+            # usual last digit would otherwise print as 0)
+            digits = max(0, min(12, 1 - math.floor(math.log10(self.error))))
         body = f"{self.value:.{digits}f}"
         if self.error is not None:
             body += f" +- {self.error:.{digits}f}"

@@ -247,3 +247,17 @@ def test_cli_job_report(data_dir, tmp_path):
                                         "--data-dir", str(data_dir)])
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
         assert "Traceback" not in bad.output
+
+
+def test_figure_text_keeps_small_errors_visible():
+    """Values with an error are quoted to the error's second significant digit."""
+    from sitiancal.service.report import Figure
+
+    dark = Figure("dark_current", "Dark current (median)", 0.002083, "e-/pix/s", 3.1e-7)
+    assert dark.text() == "0.00208300 +- 0.00000031 e-/pix/s"
+    assert Figure("gain", "Gain", 0.2544, "e-/ADU", 0.0001).text() == "0.25440 +- 0.00010 e-/ADU"
+    assert Figure("bias", "Bias level", 500.1, "ADU").text() == "500.1 ADU"
+    assert Figure("drift", "Drift", -0.004352, "ADU/h", 0.2336).text() == (
+        "-0.00 +- 0.23 ADU/h")
+    assert Figure("gain", "Gain", 0.25437, "e-/ADU", float("nan")).text() == "0.2544 +- nan e-/ADU"
+    assert Figure("none", "Missing", None, "ADU").text() == "n/a"
