@@ -29,6 +29,7 @@ from sitiancal.compute.graph import (
     TileReader,
     build_tile_graph,
     iter_tiles,
+    row_band_tile,
     sum_partials,
     tile_concurrency,
     tile_task_bytes,
@@ -37,7 +38,7 @@ from sitiancal.compute.plan import FrameTable, PlanResult, make_plan
 from sitiancal.compute.products import PRODUCT_TYPES, ProductContent, assemble_products
 from sitiancal.compute.tile import CalibrationParams, TileResult, expected_maps
 from sitiancal.service.settings import Settings
-from sitiancal.storage.cube import ZarrFrameReader, frame_reader
+from sitiancal.storage.cube import ZarrFrameReader, cube_layout, frame_reader
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,10 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     else:
         chunks = ds["frames"].encoding.get("chunks") or ds["frames"].data.chunksize
         tile = (int(chunks[-2]), int(chunks[-1]))
+    if cube_layout(ds.attrs) == "virtual":
+        # frames read in place: full-width bands are contiguous in the files (a
+        # copied cube's tiles follow its compressed chunks, each decoded once)
+        tile = row_band_tile(shape, tile)
     reader = frame_reader(cube_store)
 
     t0 = time.perf_counter()

@@ -177,6 +177,13 @@ def test_products_are_identical_in_both_layouts(simulated) -> None:
     assert {k.split("/")[0] for k in products_virtual} == {
         "bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask"}
     _assert_same_products(products_virtual, products_copy)
+    # the tile pass of a virtual cube runs on full-width row bands (contiguous in the
+    # FITS files), as many as the cube's tiles; a copied cube's follows its chunks
+    ny, nx = (int(n) for n in virtual.attrs["shape"])
+    chunks = {name: zarr.open_group(str(tmp / name / "maps.zarr"), mode="r")["bias_mean"].chunks
+              for name in ("work-v", "work-c")}
+    assert chunks["work-c"] == (24, 32)
+    assert chunks["work-v"] == (-(-ny // (ny * nx // (24 * 32))), nx)
 
 
 def test_distributed_workers_read_the_virtual_cube(simulated) -> None:

@@ -13,6 +13,7 @@ from sitiancal.compute.graph import (
     MemorySink,
     build_tile_graph,
     iter_tiles,
+    row_band_tile,
     sum_partials,
 )
 from sitiancal.compute.stats import group_moments, sigma_clipped_stats
@@ -148,3 +149,23 @@ def test_full_size_graph_computes_nothing():
         tasks = build_tile_graph(reader, sink, shape=(ny, nx), tile=(1597, 1368), plan=plan,
                                  params=CalibrationParams())
     assert len(tasks) == len(list(iter_tiles((ny, nx), (1597, 1368)))) == 28
+
+
+@pytest.mark.parametrize(("shape", "tile", "band"), [
+    ((6388, 9576), (1597, 1368), (229, 9576)),   # 28 bands (as tiles), the last of 205 rows
+    ((3194, 4788), (1597, 1596), (533, 4788)),   # 6 bands
+    ((24, 40), (24, 40), (24, 40)),
+    ((100, 10), (7, 3), (3, 10)),                # never more bands than rows
+    ((5, 1000), (1, 1), (1, 1000)),
+])
+def test_row_band_tile_keeps_the_number_of_tiles(shape, tile, band) -> None:
+    assert row_band_tile(shape, tile) == band
+    ny, nx = shape
+    n_tiles = len(list(iter_tiles(shape, tile)))
+    n_bands = len(list(iter_tiles(shape, band)))
+    # near-equal bands, at most as many as tiles' worth of pixels (or rows)
+    assert n_bands <= min(ny, round(ny * nx / (tile[0] * tile[1])))
+    assert n_bands <= n_tiles or n_tiles == 1
+    assert ny - (n_bands - 1) * band[0] > 0            # no empty band
+    if shape == (6388, 9576):
+        assert n_bands == n_tiles == 28
