@@ -973,6 +973,7 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
         nb = p1 - p0
         m = np.zeros(block)
         sd = np.zeros(block)
+        inv_sd = np.zeros(block)
         acc = np.zeros(block)
         v = np.empty(n_f, np.float32)
         c1 = np.zeros(n_f + 1)
@@ -1014,12 +1015,13 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
                 sd[i] += d * d
         for i in range(nb):
             sd[i] = np.sqrt(sd[i] / (n_f - 1))  # a constant pixel gets NaN below
+            inv_sd[i] = 1.0 / sd[i]  # the same reciprocal as per value, once per pixel
         for k in range(n_f):
             row = buf[k, p0:p1]
             w_lo = 2 * k + 1
             w_hi = 2 * n_f - 1 - 2 * k
             for i in range(nb):
-                z = (row[i] - m[i]) * (1.0 / sd[i])
+                z = (row[i] - m[i]) * inv_sd[i]
                 lo, hi = _log_phi_pair(z, tab, z0, inv_h)
                 acc[i] += w_lo * lo
                 acc[i] += w_hi * hi
