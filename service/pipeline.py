@@ -490,8 +490,6 @@ def memory_limit_bytes(settings: Settings) -> int | None:
     return int(parse_bytes(text))
 
 
-
-
 def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
                  progress: StageProgress | None = None, span: tuple[float, float] = (0.0, 1.0),
                  scheduler: object | None = None) -> tuple[xr.Dataset, str]:

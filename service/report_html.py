@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -193,8 +193,14 @@ def build_job_html_report(catalog: Any, store: Any, job_id: str) -> HTMLReport:
 
 def latest_products(catalog: Any, camera: str) -> dict[str, Any]:
     """Product type -> newest version of that type that is not retracted."""
+    return newest_not_retracted(catalog.list_products(camera=camera))
+
+
+def newest_not_retracted(versions: Iterable[Any]) -> dict[str, Any]:
+    """Product type -> the first version of each type in ``versions`` (newest first, as
+    ``Catalog.list_products`` gives them) that is not retracted."""
     latest: dict[str, Any] = {}
-    for product in catalog.list_products(camera=camera):
+    for product in versions:
         if product.state != "retracted" and product.type not in latest:
             latest[product.type] = product
     return latest

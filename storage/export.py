@@ -274,7 +274,6 @@ def settle_file(path: str | os.PathLike[str], start: int = 0, length: int = 0) -
         os.close(fd)
 
 
-
 class _SettledHash:
     """sha256 of a file that is being appended to, settled step by step.
 

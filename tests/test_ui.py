@@ -355,8 +355,6 @@ def test_robust_outliers_against_the_fleet():
     assert MIN_FLEET == 3
 
 
-# -- clicking the page's buttons over the Chrome DevTools protocol ---------------------
-
 def test_camera_products_reads_both_columns_at_once(catalog_url, tmp_path):
     """A certification committed while the camera view is built shows in both columns
     or in neither: never "candidate" as the newest version and "certified" beside it."""
@@ -386,6 +384,8 @@ def test_camera_products_reads_both_columns_at_once(catalog_url, tmp_path):
     finally:
         catalog.close()
 
+
+# -- clicking the page's buttons over the Chrome DevTools protocol ---------------------
 
 class _DevTools:
     """A minimal Chrome DevTools protocol client on one page's websocket (aiohttp).

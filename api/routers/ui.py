@@ -33,7 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse
 
 from sitiancal.api.deps import CatalogDep, Reader
-from sitiancal.service.report_html import latest_products
+from sitiancal.service.report_html import latest_products, newest_not_retracted
 from sitiancal.storage.catalog import Catalog, ProductVersion
 
 log = logging.getLogger(__name__)
@@ -238,14 +238,13 @@ def camera_products(catalog: Catalog) -> dict[str, Any]:
     cameras = []
     for camera in catalog.list_cameras():
         versions = catalog.list_products(camera=camera.name)  # newest version first
+        newest = newest_not_retracted(versions)
         types = {}
         for kind in ALL_PRODUCTS:
-            of_kind = [p for p in versions if p.type == kind]
-            latest = next((p for p in of_kind if p.state != "retracted"), None)
+            latest = newest.get(kind)
             # as Catalog.best: the newest certified version whose range holds now
-            certified = next((p for p in of_kind if p.state == "certified"
-                              and p.valid_from is not None and p.valid_from <= now
-                              and (p.valid_to is None or p.valid_to > now)), None)
+            certified = next((p for p in versions if p.type == kind
+                              and p.state == "certified" and p.covers(now)), None)
             if latest or certified:
                 types[kind] = {"latest": brief(latest) if latest else None,
                                "certified": brief(certified) if certified else None}
