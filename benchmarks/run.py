@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -262,6 +263,12 @@ def spawned_cluster(n_workers: int, workdir: Path) -> Iterator[str]:
         log.close()
 
 
+def _cpu_times() -> tuple[float, float]:
+    """CPU time of this process's threads so far: (user + system, system), s."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime
+
+
 def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssSampler,
                  wanted: Sequence[str] | None = None) -> tuple[dict[str, dict[str, float]], Any]:
     """Scan, then run the calibration job body, timing each stage.
@@ -272,7 +279,9 @@ def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssS
     Returns
     -------
     stages : dict
-        Stage -> ``{"wall_s", "peak_rss_gb"}``.
+        Stage -> ``{"wall_s", "cpu_s", "sys_s", "peak_rss_gb"}`` (``cpu_s``: CPU
+        time of all the process's threads, s, of which ``sys_s`` in the kernel;
+        ``cpu_s / wall_s`` is the cores kept busy).
     inventory : Inventory
         The scan result.
     """
@@ -282,17 +291,17 @@ def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssS
     from sitiancal.storage.scan import scan
     from sitiancal.storage.store import ProductStore
 
-    marks: list[tuple[str, float, int]] = []
+    marks: list[tuple[str, float, tuple[float, float], int]] = []  # stage, wall, CPU, peak
 
     def mark(stage: str) -> None:
         if marks and marks[-1][0] == stage:
             return
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), _cpu_times()
         if marks:  # close the previous stage's peak
-            name, t, _ = marks[-1]
-            marks[-1] = (name, t, sampler.peak)
+            name, t, c, _ = marks[-1]
+            marks[-1] = (name, t, c, sampler.peak)
         sampler.reset()
-        marks.append((stage, now, 0))
+        marks.append((stage, now, cpu, 0))
 
     mark("scan")
     inventory = scan(frames_dir)
@@ -315,8 +324,9 @@ def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssS
     finally:
         catalog.close()
     stages: dict[str, dict[str, float]] = {}
-    for (name, t, peak), (_, t_next, _) in itertools.pairwise(marks):
-        stages[name] = {"wall_s": t_next - t, "peak_rss_gb": peak / 1e9}
+    for (name, t, c, peak), (_, t_next, c_next, _) in itertools.pairwise(marks):
+        stages[name] = {"wall_s": t_next - t, "cpu_s": c_next[0] - c[0],
+                        "sys_s": c_next[1] - c[1], "peak_rss_gb": peak / 1e9}
     return stages, inventory
 
 
@@ -422,8 +432,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['shape'][1]} ({result['input_gb']:.2f} GB, {result['gpix']:.2f} Gpix); "
              f"scheduler: {result['scheduler']}; memory limit {result['memory_limit_gb']} GB.",
              "",
-             "| stage | wall (s) | input GB/s | Gpix/s | peak RSS (GB) | x numpy pass | x read once |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| stage | wall (s) | cores busy (of which system) | input GB/s | Gpix/s | peak RSS (GB) | x numpy pass "
+             "| x read once |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     numpy_s = result["baselines"].get("numpy", {}).get("wall_s")
     read_s = result["baselines"].get("read", {}).get("wall_s")
 
@@ -431,7 +442,9 @@ def markdown(result: dict[str, Any]) -> str:
         w = s["wall_s"]
         rn = f"{w / numpy_s:.2f}" if numpy_s else "-"
         rr = f"{w / read_s:.2f}" if read_s else "-"
-        return (f"| {name} | {w:.1f} | {s['input_gbps']:.3f} | {s['gpixps']:.3f} | "
+        busy = (f"{s['cpu_s'] / w:.2f} ({s['sys_s'] / w:.2f})" if "cpu_s" in s and w > 0
+                else "-")
+        return (f"| {name} | {w:.1f} | {busy} | {s['input_gbps']:.3f} | {s['gpixps']:.3f} | "
                 f"{s['peak_rss_gb']:.2f} | {rn} | {rr} |")
 
     for name, s in result["stages"].items():
@@ -602,8 +615,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 for s in stages.values():
                     add_rates(s)
                 result["stages"] = stages
-                e2e = {"wall_s": total, "peak_rss_gb": max(s["peak_rss_gb"]
-                                                           for s in stages.values())}
+                e2e = {"wall_s": total, "cpu_s": sum(s["cpu_s"] for s in stages.values()),
+                       "sys_s": sum(s["sys_s"] for s in stages.values()),
+                       "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values())}
                 add_rates(e2e)
                 result["end_to_end"] = e2e
                 if not args.keep:

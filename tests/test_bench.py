@@ -37,6 +37,10 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     e2e = result["end_to_end"]
     assert e2e["wall_s"] >= sum(s["wall_s"] for s in result["stages"].values()) * 0.99
     assert e2e["peak_rss_gb"] > 0.05
+    # CPU time of every stage (all threads): the end to end is their sum
+    assert all(s["cpu_s"] >= s["sys_s"] >= 0 for s in result["stages"].values())
+    assert e2e["cpu_s"] == pytest.approx(sum(s["cpu_s"] for s in result["stages"].values()))
+    assert e2e["cpu_s"] > 0
     for name in ("read", "numpy"):
         assert result["baselines"][name]["wall_s"] > 0
     assert e2e["x_numpy"] > 0 and e2e["x_read"] > 0
@@ -46,6 +50,7 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     assert result["graph"]["tasks"] == 1 and result["graph"]["wall_s"] > 0
     table = (out / "results.md").read_text()
     assert "| **end to end** |" in table and "| ccdproc `combine`" in table
+    assert "| cores busy (of which system) |" in table
     assert "| sitiancal master-bias kernel" in table and "Graph construction" in table
     assert "| **end to end** |" in proc.stdout
     leftovers = [p.name for p in out.iterdir() if p.name.startswith("sitiancal-bench-")]
