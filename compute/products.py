@@ -77,7 +77,10 @@ def _subsample(mask: np.ndarray, limit: int, seed: int) -> np.ndarray:
     total = flat.size
     draw = int(limit * total / n_ok * 1.05) + 1024
     while True:
-        cand = np.unique(rng.integers(0, total, size=min(draw, 4 * total)))
+        cand = np.sort(rng.integers(0, total, size=min(draw, 4 * total)))
+        # distinct values of the sorted draw (np.unique's result): numpy 2.4's
+        # np.unique of integers takes ~0.9 s for a million, the sort 0.07 s
+        cand = cand[np.concatenate(([True], cand[1:] != cand[:-1]))]
         cand = cand[flat[cand]]
         if cand.size >= limit:
             return np.sort(rng.choice(cand, size=limit, replace=False))
