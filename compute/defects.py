@@ -946,7 +946,126 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
     return ok
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2: np.ndarray,
+                 bst: np.ndarray, cut: np.ndarray, cutf: np.ndarray, c1b: np.ndarray,
+                 c2b: np.ndarray, fb: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
+    """:func:`_level_pixel` of the sorted columns ``p0 .. p0 + nb`` of ``buf`` (F, P) into ``s3``.
+
+    Vectorised over the block's pixels: the prefix sums ``c1``, ``c2``
+    ((F + 1, block) scratch) are built frame by frame, the best 2-split is a
+    scan over the cuts with a running minimum per pixel, and the best split
+    of either side is one more scan (a cut lies left or right of the first
+    one, selected per pixel without branches; ``bst``, ``cutf``: (3, block),
+    ``cut``: (3, block) int64, ``c1b``, ``c2b``, ``fb``: (block,) scratch).
+    The same float operations in the same order as :func:`_level_pixel`,
+    with the same first-minimum ties, so the statistic is bit-identical; the
+    caller compiles with ``error_model="numpy"`` (cuts outside a side divide
+    by zero in lanes that are discarded).
+    """
+    n_f = buf.shape[0]
+    if n_f < 3 * mf + 1:
+        for i in range(nb):
+            s3[p0 + i] = 0.0
+        return
+    for i in range(nb):
+        c1[0, i] = 0.0
+        c2[0, i] = 0.0
+    r0 = buf[0, p0:p0 + nb]
+    for k in range(n_f):
+        row = buf[k, p0:p0 + nb]
+        for i in range(nb):
+            d = row[i] - r0[i]
+            c1[k + 1, i] = c1[k, i] + d
+            c2[k + 1, i] = c2[k, i] + d * d
+    # best 2-split of [0, n_f)
+    for i in range(nb):
+        bst[0, i] = np.inf
+        cutf[0, i] = -1.0
+    for c in range(mf, n_f - mf + 1):
+        fc = np.float64(c)
+        rc = np.float64(n_f - c)
+        for i in range(nb):
+            s = c1[c, i] - c1[0, i]
+            wa = c2[c, i] - c2[0, i] - s * s / fc
+            s = c1[n_f, i] - c1[c, i]
+            wb = c2[n_f, i] - c2[c, i] - s * s / rc
+            w = wa + wb
+            if w < bst[0, i]:
+                bst[0, i] = w
+                cutf[0, i] = fc
+    for i in range(nb):
+        cut[0, i] = np.int64(cutf[0, i])
+    # best split of each side: one pass over the cuts, both sides at once
+    # (a cut is left of b or right of it), branch-free per lane
+    for i in range(nb):
+        b = cut[0, i]
+        bb = b if b >= 0 else 0
+        c1b[i] = c1[bb, i]
+        c2b[i] = c2[bb, i]
+        fb[i] = b
+        bst[1, i] = np.inf
+        cutf[1, i] = -1.0
+        bst[2, i] = np.inf
+        cutf[2, i] = -1.0
+    for c in range(mf, n_f - mf + 1):
+        fc = np.float64(c)
+        for i in range(nb):
+            b = fb[i]
+            left = fc < b
+            c1lo = c1[0, i] if left else c1b[i]
+            c2lo = c2[0, i] if left else c2b[i]
+            nlo = 0.0 if left else b
+            c1hi = c1b[i] if left else c1[n_f, i]
+            c2hi = c2b[i] if left else c2[n_f, i]
+            nhi = b if left else np.float64(n_f)
+            s = c1[c, i] - c1lo
+            wa = c2[c, i] - c2lo - s * s / (fc - nlo)
+            s = c1hi - c1[c, i]
+            wb = c2hi - c2[c, i] - s * s / (nhi - fc)
+            w = wa + wb
+            ok_l = left and fc <= b - mf
+            ok_r = (not left) and fc >= b + mf and b >= 0.0
+            if ok_l and w < bst[1, i]:
+                bst[1, i] = w
+                cutf[1, i] = fc
+            if ok_r and w < bst[2, i]:
+                bst[2, i] = w
+                cutf[2, i] = fc
+    for i in range(nb):
+        cut[1, i] = np.int64(cutf[1, i])
+        cut[2, i] = np.int64(cutf[2, i])
+    for i in range(nb):
+        b = cut[0, i]
+        if b < 0:
+            s3[p0 + i] = 0.0
+            continue
+        a = cut[1, i]
+        cc = cut[2, i]
+        s = c1[b, i] - c1[0, i]
+        gain_l = (c2[b, i] - c2[0, i] - s * s / b) - bst[1, i] if a >= 0 else -1.0
+        s = c1[n_f, i] - c1[b, i]
+        gain_r = (c2[n_f, i] - c2[b, i] - s * s / (n_f - b)) - bst[2, i] if cc >= 0 else -1.0
+        if gain_l < 0 and gain_r < 0:
+            s3[p0 + i] = 0.0
+            continue
+        if gain_l >= gain_r:
+            e0, e1 = a, b
+        else:
+            e0, e1 = b, cc
+        m1 = c1[e0, i] / e0
+        m2 = (c1[e1, i] - c1[e0, i]) / (e1 - e0)
+        m3 = (c1[n_f, i] - c1[e1, i]) / (n_f - e1)
+        s = c1[e0, i] - c1[0, i]
+        within = c2[e0, i] - c2[0, i] - s * s / e0
+        s = c1[e1, i] - c1[e0, i]
+        within += c2[e1, i] - c2[e0, i] - s * s / (e1 - e0)
+        s = c1[n_f, i] - c1[e1, i]
+        within += c2[n_f, i] - c2[e1, i] - s * s / (n_f - e1)
+        sd = np.sqrt(within / (n_f - 3))
+        s3[p0 + i] = min(m2 - m1, m3 - m2) / sd if sd > 0.0 else np.inf
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither: bool,
                         net: np.ndarray, tab: np.ndarray, z0: float, h: float,
                         mf: int, a2: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
@@ -957,8 +1076,8 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
     computed in place in ``buf`` (the same float32 operations), sorted along
     the frame axis by the comparator network ``net`` (branch-free min/max),
     and ``A*^2`` is accumulated frame by frame in the order of
-    :func:`_ad_pixel`, so the results are bit-identical to the per-pixel
-    kernel. The three-level statistic stays per pixel.
+    :func:`_ad_pixel`, and the three-level statistic by :func:`_level_block`,
+    so the results are bit-identical to the per-pixel kernel.
     """
     n_f, n_p = st.shape
     block = 256
@@ -975,9 +1094,14 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
         sd = np.zeros(block)
         inv_sd = np.zeros(block)
         acc = np.zeros(block)
-        v = np.empty(n_f, np.float32)
-        c1 = np.zeros(n_f + 1)
-        c2 = np.zeros(n_f + 1)
+        c1 = np.zeros((n_f + 1, block))
+        c2 = np.zeros((n_f + 1, block))
+        bst = np.zeros((3, block))
+        cut = np.zeros((3, block), np.int64)
+        cutf = np.zeros((3, block))
+        c1b = np.zeros(block)
+        c2b = np.zeros(block)
+        fb = np.zeros(block)
         for k in range(n_f):
             src = st[k, p0:p1]
             row = buf[k, p0:p1]
@@ -1030,10 +1154,7 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
                 a2[p0 + i] = np.nan
             else:
                 a2[p0 + i] = (-n_f - acc[i] / n_f) * corr
-        for i in range(nb):
-            for k in range(n_f):
-                v[k] = buf[k, p0 + i]
-            s3[p0 + i] = _level_pixel(v, mf, c1, c2)
+        _level_block(buf, p0, nb, mf, c1, c2, bst, cut, cutf, c1b, c2b, fb, s3)
 
 
 def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,

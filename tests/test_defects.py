@@ -408,7 +408,7 @@ def _detect_rtn_reference(stack: np.ndarray, frame_level, seed: int) -> np.ndarr
     return out.reshape(stack.shape[1:])
 
 
-@pytest.mark.parametrize("n_f", [12, 25])
+@pytest.mark.parametrize("n_f", [6, 12, 25, 50])
 def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
     """The vectorised stage 1 (sorting network) equals the per-pixel kernel and the steps."""
     monkeypatch.setattr(D, "_CHUNK_PIXELS", 1500)  # several chunks, each with its own stream
@@ -437,8 +437,10 @@ def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
     assert np.isfinite(outs[0][1]).all()
     flags = detect_rtn(stack, frame_level=level, config=CFG, seed=3)
     np.testing.assert_array_equal(flags, _detect_rtn_reference(stack, level, 3))
-    # detection power at F = 12 is limited (module notes): a loose check that it works
-    assert flags[3000:].mean() > 0.3 and flags[10:3000].mean() < 2e-3
+    assert flags[10:3000].mean() < 2e-3
+    if n_f >= 12:  # (at F = 6 no three-level split exists: the statistic is 0)
+        # detection power at F = 12 is limited (module notes): a loose check that it works
+        assert flags[3000:].mean() > 0.3
 
 
 def test_rtn_float_input_with_nan_takes_the_per_pixel_path() -> None:
