@@ -184,7 +184,7 @@ def fit_pixel_gain(
             coef, dcoef = np.zeros(0), np.zeros(0)
         else:
             coef, dcoef = poly, np.polyder(poly) if poly.size > 1 else np.zeros(1)
-        g, ge, rv, c2, nu = _gain_fit_kernel(m2, v2, n2, float(max_mean), int(min_levels),
+        g, ge, rv, c2, nu = _gain_fit_kernel(m2.T, v2.T, n2, float(max_mean), int(min_levels),
                                              int(n_iter), coef, np.asarray(dcoef, np.float64),
                                              poly is not None)
         return PixelGainFit(gain=g.reshape(lead_shape), gain_err=ge.reshape(lead_shape),
@@ -244,9 +244,13 @@ def _horner(c, x):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _gain_fit_kernel(mean, var, n, max_mean, min_levels, n_iter, coef, dcoef,
+def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef,
                      linearize):  # pragma: no cover - compiled
-    """:func:`_fit_chunk` for every row of ``mean``/``var`` (P, L).
+    """:func:`_fit_chunk` for every column of ``mean_t``/``var_t`` (L, P).
+
+    Passed as the transposes of the (P, L) statistics: a level-major array
+    (the tile pass's) is then C-contiguous and each level row is read in
+    order; a (P, L) C array arrives F-ordered and is read as before.
 
     Vectorised over blocks of pixels: after the levels of a block are loaded
     into (L, block) rows, every step is a loop over the block's pixels inside
@@ -254,7 +258,7 @@ def _gain_fit_kernel(mean, var, n, max_mean, min_levels, n_iter, coef, dcoef,
     :func:`compute.stats.weighted_line_block`, whose sums run over each pixel's
     levels in the order of the per-pixel ``weighted_line_point``.
     """
-    n_pix, n_lev = mean.shape
+    n_lev, n_pix = mean_t.shape
     gain = np.empty(n_pix)
     gain_err = np.empty(n_pix)
     read_var = np.empty(n_pix)
@@ -282,8 +286,8 @@ def _gain_fit_kernel(mean, var, n, max_mean, min_levels, n_iter, coef, dcoef,
         for j in range(n_lev):
             for i in range(nb):
                 p = p0 + i
-                mj = np.float64(mean[p, j])
-                vj = np.float64(var[p, j])
+                mj = np.float64(mean_t[j, p])
+                vj = np.float64(var_t[j, p])
                 if linearize:
                     d = _horner(dcoef, mj)
                     vj = vj * d * d

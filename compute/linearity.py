@@ -287,7 +287,7 @@ def pixel_linearity_residuals(
     if backend != "numpy":
         if m.dtype not in (np.float32, np.float64):
             m = m.astype(np.float64)
-        rows = np.ascontiguousarray(m).reshape(-1, t.size)
+        rows = m.reshape(-1, t.size)  # a view where the layout allows: the kernel takes strided rows
         res = _residual_kernel(t, rows, use, np.where(idx < 0, idx + t.size, idx))
         return res.reshape((*m.shape[:-1], idx.size))
     m = m.astype(np.float64)
