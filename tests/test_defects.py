@@ -517,6 +517,42 @@ def test_nonlinear_kernel_equals_the_numpy_expression() -> None:
     np.testing.assert_array_equal(defects.nonlinear(small, config=cfg, center=c, scale=s), ref[:100, :100])
 
 
+def test_tied_mixture_kernel_equals_numpy_reference() -> None:
+    """The compiled tied-variance EM gives the reference's fits (sums in another order)."""
+    rng = np.random.default_rng(47)
+    n_f = 30
+    rows = np.concatenate([rng.normal(0.0, 1.0, (400, n_f)),
+                           _rtn2(rng, n_f, 200, (10, 14), (0.3, 0.7)).astype(float).T,
+                           _rtn3(rng, n_f, 100, (2, 6)).astype(float).T,
+                           rng.standard_t(2.0, (200, n_f)),
+                           np.zeros((3, n_f))], axis=0)        # constant rows: the variance floor
+    rows = (rows - rows.mean(axis=1, keepdims=True)) / np.maximum(rows.std(axis=1), 1e-300)[:, None]
+    for k in (2, 3):
+        fast = D._tied_gmm(rows, k)
+        ref = D._tied_gmm(rows, k, backend="numpy")
+        for got, want in zip(fast, ref, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+        # a row that hits the iteration limit reports the likelihood of its last parameters
+        short = D._tied_gmm(rows[:50], k, max_iter=2)
+        short_ref = D._tied_gmm(rows[:50], k, max_iter=2, backend="numpy")
+        np.testing.assert_allclose(short[3], short_ref[3], rtol=1e-12)
+    # and the whole confirmation gives the same flags either way
+    values = np.concatenate([_q(rng.normal(0.0, READ_ADU, (30, 2000))),
+                             _rtn2(rng, 30, 300, (10, 14), (0.3, 0.7)),
+                             _rtn3(rng, 30, 200, (10, 14))], axis=1)
+    flags = rtn_confirm(values, config=CFG)
+    orig = D._tied_gmm
+    try:
+        D._tied_gmm = lambda y, k, **kw: orig(y, k, backend="numpy", **kw)
+        ref_flags = rtn_confirm(values, config=CFG)
+    finally:
+        D._tied_gmm = orig
+    np.testing.assert_array_equal(flags, ref_flags)
+    assert flags[2000:].mean() > 0.9 and flags[:2000].mean() < 0.01
+    with pytest.raises(ValueError, match="backend"):
+        D._tied_gmm(rows, 2, backend="gpu")
+
+
 def test_student_t_kernel_equals_numpy_reference() -> None:
     """The compiled t fits give the reference's log-likelihoods (sums in another order)."""
     rng = np.random.default_rng(46)
