@@ -58,7 +58,12 @@ def master_flat(signal: np.ndarray) -> np.ndarray:
     del finite
     if not med > 0:
         raise ValueError(f"the flat's median must be positive, got {med}")
-    return (arr / med).astype(np.float32)
+    # written band by band into the float32 result (the same values as
+    # ``(arr / med).astype(np.float32)``, without its full-size copy)
+    out = np.empty(arr.shape, dtype=np.float32)
+    for rows in row_bands(*arr.shape) if arr.ndim == 2 else [...]:
+        out[rows] = arr[rows] / med
+    return out
 
 
 def block_medians(map2d: np.ndarray, block: int) -> np.ndarray:
@@ -360,7 +365,10 @@ def prnu_emva(
         raise ValueError("frame counts must be >= 1")
     # y is a fresh array, modified in place below (one full-size temporary besides
     # the large-scale map); float32 for float32 maps (sums are float64, by bands).
-    dtype = np.result_type(np.asarray(flat_mean).dtype, np.asarray(dark_mean).dtype, np.float32)
+    # A scalar dark does not widen it (np.asarray(0.0) is float64: the default
+    # made y and the large-scale map float64, 0.5 GB more for a 61 MP flat).
+    dark_dtype = np.asarray(dark_mean).dtype if np.ndim(dark_mean) else np.float32
+    dtype = np.result_type(np.asarray(flat_mean).dtype, dark_dtype, np.float32)
     y = np.subtract(flat_mean, dark_mean, dtype=dtype)
     if y.ndim != 2:
         raise ValueError("flat_mean must be 2-D")

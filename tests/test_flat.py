@@ -7,6 +7,7 @@ noise), on top of a bias with DSNU that the dark map removes.
 
 from __future__ import annotations
 
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -143,12 +144,45 @@ def test_spline_on_pixels_equals_fitpack(degrees: tuple[int, int], shape: tuple[
     np.testing.assert_allclose(got32, ref, rtol=1e-6, atol=0)
 
 
+def test_float32_flat_stays_float32_with_a_scalar_dark() -> None:
+    """A float32 flat minus the default scalar dark (0.0) is not widened to float64.
+
+    np.asarray(0.0) is float64: it used to make the working copy and the
+    large-scale map float64 (0.5 GB more for a 61 MP flat). The figures are
+    those of the float64 computation to float32 precision.
+    """
+    rng = np.random.default_rng(12)
+    flat, dark, tvar, _ = _averaged_flat(rng, 0.01, _vignetting())
+    signal = (flat - dark).astype(np.float32)
+    res32 = prnu_emva(signal, temporal_var=tvar, n_frames=N_FRAMES)  # compiled first
+    # the memory of a map large enough that fixed costs (cell grids, splines) are small
+    big = np.tile(signal, (4, 4))
+    tracemalloc.start()
+    try:
+        prnu_emva(big, temporal_var=tvar, n_frames=N_FRAMES)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # float32 working copy and large-scale map, masks and one float64 band of the
+    # sums (here the whole map: bands are 4 Mpx): 17 bytes per pixel; the float64
+    # working maps took 25
+    assert peak < 20 * big.size
+    res64 = prnu_emva(signal.astype(np.float64), temporal_var=tvar, n_frames=N_FRAMES)
+    assert res32.prnu_pct == pytest.approx(res64.prnu_pct, rel=1e-5)
+    assert res32.prnu_highpass_pct == pytest.approx(res64.prnu_highpass_pct, rel=1e-5)
+    # a float64 dark map still gives float64 arithmetic
+    res_map = prnu_emva(signal, temporal_var=tvar, n_frames=N_FRAMES,
+                        dark_mean=np.zeros(SHAPE))
+    assert res_map.prnu_pct == pytest.approx(res64.prnu_pct, rel=1e-12)
+
+
 def test_master_flat() -> None:
     rng = np.random.default_rng(8)
     signal = SIGNAL * _vignetting() * (1 + 0.01 * rng.standard_normal(SHAPE))
     signal[3, 4] = np.nan
     flat = master_flat(signal)
     assert flat.dtype == np.float32
+    np.testing.assert_array_equal(flat, (signal / np.nanmedian(signal)).astype(np.float32))
     assert np.nanmedian(flat) == pytest.approx(1.0, abs=1e-6)
     assert np.isnan(flat[3, 4])
     with pytest.raises(ValueError):
