@@ -523,7 +523,8 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
         # 11-13 s vs 13-17 s for 8.4 GB on 2 cores).
         per_thread = 2.5 * 2 * inventory.shape[0] * inventory.shape[1]
         workers = int(max(1, min(2 * (os.cpu_count() or 1), 8, limit // per_thread)))
-    ds = build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers)
+    ds = build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers,
+                    direct=settings.direct_reads)
     return ds, store
 
 

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     memory_limit: str = Field(
         default="4GB", description="Memory budget of a calibration run (dask worker limit)."
     )
+    direct_reads: bool = Field(
+        default=False, description="Read raw frames past the page cache (O_DIRECT) when "
+        "building cubes: a faster build, but a virtual cube's tile pass then reads every "
+        "frame from the disk (see deploy/settings.md).",
+    )
     n_workers: int = Field(default=1, ge=1, description="LocalCluster worker processes.")
     threads_per_worker: int = Field(default=2, ge=1, description="Threads per dask worker.")
     max_concurrent_jobs: int = Field(default=2, ge=1, description="Jobs running at once.")

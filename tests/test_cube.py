@@ -174,21 +174,28 @@ def test_choose_tile_without_a_divisor() -> None:
     assert ty * 4 >= 6389 > ty * 3 and tx * 7 >= 9587 > tx * 6
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["cached", "direct"])
 @pytest.mark.parametrize("layout", ["virtual", "copy"])
 def test_each_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                layout: str) -> None:
+                                layout: str, direct: bool) -> None:
     files = write_camera_set(tmp_path / "set", SHAPE, seed=5, dtype=np.uint16)
     inventory = scan(tmp_path / "set")
-    reads: list[str] = []
-    original = cube_module.read_file_bytes
+    reads: list[tuple[str, str]] = []
 
-    def counting(path, **kwargs):
-        reads.append(str(path))
-        return original(path, **kwargs)
+    def counting(name: str):
+        original = getattr(cube_module, name)
 
-    monkeypatch.setattr(cube_module, "read_file_bytes", counting)
-    ds = build_cube(inventory, tmp_path / "c.zarr", scheduler="synchronous", layout=layout)
-    assert sorted(reads) == sorted(str(tmp_path / "set" / f.name) for f in files)
+        def read(path, **kwargs):
+            reads.append((name, str(path)))
+            return original(path, **kwargs)
+        return read
+
+    for name in ("read_file_bytes", "read_file_direct"):
+        monkeypatch.setattr(cube_module, name, counting(name))
+    ds = build_cube(inventory, tmp_path / "c.zarr", scheduler="synchronous", layout=layout,
+                    direct=direct)
+    reader = "read_file_direct" if direct else "read_file_bytes"
+    assert sorted(reads) == sorted((reader, str(tmp_path / "set" / f.name)) for f in files)
     assert ds.sizes["frame"] == len(files) and ds.attrs["layout"] == layout
 
 

@@ -40,7 +40,13 @@ from sitiancal.storage.cube import (
     frame_reader,
     open_cube,
 )
-from sitiancal.storage.frames import FrameReadError
+from sitiancal.storage.frames import (
+    DIRECT_ALIGN,
+    FrameReadError,
+    aligned_buffer,
+    read_file_bytes,
+    read_file_direct,
+)
 from sitiancal.storage.scan import scan
 
 SHAPE = (24, 40)
@@ -112,6 +118,79 @@ def test_tile_reads_and_statistics_are_identical(tmp_path: Path, dtype: type) ->
     window = (slice(0, 8), slice(0, 16))
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(vreader))([1, 0], *window),
                                   creader([1, 0], *window))
+
+
+def test_frames_read_past_the_page_cache_give_the_same_cube(tmp_path: Path) -> None:
+    write_camera_set(tmp_path / "set", SHAPE, seed=13)
+    inventory = scan(tmp_path / "set")
+    cached = build_cube(inventory, tmp_path / "cached.zarr", tile=TILE, layout="virtual",
+                        direct=False)
+    direct = build_cube(inventory, tmp_path / "direct.zarr", tile=TILE, layout="virtual",
+                        direct=True)
+    np.testing.assert_array_equal(direct.sha256.values, cached.sha256.values)
+    for name in SCALARS:
+        np.testing.assert_array_equal(direct[name].values, cached[name].values, err_msg=name)
+    assert direct.attrs["frame_sources"] == cached.attrs["frame_sources"]
+    np.testing.assert_array_equal(direct.frames.values, cached.frames.values)
+    # the sha256 is the file's
+    first = Path(str(direct.file.values[0]))
+    assert direct.sha256.values[0] == hashlib.sha256(first.read_bytes()).hexdigest()
+
+
+def test_read_file_direct_reads_every_byte(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 2880, DIRECT_ALIGN, 3 * DIRECT_ALIGN + 17, 40 * 2880):
+        path = tmp_path / f"f{size}.bin"
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        path.write_bytes(data)
+        for buffer in (None, aligned_buffer(1 << 20), np.zeros(1 << 20, np.uint8)[1:],
+                       aligned_buffer(DIRECT_ALIGN)):
+            got = read_file_direct(path, buffer=buffer)
+            assert got.tobytes() == data and got.dtype == np.uint8
+            if size and buffer is not None and buffer.size >= size + DIRECT_ALIGN and (
+                    buffer.ctypes.data % DIRECT_ALIGN == 0):
+                assert np.shares_memory(got, buffer)  # reused
+    # a file system without O_DIRECT (tmpfs): read through the page cache
+    path = tmp_path / f"f{40 * 2880}.bin"
+    real_open = os.open
+
+    def refuse(name, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+    assert read_file_direct(path).tobytes() == read_file_bytes(path).tobytes()
+    monkeypatch.setattr(os, "open", real_open)
+    # ... or that opens the file and refuses the transfer
+    monkeypatch.setattr(os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(22, "no")))
+    assert read_file_direct(path).tobytes() == path.read_bytes()
+    monkeypatch.undo()
+    with pytest.raises(FrameReadError, match="unreadable"):
+        read_file_direct(tmp_path / "missing.fits")
+
+
+def test_service_setting_reads_frames_past_the_cache(tmp_path: Path, monkeypatch) -> None:
+    import sitiancal.storage.cube as cube_module
+
+    write_camera_set(tmp_path / "set", SHAPE, seed=15)
+    inventory = scan(tmp_path / "set")
+    direct_reads: list[str] = []
+    original = cube_module.read_file_direct
+
+    def counting(path, **kwargs):
+        direct_reads.append(str(path))
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(cube_module, "read_file_direct", counting)
+    monkeypatch.setenv("SITIANCAL_DIRECT_READS", "true")
+    ds, _ = dataset_cube(Settings(data_dir=tmp_path / "data"), "ds1", inventory)
+    assert sorted(direct_reads) == sorted(str(r.path) for r in inventory.frames)
+    assert ds.attrs["layout"] == "virtual"
+    monkeypatch.delenv("SITIANCAL_DIRECT_READS")
+    direct_reads.clear()
+    dataset_cube(Settings(data_dir=tmp_path / "data2"), "ds1", inventory)
+    assert direct_reads == []  # off by default
 
 
 def test_auto_layout_is_virtual_for_plain_16_bit_frames(tmp_path: Path) -> None:
