@@ -990,7 +990,8 @@ class VirtualFrameReader:
 
         Issued a few frames before the copy needs them: the disk then works on
         several windows at once instead of one synchronous window after
-        another (300 cold frames, one 229-row band: 2.5 s -> see CHANGES).
+        another (a 229-row band of 300 cold 61 MP frames: 1.06-1.26 s without,
+        0.70-0.72 s with 8 or 32 frames ahead).
         """
         if not hasattr(os, "posix_fadvise"):
             return
