@@ -844,8 +844,6 @@ def _tied_gmm_kernel(y: np.ndarray, mu: np.ndarray, floor: np.ndarray, max_iter:
         logw = np.empty(k)
         lj = np.empty(k)
         # start: each value to its nearest k-means centre (the first on ties)
-        for c in range(k):
-            nk[c] = 0.0
         sq = 0.0
         for j in range(n):
             best = 0
@@ -1060,16 +1058,18 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2: np.ndarray,
-                 bst: np.ndarray, cut: np.ndarray, cutf: np.ndarray, c1b: np.ndarray,
-                 c2b: np.ndarray, fb: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
+                 bst: np.ndarray, cutf: np.ndarray, c1b: np.ndarray, c2b: np.ndarray,
+                 fb: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
     """:func:`_level_pixel` of the sorted columns ``p0 .. p0 + nb`` of ``buf`` (F, P) into ``s3``.
 
     Vectorised over the block's pixels: the prefix sums ``c1``, ``c2``
     ((F + 1, block) scratch) are built frame by frame, the best 2-split is a
     scan over the cuts with a running minimum per pixel, and the best split
     of either side is one more scan (a cut lies left or right of the first
-    one, selected per pixel without branches; ``bst``, ``cutf``: (3, block),
-    ``cut``: (3, block) int64, ``c1b``, ``c2b``, ``fb``: (block,) scratch).
+    one, selected per pixel without branches; ``bst``, ``cutf`` (the cuts,
+    as floats for uniform lanes): (3, block), ``c1b``, ``c2b``, ``fb``: (block,)
+    scratch; ``fb`` copies the first cut out of ``cutf``, which the second scan
+    writes: read from the same array, the scan is not vectorised, 1.3x slower).
     The same float operations in the same order as :func:`_level_pixel`,
     with the same first-minimum ties, so the statistic is bit-identical; the
     caller compiles with ``error_model="numpy"`` (cuts outside a side divide
@@ -1106,16 +1106,13 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
             if w < bst[0, i]:
                 bst[0, i] = w
                 cutf[0, i] = fc
-    for i in range(nb):
-        cut[0, i] = np.int64(cutf[0, i])
     # best split of each side: one pass over the cuts, both sides at once
     # (a cut is left of b or right of it), branch-free per lane
     for i in range(nb):
-        b = cut[0, i]
-        bb = b if b >= 0 else 0
+        bb = max(int(cutf[0, i]), 0)
         c1b[i] = c1[bb, i]
         c2b[i] = c2[bb, i]
-        fb[i] = b
+        fb[i] = cutf[0, i]
         bst[1, i] = np.inf
         cutf[1, i] = -1.0
         bst[2, i] = np.inf
@@ -1145,15 +1142,12 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
                 bst[2, i] = w
                 cutf[2, i] = fc
     for i in range(nb):
-        cut[1, i] = np.int64(cutf[1, i])
-        cut[2, i] = np.int64(cutf[2, i])
-    for i in range(nb):
-        b = cut[0, i]
+        b = int(cutf[0, i])
         if b < 0:
             s3[p0 + i] = 0.0
             continue
-        a = cut[1, i]
-        cc = cut[2, i]
+        a = int(cutf[1, i])
+        cc = int(cutf[2, i])
         s = c1[b, i] - c1[0, i]
         gain_l = (c2[b, i] - c2[0, i] - s * s / b) - bst[1, i] if a >= 0 else -1.0
         s = c1[n_f, i] - c1[b, i]
@@ -1209,7 +1203,6 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
         c1 = np.zeros((n_f + 1, block))
         c2 = np.zeros((n_f + 1, block))
         bst = np.zeros((3, block))
-        cut = np.zeros((3, block), np.int64)
         cutf = np.zeros((3, block))
         c1b = np.zeros(block)
         c2b = np.zeros(block)
@@ -1266,7 +1259,7 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
                 a2[p0 + i] = np.nan
             else:
                 a2[p0 + i] = (-n_f - acc[i] / n_f) * corr
-        _level_block(buf, p0, nb, mf, c1, c2, bst, cut, cutf, c1b, c2b, fb, s3)
+        _level_block(buf, p0, nb, mf, c1, c2, bst, cutf, c1b, c2b, fb, s3)
 
 
 def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,

@@ -573,14 +573,17 @@ def read_all(f: IO[bytes], name: str, buffer: np.ndarray | None = None) -> np.nd
         out = buffer[:size]
     else:
         out = np.empty(size, dtype=np.uint8)
-    view = memoryview(out)
-    got = 0
+    _fill(f, memoryview(out), 0, size, name)
+    return out
+
+
+def _fill(f: IO[bytes], view: memoryview, got: int, size: int, name: str) -> None:
+    """Read bytes ``got .. size`` of the open file ``f`` (positioned at ``got``) into ``view``."""
     while got < size:
-        n = f.readinto(view[got:])
+        n = f.readinto(view[got:size])
         if not n:
             raise FrameReadError(name, f"file shrank while reading ({got} of {size} bytes)")
         got += n
-    return out
 
 
 def read_file_bytes(path: PathLike, *, buffer: np.ndarray | None = None) -> np.ndarray:
@@ -665,12 +668,7 @@ def read_file_direct(path: PathLike, *, buffer: np.ndarray | None = None) -> np.
         if got < size:  # a short transfer off the alignment: the rest buffered
             with open(name, "rb", buffering=0) as f:
                 f.seek(got)
-                while got < size:
-                    n = f.readinto(view[got:size])
-                    if not n:
-                        raise FrameReadError(name, f"file shrank while reading ({got} of "
-                                                   f"{size} bytes)")
-                    got += n
+                _fill(f, view, got, size, name)
         return buffer[:size]
     except OSError as exc:
         raise FrameReadError(name, f"unreadable: {exc.strerror or exc}") from None

@@ -517,6 +517,16 @@ def test_nonlinear_kernel_equals_the_numpy_expression() -> None:
     np.testing.assert_array_equal(defects.nonlinear(small, config=cfg, center=c, scale=s), ref[:100, :100])
 
 
+def _flags_compiled_and_numpy(values: np.ndarray, fit: str) -> tuple[np.ndarray, np.ndarray]:
+    """``rtn_confirm`` flags with the stage-2 fit ``fit`` compiled, then on its numpy backend."""
+    flags = rtn_confirm(values, config=CFG)
+    orig = getattr(D, fit)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(D, fit, lambda *args, **kw: orig(*args, backend="numpy", **kw))
+        ref_flags = rtn_confirm(values, config=CFG)
+    return flags, ref_flags
+
+
 def test_tied_mixture_kernel_equals_numpy_reference() -> None:
     """The compiled tied-variance EM gives the reference's fits (sums in another order)."""
     rng = np.random.default_rng(47)
@@ -540,13 +550,7 @@ def test_tied_mixture_kernel_equals_numpy_reference() -> None:
     values = np.concatenate([_q(rng.normal(0.0, READ_ADU, (30, 2000))),
                              _rtn2(rng, 30, 300, (10, 14), (0.3, 0.7)),
                              _rtn3(rng, 30, 200, (10, 14))], axis=1)
-    flags = rtn_confirm(values, config=CFG)
-    orig = D._tied_gmm
-    try:
-        D._tied_gmm = lambda y, k, **kw: orig(y, k, backend="numpy", **kw)
-        ref_flags = rtn_confirm(values, config=CFG)
-    finally:
-        D._tied_gmm = orig
+    flags, ref_flags = _flags_compiled_and_numpy(values, "_tied_gmm")
     np.testing.assert_array_equal(flags, ref_flags)
     assert flags[2000:].mean() > 0.9 and flags[:2000].mean() < 0.01
     with pytest.raises(ValueError, match="backend"):
@@ -569,13 +573,7 @@ def test_student_t_kernel_equals_numpy_reference() -> None:
     # and the whole confirmation gives the same flags either way
     values = np.concatenate([_q(rng.normal(0.0, READ_ADU, (30, 2000))),
                              _rtn2(rng, 30, 300, (10, 14), (0.3, 0.7))], axis=1)
-    flags = rtn_confirm(values, config=CFG)
-    orig = D._student_t_loglike
-    try:
-        D._student_t_loglike = lambda y, **kw: orig(y, backend="numpy", **kw)
-        ref_flags = rtn_confirm(values, config=CFG)
-    finally:
-        D._student_t_loglike = orig
+    flags, ref_flags = _flags_compiled_and_numpy(values, "_student_t_loglike")
     np.testing.assert_array_equal(flags, ref_flags)
     assert flags[2000:].mean() > 0.9 and flags[:2000].mean() < 0.01
     with pytest.raises(ValueError, match="backend"):
