@@ -18,14 +18,23 @@ Building the graph computes nothing (tested with ``raise_if_dask_computes``).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import dask
 import numpy as np
 from dask.delayed import Delayed
 
-from sitiancal.compute.tile import CalibrationParams, TilePlan, TileResult, process_tile
+from sitiancal.compute.tile import (
+    CalibrationParams,
+    TilePlan,
+    TileResult,
+    process_tile,
+    tile_loads,
+)
 
 #: ``reader(indices, ys, xs) -> (F, ty, tx)`` raw counts (ADU).
 TileReader = Callable[[Sequence[int], slice, slice], np.ndarray]
@@ -66,11 +75,70 @@ def row_band_tile(shape: tuple[int, int], tile: tuple[int, int]) -> tuple[int, i
     return -(-ny // n_bands), nx
 
 
+class ReadAhead:
+    """``load(indices)`` that reads the next expected stack while the caller works.
+
+    ``expected`` is the sequence of index tuples the caller will ask for
+    (:func:`compute.tile.tile_loads`). Each call returns its stack (read ahead
+    if it was the expected one, else read now) and starts reading the entry
+    that follows on a background thread, so that a reader that waits on the
+    disk without using the CPU (``O_DIRECT``) keeps the disk busy while the
+    cores reduce the current stack. At most one stack is read ahead; it is
+    counted in :func:`tile_task_bytes` (``read_ahead=True``). Errors of a read
+    ahead are raised by the call that asks for it. :meth:`close` waits for a
+    pending read and stops the thread.
+    """
+
+    def __init__(self, load: Callable[[Sequence[int]], np.ndarray],
+                 expected: Sequence[Sequence[int]]) -> None:
+        self._load = load
+        self._expected = [tuple(int(i) for i in e) for e in expected]
+        self._next = 0
+        self._pending: tuple[tuple[int, ...], Future] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sitiancal-read-ahead")
+
+    def __call__(self, indices: Sequence[int]) -> np.ndarray:
+        key = tuple(int(i) for i in indices)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == key:
+            stack = pending[1].result()
+        else:
+            self._discard(pending)
+            stack = self._load(key)
+        try:
+            self._next = self._expected.index(key, self._next) + 1
+        except ValueError:
+            return stack  # off the expected sequence: no read ahead
+        if self._next < len(self._expected):
+            ahead = self._expected[self._next]
+            self._pending = (ahead, self._pool.submit(self._load, ahead))
+        return stack
+
+    @staticmethod
+    def _discard(pending: tuple[tuple[int, ...], Future] | None) -> None:
+        """Wait for an unused read ahead to end (its stack and errors are dropped)."""
+        if pending is not None and not pending[1].cancel():
+            with contextlib.suppress(Exception):
+                pending[1].result()
+
+    def close(self) -> None:
+        """Wait for a pending read ahead (dropped) and stop the thread."""
+        pending, self._pending = self._pending, None
+        self._discard(pending)
+        self._pool.shutdown(wait=True)
+
+
 def _run_tile(reader: TileReader, sink: TileSink, ys: slice, xs: slice, plan: TilePlan,
               params: CalibrationParams, threads: int | None = None,
-              frame_width: int | None = None) -> dict[str, float]:
-    result = process_tile(partial(_load, reader, ys, xs), plan, params, threads=threads,
-                          origin=(ys.start, xs.start), frame_width=frame_width)
+              frame_width: int | None = None, read_ahead: bool = False) -> dict[str, float]:
+    load = partial(_load, reader, ys, xs)
+    ahead = ReadAhead(load, tile_loads(plan, params.max_batch_frames)) if read_ahead else None
+    try:
+        result = process_tile(ahead or load, plan, params, threads=threads,
+                              origin=(ys.start, xs.start), frame_width=frame_width)
+    finally:
+        if ahead is not None:
+            ahead.close()
     sink(ys, xs, result)
     return result.partials
 
@@ -82,7 +150,8 @@ def _load(reader: TileReader, ys: slice, xs: slice, indices: Sequence[int]) -> n
 def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, int],
                      tile: tuple[int, int], plan: TilePlan,
                      params: CalibrationParams,
-                     threads_per_task: int | None = None) -> list[Delayed]:
+                     threads_per_task: int | None = None,
+                     read_ahead: bool = False) -> list[Delayed]:
     """One delayed task per tile; computing them fills the sink and returns partial sums.
 
     Parameters
@@ -98,6 +167,10 @@ def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, in
     threads_per_task : int, optional
         numba threads of each task's kernels (``process_tile(threads=)``); None
         leaves numba's setting (one thread per core).
+    read_ahead : bool
+        Each task reads its next frame stack while it reduces the current one
+        (:class:`ReadAhead`); for readers that wait on the disk without using
+        the CPU. Costs one more stack per task (``tile_task_bytes``).
 
     Returns
     -------
@@ -121,7 +194,7 @@ def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, in
     for ys, xs in iter_tiles(shape, tile):
         with dask.annotate(priority=n_bands - ys.start // tile[0]):
             tasks.append(run(reader, sink, ys, xs, plan, params, threads_per_task, shape[1],
-                             dask_key_name=f"tile-{ys.start}-{xs.start}"))
+                             read_ahead, dask_key_name=f"tile-{ys.start}-{xs.start}"))
     return tasks
 
 
@@ -144,11 +217,21 @@ def largest_stack(plan: TilePlan, max_batch: int) -> int:
     return max(sizes)
 
 
-def tile_task_bytes(plan: TilePlan, tile: tuple[int, int], *, max_batch: int) -> int:
-    """Estimated peak memory (bytes) of one tile task of ``plan`` on tiles of ``tile`` pixels."""
+def tile_task_bytes(plan: TilePlan, tile: tuple[int, int], *, max_batch: int,
+                    read_ahead: bool = False) -> int:
+    """Estimated peak memory (bytes) of one tile task of ``plan`` on tiles of ``tile`` pixels.
+
+    With ``read_ahead`` (:class:`ReadAhead`) the stack being reduced coexists
+    with the next one (2 B per frame pixel, uint16): the peak is that of the
+    worst pair of consecutive loads.
+    """
     pixels = int(tile[0]) * int(tile[1])
-    return pixels * (TILE_BYTES_PER_PIXEL
-                     + TILE_BYTES_PER_FRAME_PIXEL * largest_stack(plan, max_batch))
+    frames = TILE_BYTES_PER_FRAME_PIXEL * largest_stack(plan, max_batch)
+    if read_ahead:
+        sizes = [len(e) for e in tile_loads(plan, max_batch)] + [0]
+        frames = max([frames] + [TILE_BYTES_PER_FRAME_PIXEL * a + 2 * b
+                                 for a, b in itertools.pairwise(sizes)])
+    return pixels * (TILE_BYTES_PER_PIXEL + frames)
 
 
 def tile_concurrency(memory_limit: int | None, task_bytes: int, *, cores: int,

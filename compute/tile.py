@@ -235,6 +235,24 @@ def _moments(load: TileLoader, group: FrameGroup, *, offset: np.ndarray | float 
     return result
 
 
+def tile_loads(plan: TilePlan, max_batch: int) -> list[tuple[int, ...]]:
+    """The frame indices of each ``load`` call of :func:`process_tile`, in call order.
+
+    The bias stack (when it has at least two frames), then each dark group and
+    each flat level in batches of at most ``max_batch`` frames (the job's
+    ``CalibrationParams.max_batch_frames``).
+    A loader may read the next entry ahead while the current one is reduced
+    (``compute.graph``); the order is tested against the calls made.
+    """
+    loads: list[tuple[int, ...]] = []
+    if plan.bias is not None and plan.bias.n >= 2:
+        loads.append(tuple(plan.bias.indices))
+    for group in (*plan.darks, *plan.flats):
+        for start in range(0, group.n, max_batch):
+            loads.append(tuple(group.indices[start:start + max_batch]))
+    return loads
+
+
 def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams, *,
                  threads: int | None = None, origin: tuple[int, int] = (0, 0),
                  frame_width: int | None = None) -> TileResult:

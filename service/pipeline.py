@@ -144,7 +144,8 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
                      span: tuple[float, float] = (0.0, 1.0),
                      emit: Callable[[ProductContent], None] | None = None,
                      memory_limit: int | None = None,
-                     cores: int | None = None) -> ProductsOutcome:
+                     cores: int | None = None,
+                     direct: bool = False) -> ProductsOutcome:
     """Run the plan stage, the tile pass and product assembly on a cube.
 
     Parameters
@@ -176,6 +177,10 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         of frames. With a ``client`` the workers' own limits apply.
     cores : int, optional
         Threads of the local tile pass at most (default: the CPU count).
+    direct : bool
+        A virtual cube's bands are read past the page cache (``O_DIRECT``,
+        ``storage.cube.frame_reader``) and each tile task reads its next
+        stack while it reduces the current one (``compute.graph.ReadAhead``).
     """
     params = params or CalibrationParams()
     lo, hi = span
@@ -188,11 +193,13 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     else:
         chunks = ds["frames"].encoding.get("chunks") or ds["frames"].data.chunksize
         tile = (int(chunks[-2]), int(chunks[-1]))
-    if cube_layout(ds.attrs) == "virtual":
+    virtual = cube_layout(ds.attrs) == "virtual"
+    read_ahead = direct and virtual
+    if virtual:
         # frames read in place: full-width bands are contiguous in the files (a
         # copied cube's tiles follow its compressed chunks, each decoded once)
         tile = row_band_tile(shape, tile)
-    reader = frame_reader(cube_store)
+    reader = frame_reader(cube_store, direct=direct)
 
     t0 = time.perf_counter()
     report("plan", lo)
@@ -208,7 +215,7 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     threads = None
     if client is None:
         tile, threads = _fit_memory(planned, params, shape, tile, memory_limit,
-                                    cores or os.cpu_count() or 1)
+                                    cores or os.cpu_count() or 1, read_ahead=read_ahead)
         timings["tile_threads"] = float(threads)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +224,7 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     # numba threads per task: the cores shared by the tasks that run at once
     per_task = None if threads is None else max(1, (cores or os.cpu_count() or 1) // threads)
     tasks = build_tile_graph(reader, sink, shape=shape, tile=tile, plan=planned.plan, params=params,
-                             threads_per_task=per_task)
+                             threads_per_task=per_task, read_ahead=read_ahead)
     n_tiles = len(tasks)
     partials = _run_tasks(tasks, client, lambda done: report(
         "tiles", lo + (hi - lo) * (0.1 + 0.75 * done / n_tiles)), is_cancelled, threads=threads)
@@ -244,8 +251,8 @@ _BASE_BYTES = 800_000_000
 
 
 def _fit_memory(planned: PlanResult, params: CalibrationParams, shape: tuple[int, int],
-                tile: tuple[int, int], memory_limit: int | None, cores: int
-                ) -> tuple[tuple[int, int], int]:
+                tile: tuple[int, int], memory_limit: int | None, cores: int, *,
+                read_ahead: bool = False) -> tuple[tuple[int, int], int]:
     """Tile shape and concurrent tile tasks that keep the tile pass within ``memory_limit``.
 
     The tile pass and the assembly follow each other, so each must fit on its
@@ -265,10 +272,12 @@ def _fit_memory(planned: PlanResult, params: CalibrationParams, shape: tuple[int
             f"assembly ({assembly / 1e9:.2f} GB at {shape[0]} x {shape[1]})")
     reserve = _BASE_BYTES
     ty, tx = tile
-    per_task = tile_task_bytes(planned.plan, (ty, tx), max_batch=params.max_batch_frames)
+    per_task = tile_task_bytes(planned.plan, (ty, tx), max_batch=params.max_batch_frames,
+                               read_ahead=read_ahead)
     while reserve + per_task > memory_limit and ty > _MIN_TILE_ROWS:
         ty = max(_MIN_TILE_ROWS, (ty + 1) // 2)
-        per_task = tile_task_bytes(planned.plan, (ty, tx), max_batch=params.max_batch_frames)
+        per_task = tile_task_bytes(planned.plan, (ty, tx), max_batch=params.max_batch_frames,
+                                   read_ahead=read_ahead)
     threads = tile_concurrency(memory_limit, per_task, cores=cores, reserve=reserve)
     if reserve + per_task > memory_limit:
         planned.notes.append(
@@ -598,7 +607,7 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
         outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
                                    client=client, progress=report, cancelled=is_cancelled,
                                    memory_limit=None if client is not None else limit,
-                                   span=(0.45, 0.92), emit=stage)
+                                   span=(0.45, 0.92), emit=stage, direct=settings.direct_reads)
         staged.extend(writer.drain())
         if not outcome.products:
             reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())

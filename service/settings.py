@@ -75,9 +75,8 @@ class Settings(BaseSettings):
         default="4GB", description="Memory budget of a calibration run (dask worker limit)."
     )
     direct_reads: bool = Field(
-        default=False, description="Read raw frames past the page cache (O_DIRECT) when "
-        "building cubes: a faster build, but a virtual cube's tile pass then reads every "
-        "frame from the disk (see deploy/settings.md).",
+        default=False, description="Read raw frames past the page cache (O_DIRECT): the "
+        "cube build and a virtual cube's tile pass (see deploy/settings.md).",
     )
     n_workers: int = Field(default=1, ge=1, description="LocalCluster worker processes.")
     threads_per_worker: int = Field(default=2, ge=1, description="Threads per dask worker.")

@@ -37,11 +37,13 @@ usable only once its ``complete`` attribute has been set, which happens last.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import mmap
 import os
 import queue
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -59,8 +61,10 @@ from zarr.codecs import BloscCodec
 
 from sitiancal import __version__
 from sitiancal.storage.frames import (
+    DIRECT_ALIGN,
     FrameReadError,
     HduInfo,
+    aligned_buffer,
     file_read_at,
     find_image_hdu,
     open_binary,
@@ -898,6 +902,13 @@ class VirtualFrameReader:
     mapped (or counted in the process RSS) between calls. Holds only the
     manifest: picklable for distributed workers, which must see the files.
 
+    With ``direct`` a window of whole rows (a band) is read with ``O_DIRECT``
+    instead, each frame's rows one contiguous transfer, :data:`DIRECT_READERS`
+    transfers in flight: for sets larger than memory, where the page cache
+    only costs system time (the build read the files once already and their
+    pages are evicted before the tile pass comes back to them). Narrower
+    windows, and file systems without ``O_DIRECT``, go through the map.
+
     Notes
     -----
     A file truncated *while* it is being read would fault (SIGBUS) in the
@@ -905,17 +916,20 @@ class VirtualFrameReader:
     size check before mapping catches every change made between calls.
     """
 
-    def __init__(self, store: str, sources: Sequence[FrameSource]) -> None:
+    def __init__(self, store: str, sources: Sequence[FrameSource], *,
+                 direct: bool = False) -> None:
         self.store = store
         self.sources = tuple(sources)
+        self.direct = bool(direct)
 
     @classmethod
-    def from_attrs(cls, store: str, attrs: Mapping[str, Any]) -> VirtualFrameReader:
+    def from_attrs(cls, store: str, attrs: Mapping[str, Any], *,
+                   direct: bool = False) -> VirtualFrameReader:
         """The reader of a virtual cube from its group attributes."""
         raw = attrs.get("frame_sources")
         if not isinstance(raw, list):
             raise CubeError(store, "virtual cube without a 'frame_sources' manifest")
-        return cls(store, [FrameSource.from_dict(r) for r in raw])
+        return cls(store, [FrameSource.from_dict(r) for r in raw], direct=direct)
 
     def _stale(self, source: FrameSource, why: str) -> StaleCubeError:
         return StaleCubeError(self.store, f"{source.path}: the raw file {why} since the cube "
@@ -972,6 +986,69 @@ class VirtualFrameReader:
         if source.bzero == 32768:
             out ^= np.uint16(0x8000)
 
+    def _copy_direct(self, source: FrameSource, ys: slice, xs: slice, out: np.ndarray) -> bool:
+        """Read the rows ``ys`` of one frame with ``O_DIRECT`` and convert them into ``out``.
+
+        The aligned byte range around the rows goes straight from the disk into this
+        thread's page-aligned buffer (no page-cache copy, little system time: a
+        229-row band of 300 cold 61 MP frames took 0.23-0.32 s of system time,
+        against 0.57-1.41 s through a memory map); the rows are then byte-swapped
+        and converted exactly as :meth:`VirtualFrameReader._copy` does. Returns
+        True when read, False where the file system refuses ``O_DIRECT`` (the
+        caller then reads through the page cache); raises :class:`StaleCubeError`
+        for a file that changed or vanished.
+        """
+        span = _row_span(source, ys)
+        if span is None or out.size == 0:
+            return True
+        start, stop = span
+        lo = start - start % DIRECT_ALIGN
+        hi = -(-stop // DIRECT_ALIGN) * DIRECT_ALIGN
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return False
+        try:
+            fd = os.open(source.path, os.O_RDONLY | flag)
+        except FileNotFoundError:
+            raise self._stale(source, "vanished") from None
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return False
+            raise
+        try:
+            why = source.changed(os.fstat(fd))
+            if why is not None:
+                raise self._stale(source, f"changed ({why})")
+            buf = getattr(_LOCAL, "buffer", None)
+            if buf is None or buf.size < hi - lo:
+                buf = _LOCAL.buffer = aligned_buffer(hi - lo)
+            view = memoryview(buf)
+            got = 0
+            while got < hi - lo:
+                try:
+                    n = os.preadv(fd, [view[got:hi - lo]], lo + got)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL and not got:
+                        return False
+                    raise
+                if not n or (lo + got + n) % DIRECT_ALIGN:
+                    got += n
+                    break  # the end of the file
+                got += n
+        finally:
+            os.close(fd)
+        if got < stop - lo:
+            raise self._stale(source, "changed (it ends before the rows read)")
+        nx = source.shape[1]
+        rows = range(*ys.indices(source.shape[0]))
+        itemsize = np.dtype(source.dtype).itemsize
+        band = np.frombuffer(buf, dtype=source.dtype, count=(stop - start) // itemsize,
+                             offset=start - lo).reshape(-1, nx)
+        np.copyto(out, band[::rows.step, xs], casting="unsafe")
+        if source.bzero == 32768:
+            out ^= np.uint16(0x8000)
+        return True
+
     def __call__(self, indices: Sequence[int], ys: slice, xs: slice) -> np.ndarray:
         """Raw counts (ADU) of frames ``indices`` in the window ``(ys, xs)``.
 
@@ -985,6 +1062,18 @@ class VirtualFrameReader:
         h = len(range(*ys.indices(ny)))
         w = len(range(*xs.indices(nx)))
         out = np.empty((len(indices), h, w), dtype=np.uint16)
+        if out.size == 0:
+            return out
+        if self.direct and w == nx:
+            # whole rows: each frame's window is one contiguous range, read past the
+            # page cache by a few requests in flight at once
+            pool = _direct_pool()
+            done = [pool.submit(self._copy_direct, self.sources[i], ys, xs, out[k])
+                    for k, i in enumerate(indices)]
+            refused = [k for k, fut in enumerate(done) if not fut.result()]
+            for k in refused:  # no O_DIRECT on this file system
+                self._copy(self.sources[indices[k]], ys, xs, out[k])
+            return out
         ahead = _READ_AHEAD_FRAMES if h and w else 0
         for k in range(min(ahead, len(indices))):
             self._read_ahead(self.sources[indices[k]], ys)
@@ -1019,6 +1108,26 @@ class VirtualFrameReader:
             os.close(fd)
 
 
+#: Requests in flight of the direct (``O_DIRECT``) reads of all readers of a
+#: process. A cold virtual disk serves several requests at once: whole 122 MB
+#: frames read by two threads gave 1.21 GB/s, by four 1.88 GB/s.
+DIRECT_READERS = 4
+_POOL_LOCK = threading.Lock()
+_POOL: list[Any] = []
+_LOCAL = threading.local()
+
+
+def _direct_pool() -> Any:
+    """The process's thread pool of direct reads (created on first use)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(DIRECT_READERS,
+                                            thread_name_prefix="sitiancal-direct-read"))
+        return _POOL[0]
+
+
 class _VirtualFrames:
     """Array-like ``(frame, y, x)`` view of a virtual cube, for ``dask.array.from_array``."""
 
@@ -1048,9 +1157,13 @@ class _VirtualFrames:
 
 
 def frame_reader(store: str | os.PathLike[str], *,
-                 storage_options: dict[str, Any] | None = None
+                 storage_options: dict[str, Any] | None = None, direct: bool = False
                  ) -> ZarrFrameReader | VirtualFrameReader:
     """The tile reader of a complete cube, for its layout.
+
+    ``direct``: a virtual cube's reader reads whole-row windows with
+    ``O_DIRECT``, past the page cache (:meth:`VirtualFrameReader._copy_direct`);
+    no effect on a copy cube.
 
     Returns
     -------
@@ -1066,5 +1179,5 @@ def frame_reader(store: str | os.PathLike[str], *,
     key = _store_key(store)
     group = _open_group(key, storage_options)
     if cube_layout(group.attrs) == "virtual":
-        return VirtualFrameReader.from_attrs(key, group.attrs)
+        return VirtualFrameReader.from_attrs(key, group.attrs, direct=direct)
     return ZarrFrameReader(key, storage_options)

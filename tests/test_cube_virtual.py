@@ -119,6 +119,57 @@ def test_tile_reads_and_statistics_are_identical(tmp_path: Path, dtype: type) ->
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(vreader))([1, 0], *window),
                                   creader([1, 0], *window))
 
+    # read past the page cache: whole-row windows by O_DIRECT transfers, others mapped
+    dreader = frame_reader(tmp_path / "virtual.zarr", direct=True)
+    assert pickle.loads(pickle.dumps(dreader)).direct
+    mapped: list[str] = []
+    original = VirtualFrameReader._copy
+
+    def recording(self, source, ys, xs, out):
+        mapped.append(source.path)
+        return original(self, source, ys, xs, out)
+
+    ny, nx = SHAPE
+    bands = [(slice(0, ny), slice(0, nx)), (slice(1, 20, 3), slice(0, nx)),
+             (slice(ny - 1, ny), slice(0, nx)), (slice(5, 13), slice(None)),
+             (slice(5, 5), slice(0, nx))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(VirtualFrameReader, "_copy", recording)
+        for indices in (list(range(n)), [n - 1, 0, 3], [2]):
+            for ys, xs in bands:
+                np.testing.assert_array_equal(dreader(indices, ys, xs),
+                                              creader(indices, ys, xs))
+        assert mapped == []
+        for ys, xs in _windows(SHAPE, TILE):
+            np.testing.assert_array_equal(dreader([1, 0], ys, xs), creader([1, 0], ys, xs))
+        assert mapped  # narrower windows go through the map
+
+
+def test_direct_tile_reads_fall_back_where_o_direct_is_refused(tmp_path: Path, monkeypatch
+                                                                ) -> None:
+    write_camera_set(tmp_path / "set", SHAPE, seed=16)
+    build_cube(scan(tmp_path / "set"), tmp_path / "c.zarr", tile=TILE, layout="virtual")
+    reader = frame_reader(tmp_path / "c.zarr", direct=True)
+    band = (slice(2, 20), slice(0, SHAPE[1]))
+    want = frame_reader(tmp_path / "c.zarr")([0, 3, 1], *band)
+    real_open = os.open
+
+    def refuse(name, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")  # tmpfs
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+    np.testing.assert_array_equal(reader([0, 3, 1], *band), want)
+    monkeypatch.setattr(os, "open", real_open)
+    # ... or opens the file and refuses the transfer
+    monkeypatch.setattr(os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(22, "no")))
+    np.testing.assert_array_equal(reader([0, 3, 1], *band), want)
+    # other errors are not hidden
+    monkeypatch.setattr(os, "preadv", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        reader([0], *band)
+
 
 def test_frames_read_past_the_page_cache_give_the_same_cube(tmp_path: Path) -> None:
     write_camera_set(tmp_path / "set", SHAPE, seed=13)
@@ -193,6 +244,28 @@ def test_service_setting_reads_frames_past_the_cache(tmp_path: Path, monkeypatch
     assert direct_reads == []  # off by default
 
 
+def test_service_setting_reads_tile_bands_past_the_cache(tmp_path: Path, monkeypatch) -> None:
+    from sitiancal.service.pipeline import calibrate
+
+    write_camera_set(tmp_path / "set", SHAPE, seed=17)
+    direct: list[int] = []
+    original = VirtualFrameReader._copy_direct
+
+    def counting(self, source, ys, xs, out):
+        direct.append(1)
+        return original(self, source, ys, xs, out)
+
+    monkeypatch.setattr(VirtualFrameReader, "_copy_direct", counting)
+    monkeypatch.setenv("SITIANCAL_DIRECT_READS", "true")
+    on = calibrate(tmp_path / "set", "MST1", Settings(data_dir=tmp_path / "on"), wanted=["bias"])
+    assert direct  # the tile pass read its bands with O_DIRECT
+    monkeypatch.delenv("SITIANCAL_DIRECT_READS")
+    direct.clear()
+    off = calibrate(tmp_path / "set", "MST1", Settings(data_dir=tmp_path / "off"), wanted=["bias"])
+    assert direct == []
+    assert on.report["figures"] and on.report["figures"] == off.report["figures"]
+
+
 def test_auto_layout_is_virtual_for_plain_16_bit_frames(tmp_path: Path) -> None:
     write_camera_set(tmp_path / "set", SHAPE, n_bias=2, dark_exptimes=(), flat_exptimes=(),
                      seed=12)
@@ -201,8 +274,9 @@ def test_auto_layout_is_virtual_for_plain_16_bit_frames(tmp_path: Path) -> None:
     assert ds.attrs["format_version"] == 2
 
 
-def _products(ds, store: Path, work: Path, client=None) -> dict:
-    outcome = compute_products(ds, str(store), work, params=CalibrationParams(), client=client)
+def _products(ds, store: Path, work: Path, client=None, direct: bool = False) -> dict:
+    outcome = compute_products(ds, str(store), work, params=CalibrationParams(), client=client,
+                               direct=direct)
     out = {}
     for kind, content in outcome.products.items():
         for array in content.arrays:
@@ -263,6 +337,9 @@ def test_products_are_identical_in_both_layouts(simulated) -> None:
               for name in ("work-v", "work-c")}
     assert chunks["work-c"] == (24, 32)
     assert chunks["work-v"] == (-(-ny // (ny * nx // (24 * 32))), nx)
+    # bands read past the page cache, each task reading its next stack ahead: the same
+    direct = _products(virtual, tmp / "virtual.zarr", tmp / "work-direct", direct=True)
+    _assert_same_products(direct, products_copy)
 
 
 def test_distributed_workers_read_the_virtual_cube(simulated) -> None:
@@ -283,12 +360,14 @@ def _touch_later(path: Path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
 
 
-def test_a_file_changed_after_the_build_is_detected(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["mapped", "direct"])
+def test_a_file_changed_after_the_build_is_detected(tmp_path: Path, direct: bool) -> None:
     write_camera_set(tmp_path / "set", SHAPE, seed=13)
     ds = build_cube(scan(tmp_path / "set"), tmp_path / "c.zarr", tile=TILE)
-    reader = frame_reader(tmp_path / "c.zarr")
+    reader = frame_reader(tmp_path / "c.zarr", direct=direct)
+    window = (slice(0, 8), slice(0, SHAPE[1] if direct else 16))  # direct: whole rows
     first = Path(str(ds.file.values[0]))
-    reader([0, 1], slice(0, 8), slice(0, 16))
+    reader([0, 1], *window)
 
     # same size, new content (and so a new modification time)
     data = bytearray(first.read_bytes())
@@ -296,8 +375,8 @@ def test_a_file_changed_after_the_build_is_detected(tmp_path: Path) -> None:
     first.write_bytes(bytes(data))
     _touch_later(first)
     with pytest.raises(StaleCubeError, match=r"changed \(mtime .*since the cube was built"):
-        reader([1, 0], slice(0, 8), slice(0, 16))
-    reader([1, 2], slice(0, 8), slice(0, 16))  # the other frames still read
+        reader([1, 0], *window)
+    reader([1, 2], *window)  # the other frames still read
     with pytest.raises(StaleCubeError, match=str(first.name)):
         open_cube(tmp_path / "c.zarr")
     with pytest.raises(StaleCubeError):
@@ -308,10 +387,10 @@ def test_a_file_changed_after_the_build_is_detected(tmp_path: Path) -> None:
     with last.open("ab") as f:
         f.write(b"\0" * 2880)
     with pytest.raises(StaleCubeError, match="size"):
-        reader([len(ds.file) - 1], slice(0, 8), slice(0, 16))
+        reader([len(ds.file) - 1], *window)
     last.unlink()
     with pytest.raises(StaleCubeError, match="vanished"):
-        reader([len(ds.file) - 1], slice(0, 8), slice(0, 16))
+        reader([len(ds.file) - 1], *window)
 
 
 def test_dataset_cube_rebuilds_a_stale_virtual_cube(tmp_path: Path) -> None:

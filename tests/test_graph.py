@@ -11,13 +11,22 @@ from sitiancal.compute.gain import fit_pixel_gain
 from sitiancal.compute.graph import (
     ArrayReader,
     MemorySink,
+    ReadAhead,
     build_tile_graph,
     iter_tiles,
+    largest_stack,
     row_band_tile,
     sum_partials,
+    tile_task_bytes,
 )
 from sitiancal.compute.stats import group_moments, sigma_clipped_stats
-from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
+from sitiancal.compute.tile import (
+    CalibrationParams,
+    FrameGroup,
+    TilePlan,
+    process_tile,
+    tile_loads,
+)
 
 
 def _synthetic(seed: int = 5, ny: int = 40, nx: int = 52):
@@ -59,10 +68,10 @@ def _plan(kinds, times) -> TilePlan:
     )
 
 
-def _maps(stack, plan, tile, params):
+def _maps(stack, plan, tile, params, *, read_ahead: bool = False, reader=None):
     sink = MemorySink(stack.shape[1:])
-    tasks = build_tile_graph(ArrayReader(stack), sink, shape=stack.shape[1:], tile=tile,
-                             plan=plan, params=params)
+    tasks = build_tile_graph(reader or ArrayReader(stack), sink, shape=stack.shape[1:],
+                             tile=tile, plan=plan, params=params, read_ahead=read_ahead)
     partials = sum_partials(dask.compute(*tasks, scheduler="sync"))
     return sink.maps, partials
 
@@ -169,3 +178,102 @@ def test_row_band_tile_keeps_the_number_of_tiles(shape, tile, band) -> None:
     assert ny - (n_bands - 1) * band[0] > 0            # no empty band
     if shape == (6388, 9576):
         assert n_bands == n_tiles == 28
+
+
+# ----------------------------------------------------------------------------- read ahead
+
+
+class _RecordingReader(ArrayReader):
+    """ArrayReader that records the frame indices of every call, and on which thread."""
+
+    def __init__(self, frames: np.ndarray) -> None:
+        super().__init__(frames)
+        self.calls: list[tuple[tuple[int, ...], str]] = []
+
+    def __call__(self, indices, ys, xs):
+        import threading
+
+        self.calls.append((tuple(indices), threading.current_thread().name))
+        return super().__call__(indices, ys, xs)
+
+
+@pytest.mark.parametrize("max_batch", [64, 3, 1])
+def test_tile_loads_are_the_calls_of_process_tile(data, max_batch) -> None:
+    stack, plan = data
+    params = CalibrationParams(max_batch_frames=max_batch)
+    calls: list[tuple[int, ...]] = []
+
+    def load(indices):
+        calls.append(tuple(indices))
+        return stack[list(indices), :8, :8]
+
+    process_tile(load, plan, params)
+    assert calls == tile_loads(plan, max_batch)
+    assert len(calls) == 1 + sum(-(-g.n // max_batch) for g in (*plan.darks, *plan.flats))
+    # a one-frame bias stack is not loaded (no master bias from one frame)
+    one = TilePlan(**{**plan.__dict__, "bias": FrameGroup("bias", 0.0, (0,)),
+                      "bias_time_s": (0.0,), "bias_frame_level": (500.0,)})
+    calls.clear()
+    process_tile(load, one, params)
+    assert calls == tile_loads(one, max_batch) and calls[0] != (0,)
+
+
+@pytest.mark.parametrize("max_batch", [64, 3])
+def test_read_ahead_gives_the_same_maps(data, max_batch) -> None:
+    stack, plan = data
+    params = CalibrationParams(max_batch_frames=max_batch)
+    ref, ref_part = _maps(stack, plan, (16, 52), params)
+    reader = _RecordingReader(stack)
+    got, part = _maps(stack, plan, (16, 52), params, read_ahead=True, reader=reader)
+    assert set(got) == set(ref)
+    for name in ref:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+    assert part == ref_part
+    # each tile read each stack once, all but its first on the read-ahead thread
+    expected = tile_loads(plan, max_batch)
+    n_tiles = len(list(iter_tiles(stack.shape[1:], (16, 52))))
+    assert sorted(c for c, _ in reader.calls) == sorted(expected * n_tiles)
+    ahead = [c for c, thread in reader.calls if thread.startswith("sitiancal-read-ahead")]
+    assert sorted(ahead) == sorted(expected[1:] * n_tiles)
+
+
+def test_read_ahead_off_the_expected_sequence_and_errors() -> None:
+    frames = np.arange(6 * 2 * 3, dtype=np.uint16).reshape(6, 2, 3)
+    calls: list[tuple[int, ...]] = []
+
+    def load(indices):
+        calls.append(tuple(indices))
+        if 5 in indices:
+            raise OSError("disk error on frame 5")
+        return frames[list(indices)]
+
+    ahead = ReadAhead(load, [(0, 1), (2, 3), (4, 5)])
+    try:
+        np.testing.assert_array_equal(ahead([0, 1]), frames[[0, 1]])
+        # not the expected next stack: read now, the read ahead (2, 3) is dropped
+        np.testing.assert_array_equal(ahead([3]), frames[[3]])
+        np.testing.assert_array_equal(ahead([2, 3]), frames[[2, 3]])
+        # the read ahead of (4, 5) failed: its error is raised by the call asking for it
+        with pytest.raises(OSError, match="frame 5"):
+            ahead([4, 5])
+    finally:
+        ahead.close()
+    assert calls == [(0, 1), (2, 3), (3,), (2, 3), (4, 5)]
+    # a failed read ahead that nobody asks for is dropped silently
+    ahead = ReadAhead(load, [(0,), (5,)])
+    ahead([0])
+    ahead.close()
+
+
+def test_read_ahead_is_counted_in_the_task_memory(data) -> None:
+    _, plan = data
+    tile = (100, 100)
+    base = tile_task_bytes(plan, tile, max_batch=64)
+    ahead = tile_task_bytes(plan, tile, max_batch=64, read_ahead=True)
+    # the worst pair: a flat level (10 frames, 4 B per frame pixel) reduced while the
+    # next one is read (2 B), 60 B/px against the bias stack's 4 x 12 = 48 without
+    assert largest_stack(plan, 64) == 12
+    assert ahead - base == 100 * 100 * (4 * 10 + 2 * 10 - 4 * 12)
+    # with batches of 3: the bias (12 frames) while the first dark batch (3) is read
+    assert (tile_task_bytes(plan, tile, max_batch=3, read_ahead=True)
+            - tile_task_bytes(plan, tile, max_batch=3)) == 100 * 100 * 2 * 3
