@@ -214,3 +214,80 @@ def test_settle_file_skips_unsupported_sync_and_raises_write_errors(tmp_path, mo
     with pytest.raises(OSError, match="Input/output error"):
         settle_file(path)
     assert path.read_bytes() == b"abc"
+
+
+def test_fits_written_past_the_page_cache_falls_back_byte_for_byte(tmp_path, monkeypatch) -> None:
+    """O_DIRECT refused at open, refused at the first transfer, or a short transfer: same bytes."""
+    import os
+
+    from sitiancal.storage import export
+    from sitiancal.storage.export import write_fits
+
+    monkeypatch.setattr(export._HashedFile, "_BLOCK", 3 * 4096)  # many blocks per image
+    rng = np.random.default_rng(SEED)
+    payload = ProductPayload(
+        camera="MST3", type="gain",
+        arrays=[ProductArray("GAIN", rng.normal(0.25, 0.01, (700, 33)).astype(np.float32),
+                             "e-/ADU", "gain"),
+                ProductArray("N", rng.integers(0, 1 << 16, (700, 33), dtype=np.uint16), "",
+                             "count")],
+        tables=[ProductTable("T", {"a": np.arange(3, dtype=np.uint16)}, {"a": "s"}, "t")],
+        stats={}, inputs=[{"path": "/x.fits", "sha256": "3" * 64}], params={},
+        code_version="0.1.0")
+    store = ProductStore(tmp_path / "store")
+    group = store.open_zarr(store.publish(store.stage(payload, 1)))
+    want = io.BytesIO()
+    export.build_hdulist(group).writeto(want, output_verify="exception")
+    want_sha = hashlib.sha256(want.getvalue()).hexdigest()
+
+    def check(name: str) -> None:
+        path = tmp_path / name
+        assert write_fits(group, path) == want_sha
+        assert path.read_bytes() == want.getvalue()
+
+    real_open, real_write = os.open, os.write
+    direct_writes: list[int] = []
+
+    def counting(fd, data):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            direct_writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting)
+    check("direct.fits")
+    if getattr(os, "O_DIRECT", 0):
+        assert direct_writes and all(n % 4096 == 0 for n in direct_writes)
+
+    def refuse_open(name, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")  # tmpfs
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_open)
+    check("no-o-direct.fits")
+    monkeypatch.setattr(os, "open", real_open)
+
+    calls = [0]
+
+    def refuse_first(fd, data):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(22, "Invalid argument")  # opened, but the transfer is refused
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse_first)
+    check("refused-transfer.fits")
+
+    calls[0] = 0
+
+    def short(fd, data):
+        calls[0] += 1
+        return real_write(fd, data[:1000] if calls[0] == 2 else data)  # off the alignment
+
+    monkeypatch.setattr(os, "write", short)
+    check("short-transfer.fits")
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError, match="full"):
+        write_fits(group, tmp_path / "full.fits")
