@@ -81,9 +81,9 @@ class ReadAhead:
     ``expected`` is the sequence of index tuples the caller will ask for
     (:func:`compute.tile.tile_loads`). Each call returns its stack (read ahead
     if it was the expected one, else read now) and starts reading the entry
-    that follows on a background thread, so that a reader that waits on the
-    disk without using the CPU (``O_DIRECT``) keeps the disk busy while the
-    cores reduce the current stack. At most one stack is read ahead; it is
+    that follows on a background thread, so that the caller's thread reduces
+    the current stack while the next one's cold pages come from the disk
+    (or an ``O_DIRECT`` reader's transfers run). At most one stack is read ahead; it is
     counted in :func:`tile_task_bytes` (``read_ahead=True``). Errors of a read
     ahead are raised by the call that asks for it. :meth:`close` waits for a
     pending read and stops the thread.
@@ -169,8 +169,8 @@ def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, in
         leaves numba's setting (one thread per core).
     read_ahead : bool
         Each task reads its next frame stack while it reduces the current one
-        (:class:`ReadAhead`); for readers that wait on the disk without using
-        the CPU. Costs one more stack per task (``tile_task_bytes``).
+        (:class:`ReadAhead`): for readers that wait on a disk. Costs one more
+        stack per task (``tile_task_bytes``).
 
     Returns
     -------

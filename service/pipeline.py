@@ -179,8 +179,16 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         Threads of the local tile pass at most (default: the CPU count).
     direct : bool
         A virtual cube's bands are read past the page cache (``O_DIRECT``,
-        ``storage.cube.frame_reader``) and each tile task reads its next
-        stack while it reduces the current one (``compute.graph.ReadAhead``).
+        ``storage.cube.frame_reader``).
+
+    Notes
+    -----
+    On a virtual cube each tile task reads its next frame stack while it
+    reduces the current one (``compute.graph.ReadAhead``, counted in the
+    memory budget): cold frames are then faulted in by the read-ahead thread
+    instead of stalling the task. 300 cold 61 MP frames on 2 cores: tile pass
+    76.2 and 81.3 s against 80.6 and 85.2 s without (runs paired in time),
+    1.84-1.86 instead of 1.79-1.81 cores busy, +0.1 GB peak.
     """
     params = params or CalibrationParams()
     lo, hi = span
@@ -194,7 +202,7 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         chunks = ds["frames"].encoding.get("chunks") or ds["frames"].data.chunksize
         tile = (int(chunks[-2]), int(chunks[-1]))
     virtual = cube_layout(ds.attrs) == "virtual"
-    read_ahead = direct and virtual
+    read_ahead = virtual  # the tile tasks wait on the disk otherwise (measured: 4 s of ~80)
     if virtual:
         # frames read in place: full-width bands are contiguous in the files (a
         # copied cube's tiles follow its compressed chunks, each decoded once)

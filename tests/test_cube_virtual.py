@@ -323,10 +323,23 @@ def simulated(tmp_path_factory: pytest.TempPathFactory):
     return tmp, virtual, copy
 
 
-def test_products_are_identical_in_both_layouts(simulated) -> None:
+def test_products_are_identical_in_both_layouts(simulated, monkeypatch) -> None:
+    from sitiancal.compute.graph import ReadAhead
+
     tmp, virtual, copy = simulated
+    ahead: list[int] = []
+    original = ReadAhead.__init__
+
+    def counting(self, *args, **kwargs):
+        ahead.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReadAhead, "__init__", counting)
     products_virtual = _products(virtual, tmp / "virtual.zarr", tmp / "work-v")
+    assert ahead  # a virtual cube's tile tasks read their next stack ahead
+    ahead.clear()
     products_copy = _products(copy, tmp / "copy.zarr", tmp / "work-c")
+    assert ahead == []  # a copy cube's tasks decode chunks: no read ahead
     assert {k.split("/")[0] for k in products_virtual} == {
         "bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask"}
     _assert_same_products(products_virtual, products_copy)
