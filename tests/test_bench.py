@@ -87,3 +87,30 @@ def test_numpy_baseline_and_read_once_measure_the_files(tmp_path: Path) -> None:
         assert sampler.peak >= blob2.nbytes
     finally:
         sampler.stop()
+
+
+def test_rss_sampler_counts_children_listed_once_a_second(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    bench = _load()
+    sampler = bench.RssSampler(0.01).start()
+    flag = tmp_path / "allocated"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sys, time\n"
+        "b = bytearray(200_000_000)\n"
+        "b[::4096] = b'x' * len(b[::4096])\n"  # touched: resident
+        f"pathlib.Path({str(flag)!r}).write_text('1')\n"
+        "time.sleep(30)\n")])
+    try:
+        deadline = time.monotonic() + 20
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        own = sampler._proc.memory_info().rss
+        time.sleep(bench.RssSampler.CHILDREN_EVERY + 0.3)  # listed again by now
+        assert sampler.peak >= own + 190_000_000
+    finally:
+        child.kill()
+        child.wait()
+        sampler.stop()
