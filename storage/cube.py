@@ -46,6 +46,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -1070,6 +1071,7 @@ class VirtualFrameReader:
             pool = _direct_pool()
             done = [pool.submit(self._copy_direct, self.sources[i], ys, xs, out[k])
                     for k, i in enumerate(indices)]
+            futures.wait(done)  # no transfer into ``out`` outlives the call, even on an error
             refused = [k for k, fut in enumerate(done) if not fut.result()]
             for k in refused:  # no O_DIRECT on this file system
                 self._copy(self.sources[indices[k]], ys, xs, out[k])
@@ -1110,7 +1112,9 @@ class VirtualFrameReader:
 
 #: Requests in flight of the direct (``O_DIRECT``) reads of all readers of a
 #: process. A cold virtual disk serves several requests at once: whole 122 MB
-#: frames read by two threads gave 1.21 GB/s, by four 1.88 GB/s.
+#: frames read by two threads gave 1.21 GB/s, by four 1.88 GB/s. Each reader
+#: thread keeps one page-aligned buffer of the largest window it read (a 229-row
+#: band of a 61 MP frame: 4.4 MB).
 DIRECT_READERS = 4
 _POOL_LOCK = threading.Lock()
 _POOL: list[Any] = []
@@ -1119,12 +1123,10 @@ _LOCAL = threading.local()
 
 def _direct_pool() -> Any:
     """The process's thread pool of direct reads (created on first use)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with _POOL_LOCK:
         if not _POOL:
-            _POOL.append(ThreadPoolExecutor(DIRECT_READERS,
-                                            thread_name_prefix="sitiancal-direct-read"))
+            _POOL.append(futures.ThreadPoolExecutor(DIRECT_READERS,
+                                                    thread_name_prefix="sitiancal-direct-read"))
         return _POOL[0]
 
 
