@@ -37,7 +37,6 @@ usable only once its ``complete`` attribute has been set, which happens last.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import math
 import mmap
@@ -69,6 +68,8 @@ from sitiancal.storage.frames import (
     file_read_at,
     find_image_hdu,
     open_binary,
+    open_direct,
+    pread_direct,
     read_file_bytes,
     read_file_direct,
     read_frame_bytes,
@@ -692,12 +693,12 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
     direct
         Read the frames with ``O_DIRECT``, past the page cache
         (:func:`storage.frames.read_file_direct`; local files). The build
-        itself is faster (300 cold 61 MP frames: 21-22 s against 34-42 s,
+        itself is faster (300 cold 61 MP frames: 21-27 s against 34-42 s,
         the CPU no longer copying and caching every byte), but a virtual
-        cube's tile pass then finds none of the frames in the page cache: on
-        the benchmark machine (a VM where fresh page-cache memory is costly)
-        it took 97-102 s instead of 79-84 s, no gain end to end. Off by
-        default; ``SITIANCAL_DIRECT_READS`` turns it on for the service.
+        cube's tile pass then finds none of the frames in the page cache
+        (read past it too, ``frame_reader(direct=True)``: 83.7 s against
+        78.2 s on the benchmark machine), even end to end. Off by default;
+        ``SITIANCAL_DIRECT_READS`` turns it on for the service.
 
     Returns
     -------
@@ -958,9 +959,6 @@ class VirtualFrameReader:
         if span is None or out.size == 0:
             return
         start, stop = span
-        nx = source.shape[1]
-        rows = range(*ys.indices(source.shape[0]))
-        itemsize = np.dtype(source.dtype).itemsize
         base = start - start % mmap.ALLOCATIONGRANULARITY
         try:
             f = open(source.path, "rb")  # closed below, after the map
@@ -978,14 +976,8 @@ class VirtualFrameReader:
                     # synchronous reads, a few rows at a time. Measured on 12 cold 61 MP
                     # frames read tile by tile: 5.8-7.8 s without, 4.8-5.7 s with.
                     mapped.madvise(_WILLNEED)
-                band = np.frombuffer(mapped, dtype=source.dtype, count=(stop - start) // itemsize,
-                                     offset=start - base).reshape(-1, nx)
-                try:  # byte swap and wrap to uint16 in one cast
-                    np.copyto(out, band[::rows.step, xs], casting="unsafe")
-                finally:
-                    del band  # release the buffer before the map closes
-        if source.bzero == 32768:
-            out ^= np.uint16(0x8000)
+                # the rows' view of the map dies with the call, before the map closes
+                _convert_rows(mapped, start - base, source, ys, xs, out)
 
     def _copy_direct(self, source: FrameSource, ys: slice, xs: slice, out: np.ndarray) -> bool:
         """Read the rows ``ys`` of one frame with ``O_DIRECT`` and convert them into ``out``.
@@ -1005,17 +997,12 @@ class VirtualFrameReader:
         start, stop = span
         lo = start - start % DIRECT_ALIGN
         hi = -(-stop // DIRECT_ALIGN) * DIRECT_ALIGN
-        flag = getattr(os, "O_DIRECT", 0)
-        if not flag:
-            return False
         try:
-            fd = os.open(source.path, os.O_RDONLY | flag)
+            fd = open_direct(source.path)
         except FileNotFoundError:
             raise self._stale(source, "vanished") from None
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return False
-            raise
+        if fd is None:
+            return False
         try:
             why = source.changed(os.fstat(fd))
             if why is not None:
@@ -1023,31 +1010,14 @@ class VirtualFrameReader:
             buf = getattr(_LOCAL, "buffer", None)
             if buf is None or buf.size < hi - lo:
                 buf = _LOCAL.buffer = aligned_buffer(hi - lo)
-            view = memoryview(buf)
-            got = 0
-            while got < hi - lo:
-                try:
-                    n = os.preadv(fd, [view[got:hi - lo]], lo + got)
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL and not got:
-                        return False
-                    raise
-                if not n or (lo + got + n) % DIRECT_ALIGN:
-                    got += n
-                    break  # the end of the file
-                got += n
+            got = pread_direct(fd, memoryview(buf), lo, hi - lo)
         finally:
             os.close(fd)
+        if got is None:
+            return False
         if got < stop - lo:
             raise self._stale(source, "changed (it ends before the rows read)")
-        nx = source.shape[1]
-        rows = range(*ys.indices(source.shape[0]))
-        itemsize = np.dtype(source.dtype).itemsize
-        band = np.frombuffer(buf, dtype=source.dtype, count=(stop - start) // itemsize,
-                             offset=start - lo).reshape(-1, nx)
-        np.copyto(out, band[::rows.step, xs], casting="unsafe")
-        if source.bzero == 32768:
-            out ^= np.uint16(0x8000)
+        _convert_rows(buf, start - lo, source, ys, xs, out)
         return True
 
     def __call__(self, indices: Sequence[int], ys: slice, xs: slice) -> np.ndarray:
@@ -1108,6 +1078,23 @@ class VirtualFrameReader:
             pass  # advice only
         finally:
             os.close(fd)
+
+
+def _convert_rows(raw: Any, offset: int, source: FrameSource, ys: slice, xs: slice,
+                  out: np.ndarray) -> None:
+    """Convert a frame's rows ``ys``, stored from byte ``offset`` of ``raw``, into ``out``.
+
+    The window ``xs`` of the rows is byte-swapped and wrapped to uint16 in one
+    cast, then ``int16 XOR 0x8000`` for BZERO 32768 (exactly the unsigned
+    counts); ``raw`` holds the file's bytes from the first row of ``ys`` on.
+    """
+    ny, nx = source.shape
+    rows = range(*ys.indices(ny))
+    count = (rows[-1] - rows[0] + 1) * nx
+    band = np.frombuffer(raw, dtype=source.dtype, count=count, offset=offset).reshape(-1, nx)
+    np.copyto(out, band[::rows.step, xs], casting="unsafe")
+    if source.bzero == 32768:
+        out ^= np.uint16(0x8000)
 
 
 #: Requests in flight of the direct (``O_DIRECT``) reads of all readers of a

@@ -237,7 +237,7 @@ def _stream_image(out: _HashedFile, arr: zarr.Array, header: fits.Header,
     expected = abs(int(header["BITPIX"])) // 8 * (math.prod(shape) if shape else 0)
     written = 0
     if not shape or 0 in shape:
-        pass
+        pass  # no data block
     elif len(shape) < 2:  # small vectors: one write
         written += out.write(_big_endian(np.asarray(data[...], dtype=arr.dtype), header))
     else:
@@ -278,26 +278,17 @@ class _HashedFile:
     _BLOCK = 8 << 20
 
     def __init__(self, path: str, *, direct: bool) -> None:
-        from sitiancal.storage.frames import DIRECT_ALIGN, aligned_buffer
+        from sitiancal.storage.frames import DIRECT_ALIGN, aligned_buffer, open_direct
 
         self.path = path
         self.digest = hashlib.sha256()
         self.size = 0
         self._align = DIRECT_ALIGN
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        odirect = getattr(os, "O_DIRECT", 0) if direct else 0
-        self._direct = False
         self._settle = direct
-        self.fd = -1
-        if odirect:
-            try:
-                self.fd = os.open(path, flags | odirect, 0o644)
-                self._direct = True
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-        if self.fd < 0:
-            self.fd = os.open(path, flags, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = open_direct(path, flags) if direct else None
+        self._direct = fd is not None
+        self.fd = fd if fd is not None else os.open(path, flags, 0o644)
         self._buf = aligned_buffer(self._BLOCK)
         self._fill = 0
 

@@ -621,6 +621,46 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
 
 
+def open_direct(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int | None:
+    """Open a local file with ``O_DIRECT`` added to ``flags``; None where that is not possible.
+
+    None where the platform has no ``O_DIRECT`` or the file system refuses it
+    (``EINVAL``, ``EOPNOTSUPP``: tmpfs); any other error is raised (``OSError``).
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, flags | flag, mode)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def pread_direct(fd: int, view: memoryview, offset: int, length: int) -> int | None:
+    """Read ``length`` bytes at ``offset`` of an ``O_DIRECT`` file into ``view`` (aligned).
+
+    ``offset``, ``length`` and the address of ``view`` are multiples of
+    :data:`DIRECT_ALIGN`. Transfers go on until ``length`` bytes are read or one
+    ends off the alignment (the end of the file); returns the bytes read, or
+    None when the file system refuses the first transfer (``EINVAL``: the
+    caller reads through the page cache).
+    """
+    got = 0
+    while got < length:
+        try:
+            n = os.preadv(fd, [view[got:length]], offset + got)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and not got:
+                return None
+            raise
+        got += n
+        if not n or (offset + got) % DIRECT_ALIGN:
+            break  # the end of the file
+    return got
+
+
 def read_file_direct(path: PathLike, *, buffer: np.ndarray | None = None) -> np.ndarray:
     """Read a whole local file with ``O_DIRECT`` (bypassing the page cache) into a uint8 array.
 
@@ -636,15 +676,14 @@ def read_file_direct(path: PathLike, *, buffer: np.ndarray | None = None) -> np.
     ``O_DIRECT`` (e.g. tmpfs). Raises :class:`FrameReadError` as that does.
     """
     name = os.fspath(path)
-    flag = getattr(os, "O_DIRECT", 0)
-    if "://" in name or not flag:
+    if "://" in name:
         return read_file_bytes(path, buffer=buffer)
     try:
-        fd = os.open(name, os.O_RDONLY | flag)
+        fd = open_direct(name)
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no O_DIRECT here
-            return read_file_bytes(path, buffer=buffer)
         raise FrameReadError(name, f"unreadable: {exc.strerror or exc}") from None
+    if fd is None:  # no O_DIRECT here
+        return read_file_bytes(path, buffer=buffer)
     try:
         size = os.fstat(fd).st_size
         span = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
@@ -652,17 +691,9 @@ def read_file_direct(path: PathLike, *, buffer: np.ndarray | None = None) -> np.
                 or buffer.ctypes.data % DIRECT_ALIGN):
             buffer = aligned_buffer(span)
         view = memoryview(buffer)
-        got = 0
-        try:
-            while got < size and got % DIRECT_ALIGN == 0:
-                n = os.preadv(fd, [view[got:span]], got)
-                if not n:
-                    break
-                got += n
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or got:
-                raise
-            os.close(fd)  # the file system opened but refuses the transfer: buffered
+        got = pread_direct(fd, view, 0, span)
+        if got is None:  # the file system opened but refuses the transfer: buffered
+            os.close(fd)
             fd = -1
             return read_file_bytes(path, buffer=buffer)
         if got < size:  # a short transfer off the alignment: the rest buffered
