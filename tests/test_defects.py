@@ -287,7 +287,8 @@ def test_ad_kernel_matches_scipy_reference() -> None:
     fast = rtn_statistic(stack, seed=3)
     ref = rtn_statistic(stack, seed=3, backend="numpy")
     assert fast.shape == (40, 100)
-    np.testing.assert_allclose(fast, ref, rtol=1e-7, atol=1e-7)
+    # the table's linear interpolation: within its stated bound (1e-5 at 30 frames)
+    assert np.nanmax(np.abs(fast - ref)) <= D._ad_table_error(30)
     # a constant pixel has no statistic
     const = np.full((20, 4), 7.5)
     assert np.isnan(rtn_statistic(const)).all()
