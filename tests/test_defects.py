@@ -528,6 +528,20 @@ def _flags_compiled_and_numpy(values: np.ndarray, fit: str) -> tuple[np.ndarray,
     return flags, ref_flags
 
 
+def test_kmeans_init_kernel_equals_numpy_reference() -> None:
+    """The compiled exact 1-D k-means start gives the reference's means, ties included."""
+    rng = np.random.default_rng(48)
+    rows = np.concatenate([rng.normal(0.0, 1.0, (300, 30)),
+                           _rtn3(rng, 30, 100, (2, 6)).astype(float).T,
+                           np.round(rng.normal(0.0, 1.0, (100, 30))),  # many tied values
+                           np.zeros((2, 30))], axis=0)
+    rows = np.sort(rows, axis=1)
+    for k in (2, 3):
+        got = np.empty((rows.shape[0], k))
+        D._kmeans_1d_kernel(rows, got)
+        np.testing.assert_array_equal(got, D._kmeans_1d_init(rows, k))
+
+
 def test_tied_mixture_kernel_equals_numpy_reference() -> None:
     """The compiled tied-variance EM gives the reference's fits (sums in another order)."""
     rng = np.random.default_rng(47)
