@@ -760,7 +760,6 @@ def _kmeans_1d_init(y: np.ndarray, k: int) -> np.ndarray:
     return means
 
 
-
 @njit(cache=True, nogil=True, parallel=True)
 def _kmeans_1d_kernel(y: np.ndarray, means: np.ndarray) -> None:  # pragma: no cover - compiled
     """:func:`_kmeans_1d_init` row by row (k = ``means.shape[1]``, 2 or 3) into ``means``.
@@ -768,7 +767,8 @@ def _kmeans_1d_kernel(y: np.ndarray, means: np.ndarray) -> None:  # pragma: no c
     The same scores in the same order (cuts ascending, the first a before b;
     the first maximum wins), so the same splits and the same means; O(F^2)
     per row without the reference's (M, F^2 / 2) score array (at k = 3 and
-    50 frames that array was ~1.2 kB a row and the init took as long as the EM).
+    50 frames 1176 scores, 9.4 kB, a row and a few such temporaries: the
+    reference start took as long as the EM).
     """
     m, n = y.shape
     k = means.shape[1]
@@ -801,6 +801,7 @@ def _kmeans_1d_kernel(y: np.ndarray, means: np.ndarray) -> None:  # pragma: no c
             hi = np.array([ba, bb, n])
         for c in range(k):
             means[r, c] = (c1[hi[c]] - c1[lo[c]]) / (hi[c] - lo[c])
+
 
 def _tied_gmm(y: np.ndarray, k: int, *, max_iter: int = 300, tol: float = 1e-7,
               backend: str = "numba") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
