@@ -35,7 +35,22 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory):
+def warm_kernels(sim, tmp_path_factory):
+    """The compiled kernels in numba's on-disk cache before any worker starts.
+
+    A fresh checkout has none: each worker process would compile every kernel
+    it meets during the job (minutes on a slow 2-core machine, inside the
+    job's time limit, and with compiler memory against the workers' 1 GB).
+    One local job on the same frames compiles them once; the workers load them.
+    """
+    from sitiancal.service.pipeline import calibrate
+
+    _, source, _ = sim
+    calibrate(source, "WARM", Settings(data_dir=tmp_path_factory.mktemp("warm") / "data"))
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory, warm_kernels):
     """A scheduler and two single-threaded worker processes (no nanny) on 127.0.0.1."""
     tmp = tmp_path_factory.mktemp("cluster")
     sched_file = tmp / "scheduler.json"
