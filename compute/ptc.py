@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from astropy.stats import sigma_clip
 from scipy.optimize import curve_fit
+
+from sitiancal.compute.summary import clipped_survivors
 
 __all__ = ["PTCFit", "PairStats", "find_turnoff", "fit_ptc", "pair_stats"]
 
@@ -127,12 +128,12 @@ class PTCFit:
 
 
 def _clipped(values: np.ndarray, sigma: float) -> np.ndarray:
-    """Survivors (1-D) of astropy's iterative median/std sigma clipping to convergence.
+    """Survivors (1-D, sorted) of iterative median/std sigma clipping to convergence.
 
-    Non-finite values are dropped first (astropy would drop them with a warning).
+    Non-finite values are dropped first. The same values as astropy's
+    ``sigma_clip(maxiters=None)`` (:func:`compute.summary.clipped_survivors`).
     """
-    finite = values[np.isfinite(values)]
-    return np.asarray(sigma_clip(finite, sigma=sigma, maxiters=None, masked=False, axis=None))
+    return clipped_survivors(values, sigma)
 
 
 def pair_stats(

@@ -13,9 +13,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from astropy.stats import sigma_clip
 
-from sitiancal.compute.summary import MAD_TO_SIGMA, finite_values, mean_std, quantiles
+from sitiancal.compute.summary import (
+    MAD_TO_SIGMA,
+    clipped_survivors,
+    finite_values,
+    mean_std,
+    quantiles,
+)
 from sitiancal.compute.summary import median as exact_median
 
 __all__ = [
@@ -134,8 +139,9 @@ def conventional_read_noise(
     -----
     The difference removes the fixed pattern (bias structure, DSNU); each frame
     contributes the same temporal variance, so ``rn = std(b1 - b2) / sqrt(2)``
-    (std with ddof=1 over the kept pixels). Clipping uses
-    ``astropy.stats.sigma_clip`` (cenfunc median, stdfunc std).
+    (std with ddof=1 over the kept pixels). Clipping keeps the same pixels as
+    ``astropy.stats.sigma_clip`` (cenfunc median, stdfunc std, to convergence;
+    :func:`compute.summary.clipped_survivors`).
     """
     a1 = np.asarray(b1)
     a2 = np.asarray(b2)
@@ -145,13 +151,9 @@ def conventional_read_noise(
         a1 = a1[region]
         a2 = a2[region]
     diff = a1.astype(np.float64) - a2.astype(np.float64)
-    finite = diff[np.isfinite(diff)]
-    if finite.size < 2:
+    if int(np.count_nonzero(np.isfinite(diff))) < 2:
         raise ValueError("fewer than 2 finite pixels in the difference")
-    clipped = sigma_clip(
-        finite, sigma=sigma, maxiters=None, cenfunc="median", stdfunc="std", masked=True
-    )
-    kept = finite[~np.ma.getmaskarray(clipped)]
+    kept = clipped_survivors(diff, sigma)
     n = int(kept.size)
     if n < 2:
         raise ValueError("fewer than 2 pixels survive the clip")

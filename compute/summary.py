@@ -20,8 +20,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["MAD_TO_SIGMA", "finite_median", "finite_median_mad", "finite_values", "mean_std",
-           "median", "order_statistics", "quantiles", "row_bands"]
+__all__ = ["MAD_TO_SIGMA", "clipped_survivors", "finite_median", "finite_median_mad",
+           "finite_values", "mean_std", "median", "order_statistics", "quantiles", "row_bands"]
 
 #: 1.4826: the MAD of a Gaussian times this is its standard deviation.
 MAD_TO_SIGMA = 1.482602218505602
@@ -172,6 +172,54 @@ def mean_std(values: np.ndarray, *, ddof: int = 1) -> tuple[float, float]:
         d = v[i:i + _BLOCK].astype(np.float64) - mean
         ss += float(np.dot(d, d))
     return mean, float(np.sqrt(ss / (n - ddof)))
+
+
+def clipped_survivors(values: np.ndarray, sigma: float) -> np.ndarray:
+    """Survivors of iterative median/std sigma clipping to convergence, sorted.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Any shape and units; non-finite values are dropped first.
+    sigma : float
+        Clipping half-width in standard deviations (ddof 0) about the median,
+        the same on both sides.
+
+    Returns
+    -------
+    numpy.ndarray
+        1-D float64, ascending: the same values as
+        ``astropy.stats.sigma_clip(values, sigma=sigma, maxiters=None,
+        cenfunc="median", stdfunc="std", masked=False, axis=None)`` (tested),
+        which returns them in their input order.
+
+    Notes
+    -----
+    The survivors of every iteration are the values within an interval of the
+    previous survivors, so in sorted order they are a contiguous slice: after
+    one sort each iteration costs a standard deviation over the slice (the
+    median is read off by index) and two binary searches, instead of astropy's
+    partition, standard deviation and boolean compaction per iteration. The
+    standard deviations sum the same values in another order, so the bounds
+    agree with astropy's to ~1e-16 relative. With numpy's SIMD sort this is
+    ~3x faster on a 1024^2 region (the conventional-PTC pair statistics of the
+    plan stage were ~95 % astropy's clipping).
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    n = int(np.searchsorted(v, np.inf, side="left"))      # NaN sorts last, then +inf
+    lo = int(np.searchsorted(v, -np.inf, side="right"))
+    while True:
+        m = n - lo
+        if m == 0:
+            return v[lo:n]
+        kept = v[lo:n]
+        centre = float(np.mean(kept[(m - 1) // 2: m // 2 + 1]))   # np.median's middle
+        half = float(np.std(kept)) * sigma
+        new_lo = lo + int(np.searchsorted(kept, centre - half, side="left"))
+        new_n = lo + int(np.searchsorted(kept, centre + half, side="right"))
+        if new_lo == lo and new_n == n:
+            return kept
+        lo, n = new_lo, new_n
 
 
 def quantiles(values: np.ndarray, q: Sequence[float]) -> np.ndarray:

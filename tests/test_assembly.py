@@ -297,3 +297,44 @@ def test_subsample_is_the_same_as_with_np_unique(fraction: float, limit: int, se
     mask = np.random.default_rng(seed).random((300, 700)) < fraction
     np.testing.assert_array_equal(_subsample(mask, limit, seed),
                                   _subsample_with_unique(mask, limit, seed))
+
+
+@pytest.mark.parametrize("case", ["gauss-outliers", "heavy-tails", "non-finite", "integers",
+                                  "constant", "tiny", "one-sided"])
+@pytest.mark.parametrize("sigma", [2.0, 3.0, 5.0])
+def test_clipped_survivors_are_astropys_sigma_clip(case: str, sigma: float) -> None:
+    """The sorted-slice clipping keeps exactly the values astropy's sigma_clip keeps."""
+    import warnings
+
+    from astropy.stats import sigma_clip
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    from sitiancal.compute.summary import clipped_survivors
+
+    rng = np.random.default_rng(7)
+    n = 100_001
+    if case == "gauss-outliers":
+        v = rng.normal(3.0, 2.0, n)
+        v[rng.choice(n, 300, replace=False)] += rng.normal(0, 80, 300)
+    elif case == "heavy-tails":
+        v = rng.standard_t(2.5, n) * 4.0 - 7.0
+    elif case == "non-finite":
+        v = rng.normal(0.0, 1.0, (301, 333))
+        v.flat[rng.choice(v.size, 500, replace=False)] = np.nan
+        v.flat[:3] = [np.inf, -np.inf, np.inf]
+    elif case == "integers":
+        v = rng.poisson(30.0, n).astype(np.int64) - rng.poisson(30.0, n)  # pair differences
+    elif case == "constant":
+        v = np.full(1000, 4.25)
+    elif case == "tiny":
+        v = np.array([1.0, 2.0, 100.0, 2.5])
+    else:
+        v = np.concatenate([rng.exponential(1.0, n), [40.0, 55.0, 90.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        ref = np.asarray(sigma_clip(v, sigma=sigma, maxiters=None, cenfunc="median",
+                                    stdfunc="std", masked=False, axis=None))
+    got = clipped_survivors(v, sigma)
+    assert got.dtype == np.float64
+    assert np.all(np.diff(got) >= 0)
+    np.testing.assert_array_equal(got, np.sort(ref.astype(np.float64)))
