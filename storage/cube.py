@@ -65,6 +65,7 @@ from sitiancal.storage.frames import (
     FrameReadError,
     HduInfo,
     aligned_buffer,
+    decode_be16,
     file_read_at,
     find_image_hdu,
     open_binary,
@@ -1084,13 +1085,19 @@ def _convert_rows(raw: Any, offset: int, source: FrameSource, ys: slice, xs: sli
                   out: np.ndarray) -> None:
     """Convert a frame's rows ``ys``, stored from byte ``offset`` of ``raw``, into ``out``.
 
-    The window ``xs`` of the rows is byte-swapped and wrapped to uint16 in one
-    cast, then ``int16 XOR 0x8000`` for BZERO 32768 (exactly the unsigned
-    counts); ``raw`` holds the file's bytes from the first row of ``ys`` on.
+    The window ``xs`` of the rows is byte-swapped and, for BZERO 32768, its
+    sign bit flipped (``int16 XOR 0x8000``: exactly the unsigned counts) in one
+    compiled pass (:func:`storage.frames.decode_be16`; numpy's byte-swapping
+    cast and a separate XOR took ~22 core-s of a 300-frame 61 MP tile pass);
+    ``raw`` holds the file's bytes from the first row of ``ys`` on.
     """
     ny, nx = source.shape
     rows = range(*ys.indices(ny))
     count = (rows[-1] - rows[0] + 1) * nx
+    if np.dtype(source.dtype) == np.dtype(_FITS_INT16) and source.bzero in (0, 32768):
+        words = np.frombuffer(raw, dtype=np.uint16, count=count, offset=offset).reshape(-1, nx)
+        decode_be16(words[::rows.step, xs], out, bzero=source.bzero)
+        return
     band = np.frombuffer(raw, dtype=source.dtype, count=count, offset=offset).reshape(-1, nx)
     np.copyto(out, band[::rows.step, xs], casting="unsafe")
     if source.bzero == 32768:
