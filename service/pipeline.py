@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -507,6 +508,47 @@ def memory_limit_bytes(settings: Settings) -> int | None:
     return int(parse_bytes(text))
 
 
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def use_direct_reads(setting: bool | str, frame_bytes: int, *,
+                     memory_bytes: int | None = None) -> bool:
+    """Whether a job reads its raw frames past the page cache (``O_DIRECT``).
+
+    Parameters
+    ----------
+    setting : bool or "auto"
+        ``Settings.direct_reads``.
+    frame_bytes : int
+        The dataset's pixels, bytes (frames x rows x columns x 2 for 16-bit counts).
+    memory_bytes : int, optional
+        Physical memory, bytes; default :func:`physical_memory_bytes`.
+
+    Returns
+    -------
+    bool
+        The setting when it is a bool. ``"auto"``: True when the pixels exceed
+        the physical memory. Such a set cannot stay in the page cache between
+        the cube build and the tile pass, so caching every byte on the way is
+        kernel work for nothing. Measured with 300 cold 61 MP frames (36.7 GB)
+        on two 2-core, 24 GB VMs: end to end 150 s against 152 s on one (the
+        build 11 s faster, the tile pass 6 s slower), 122-134 s (8 runs)
+        against 130-143 s (2 runs) on the other, whose kernel spends
+        ~0.9 core-s per GB read through the page cache.
+    """
+    if isinstance(setting, bool):
+        return setting
+    if str(setting).lower() != "auto":
+        raise ValueError(f"direct_reads must be true, false or 'auto', not {setting!r}")
+    memory = physical_memory_bytes() if memory_bytes is None else memory_bytes
+    return memory is not None and frame_bytes > memory
+
+
 def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
                  progress: StageProgress | None = None, span: tuple[float, float] = (0.0, 1.0),
                  scheduler: object | None = None) -> tuple[xr.Dataset, str]:
@@ -540,8 +582,9 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
         # 11-13 s vs 13-17 s for 8.4 GB on 2 cores).
         per_thread = 2.5 * 2 * inventory.shape[0] * inventory.shape[1]
         workers = int(max(1, min(2 * (os.cpu_count() or 1), 8, limit // per_thread)))
+    n_pixels = len(inventory.frames) * math.prod(inventory.shape or (0, 0))
     ds = build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers,
-                    direct=settings.direct_reads)
+                    direct=use_direct_reads(settings.direct_reads, 2 * n_pixels))
     return ds, store
 
 
@@ -615,7 +658,9 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
         outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
                                    client=client, progress=report, cancelled=is_cancelled,
                                    memory_limit=None if client is not None else limit,
-                                   span=(0.45, 0.92), emit=stage, direct=settings.direct_reads)
+                                   span=(0.45, 0.92), emit=stage,
+                                   direct=use_direct_reads(settings.direct_reads,
+                                                           2 * math.prod(ds["frames"].shape)))
         staged.extend(writer.drain())
         if not outcome.products:
             reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())

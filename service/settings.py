@@ -10,7 +10,7 @@ same code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -74,9 +74,10 @@ class Settings(BaseSettings):
     memory_limit: str = Field(
         default="4GB", description="Memory budget of a calibration run (dask worker limit)."
     )
-    direct_reads: bool = Field(
-        default=False, description="Read raw frames past the page cache (O_DIRECT): the "
-        "cube build and a virtual cube's tile pass (see deploy/settings.md).",
+    direct_reads: bool | Literal["auto"] = Field(
+        default="auto", description="Read raw frames past the page cache (O_DIRECT): the "
+        "cube build and a virtual cube's tile pass; 'auto': when a dataset's pixels exceed "
+        "the machine's physical memory (see deploy/settings.md).",
     )
     n_workers: int = Field(default=1, ge=1, description="LocalCluster worker processes.")
     threads_per_worker: int = Field(default=2, ge=1, description="Threads per dask worker.")

@@ -241,7 +241,40 @@ def test_service_setting_reads_frames_past_the_cache(tmp_path: Path, monkeypatch
     monkeypatch.delenv("SITIANCAL_DIRECT_READS")
     direct_reads.clear()
     dataset_cube(Settings(data_dir=tmp_path / "data2"), "ds1", inventory)
-    assert direct_reads == []  # off by default
+    assert direct_reads == []  # "auto" (the default): a set smaller than memory is cached
+    monkeypatch.setattr("sitiancal.service.pipeline.physical_memory_bytes", lambda: 1000)
+    dataset_cube(Settings(data_dir=tmp_path / "data3"), "ds1", inventory)
+    assert sorted(direct_reads) == sorted(str(r.path) for r in inventory.frames)
+    direct_reads.clear()
+    monkeypatch.setenv("SITIANCAL_DIRECT_READS", "false")
+    dataset_cube(Settings(data_dir=tmp_path / "data4"), "ds1", inventory)
+    assert direct_reads == []  # off whatever the size
+
+
+@pytest.mark.parametrize(("setting", "frame_bytes", "memory", "expected"), [
+    (True, 10, 100, True), (False, 1000, 100, False),
+    ("auto", 10, 100, False), ("auto", 100, 100, False), ("auto", 101, 100, True),
+    ("AUTO", 101, 100, True),
+])
+def test_direct_reads_auto_is_for_sets_larger_than_memory(setting, frame_bytes: int, memory: int,
+                                                          expected: bool) -> None:
+    from sitiancal.service.pipeline import use_direct_reads
+
+    assert use_direct_reads(setting, frame_bytes, memory_bytes=memory) is expected
+
+
+def test_direct_reads_setting_parses_booleans_and_auto(monkeypatch) -> None:
+    from sitiancal.service.pipeline import use_direct_reads
+
+    assert Settings().direct_reads == "auto"
+    for text, value in (("true", True), ("0", False), ("auto", "auto")):
+        monkeypatch.setenv("SITIANCAL_DIRECT_READS", text)
+        assert Settings().direct_reads == value
+    monkeypatch.setenv("SITIANCAL_DIRECT_READS", "sometimes")
+    with pytest.raises(ValueError, match="direct_reads"):
+        Settings()
+    with pytest.raises(ValueError, match="true, false or 'auto'"):
+        use_direct_reads("sometimes", 1)
 
 
 def test_service_setting_reads_tile_bands_past_the_cache(tmp_path: Path, monkeypatch) -> None:
