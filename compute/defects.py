@@ -1232,13 +1232,18 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither: bool,
+                        ids: np.ndarray, seed_mix: np.uint64,
                         net: np.ndarray, tab: np.ndarray, z0: float, h: float,
                         mf: int, a2: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
     """:func:`_rtn_stage1_kernel` for NaN-free values, vectorised over blocks of pixels.
 
     Per block of 256 pixels, every step is a loop over the block's pixels
     inside a loop over frames (SIMD-friendly): the prepared values are
-    computed in place in ``buf`` (the same float32 operations), sorted along
+    computed into ``buf`` (the same float32 operations; with ``dither`` the
+    dither of :func:`dither` is computed in the same loop from the pixels'
+    sensor indices ``ids`` and the hashed seed ``seed_mix``, pixel by pixel
+    within a frame, so the hash vectorises and no dither array is written
+    and read back: ``buf``'s input is ignored then), sorted along
     the frame axis by the comparator network ``net`` (branch-free min/max),
     and ``A*^2`` is accumulated frame by frame in the order of
     :func:`_ad_pixel`, and the three-level statistic by :func:`_level_block`,
@@ -1271,8 +1276,11 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
             row = buf[k, p0:p1]
             lk = lvl[k]
             if dither:
+                fk = np.uint64(k)
                 for i in range(nb):
-                    x = np.float32(src[i]) + row[i]
+                    z = _splitmix64(((np.uint64(ids[p0 + i]) << np.uint64(16)) + fk) ^ seed_mix)
+                    d = np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+                    x = np.float32(src[i]) + d
                     x = x - half
                     row[i] = x - lk
             else:
@@ -1338,19 +1346,17 @@ def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,
         lv = np.asarray(frame_level, dtype=np.float64).reshape(n_f)
         lvl = (lv - lv.mean()).astype(np.float32)
     ids = _pixel_ids(flat.shape[1], pixel_index)
+    mix = _seed_mix(seed)
     for p0 in range(0, flat.shape[1], _CHUNK_PIXELS):
         part = flat[:, p0 : p0 + _CHUNK_PIXELS]
         integral = np.issubdtype(part.dtype, np.integer) or bool(
             np.all(part.astype(np.float32) == np.round(part.astype(np.float32))))
-        if integral:
-            buf = dither(ids[p0 : p0 + _CHUNK_PIXELS], n_f, seed)
-        else:
-            buf = np.empty(part.shape, np.float32)
+        buf = np.empty(part.shape, np.float32)  # the network computes the dither itself
         a2 = np.empty(part.shape[1])
         s3 = np.empty(part.shape[1])
         if integral or not np.isnan(part).any():
-            _rtn_stage1_network(part, buf, lvl, integral, _sorting_network(n_f), tab, z0,
-                                _TABLE_STEP, mf, a2, s3)
+            _rtn_stage1_network(part, buf, lvl, integral, ids[p0 : p0 + _CHUNK_PIXELS], mix,
+                                _sorting_network(n_f), tab, z0, _TABLE_STEP, mf, a2, s3)
         else:
             _rtn_stage1_kernel(part, buf, lvl, integral, tab, z0, _TABLE_STEP, mf, a2, s3)
         yield p0, buf, a2, s3

@@ -422,15 +422,16 @@ def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
     tab, z0 = D._log_phi_table((n_f - 1) / np.sqrt(n_f))
     flat = stack.reshape(n_f, -1)
     lvl = (level - level.mean()).astype(np.float32)
-    dither = np.random.default_rng([3, 0]).random(size=flat.shape, dtype=np.float32)
+    ids = np.arange(flat.shape[1], dtype=np.int64) * 7 + 11  # sensor indices of the pixels
     outs = []
     for kernel in ("net", "pixel"):
-        buf = dither.copy()
         a2, s3 = np.empty(flat.shape[1]), np.empty(flat.shape[1])
-        if kernel == "net":
-            D._rtn_stage1_network(flat, buf, lvl, True, D._sorting_network(n_f), tab, z0,
-                                  D._TABLE_STEP, 2, a2, s3)
-        else:
+        if kernel == "net":  # computes the dither itself (the buffer's input is ignored)
+            buf = np.full(flat.shape, np.nan, dtype=np.float32)
+            D._rtn_stage1_network(flat, buf, lvl, True, ids, D._seed_mix(3),
+                                  D._sorting_network(n_f), tab, z0, D._TABLE_STEP, 2, a2, s3)
+        else:  # the dither array of :func:`dither`, then the per-pixel kernel
+            buf = D.dither(ids, n_f, 3)
             D._rtn_stage1_kernel(flat, buf, lvl, True, tab, z0, D._TABLE_STEP, 2, a2, s3)
         outs.append((buf, a2, s3))
     for x, y in zip(outs[0], outs[1], strict=True):
