@@ -698,8 +698,11 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         the CPU no longer copying and caching every byte), but a virtual
         cube's tile pass then finds none of the frames in the page cache
         (read past it too, ``frame_reader(direct=True)``: 83.7 s against
-        78.2 s on the benchmark machine), even end to end. Off by default;
-        ``SITIANCAL_DIRECT_READS`` turns it on for the service.
+        78.2 s on the benchmark machine), even end to end; on a VM whose
+        kernel spends ~0.9 core-s per GB of buffered reads, 122-134 s against
+        130-143 s end to end. Off by default here; the service's
+        ``SITIANCAL_DIRECT_READS`` (default ``auto``) turns it on for datasets
+        larger than the machine's memory (:func:`service.pipeline.use_direct_reads`).
 
     Returns
     -------
