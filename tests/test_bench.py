@@ -43,7 +43,10 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     assert e2e["cpu_s"] > 0
     for name in ("read", "numpy"):
         assert result["baselines"][name]["wall_s"] > 0
-    assert e2e["x_numpy"] > 0 and e2e["x_read"] > 0
+    read = result["baselines"]["read"]
+    assert len(read["runs_s"]) == 3  # --read-repeats' default; the fastest is the limit
+    assert read["wall_s"] == min(read["runs_s"]) <= read["median_s"] <= max(read["runs_s"])
+    assert e2e["x_numpy"] > 0 and e2e["x_read"] == pytest.approx(e2e["wall_s"] / read["wall_s"])
     mb = result["master_bias"]
     assert mb["n_frames"] == 3 and mb["speedup"] > 0 and mb["kernel_speedup"] > 0
     assert all(mb[k]["peak_rss_gb"] > 0.01 for k in ("sitiancal", "kernel", "ccdproc"))
@@ -53,6 +56,7 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     assert "| cores busy (of which system) |" in table
     assert "| sitiancal master-bias kernel" in table and "Graph construction" in table
     assert "| **end to end** |" in proc.stdout
+    assert "read once, 3 runs: " in table and "the ratios use the fastest" in table
     leftovers = [p.name for p in out.iterdir() if p.name.startswith("sitiancal-bench-")]
     assert leftovers == []  # scratch cube and store removed
 
@@ -65,6 +69,10 @@ def test_bench_rejects_bad_arguments(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(RUN), "--frames-dir", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "not a folder" in proc.stderr
+    proc = subprocess.run([sys.executable, str(RUN), "--simulate", "--read-repeats", "0",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--read-repeats must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_numpy_baseline_and_read_once_measure_the_files(tmp_path: Path) -> None:
