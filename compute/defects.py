@@ -568,14 +568,19 @@ def _splitmix64(z):  # pragma: no cover - compiled
     return z ^ (z >> np.uint64(31))
 
 
+@njit(cache=True, inline="always")
+def _dither_value(pixel, frame, seed_mix):  # pragma: no cover - compiled
+    """The dither of one (pixel, frame): 24 bits of splitmix64 as a float32 in [0, 1)."""
+    z = _splitmix64(((np.uint64(pixel) << np.uint64(16)) + np.uint64(frame)) ^ seed_mix)
+    return np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _dither_kernel(pixels, seed_mix, out):  # pragma: no cover - compiled
     n_f = out.shape[0]
     for j in prange(pixels.shape[0]):
-        base = np.uint64(pixels[j]) << np.uint64(16)
         for f in range(n_f):
-            z = _splitmix64((base + np.uint64(f)) ^ seed_mix)
-            out[f, j] = np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+            out[f, j] = _dither_value(pixels[j], f, seed_mix)
 
 
 def _mix_numpy(z: np.ndarray) -> np.ndarray:
@@ -1276,11 +1281,8 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
             row = buf[k, p0:p1]
             lk = lvl[k]
             if dither:
-                fk = np.uint64(k)
                 for i in range(nb):
-                    z = _splitmix64(((np.uint64(ids[p0 + i]) << np.uint64(16)) + fk) ^ seed_mix)
-                    d = np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
-                    x = np.float32(src[i]) + d
+                    x = np.float32(src[i]) + _dither_value(ids[p0 + i], k, seed_mix)
                     x = x - half
                     row[i] = x - lk
             else:
