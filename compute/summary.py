@@ -14,6 +14,7 @@ of a map of millions of pixels.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 import numba
@@ -21,7 +22,8 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = ["MAD_TO_SIGMA", "clipped_survivors", "finite_median", "finite_median_mad",
-           "finite_values", "mean_std", "median", "order_statistics", "quantiles", "row_bands"]
+           "finite_values", "mean_std", "median", "order_statistics", "quantiles", "row_bands",
+           "sort_backend", "sort_float64"]
 
 #: 1.4826: the MAD of a Gaussian times this is its standard deviation.
 MAD_TO_SIGMA = 1.482602218505602
@@ -174,6 +176,129 @@ def mean_std(values: np.ndarray, *, ddof: int = 1) -> tuple[float, float]:
     return mean, float(np.sqrt(ss / (n - ddof)))
 
 
+#: Bits per digit of the float64 radix sort: 8 passes of 256 buckets (the
+#: bucket offsets stay in L1). Measured on 2^20 values against 11, 13 and 16
+#: bits: 17-22 ms against 17-29 ms.
+_RADIX_BITS = 8
+#: Below this many values :func:`sort_float64` always uses numpy's sort.
+_RADIX_MIN = 1 << 16
+
+
+@njit(cache=True, nogil=True)
+def _radix_sort_f64(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Sort 1-D contiguous float64 ``values`` into ``out`` (ascending, NaN last).
+
+    LSD radix sort of order-preserving 64-bit keys: a non-negative float's
+    bits with the sign bit set, a negative float's bits inverted, every NaN
+    mapped to the positive quiet NaN first (so all NaN sort after +inf, as in
+    numpy; their payloads are not kept). One pass counts the digits of every
+    pass; a pass whose digit is the same for all keys is skipped (the
+    exponent bytes of data within one binade). ``out`` is one of the two key
+    buffers, so the only temporary is one array of ``values.size`` keys.
+    """
+    n = values.size
+    nb = 1 << _RADIX_BITS
+    n_pass = (64 + _RADIX_BITS - 1) // _RADIX_BITS
+    mask = np.uint64(nb - 1)
+    sign = np.uint64(1) << np.uint64(63)
+    nan = np.uint64(0x7FF8000000000000)
+    bits = values.view(np.uint64)
+    src = out.view(np.uint64)
+    dst = np.empty(n, np.uint64)
+    counts = np.zeros((n_pass, nb), np.int64)
+    for i in range(n):
+        u = bits[i]
+        if values[i] != values[i]:
+            u = nan
+        k = ~u if u & sign else u | sign
+        src[i] = k
+        for p in range(n_pass):
+            counts[p, (k >> np.uint64(p * _RADIX_BITS)) & mask] += 1
+    pos = np.empty(nb, np.int64)
+    for p in range(n_pass):
+        shift = np.uint64(p * _RADIX_BITS)
+        if counts[p, (src[0] >> shift) & mask] == n:
+            continue
+        total = 0
+        for b in range(nb):
+            pos[b] = total
+            total += counts[p, b]
+        for i in range(n):
+            k = src[i]
+            b = (k >> shift) & mask
+            dst[pos[b]] = k
+            pos[b] += 1
+        src, dst = dst, src
+    result = out.view(np.uint64)
+    for i in range(n):
+        k = src[i]
+        result[i] = k ^ sign if k & sign else ~k
+
+
+_SORT_CHOICE: list[str] = []
+
+
+def sort_backend() -> str:
+    """``"radix"`` or ``"numpy"``: the faster float64 sort on this machine, measured once.
+
+    numpy's sort of float64 is a SIMD quicksort whose speed depends on the
+    CPU: 12 ms per 2^20 values where it runs well, 56 ms on an AMD EPYC
+    (Zen 4) VM with AVX-512, where :func:`_radix_sort_f64` takes 17-22 ms.
+    Both are timed on the same 2^17 seeded values (best of three) on first
+    use, and the choice is kept for the process; either gives the same
+    values (tested), so the choice changes only the time.
+    """
+    if not _SORT_CHOICE:
+        x = np.random.default_rng(0).normal(20000.0, 150.0, 1 << 17)
+        out = np.empty_like(x)
+        _radix_sort_f64(x, out)  # compile or load before timing
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        radix = best(lambda: _radix_sort_f64(x, out))
+        numpy = best(lambda: np.sort(x))
+        _SORT_CHOICE.append("radix" if radix < numpy else "numpy")
+    return _SORT_CHOICE[0]
+
+
+def sort_float64(values: np.ndarray, *, backend: str | None = None) -> np.ndarray:
+    """A sorted float64 copy of 1-D ``values``: the same values as ``np.sort``.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        1-D, any units; converted to float64.
+    backend : {"radix", "numpy"}, optional
+        Force one implementation; default: :func:`sort_backend` for
+        ``2**16`` values or more, numpy below.
+
+    Returns
+    -------
+    numpy.ndarray
+        Ascending, NaN last (as numpy; the radix sort returns every NaN as the
+        quiet NaN, and ``-0.0`` before ``0.0``, which compare equal).
+    """
+    v = np.ascontiguousarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"sort_float64 takes a 1-D array, not shape {v.shape}")
+    if backend is None:
+        backend = sort_backend() if v.size >= _RADIX_MIN else "numpy"
+    if backend == "numpy":
+        return np.sort(v)
+    if backend != "radix":
+        raise ValueError(f"unknown sort backend {backend!r}")
+    out = np.empty_like(v)
+    if v.size:
+        _radix_sort_f64(v, out)
+    return out
+
+
 def clipped_survivors(values: np.ndarray, sigma: float) -> np.ndarray:
     """Survivors of iterative median/std sigma clipping to convergence, sorted.
 
@@ -203,9 +328,10 @@ def clipped_survivors(values: np.ndarray, sigma: float) -> np.ndarray:
     standard deviations sum the same values in another order, so the bounds
     agree with astropy's to ~1e-16 relative. With numpy's SIMD sort this is
     ~3x faster on a 1024^2 region (the conventional-PTC pair statistics of the
-    plan stage were ~95 % astropy's clipping).
+    plan stage were ~95 % astropy's clipping); the sort itself is
+    :func:`sort_float64`.
     """
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    v = sort_float64(np.asarray(values, dtype=np.float64).ravel())
     n = int(np.searchsorted(v, np.inf, side="left"))      # NaN sorts last, then +inf
     lo = int(np.searchsorted(v, -np.inf, side="right"))
     while True:
