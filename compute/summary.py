@@ -14,8 +14,9 @@ of a map of millions of pixels.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numba
 import numpy as np
@@ -236,35 +237,44 @@ def _radix_sort_f64(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no 
 
 
 _SORT_CHOICE: list[str] = []
+_SORT_LOCK = threading.Lock()
 
 
 def sort_backend() -> str:
     """``"radix"`` or ``"numpy"``: the faster float64 sort on this machine, measured once.
 
     numpy's sort of float64 is a SIMD quicksort whose speed depends on the
-    CPU: 12 ms per 2^20 values where it runs well, 56 ms on an AMD EPYC
-    (Zen 4) VM with AVX-512, where :func:`_radix_sort_f64` takes 17-22 ms.
-    Both are timed on the same 2^17 seeded values (best of three) on first
-    use, and the choice is kept for the process; either gives the same
-    values (tested), so the choice changes only the time.
+    CPU: on the Intel VMs of earlier measurements a whole 1024^2 pair
+    statistic, three such sorts and the clipping, took 43 ms; on an AMD EPYC
+    (Zen 4) VM with AVX-512 one sort of 2^20 values takes 56 ms, where
+    :func:`_radix_sort_f64` takes 17-22 ms. Both are timed on the same 2^17
+    seeded values (best of three) on first use, and the choice is kept for
+    the process; either gives the same values (tested), so the choice
+    changes only the time.
     """
-    if not _SORT_CHOICE:
-        x = np.random.default_rng(0).normal(20000.0, 150.0, 1 << 17)
-        out = np.empty_like(x)
-        _radix_sort_f64(x, out)  # compile or load before timing
-
-        def best(fn) -> float:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        radix = best(lambda: _radix_sort_f64(x, out))
-        numpy = best(lambda: np.sort(x))
-        _SORT_CHOICE.append("radix" if radix < numpy else "numpy")
+    with _SORT_LOCK:
+        if not _SORT_CHOICE:
+            _SORT_CHOICE.append(_measure_sorts())
     return _SORT_CHOICE[0]
+
+
+def _measure_sorts() -> str:
+    """Time both sorts of :func:`sort_backend` on 2^17 values; the faster one's name."""
+    x = np.random.default_rng(0).normal(20000.0, 150.0, 1 << 17)
+    out = np.empty_like(x)
+    _radix_sort_f64(x, out)  # compile or load before timing
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    radix = best(lambda: _radix_sort_f64(x, out))
+    numpy = best(lambda: np.sort(x))
+    return "radix" if radix < numpy else "numpy"
 
 
 def sort_float64(values: np.ndarray, *, backend: str | None = None) -> np.ndarray:
