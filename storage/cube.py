@@ -905,7 +905,8 @@ class VirtualFrameReader:
     byte-swapped and converted exactly to unsigned counts (``int16 XOR 0x8000``
     for BZERO 32768; a plain cast for BZERO 0, whose counts the build found
     non-negative). The maps are closed before returning, so no pages stay
-    mapped (or counted in the process RSS) between calls. Holds only the
+    mapped (or counted in the process RSS) between calls (except while a
+    profiler holds a frame of the copy: :func:`_close_map`). Holds only the
     manifest: picklable for distributed workers, which must see the files.
 
     With ``direct`` a window of whole rows (a band) is read with ``O_DIRECT``
@@ -972,8 +973,8 @@ class VirtualFrameReader:
             why = source.changed(os.fstat(f.fileno()))
             if why is not None:
                 raise self._stale(source, f"changed ({why})")
-            with mmap.mmap(f.fileno(), stop - base, access=mmap.ACCESS_READ,
-                           offset=base) as mapped:
+            mapped = mmap.mmap(f.fileno(), stop - base, access=mmap.ACCESS_READ, offset=base)
+            try:
                 if _WILLNEED is not None:
                     # one asynchronous read-ahead of the rows' whole byte range: a cold
                     # window (a strip of each row) is otherwise faulted in by small
@@ -982,6 +983,8 @@ class VirtualFrameReader:
                     mapped.madvise(_WILLNEED)
                 # the rows' view of the map dies with the call, before the map closes
                 _convert_rows(mapped, start - base, source, ys, xs, out)
+            finally:
+                _close_map(mapped)
 
     def _copy_direct(self, source: FrameSource, ys: slice, xs: slice, out: np.ndarray) -> bool:
         """Read the rows ``ys`` of one frame with ``O_DIRECT`` and convert them into ``out``.
@@ -1082,6 +1085,25 @@ class VirtualFrameReader:
             pass  # advice only
         finally:
             os.close(fd)
+
+
+def _close_map(mapped: mmap.mmap) -> None:
+    """Close a read-only map, or leave it to its last reference while a view of it lives.
+
+    The views :func:`_convert_rows` makes die with its call, except where
+    something holds that call's frame a moment longer: the statistical
+    profiler of a dask distributed worker samples the stacks of running tasks
+    every 10 ms and keeps the frames it took, and a frame keeps its local
+    variables (here an array over the map) until it is released. ``close``
+    then raises ``BufferError`` (a distributed test of a fresh-clone CI run
+    failed so; tested by holding the frame). The rows were copied already;
+    the map is unmapped when the profiler lets the frame go and the last
+    reference to it dies.
+    """
+    try:
+        mapped.close()
+    except BufferError:
+        pass
 
 
 def _convert_rows(raw: Any, offset: int, source: FrameSource, ys: slice, xs: slice,

@@ -145,6 +145,39 @@ def test_tile_reads_and_statistics_are_identical(tmp_path: Path, dtype: type) ->
         assert mapped  # narrower windows go through the map
 
 
+def test_a_held_frame_of_the_copy_does_not_fail_the_read(tmp_path: Path, monkeypatch) -> None:
+    """A view of the map outliving the copy (a profiler holding its frame) is no error.
+
+    dask distributed's worker profiler samples running tasks' stacks and keeps
+    the frames a moment; a kept frame of ``_convert_rows`` keeps its array over
+    the map, and closing the map raised ``BufferError`` in a distributed test.
+    """
+    import sys
+
+    import sitiancal.storage.cube as cube_mod
+
+    write_camera_set(tmp_path / "set", SHAPE, seed=17)
+    build_cube(scan(tmp_path / "set"), tmp_path / "c.zarr", tile=TILE, layout="virtual")
+    reader = frame_reader(tmp_path / "c.zarr")
+    window = (slice(3, 17), slice(5, 38))
+    want = frame_reader(tmp_path / "c.zarr")([0, 2], *window)
+    held: list[object] = []
+    original = cube_mod._convert_rows
+
+    def profiled(raw, offset, source, ys, xs, out):
+        original(raw, offset, source, ys, xs, out)
+        words = np.frombuffer(raw, dtype=np.uint8)  # a local array over the map ...
+        held.append(sys._getframe())                # ... kept alive by a held frame
+        assert words.size
+
+    monkeypatch.setattr(cube_mod, "_convert_rows", profiled)
+    np.testing.assert_array_equal(reader([0, 2], *window), want)
+    assert len(held) == 2
+    held.clear()  # the profiler lets go: the maps are closed with their last reference
+    monkeypatch.setattr(cube_mod, "_convert_rows", original)
+    np.testing.assert_array_equal(reader([0, 2], *window), want)
+
+
 def test_direct_tile_reads_fall_back_where_o_direct_is_refused(tmp_path: Path, monkeypatch
                                                                 ) -> None:
     write_camera_set(tmp_path / "set", SHAPE, seed=16)
