@@ -190,10 +190,8 @@ MAP_SPECS: dict[str, tuple[str, str]] = {
     "rtn": ("", "1 where the bias stack shows multi-level telegraph noise"),
     "dark_rate": ("ADU/s", "dark rate: weighted slope of mean signal vs exposure time"),
     "dark_rate_err": ("ADU/s", "1-sigma uncertainty of dark_rate"),
-    "dark_offset": ("ADU", "intercept of the dark fit (bias level)"),
     "dark_chi2": ("", "reduced chi-square of the dark fit"),
     "flat_signal": ("ADU", "offset-subtracted mean of the reference flat level"),
-    "flat_var": ("ADU2", "temporal variance of the reference flat level"),
     "gain": ("e-/ADU", "per-pixel gain from the temporal mean-variance fit"),
     "gain_err": ("e-/ADU", "1-sigma uncertainty of gain"),
     "gain_read_var": ("ADU2", "intercept of the per-pixel mean-variance fit"),
@@ -361,7 +359,6 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             dark_rate = np.asarray(fit.rate, dtype=np.float64)
             maps["dark_rate"] = dark_rate.astype(f32)
             maps["dark_rate_err"] = np.asarray(fit.rate_err, dtype=f32)
-            maps["dark_offset"] = np.asarray(fit.offset, dtype=f32)
             maps["dark_chi2"] = np.asarray(fit.chi2_red, dtype=f32)
             if master is None:
                 # EMVA 1288 style sets have no bias frames: the dark intercept is the bias.
@@ -397,7 +394,6 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             var[..., li] = mom.var
             if li == plan.flat_ref:
                 maps["flat_signal"] = mom.mean.astype(f32)
-                maps["flat_var"] = mom.var.astype(f32)
                 partials["flat_var_sum"] = float(np.nansum(mom.var))
                 partials["flat_var_count"] = float(np.isfinite(mom.var).sum())
         if plan.has_pixel_gain:
@@ -441,12 +437,11 @@ def expected_maps(plan: TilePlan) -> dict[str, tuple[int, ...]]:
         if plan.bias.n >= 3:
             names += ["bias_trend_z", "rtn"]
     if plan.darks and plan.has_dark_fit:
-        names += ["dark_rate", "dark_rate_err", "dark_offset", "dark_chi2"]
+        names += ["dark_rate", "dark_rate_err", "dark_chi2"]
     out: dict[str, tuple[int, ...]] = {name: () for name in names}
     if plan.flats:
         if plan.flat_ref is not None:
             out["flat_signal"] = ()
-            out["flat_var"] = ()
         if plan.has_pixel_gain:
             for name in ("gain", "gain_err", "gain_read_var", "gain_chi2", "gain_n_used"):
                 out[name] = ()
