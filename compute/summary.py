@@ -185,33 +185,48 @@ _RADIX_BITS = 8
 _RADIX_MIN = 1 << 16
 
 
+@njit(cache=True, inline="always")
+def _key64(bits: np.uint64) -> np.uint64:  # pragma: no cover - compiled
+    """Order-preserving unsigned key of a float64's bits: the 64-bit twin of :func:`_key`.
+
+    Every NaN (exponent all ones, mantissa not zero, either sign) maps to the
+    key of the positive quiet NaN, after +inf, as numpy sorts NaN last.
+    """
+    sign = np.uint64(1) << np.uint64(63)
+    if bits & ~sign > np.uint64(0x7FF0000000000000):
+        bits = np.uint64(0x7FF8000000000000)
+    return ~bits if bits & sign else bits | sign
+
+
+@njit(cache=True, inline="always")
+def _unkey64(key: np.uint64) -> np.uint64:  # pragma: no cover - compiled
+    """The float64 bits of a :func:`_key64` key (the inverse map; :func:`_from_key`'s twin)."""
+    sign = np.uint64(1) << np.uint64(63)
+    return key ^ sign if key & sign else ~key
+
+
 @njit(cache=True, nogil=True)
 def _radix_sort_f64(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Sort 1-D contiguous float64 ``values`` into ``out`` (ascending, NaN last).
 
-    LSD radix sort of order-preserving 64-bit keys: a non-negative float's
-    bits with the sign bit set, a negative float's bits inverted, every NaN
-    mapped to the positive quiet NaN first (so all NaN sort after +inf, as in
-    numpy; their payloads are not kept). One pass counts the digits of every
-    pass; a pass whose digit is the same for all keys is skipped (the
-    exponent bytes of data within one binade). ``out`` is one of the two key
+    LSD radix sort of order-preserving 64-bit keys (:func:`_key64`: a
+    non-negative float's bits with the sign bit set, a negative float's bits
+    inverted, every NaN as the positive quiet NaN, so all NaN sort after
+    +inf, as in numpy; their payloads are not kept). One pass counts the
+    digits of every pass; a pass whose digit is the same for all keys is
+    skipped (the exponent bytes of data within one binade). ``out`` is one of the two key
     buffers, so the only temporary is one array of ``values.size`` keys.
     """
     n = values.size
     nb = 1 << _RADIX_BITS
     n_pass = (64 + _RADIX_BITS - 1) // _RADIX_BITS
     mask = np.uint64(nb - 1)
-    sign = np.uint64(1) << np.uint64(63)
-    nan = np.uint64(0x7FF8000000000000)
-    bits = values.view(np.uint64)
     src = out.view(np.uint64)
     dst = np.empty(n, np.uint64)
     counts = np.zeros((n_pass, nb), np.int64)
+    bits = values.view(np.uint64)
     for i in range(n):
-        u = bits[i]
-        if values[i] != values[i]:
-            u = nan
-        k = ~u if u & sign else u | sign
+        k = _key64(bits[i])
         src[i] = k
         for p in range(n_pass):
             counts[p, (k >> np.uint64(p * _RADIX_BITS)) & mask] += 1
@@ -232,8 +247,7 @@ def _radix_sort_f64(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no 
         src, dst = dst, src
     result = out.view(np.uint64)
     for i in range(n):
-        k = src[i]
-        result[i] = k ^ sign if k & sign else ~k
+        result[i] = _unkey64(src[i])
 
 
 _SORT_CHOICE: list[str] = []
