@@ -1293,8 +1293,9 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
             row = buf[k, p0:p1]
             lk = lvl[k]
             if dither:
+                idb = ids[p0:p1]  # indexed from 0: no negative-index wraparound in the loop
                 for i in range(nb):
-                    x = np.float32(src[i]) + _dither_value(ids[p0 + i], k, seed_mix)
+                    x = np.float32(src[i]) + _dither_value(idb[i], k, seed_mix)
                     x = x - half
                     row[i] = x - lk
             else:
