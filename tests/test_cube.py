@@ -21,6 +21,7 @@ from sitiancal.storage.cube import (
     center_box,
     choose_tile,
     frame_statistics,
+    frame_statistics_be16,
     open_cube,
 )
 from sitiancal.storage.scan import scan
@@ -132,6 +133,31 @@ def test_statistics_kernel_against_numpy_and_astropy(seed: int, shape: tuple[int
     np.testing.assert_allclose(stats.col_mean, frame.mean(axis=0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("bzero", [32768, 0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_statistics_of_fits_words_equal_those_of_the_counts(seed: int, bzero: int) -> None:
+    # The virtual build takes the statistics straight from the file's big-endian
+    # words (histogram of the words, permuted; sums decoded in the loop): every
+    # field must equal that of the decoded counts, including the extremes.
+    rng = np.random.default_rng(seed)
+    shape = (37, 53)  # odd width: the histogram's tail loop
+    hi = 65536 if bzero else 32768  # BZERO 0 stores non-negative int16 counts
+    counts = np.rint(900 + 40 * rng.standard_t(3, size=shape)).clip(0, hi - 1)
+    hot = rng.random(shape) < 0.03
+    counts[hot] = rng.integers(0, hi, size=int(hot.sum()))
+    counts.flat[:3] = (0, hi - 1, hi - 1)
+    counts = counts.astype(np.uint16)
+    stored = (counts.astype(np.int32) - bzero).astype(">i2")  # the FITS data block
+    words = stored.view(np.uint16)  # its bytes as the file buffer holds them
+    got, ref = frame_statistics_be16(words, bzero=bzero), frame_statistics(counts)
+    for name in ("mean", "median", "clipped_mean", "clipped_std", "center_mean"):
+        assert getattr(got, name) == getattr(ref, name), name
+    np.testing.assert_array_equal(got.row_mean, ref.row_mean)
+    np.testing.assert_array_equal(got.col_mean, ref.col_mean)
+    with pytest.raises(ValueError, match="BZERO"):
+        frame_statistics_be16(words, bzero=1)
+
+
 def test_statistics_of_a_constant_frame() -> None:
     stats = frame_statistics(np.full((4, 6), 700, np.uint16))
     assert (stats.mean, stats.median, stats.clipped_mean, stats.clipped_std) == (700, 700, 700, 0)
@@ -199,14 +225,15 @@ def test_each_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert ds.sizes["frame"] == len(files) and ds.attrs["layout"] == layout
 
 
-def test_incomplete_cube_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["virtual", "copy"])
+def test_incomplete_cube_is_refused(tmp_path: Path, layout: str) -> None:
     write_camera_set(tmp_path / "set", SHAPE, seed=6)
     inventory = scan(tmp_path / "set")
     victim = Path(inventory.frames[-1].path)
     victim.write_bytes(victim.read_bytes()[:3000])  # truncated after the scan
     store = tmp_path / "c.zarr"
     with pytest.raises(CubeError, match="truncated"):
-        build_cube(inventory, store)
+        build_cube(inventory, store, layout=layout)
     with pytest.raises(CubeError, match="incomplete cube"):
         open_cube(store)
 
