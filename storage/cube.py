@@ -176,7 +176,7 @@ def _frame_pass(frame: np.ndarray, r0: int, r1: int, c0: int, c1: int, swap: boo
     each row is decoded (byte swap and XOR, vectorised) into a row buffer that
     stays in the L1 cache and is counted from there, so a frame is read once
     instead of decoded in a pass of its own (that reads and writes it) and
-    read again (61 MP: 55 instead of 70 ms, measured). Decoding each word
+    read again (61 MP: 55-86 instead of 70-93 ms, interleaved). Decoding each word
     inside the histogram loop was slower than both passes: that loop is bound
     by its scattered increments.
     """
