@@ -343,18 +343,31 @@ def _ad_table_error(n_frames: int) -> float:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _log_phi_pair(z: float, tab: np.ndarray, z0: float,
-                  inv_h: float) -> tuple[float, float]:  # pragma: no cover - compiled
-    """``(log Phi(z), log Phi(-z))`` by linear interpolation of :func:`_log_phi_table`."""
+def _table_position(z: float, z0: float, inv_h: float,
+                    top: int) -> tuple[int, float]:  # pragma: no cover - compiled
+    """Where ``z`` falls in :func:`_log_phi_table`: the flat index of its interval's
+    ``f`` entry and the fraction ``t`` within it (``top``: the last interval)."""
     u = (z - z0) * inv_h
     i = int(u)
     i = max(i, 0)
-    i = min(i, tab.shape[0] // 2 - 2)
-    t = u - i
-    q = 2 * i
+    i = min(i, top)
+    return 2 * i, u - i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _table_pair(tab: np.ndarray, q: int, t: float) -> tuple[float, float]:  # pragma: no cover
+    """``(log Phi(z), log Phi(-z))`` interpolated at the position ``(q, t)`` of ``z``."""
     f = tab[q]
     g = tab[q + 1]
     return f + t * (tab[q + 2] - f), g + t * (tab[q + 3] - g)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _log_phi_pair(z: float, tab: np.ndarray, z0: float,
+                  inv_h: float) -> tuple[float, float]:  # pragma: no cover - compiled
+    """``(log Phi(z), log Phi(-z))`` by linear interpolation of :func:`_log_phi_table`."""
+    q, t = _table_position(z, z0, inv_h, tab.shape[0] // 2 - 2)
+    return _table_pair(tab, q, t)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -1335,19 +1348,11 @@ def _rtn_stage1_network(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither
             # then the four table reads and the sums (1.7x faster than one loop,
             # which the table reads kept scalar throughout); the same floats
             for i in range(nb):
-                u = ((row[i] - m[i]) * inv_sd[i] - z0) * inv_h
-                j = int(u)
-                j = max(j, 0)
-                j = min(j, top)
-                q2[i] = 2 * j
-                frac[i] = u - j
+                q2[i], frac[i] = _table_position((row[i] - m[i]) * inv_sd[i], z0, inv_h, top)
             for i in range(nb):
-                q = q2[i]
-                t = frac[i]
-                f = tab[q]
-                g = tab[q + 1]
-                acc[i] += w_lo * (f + t * (tab[q + 2] - f))
-                acc[i] += w_hi * (g + t * (tab[q + 3] - g))
+                lo, hi = _table_pair(tab, q2[i], frac[i])
+                acc[i] += w_lo * lo
+                acc[i] += w_hi * hi
         for i in range(nb):
             if not (sd[i] > 0.0) or not np.isfinite(sd[i]):
                 a2[p0 + i] = np.nan

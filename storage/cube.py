@@ -67,6 +67,7 @@ from sitiancal.storage.frames import (
     HduInfo,
     aligned_buffer,
     decode_be16,
+    decode_word,
     file_read_at,
     find_image_hdu,
     open_binary,
@@ -186,14 +187,12 @@ def _frame_pass(frame: np.ndarray, r0: int, r1: int, c0: int, c1: int, swap: boo
     cols = np.zeros(nx, dtype=np.int64)
     decoded = np.empty(nx if swap else 0, dtype=np.uint16)
     f = np.uint16(flip)
-    eight = np.uint16(8)  # uint16 shifts stay uint16 (an int shift widens, and does not vectorise)
     box = 0
     for i in range(ny):
         row = frame[i]
         if swap:
             for j in range(nx):
-                w = row[j]
-                decoded[j] = np.uint16((w >> eight) | (w << eight)) ^ f
+                decoded[j] = decode_word(row[j], f)
             row = decoded
         j = 0
         while j + 4 <= nx:

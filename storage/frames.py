@@ -332,15 +332,25 @@ def _check_2d(info: HduInfo, name: str) -> tuple[int, int]:
     return axes[0], axes[1]
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def decode_word(word: np.uint16, flip: np.uint16) -> np.uint16:  # pragma: no cover - numba
+    """The count (ADU) of one big-endian FITS 16-bit word read as a native uint16.
+
+    Byte swap, then XOR with ``flip`` (0x8000 for BZERO 32768, else 0). Both
+    arguments uint16: uint16 shifts stay uint16 (an int shift widens, and the
+    loops that call this would not vectorise). For compiled loops.
+    """
+    eight = np.uint16(8)
+    return np.uint16((word >> eight) | (word << eight)) ^ flip
+
+
 @numba.njit(nogil=True, cache=True)
 def _decode_be16_kernel(src: np.ndarray, out: np.ndarray, flip: int) -> None:  # pragma: no cover - numba
     """``out = byteswap(src) ^ flip`` element by element, both ``(n, m)`` uint16."""
     f = np.uint16(flip)
-    eight = np.uint16(8)  # uint16 shifts stay uint16 (an int shift widens, and does not vectorise)
     for i in range(src.shape[0]):
         for j in range(src.shape[1]):
-            v = src[i, j]
-            out[i, j] = np.uint16((v >> eight) | (v << eight)) ^ f
+            out[i, j] = decode_word(src[i, j], f)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -351,10 +361,8 @@ def _decode_be16_inplace(x: np.ndarray, flip: int) -> None:  # pragma: no cover 
     fails LLVM's runtime overlap check and runs scalar (6x slower).
     """
     f = np.uint16(flip)
-    eight = np.uint16(8)
     for i in range(x.size):
-        v = x[i]
-        x[i] = np.uint16((v >> eight) | (v << eight)) ^ f
+        x[i] = decode_word(x[i], f)
 
 
 def decode_be16(src: np.ndarray, out: np.ndarray, *, bzero: int) -> np.ndarray:
