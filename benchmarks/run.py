@@ -380,6 +380,12 @@ def graph_construction(shape: tuple[int, int], n_frames: int = 300) -> dict[str,
 
 def _in_child(fn: Any, args: tuple, with_sampler: bool) -> tuple[Any, int]:
     """Child side of :func:`isolated`: run ``fn`` while sampling this process tree's RSS."""
+    from sitiancal.compute.allocator import keep_freed_memory
+
+    # as the CLI and the service do, before this process's first thread (the
+    # sampler): a thread started later can otherwise be handed the sampler's malloc
+    # arena, whose large arrays are mapped and zeroed afresh at every allocation
+    keep_freed_memory()
     sampler = RssSampler().start()
     try:
         result = fn(*args, sampler) if with_sampler else fn(*args)

@@ -56,7 +56,16 @@ def keep_freed_memory() -> bool:
     an arena of its own, whose heaps are at most 64 MB, so every larger array
     it allocates is mapped (and zeroed by the kernel) afresh: a 61 MP tile
     pass whose zarr I/O thread had started first spent 14% of its CPU time in
-    ``clear_page`` (measured; 1% with the call first).
+    ``clear_page`` (measured; 1% with the call first). Threads started after
+    the call are not safe from it either: with one arena allowed and more
+    than one in the process, glibc hands each new thread the existing arenas
+    in turn, the early thread's included. So the call belongs at the very
+    start of the process (the CLI's entry point, the service's start-up, the
+    benchmark's child process): a 300-frame 61 MP job whose benchmark process
+    had started its memory sampler thread first took 9.3 s of system time in
+    one copy of the tile pass alone (its level-major arrays, mapped afresh per
+    tile) instead of 1.5 s, the tile pass 0.47 instead of 0.29 cores of
+    system time (measured).
 
     Returns False (and changes nothing) where the C library has no ``mallopt``.
     """

@@ -53,6 +53,11 @@ def _fail(message: str) -> None:
 @click.version_option(__version__, prog_name="sitiancal")
 def main() -> None:
     """sitiancal: per-pixel calibration of CMOS cameras."""
+    # first, before any command starts a thread (a progress bar's monitor, a job's
+    # pools): see compute.allocator.keep_freed_memory
+    from sitiancal.compute.allocator import keep_freed_memory
+
+    keep_freed_memory()
 
 
 @main.command()
