@@ -235,3 +235,30 @@ def test_staging_writer_close_discards_what_was_not_handed_over():
     writer.close()  # the job failed: the caller discards what it was handed, close the rest
     assert sorted(store.discarded + [item for item, _ in handed]) == ["a", "b"]
     assert not set(store.discarded) & {item for item, _ in handed}
+
+
+def test_a_job_runs_its_own_blas_calls_on_one_thread(raw, tmp_path, monkeypatch):
+    """The job's small BLAS calls (mixtures, spline systems) run single-threaded, so idle
+    OpenBLAS workers do not spin on the kernels' cores; the setting ends with the job."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from sitiancal.compute import products
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    seen: list[list[int]] = []
+    original = products.Assembler.gain
+
+    def recording(self):
+        seen.append(blas_threads())
+        return original(self)
+
+    monkeypatch.setattr(products.Assembler, "gain", recording)
+    with threadpool_limits(limits=2, user_api="blas"):  # the process's setting, any machine
+        before = blas_threads()
+        calibrate(raw, "MST5", Settings(data_dir=tmp_path / "data"))
+        after = blas_threads()
+    assert before and set(before) == {2}
+    assert seen and seen[0] == [1] * len(before)
+    assert after == before
