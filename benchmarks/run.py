@@ -204,17 +204,15 @@ def master_bias_kernel(paths: Sequence[str], threads: int) -> float:
     than ccdproc's single clip) with the compiled kernel, and the tiles fill
     one float32 map. No hashing, catalog or product files: those are in the
     whole-job figure. Runs on the local threaded scheduler with ``threads``,
-    with the allocator settings of a job (``keep_freed_memory``).
+    with the allocator settings of a job (run ``isolated(..., tuned=True)``).
     """
     import dask
     import numba
 
-    from sitiancal.compute.allocator import keep_freed_memory
     from sitiancal.compute.graph import iter_tiles
     from sitiancal.compute.stats import sigma_clipped_stats
     from sitiancal.storage.cube import FrameSource, VirtualFrameReader, choose_tile
 
-    keep_freed_memory()  # as every job does (runs in a fresh process: see isolated())
     t0 = time.perf_counter()
     sources = [FrameSource.of_file(str(p)) for p in paths]
     reader = VirtualFrameReader("bench", sources)
@@ -378,14 +376,15 @@ def graph_construction(shape: tuple[int, int], n_frames: int = 300) -> dict[str,
     return {"wall_s": wall, "n_frames": float(n_frames), "tasks": float(len(tasks))}
 
 
-def _in_child(fn: Any, args: tuple, with_sampler: bool) -> tuple[Any, int]:
+def _in_child(fn: Any, args: tuple, with_sampler: bool, tuned: bool) -> tuple[Any, int]:
     """Child side of :func:`isolated`: run ``fn`` while sampling this process tree's RSS."""
-    from sitiancal.compute.allocator import keep_freed_memory
+    if tuned:
+        from sitiancal.compute.allocator import keep_freed_memory
 
-    # as the CLI and the service do, before this process's first thread (the
-    # sampler): a thread started later can otherwise be handed the sampler's malloc
-    # arena, whose large arrays are mapped and zeroed afresh at every allocation
-    keep_freed_memory()
+        # as the CLI and the service do, before this process's first thread (the
+        # sampler): a thread started later can otherwise be handed the sampler's
+        # malloc arena, whose large arrays are mapped and zeroed afresh each time
+        keep_freed_memory()
     sampler = RssSampler().start()
     try:
         result = fn(*args, sampler) if with_sampler else fn(*args)
@@ -394,20 +393,24 @@ def _in_child(fn: Any, args: tuple, with_sampler: bool) -> tuple[Any, int]:
         sampler.stop()
 
 
-def isolated(fn: Any, *args: Any, with_sampler: bool = False) -> tuple[Any, float]:
+def isolated(fn: Any, *args: Any, with_sampler: bool = False,
+             tuned: bool = False) -> tuple[Any, float]:
     """Run ``fn(*args)`` in a fresh (spawned) Python process; return its result and peak RSS.
 
     Each measurement starts from a new interpreter, so its peak resident set
     size (GB, the process and its children) holds only what it allocated, not
     what an earlier measurement left in this process's heap. With
     ``with_sampler`` the child's :class:`RssSampler` is passed as the last
-    argument (for per-stage peaks).
+    argument (for per-stage peaks). ``tuned``: the child starts with a job's
+    allocator settings (``keep_freed_memory``, as the CLI and the service
+    do); the baselines (read, numpy pass, ccdproc) run with glibc's defaults,
+    as their users would run them.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result, peak = pool.submit(_in_child, fn, args, with_sampler).result()
+        result, peak = pool.submit(_in_child, fn, args, with_sampler, tuned).result()
     return result, peak / 1e9
 
 
@@ -643,7 +646,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 else:
                     notes.append("page cache could not be dropped (not root): warm cache")
                 (stages, total), _ = isolated(pipeline_run, frames_dir, work / "pipeline",
-                                              address, threads, None, with_sampler=True)
+                                              address, threads, None, with_sampler=True,
+                                              tuned=True)
                 for s in stages.values():
                     add_rates(s)
                 result["stages"] = stages
@@ -701,11 +705,11 @@ def master_bias(inventory: Any, work: Path, address: str | None, mem_limit_gb: f
 
     drop_caches()
     (_, wall), peak = isolated(pipeline_run, bias_dir, work / "bias-pipeline", address,
-                               threads, ("bias",), with_sampler=True)
+                               threads, ("bias",), with_sampler=True, tuned=True)
     out["sitiancal"] = figure(wall, peak)
     shutil.rmtree(work / "bias-pipeline", ignore_errors=True)
     drop_caches()
-    out["kernel"] = figure(*isolated(master_bias_kernel, bias, threads))
+    out["kernel"] = figure(*isolated(master_bias_kernel, bias, threads, tuned=True))
     drop_caches()
     out["ccdproc"] = figure(*isolated(ccdproc_master_bias, bias, mem_limit_gb * 1e9))
     out["speedup"] = out["ccdproc"]["wall_s"] / out["sitiancal"]["wall_s"]

@@ -122,3 +122,26 @@ def test_rss_sampler_counts_children_listed_once_a_second(tmp_path: Path) -> Non
         child.kill()
         child.wait()
         sampler.stop()
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+def test_a_tuned_child_sets_the_allocator_before_its_sampler_thread(monkeypatch,
+                                                                      tuned: bool) -> None:
+    """The pipeline's child process applies a job's allocator settings before it starts
+    the RSS sampler thread (a thread started first hands its malloc arena on to the
+    job's threads); the baselines' children keep glibc's defaults."""
+    import sitiancal.compute.allocator as allocator
+
+    bench = _load()
+    order: list[str] = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: order.append("allocator") or True)
+    real_start = bench.RssSampler.start
+
+    def start(self):
+        order.append("sampler")
+        return real_start(self)
+
+    monkeypatch.setattr(bench.RssSampler, "start", start)
+    result, peak = bench._in_child(lambda: "ran", (), False, tuned)
+    assert result == "ran" and peak > 0
+    assert order == (["allocator", "sampler"] if tuned else ["sampler"])
