@@ -66,6 +66,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from sitiancal.compute.summary import sort_rows
+
 __all__ = [
     "ClippedStats",
     "Moments",
@@ -1294,8 +1296,9 @@ def clipped_row_means(rows: np.ndarray, *, sigma: float = 3.0, maxiters: int | N
     The same clip as :func:`sigma_clipped_stats` (median centre, ``std``
     bounds, astropy's rules) applied to each row's finite values, and the
     same float64 numbers as ``sigma_clipped_stats(rows.T).mean`` (tested):
-    the values are sorted once per row by numpy's vectorised sort (several
-    threads, on row bands), then the clip only moves the ends of an index
+    the values are sorted once per row (:func:`compute.summary.sort_rows`:
+    numpy's vectorised sort on row bands side by side, or a parallel radix
+    sort where that is faster), then the clip only moves the ends of an index
     range of the sorted row. For rows of thousands of values this is ~3x the
     per-pixel kernel, whose time is its comparison sort.
 
@@ -1322,15 +1325,7 @@ def clipped_row_means(rows: np.ndarray, *, sigma: float = 3.0, maxiters: int | N
         raise ValueError(f"rows must be a 2-D float32/float64 map, got {a.dtype} {a.shape}")
     if not (overwrite and a.flags.c_contiguous and a.flags.writeable):
         a = np.array(a, order="C")
-    threads = max(1, min(numba.get_num_threads(), a.shape[0]))
-    step = max(1, -(-a.shape[0] // (4 * threads)))
-    if threads == 1:
-        a.sort(axis=1)
-    else:  # numpy's sort releases the GIL: bands sort side by side
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads, thread_name_prefix="sitiancal-sort") as pool:
-            list(pool.map(lambda y0: a[y0 : y0 + step].sort(axis=1), range(0, a.shape[0], step)))
+    sort_rows(a)
     maxit = -1 if maxiters is None else int(maxiters)
     return _clip_sorted_rows(a, float(sigma), maxit)
 

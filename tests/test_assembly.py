@@ -382,6 +382,52 @@ def test_sort_float64_equals_numpys_sort(case: str, backend: str | None) -> None
     assert np.all(np.isnan(got[np.count_nonzero(~np.isnan(v)):]))
 
 
+@pytest.mark.parametrize("backend", ["radix", "numpy", None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sort_rows_equals_numpys_sort(backend: str | None, dtype: type) -> None:
+    """Each row sorted in place as ``a.sort(axis=1)``: NaN last (either sign), infinities,
+    signed zeros, denormals, ties, constant rows (every radix pass skipped), short rows."""
+    from sitiancal.compute.summary import sort_rows
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(500.0, 3.0, (41, 1203)).astype(dtype)
+    a[rng.random(a.shape) < 0.02] = np.nan
+    a[0, :6] = [np.inf, -np.inf, -0.0, 0.0, -np.nan, np.finfo(dtype).smallest_subnormal]
+    a[1] = 7.25                                            # constant
+    a[2] = np.round(rng.normal(0.0, 2.0, a.shape[1]))      # ties, both signs
+    a[3] = np.concatenate([-np.logspace(-30, 30, 601), np.logspace(-30, 30, 602)]).astype(dtype)
+    a[4] = np.nan
+    work = np.array(a)
+    sort_rows(work, backend=backend)
+    np.testing.assert_array_equal(work, np.sort(a, axis=1))  # NaN compare equal; -0.0 == 0.0
+    n_nan = np.isnan(a).sum(axis=1)
+    for row, k in zip(work, n_nan, strict=True):             # every NaN last, whatever its sign
+        assert np.isnan(row[row.size - k:]).all() and not np.isnan(row[:row.size - k]).any()
+    for arr in (a[:, :1].copy(), np.zeros((0, 5), dtype)):
+        work = np.array(arr)
+        sort_rows(work, backend=backend)
+        np.testing.assert_array_equal(work, np.sort(arr, axis=1))
+
+
+def test_sort_rows_refuses_what_it_cannot_sort_in_place() -> None:
+    from sitiancal.compute.summary import row_sort_backend, sort_rows
+
+    with pytest.raises(ValueError, match="2-D float32/float64"):
+        sort_rows(np.zeros((3, 4), np.int32))
+    with pytest.raises(ValueError, match="2-D float32/float64"):
+        sort_rows(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        sort_rows(np.zeros((4, 6), np.float32)[:, ::2])
+    frozen = np.zeros((2, 3), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        sort_rows(frozen)
+    with pytest.raises(ValueError, match="unknown sort backend"):
+        sort_rows(np.zeros((2, 3), np.float64), backend="bogus")
+    assert row_sort_backend() in ("radix", "numpy")
+    assert row_sort_backend() == row_sort_backend()   # measured once per process
+
+
 def test_sort_float64_converts_and_refuses() -> None:
     """Other dtypes are sorted as float64; a 2-D array and an unknown backend are refused."""
     from sitiancal.compute.summary import sort_backend, sort_float64
