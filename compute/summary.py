@@ -205,6 +205,34 @@ def _unkey64(key: np.uint64) -> np.uint64:  # pragma: no cover - compiled
     return key ^ sign if key & sign else ~key
 
 
+@njit(cache=True, inline="always")
+def _lsd_passes(src: np.ndarray, dst: np.ndarray, counts: np.ndarray, shifts: np.ndarray,
+                mask: np.unsignedinteger) -> np.ndarray:  # pragma: no cover - compiled
+    """The scatter passes of an LSD radix sort of the keys ``src``; the buffer that ends sorted.
+
+    ``counts[p, d]``: how many keys have digit ``d`` at ``shifts[p]`` (of the
+    keys' own unsigned type, so the shifts stay integer); ``dst`` is the
+    other buffer. A pass whose digit is the same for every key is skipped.
+    """
+    n = src.size
+    pos = np.empty(counts.shape[1], np.int64)
+    for p in range(shifts.size):
+        shift = shifts[p]
+        if n == 0 or counts[p, (src[0] >> shift) & mask] == n:
+            continue
+        total = 0
+        for b in range(pos.size):
+            pos[b] = total
+            total += counts[p, b]
+        for i in range(n):
+            k = src[i]
+            b = (k >> shift) & mask
+            dst[pos[b]] = k
+            pos[b] += 1
+        src, dst = dst, src
+    return src
+
+
 @njit(cache=True, nogil=True)
 def _radix_sort_f64(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Sort 1-D contiguous float64 ``values`` into ``out`` (ascending, NaN last).
@@ -224,27 +252,16 @@ def _radix_sort_f64(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no 
     src = out.view(np.uint64)
     dst = np.empty(n, np.uint64)
     counts = np.zeros((n_pass, nb), np.int64)
+    shifts = np.empty(n_pass, np.uint64)
+    for p in range(n_pass):
+        shifts[p] = p * _RADIX_BITS
     bits = values.view(np.uint64)
     for i in range(n):
         k = _key64(bits[i])
         src[i] = k
         for p in range(n_pass):
             counts[p, (k >> np.uint64(p * _RADIX_BITS)) & mask] += 1
-    pos = np.empty(nb, np.int64)
-    for p in range(n_pass):
-        shift = np.uint64(p * _RADIX_BITS)
-        if counts[p, (src[0] >> shift) & mask] == n:
-            continue
-        total = 0
-        for b in range(nb):
-            pos[b] = total
-            total += counts[p, b]
-        for i in range(n):
-            k = src[i]
-            b = (k >> shift) & mask
-            dst[pos[b]] = k
-            pos[b] += 1
-        src, dst = dst, src
+    src = _lsd_passes(src, dst, counts, shifts, mask)
     result = out.view(np.uint64)
     for i in range(n):
         result[i] = _unkey64(src[i])
@@ -263,39 +280,33 @@ def _key32(bits: np.uint32) -> np.uint32:  # pragma: no cover - compiled
 def _radix_sort_rows_f32(a: np.ndarray) -> None:  # pragma: no cover - compiled
     """Sort each row of a C-contiguous float32 ``(n, m)`` array in place (ascending, NaN last).
 
-    :func:`_radix_sort_f64`'s LSD radix sort on 32-bit keys (:func:`_key32`),
-    four passes of 8 bits, a pass whose digit is the same for the whole row
-    skipped; rows in parallel, two ``m``-key buffers per row.
+    :func:`_radix_sort_f64`'s LSD radix sort (:func:`_lsd_passes`) on 32-bit
+    keys (:func:`_key32`), four passes of 8 bits; rows in parallel, two
+    ``m``-key buffers per row.
     """
     n, m = a.shape
-    nb = 1 << _RADIX_BITS
+    nb = 1 << _RADIX_BITS  # 8 bits: four passes (the counting below writes them out)
+    n_pass = 32 // _RADIX_BITS
     mask = np.uint32(nb - 1)
+    shifts = np.empty(n_pass, np.uint32)
+    for p in range(n_pass):
+        shifts[p] = p * _RADIX_BITS
     rows = a.view(np.uint32)
     for r in prange(n):
         row = rows[r]
         src = np.empty(m, np.uint32)
         dst = np.empty(m, np.uint32)
-        counts = np.zeros((4, nb), np.int64)
+        counts = np.zeros((n_pass, nb), np.int64)
         for j in range(m):
             k = _key32(row[j])
             src[j] = k
-            for p in range(4):
-                counts[p, (k >> np.uint32(8 * p)) & mask] += 1
-        pos = np.empty(nb, np.int64)
-        for p in range(4):
-            shift = np.uint32(8 * p)
-            if m == 0 or counts[p, (src[0] >> shift) & mask] == m:
-                continue
-            total = 0
-            for b in range(nb):
-                pos[b] = total
-                total += counts[p, b]
-            for j in range(m):
-                k = src[j]
-                b = (k >> shift) & mask
-                dst[pos[b]] = k
-                pos[b] += 1
-            src, dst = dst, src
+            # the four 8-bit digits written out with constant shifts: a loop over
+            # the shifts array made the whole sort 2x slower (measured)
+            counts[0, k & mask] += 1
+            counts[1, (k >> np.uint32(8)) & mask] += 1
+            counts[2, (k >> np.uint32(16)) & mask] += 1
+            counts[3, k >> np.uint32(24)] += 1
+        src = _lsd_passes(src, dst, counts, shifts, mask)
         sign = np.uint32(0x80000000)
         for j in range(m):
             k = src[j]
