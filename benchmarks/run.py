@@ -256,12 +256,16 @@ def spawned_cluster(n_workers: int, workdir: Path) -> Iterator[str]:
             if time.monotonic() > deadline or procs[0].poll() is not None:
                 raise RuntimeError(f"dask scheduler did not start (see {workdir / 'cluster.log'})")
             time.sleep(0.2)
+        # the workers' processes with a job's allocator settings, as deploy/ starts them
+        from sitiancal.compute.allocator import DASK_NANNY_ENVIRON, allocator_environment
+
+        worker_env = {**os.environ, DASK_NANNY_ENVIRON: json.dumps(allocator_environment())}
         for _ in range(n_workers):
             procs.append(subprocess.Popen(
                 [*worker_cmd, "--scheduler-file", str(sched_file), "--nthreads", "1",
                  "--nworkers", "1", "--host", "127.0.0.1", "--dashboard-address", ":0",
                  "--local-directory", str(workdir / "dask-worker")],
-                stdout=log, stderr=subprocess.STDOUT))
+                stdout=log, stderr=subprocess.STDOUT, env=worker_env))
         yield json.loads(sched_file.read_text())["address"]
     finally:
         for p in reversed(procs):

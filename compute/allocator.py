@@ -79,6 +79,27 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+#: dask configuration variable whose JSON object a nanny adds to the environment
+#: of the worker process it starts (``distributed.nanny.pre-spawn-environ``).
+DASK_NANNY_ENVIRON = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"
+
+
+def allocator_environment() -> dict[str, str]:
+    """glibc's environment variables for :func:`keep_freed_memory`'s settings.
+
+    For processes sitiancal does not start itself, dask workers above all: glibc
+    reads these before the process's first allocation, so no thread can hold an
+    arena of its own. A nanny-started dask worker gets them through
+    :data:`DASK_NANNY_ENVIRON` (dask's own default there,
+    ``MALLOC_TRIM_THRESHOLD_=65536``, hands freed memory back at once: a
+    128 MB array freed by a task was given back whole, and kept with these;
+    measured). ``deploy/`` sets them so (tested against this function).
+    """
+    return {"MALLOC_ARENA_MAX": "1",
+            "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_BYTES),
+            "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD_BYTES)}
+
+
 def return_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 

@@ -145,3 +145,41 @@ def test_a_tuned_child_sets_the_allocator_before_its_sampler_thread(monkeypatch,
     result, peak = bench._in_child(lambda: "ran", (), False, tuned)
     assert result == "ran" and peak > 0
     assert order == (["allocator", "sampler"] if tuned else ["sampler"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux only")
+def test_spawned_workers_keep_freed_memory_as_a_job_does(tmp_path: Path) -> None:
+    """The scale-out benchmark's ``dask worker`` processes start with a job's allocator
+    settings (as deploy/ starts them), so a task's freed arrays stay for reuse."""
+    import platform
+
+    from distributed import Client
+
+    from sitiancal.compute.allocator import allocator_environment
+
+    def released_by_a_task() -> dict:
+        """In a worker: the allocator variables and the bytes a freed 128 MB array gave back
+        (defined here so that it travels by value: the worker cannot import this module)."""
+        import os
+
+        import numpy as np
+
+        def rss_anon() -> int:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f
+                            if line.startswith("RssAnon"))
+
+        a = np.ones(128 << 20, np.uint8)
+        held = rss_anon()
+        del a
+        return {"released": held - rss_anon(),
+                "env": {k: os.environ.get(k) for k in
+                        ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}
+
+    bench = _load()
+    with bench.spawned_cluster(1, tmp_path) as address, Client(address, timeout="60s") as client:
+        client.wait_for_workers(1, timeout=60)
+        got = client.submit(released_by_a_task, pure=False).result()
+    assert got["env"] == allocator_environment()
+    if platform.libc_ver()[0] == "glibc":
+        assert got["released"] < 8 << 20

@@ -114,3 +114,38 @@ def test_dockerfile_installs_the_package_and_runs_the_service():
     text = (DEPLOY / "Dockerfile").read_text()
     assert text.startswith("#") and re.search(r"^FROM python:3\.1[1-9]", text, re.M)
     assert "pip install ." in text and '"sitiancal", "serve"' in text
+
+
+def _nanny_environ(env: dict) -> dict[str, str]:
+    """What a dask nanny started with ``env`` adds to its worker's environment
+    (dask's configuration from the environment merged over its defaults)."""
+    import copy
+
+    import dask.config
+    import distributed  # noqa: F401  (its defaults)
+
+    from sitiancal.compute.allocator import DASK_NANNY_ENVIRON
+
+    merged = dask.config.update(copy.deepcopy(dask.config.config),
+                                dask.config.collect_env({DASK_NANNY_ENVIRON: env[DASK_NANNY_ENVIRON]}))
+    got = dask.config.get("distributed.nanny.pre-spawn-environ", config=merged)
+    return {k: str(v) for k, v in got.items()}
+
+
+def test_deployed_workers_get_a_jobs_allocator_settings():
+    """compose and Kubernetes give nanny-started workers the settings of
+    ``keep_freed_memory`` as glibc variables, exactly those of the allocator module."""
+    from sitiancal.compute.allocator import allocator_environment
+
+    want = allocator_environment()
+    compose = _compose()["services"]
+    config = next(d for _, d in _k8s_docs() if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"] == "sitiancal-config")
+    for env in (compose["worker"]["environment"], config["data"]):
+        got = _nanny_environ(env)
+        assert want.items() <= got.items()    # dask's trim threshold replaced, ...
+        assert got["OMP_NUM_THREADS"] == "1"  # ... its other defaults kept
+    worker = next(d for _, d in _k8s_docs() if d["kind"] == "Deployment"
+                  and d["metadata"]["name"] == "dask-worker")
+    refs = worker["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {"configMapRef": {"name": "sitiancal-config"}} in refs
