@@ -8,33 +8,46 @@ between products. Only ``ctypes``: cheap to import where a process starts.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 
 @functools.cache
-def _libc_path() -> str | None:
-    """The C library's file name (looked up once: ``find_library`` runs a subprocess)."""
-    return ctypes.util.find_library("c")
+def _glibc() -> ctypes.CDLL | None:
+    """The process's own symbols where its C library is glibc, else None (looked up once).
+
+    ``confstr`` answers without a subprocess (``ctypes.util.find_library`` runs
+    one: ~30 ms at every CLI command's start); glibc is loaded already, so
+    ``dlopen(NULL)`` finds its functions.
+    """
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or not glibc
+        return None
+    if not version or not version.startswith("glibc"):
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def _libc_function(name: str) -> Callable[..., Any] | None:
     """Function ``name`` of glibc, or None where the C library is not glibc or lacks it."""
-    path = _libc_path()
-    if not path or "libc" not in path:
-        return None
-    try:
-        return getattr(ctypes.CDLL(path), name)
-    except (OSError, AttributeError):
-        return None
+    lib = _glibc()
+    return getattr(lib, name, None) if lib is not None else None
 
 
 #: glibc ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD_BYTES = 256 << 20
 _TRIM_THRESHOLD_BYTES = 1 << 30
+#: Each setting: its ``mallopt`` parameter, its glibc environment variable, its value.
+_SETTINGS = ((_M_ARENA_MAX, "MALLOC_ARENA_MAX", 1),
+             (_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", _MMAP_THRESHOLD_BYTES),
+             (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", _TRIM_THRESHOLD_BYTES))
 
 
 def keep_freed_memory() -> bool:
@@ -73,8 +86,7 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     ok = True
-    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES),
-                         (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)):
+    for param, _, value in _SETTINGS:
         ok = bool(mallopt(ctypes.c_int(param), ctypes.c_int(value))) and ok
     return ok
 
@@ -95,9 +107,7 @@ def allocator_environment() -> dict[str, str]:
     128 MB array freed by a task was given back whole, and kept with these;
     measured). ``deploy/`` sets them so (tested against this function).
     """
-    return {"MALLOC_ARENA_MAX": "1",
-            "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_BYTES),
-            "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD_BYTES)}
+    return {variable: str(value) for _, variable, value in _SETTINGS}
 
 
 def return_freed_memory() -> None:

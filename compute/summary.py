@@ -276,6 +276,13 @@ def _key32(bits: np.uint32) -> np.uint32:  # pragma: no cover - compiled
     return ~bits if bits & sign else bits | sign
 
 
+@njit(cache=True, inline="always")
+def _unkey32(key: np.uint32) -> np.uint32:  # pragma: no cover - compiled
+    """The float32 bits of a :func:`_key32` key (:func:`_unkey64`'s twin)."""
+    sign = np.uint32(0x80000000)
+    return key ^ sign if key & sign else ~key
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _radix_sort_rows_f32(a: np.ndarray) -> None:  # pragma: no cover - compiled
     """Sort each row of a C-contiguous float32 ``(n, m)`` array in place (ascending, NaN last).
@@ -307,10 +314,8 @@ def _radix_sort_rows_f32(a: np.ndarray) -> None:  # pragma: no cover - compiled
             counts[2, (k >> np.uint32(16)) & mask] += 1
             counts[3, k >> np.uint32(24)] += 1
         src = _lsd_passes(src, dst, counts, shifts, mask)
-        sign = np.uint32(0x80000000)
         for j in range(m):
-            k = src[j]
-            row[j] = k ^ sign if k & sign else ~k
+            row[j] = _unkey32(src[j])
 
 
 _SORT_CHOICE: list[str] = []

@@ -523,6 +523,12 @@ def _virtual_statistics(buf: np.ndarray, info: HduInfo, path: str,
     return frame_statistics_be16(words, bzero=32768)
 
 
+def _check_shape(path: str, got: Sequence[int], cube: Sequence[int]) -> None:
+    """Refuse a frame whose shape is not the cube's (:class:`FrameReadError` naming both)."""
+    if tuple(got) != tuple(cube):
+        raise FrameReadError(path, f"shape {tuple(got)} differs from the cube's {tuple(cube)}")
+
+
 def _stat(path: str) -> os.stat_result:
     try:
         return os.stat(path)
@@ -559,15 +565,11 @@ def _ingest_frame(store: str, storage_options: dict[str, Any] | None, index: int
             source = FrameSource(path=path, offset=info.data_offset, dtype=_FITS_INT16,
                                  bzero=int(info.bzero), shape=tuple(info.image_axes),  # type: ignore[arg-type]
                                  size=after.st_size, mtime_ns=after.st_mtime_ns)
-            if source.shape != tuple(shape):
-                raise FrameReadError(path, f"shape {source.shape} differs from the cube's "
-                                           f"{tuple(shape)}")
+            _check_shape(path, source.shape, shape)
             stats = _virtual_statistics(buf, info, path, source.shape)
         else:
             frame = read_frame_bytes(buf, hdu, name=path)   # in place: aliases buf
-            if frame.shape != tuple(shape):
-                raise FrameReadError(path, f"shape {frame.shape} differs from the cube's "
-                                           f"{tuple(shape)}")
+            _check_shape(path, frame.shape, shape)
             if frame.dtype != np.uint16:
                 frame = frame.astype(np.uint16)
             array = zarr.open_array(store, path="frames", mode="r+",
