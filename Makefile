@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
+	$(VENV)/bin/sitiancal compile --no-progress
 	touch $(STAMP)
 
 demo: $(STAMP)

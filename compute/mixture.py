@@ -267,7 +267,12 @@ class MixtureModel:
         floats = (np.float32, np.float64)
 
         def as_float(a: np.ndarray) -> np.ndarray:
-            return a if a.dtype in floats else a.astype(np.float64)
+            # read-only views: numba compiles a kernel per array type, read-only
+            # included, and whether a caller's array is writeable (a broadcast is
+            # not) should not make another compilation
+            view = (a if a.dtype in floats else a.astype(np.float64)).view()
+            view.flags.writeable = False
+            return view
 
         shared = e_arr.size == 1 and x_arr.size != 1
         e_shared = as_float(e_arr) if shared else None

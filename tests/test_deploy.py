@@ -116,6 +116,16 @@ def test_dockerfile_installs_the_package_and_runs_the_service():
     assert "pip install ." in text and '"sitiancal", "serve"' in text
 
 
+def test_dockerfile_ships_compiled_kernels_the_runtime_user_can_use():
+    """The image compiles the kernels as the user that runs it, into a folder numba
+    uses (NUMBA_CACHE_DIR): numba skips a cache folder it cannot write to."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    cache = re.search(r"NUMBA_CACHE_DIR=(\S+)", text).group(1)
+    assert re.search(rf"chown sitian [^\n]*{re.escape(cache)}", text)
+    user = text.index("USER sitian")
+    assert text.index("RUN sitiancal compile") > user > text.index("RUN pip install .")
+
+
 def _nanny_environ(env: dict) -> dict[str, str]:
     """What a dask nanny started with ``env`` adds to its worker's environment
     (dask's configuration from the environment merged over its defaults)."""

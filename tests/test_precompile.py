@@ -1,0 +1,108 @@
+"""``sitiancal compile``: numba's cache filled ahead of a job, so that a job compiles nothing.
+
+The coverage test runs in fresh processes with a fresh ``NUMBA_CACHE_DIR``
+(the suite's own cache, which other tests fill, would hide a kernel that
+:func:`precompile` misses): the first compiles everything (~2 minutes of one
+core), then a job on another camera, of another size and header dialect,
+must not compile a single kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from numba import njit
+
+from sitiancal.service.cli import main
+from sitiancal.service.precompile import PRECOMPILE_CAMERA, cache_folder, compile_events
+
+
+def test_compile_events_records_compilations_not_reuse():
+    @njit(cache=False)
+    def twice(x):
+        return 2 * x
+
+    with compile_events(package=None) as first:
+        twice(np.arange(3))
+    with compile_events(package=None) as again:
+        twice(np.arange(5))  # the same signature: no compilation
+    with compile_events(package=None) as other:
+        twice(np.arange(3.0))  # float64: a new signature
+    assert [n for n in first if n.endswith("twice")] == [f"{__name__}.{twice.py_func.__qualname__}"]
+    assert [n for n in again if n.endswith("twice")] == []
+    assert len([n for n in other if n.endswith("twice")]) == 1
+    with compile_events() as ours:  # only sitiancal's kernels by default
+        twice(np.arange(3, dtype=np.float32))
+    assert ours == []
+
+
+def test_cache_folder_is_numbas_choice(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", "from sitiancal.service.precompile import cache_folder; "
+         "print(cache_folder())"],
+        env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}, capture_output=True, text=True,
+        check=True)
+    assert Path(out.stdout.strip()).parent == tmp_path
+    assert Path(cache_folder()).name  # this process: the suite's own cache
+
+
+_OTHER_JOB = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from sitiancal.compute.simulate import SimulationConfig, simulate_dataset
+    from sitiancal.service.pipeline import calibrate
+    from sitiancal.service.precompile import compile_events
+    from sitiancal.service.settings import Settings
+
+    root = Path(sys.argv[1])
+    simulate_dataset(root / "raw", SimulationConfig(
+        shape=(1040, 1096), seed=11, n_bias=12, dark_exptimes=[0.0, 30.0, 120.0], dark_frames=2,
+        flat_levels=8, flat_frames=6, header_convention="nina", hot_fraction=1e-3,
+        rtn_fraction=1e-3))
+    with compile_events() as compiled:
+        run = calibrate(root / "raw", "OTHER", Settings(data_dir=root / "data"))
+    print(json.dumps({"compiled": compiled, "products": len(run.product_ids)}))
+""")
+
+
+def test_precompile_leaves_nothing_for_a_job_to_compile(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    cli = [sys.executable, "-m", "sitiancal.service.cli", "compile", "--no-progress"]
+    first = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("compiled ") and str(tmp_path / "numba-cache") in first.stdout
+    job = subprocess.run([sys.executable, "-c", _OTHER_JOB, str(tmp_path / "job")], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stderr
+    result = json.loads(job.stdout.strip().splitlines()[-1])
+    assert result["products"] == 8
+    assert result["compiled"] == [], f"compiled by the job: {sorted(set(result['compiled']))}"
+    second = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.startswith("every kernel was in numba's cache already")
+
+
+def test_compile_command_reports_a_clear_error(monkeypatch):
+    def broken(progress=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sitiancal.service.precompile.precompile", broken)
+    result = CliRunner().invoke(main, ["compile", "--no-progress"])
+    assert result.exit_code == 2
+    assert "sitiancal: error: compile: [Errno 28] No space left on device" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_precompile_camera_reaches_the_parallel_kernels():
+    from sitiancal.compute.defects import _CHUNK_PIXELS, _FUSED_MIN
+    from sitiancal.compute.summary import _PARALLEL_MIN
+
+    ny, nx = PRECOMPILE_CAMERA["shape"]
+    assert ny * nx >= max(_PARALLEL_MIN, _FUSED_MIN) > _CHUNK_PIXELS
