@@ -420,17 +420,21 @@ def isolated(fn: Any, *args: Any, with_sampler: bool = False,
 
 def pipeline_run(frames_dir: Path, data_dir: Path, address: str | None, threads: int,
                  wanted: Sequence[str] | None,
-                 sampler: RssSampler) -> tuple[dict[str, dict[str, float]], float]:
+                 sampler: RssSampler) -> tuple[dict[str, dict[str, float]], float, list[str]]:
     """:func:`run_pipeline` on the threaded scheduler (``threads``) or a dask scheduler.
 
-    Returns the per-stage figures and the end-to-end wall time, s (the
-    package is imported first: interpreter start-up is not a pipeline stage).
+    Returns the per-stage figures, the end-to-end wall time, s (the package
+    is imported first: interpreter start-up is not a pipeline stage), and the
+    kernels numba compiled in this process during the run (one entry per
+    signature; a filled cache, ``sitiancal compile``, leaves none: compiling
+    a whole job takes ~1.5-2 min of one core, which the figures would include).
     """
     import dask
 
     import sitiancal.service.pipeline
     import sitiancal.storage.catalog
     import sitiancal.storage.scan  # noqa: F401
+    from sitiancal.service.precompile import compile_events
 
     with contextlib.ExitStack() as stack:
         client = None
@@ -440,10 +444,21 @@ def pipeline_run(frames_dir: Path, data_dir: Path, address: str | None, threads:
             client = stack.enter_context(Client(address, timeout="60s"))
         else:
             stack.enter_context(dask.config.set(num_workers=threads))
-        t0 = time.perf_counter()
-        stages, _ = run_pipeline(frames_dir, data_dir, client=client, sampler=sampler,
-                                 wanted=wanted)
-        return stages, time.perf_counter() - t0
+        with compile_events() as compiled:
+            t0 = time.perf_counter()
+            stages, _ = run_pipeline(frames_dir, data_dir, client=client, sampler=sampler,
+                                     wanted=wanted)
+            wall = time.perf_counter() - t0
+        return stages, wall, compiled
+
+
+def _compile_note(compiled: Sequence[str], *, distributed: bool) -> str:
+    """The results' note on what numba compiled during the pipeline run."""
+    where = "in this process (the workers' are not counted)" if distributed else "during the run"
+    if not compiled:
+        return f"no kernel compiled {where}: numba's cache held them all"
+    return (f"numba compiled {len(set(compiled))} kernels ({len(compiled)} signatures) {where}: "
+            "its cache lacked them and the figures include compiling them (`sitiancal compile`)")
 
 
 def _rate(n: float, seconds: float) -> float:
@@ -649,9 +664,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     notes.append("pipeline started with a cold page cache")
                 else:
                     notes.append("page cache could not be dropped (not root): warm cache")
-                (stages, total), _ = isolated(pipeline_run, frames_dir, work / "pipeline",
-                                              address, threads, None, with_sampler=True,
-                                              tuned=True)
+                (stages, total, compiled), _ = isolated(
+                    pipeline_run, frames_dir, work / "pipeline", address, threads, None,
+                    with_sampler=True, tuned=True)
+                result["compiled_during_run"] = compiled
+                notes.append(_compile_note(compiled, distributed=bool(address)))
                 for s in stages.values():
                     add_rates(s)
                 result["stages"] = stages
@@ -708,7 +725,7 @@ def master_bias(inventory: Any, work: Path, address: str | None, mem_limit_gb: f
         return {"wall_s": wall, "gpixps": npix / 1e9 / wall, "peak_rss_gb": peak}
 
     drop_caches()
-    (_, wall), peak = isolated(pipeline_run, bias_dir, work / "bias-pipeline", address,
+    (_, wall, _), peak = isolated(pipeline_run, bias_dir, work / "bias-pipeline", address,
                                threads, ("bias",), with_sampler=True, tuned=True)
     out["sitiancal"] = figure(wall, peak)
     shutil.rmtree(work / "bias-pipeline", ignore_errors=True)

@@ -57,8 +57,23 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     assert "| sitiancal master-bias kernel" in table and "Graph construction" in table
     assert "| **end to end** |" in proc.stdout
     assert "read once, 3 runs: " in table and "the ratios use the fastest" in table
+    compiled = result["compiled_during_run"]  # depends on the cache this suite filled so far
+    assert isinstance(compiled, list) and all(n.startswith("sitiancal.") for n in compiled)
+    assert (f"numba compiled {len(set(compiled))} kernels" if compiled
+            else "no kernel compiled during the run") in table
     leftovers = [p.name for p in out.iterdir() if p.name.startswith("sitiancal-bench-")]
     assert leftovers == []  # scratch cube and store removed
+
+
+def test_compile_note_says_what_the_figures_include() -> None:
+    bench = _load()
+    assert bench._compile_note([], distributed=False) == (
+        "no kernel compiled during the run: numba's cache held them all")
+    note = bench._compile_note(["sitiancal.a.k", "sitiancal.a.k", "sitiancal.b.j"],
+                               distributed=False)
+    assert note.startswith("numba compiled 2 kernels (3 signatures) during the run")
+    assert "`sitiancal compile`" in note
+    assert "workers' are not counted" in bench._compile_note([], distributed=True)
 
 
 def test_bench_rejects_bad_arguments(tmp_path: Path) -> None:
