@@ -4,8 +4,8 @@ numba compiles a kernel at its first call with a new signature and keeps the
 machine code in its cache (``cache=True``; ``__pycache__`` beside the sources
 where that is writable, else ``NUMBA_CACHE_DIR`` or a per-user folder). A job
 that finds the cache empty compiles every kernel it meets: on a 2-core Intel
-Xeon VM the compilation of a whole job took ~87 s of one core (numba compiles
-one kernel at a time), and the compiler's memory (~0.6 GB), kept by the
+Xeon VM the compilation of a whole job took 87-114 s of one core (numba
+compiles one kernel at a time), and the compiler's memory (~0.6 GB), kept by the
 allocator settings of a job (:func:`sitiancal.compute.allocator.keep_freed_memory`),
 added to the job's own: a full-size 300-frame job with an empty cache took
 254.6 s and peaked at 4.03 GB against 168.0 s and 2.94 GB with a warm one
@@ -17,9 +17,11 @@ calibration (scan, cube, plan, tile pass, products, publish) on a small
 simulated camera in a temporary folder on the embedded default, and then
 calls the kernels whose signatures a small set does not reach: the decoding
 of FITS words from windows of read-only and writable buffers (a full-size
-tile pass reads bands of frames through both) and both candidates of each
-sort whose backend is chosen by timing on the machine
-(:func:`sitiancal.compute.summary.sort_backend`). ``sitiancal compile`` is
+tile pass reads bands of frames through both), both candidates of each sort
+whose backend is chosen by timing on the machine
+(:func:`sitiancal.compute.summary.sort_backend`) and the mixture
+classification of float32 and float64 data. A signature that neither
+reaches (data of another type, say) is still compiled at its first call. ``sitiancal compile`` is
 this function; run it after installing and when building an image.
 
 The cache is keyed by the kernels' sources and by the CPU (its name and
@@ -117,8 +119,8 @@ def precompile(workdir: str | Path | None = None,
     Parameters
     ----------
     workdir : path, optional
-        Folder for the small camera set and its products (deleted contents of
-        a temporary folder by default; the products are not kept).
+        Folder for the small camera set, its catalog and products (default: a
+        temporary folder, deleted afterwards).
     progress : callable, optional
         ``progress(message)`` at each step.
 
@@ -136,7 +138,7 @@ def precompile(workdir: str | Path | None = None,
         else:
             _run_small_job(Path(workdir), say)
         say("layout- and machine-dependent kernels")
-        _layout_kernels()
+        _remaining_signatures()
     return PrecompileReport(compiled=tuple(sorted(set(names))), signatures=len(names),
                             seconds=time.perf_counter() - t0)
 
@@ -155,7 +157,7 @@ def _run_small_job(root: Path, say: Callable[[str], None]) -> None:
     calibrate(raw, "PRECOMPILE", settings)
 
 
-def _layout_kernels() -> None:
+def _remaining_signatures() -> None:
     """Kernels whose signatures a small job does not reach.
 
     * FITS word decoding from windows (``A`` layout) and whole rows (``C``),
