@@ -4,7 +4,7 @@ The coverage test runs in fresh processes with a fresh ``NUMBA_CACHE_DIR``
 (the suite's own cache, which other tests fill, would hide a kernel that
 :func:`precompile` misses): the first compiles everything (~2 minutes of one
 core), then a job on another camera, of another size and header dialect,
-must not compile a single kernel.
+must not compile a single kernel (the test takes ~2.5 minutes).
 """
 
 from __future__ import annotations
@@ -84,9 +84,23 @@ def test_precompile_leaves_nothing_for_a_job_to_compile(tmp_path):
     result = json.loads(job.stdout.strip().splitlines()[-1])
     assert result["products"] == 8
     assert result["compiled"] == [], f"compiled by the job: {sorted(set(result['compiled']))}"
-    second = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.startswith("every kernel was in numba's cache already")
+
+
+def test_compile_command_says_when_the_cache_was_complete(monkeypatch):
+    from sitiancal.service.precompile import PrecompileReport
+
+    reports = iter([PrecompileReport(compiled=("sitiancal.a.k", "sitiancal.b.j"), signatures=3,
+                                     seconds=95.2),
+                    PrecompileReport(compiled=(), signatures=0, seconds=12.4)])
+    monkeypatch.setattr("sitiancal.service.precompile.precompile",
+                        lambda progress=None: next(reports))
+    first = CliRunner().invoke(main, ["compile", "--no-progress"])
+    assert first.exit_code == 0
+    assert first.output.startswith("compiled 2 kernels (3 signatures) in 95 s into ")
+    assert cache_folder() in first.output
+    again = CliRunner().invoke(main, ["compile", "--no-progress"])
+    assert again.exit_code == 0
+    assert again.output.startswith("every kernel was in numba's cache already (")
 
 
 def test_compile_command_reports_a_clear_error(monkeypatch):
