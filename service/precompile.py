@@ -37,9 +37,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba.core import event
+
+if TYPE_CHECKING:
+    from sitiancal.service.settings import Settings
 
 #: The small camera of :func:`precompile`: every product of a full set (bias,
 #: read noise, dark, PTC, per-pixel gain, linearity, flat, mask), RTN tests
@@ -147,14 +151,25 @@ def _run_small_job(root: Path, say: Callable[[str], None]) -> None:
     """The whole calibration of :data:`PRECOMPILE_CAMERA` under ``root`` (embedded default)."""
     from sitiancal.compute.simulate import SimulationConfig, simulate_dataset
     from sitiancal.service.pipeline import calibrate
-    from sitiancal.service.settings import Settings
 
     raw = root / "raw"
     say(f"simulating a {PRECOMPILE_CAMERA['shape'][0]} x {PRECOMPILE_CAMERA['shape'][1]} camera")
     simulate_dataset(raw, SimulationConfig(**PRECOMPILE_CAMERA))
     say("running its calibration (compiles what the cache lacks)")
-    settings = Settings(data_dir=root / "data", scheduler_address=None)
-    calibrate(raw, "PRECOMPILE", settings)
+    calibrate(raw, "PRECOMPILE", small_job_settings(root))
+
+
+def small_job_settings(root: Path) -> Settings:
+    """The embedded default under ``root``, whatever ``SITIANCAL_*`` says.
+
+    ``sitiancal compile`` may run where the environment points a deployment at
+    its PostgreSQL catalog, object store and dask scheduler (a worker's
+    container); the small job must not register its camera there.
+    """
+    from sitiancal.service.settings import Settings
+
+    return Settings(data_dir=root / "data", database_url=None, store_url=None, cube_url=None,
+                    scheduler_address=None)
 
 
 def _remaining_signatures() -> None:

@@ -21,7 +21,12 @@ from click.testing import CliRunner
 from numba import njit
 
 from sitiancal.service.cli import main
-from sitiancal.service.precompile import PRECOMPILE_CAMERA, cache_folder, compile_events
+from sitiancal.service.precompile import (
+    PRECOMPILE_CAMERA,
+    cache_folder,
+    compile_events,
+    small_job_settings,
+)
 
 
 def test_compile_events_records_compilations_not_reuse():
@@ -41,6 +46,19 @@ def test_compile_events_records_compilations_not_reuse():
     with compile_events() as ours:  # only sitiancal's kernels by default
         twice(np.arange(3, dtype=np.float32))
     assert ours == []
+
+
+def test_the_small_job_stays_out_of_a_deployments_catalog_and_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("SITIANCAL_DATABASE_URL", "postgresql+psycopg://calib@db:5432/sitiancal")
+    monkeypatch.setenv("SITIANCAL_STORE_URL", "s3://products/sitiancal")
+    monkeypatch.setenv("SITIANCAL_CUBE_URL", "s3://cubes/sitiancal")
+    monkeypatch.setenv("SITIANCAL_SCHEDULER_ADDRESS", "tcp://scheduler:8786")
+    settings = small_job_settings(tmp_path)
+    data = (tmp_path / "data").resolve()
+    assert settings.catalog_url == f"sqlite:///{data / 'catalog.sqlite'}"
+    assert settings.product_store_url == str(data / "store")
+    assert settings.cube_store_url == str(data / "cubes")
+    assert settings.scheduler_address is None
 
 
 def test_cache_folder_is_numbas_choice(tmp_path):
