@@ -190,7 +190,9 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         task, plus the assembly's share) stays within it, whatever the number
         of frames. With a ``client`` the workers' own limits apply.
     cores : int, optional
-        Threads of the local tile pass at most (default: the CPU count).
+        Cores of the local tile pass (default: the CPU count): one tile task
+        per core plus ``EXTRA_TILE_TASKS`` run at once, memory permitting, with
+        the cores' numba threads shared among them.
     direct : bool
         A virtual cube's bands are read past the page cache (``O_DIRECT``,
         ``storage.cube.frame_reader``).
@@ -237,7 +239,8 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     threads = None
     if client is None:
         tile, threads = _fit_memory(planned, params, shape, tile, memory_limit,
-                                    cores or os.cpu_count() or 1, read_ahead=read_ahead)
+                                    cores or os.cpu_count() or 1, read_ahead=read_ahead,
+                                    split_rows=virtual)
         timings["tile_threads"] = float(threads)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -270,41 +273,67 @@ _MIN_TILE_ROWS = 16
 #: Resident memory of the job's process besides its tile tasks (interpreter,
 #: numpy/numba/dask/zarr, the plan and frame table): ~0.3-0.8 GB measured.
 _BASE_BYTES = 800_000_000
+#: Tile tasks run at once beyond one per core. A task spends part of its time
+#: waiting for its next stack from the disk (a tile's first stack is not read
+#: ahead, and a dark or flat group is reduced faster than it is read); the
+#: extra task computes meanwhile. 300-frame 61 MP job from cold files on
+#: 2 cores (Zen 4 VM): see README, Performance.
+EXTRA_TILE_TASKS = 1
 
 
 def _fit_memory(planned: PlanResult, params: CalibrationParams, shape: tuple[int, int],
                 tile: tuple[int, int], memory_limit: int | None, cores: int, *,
-                read_ahead: bool = False) -> tuple[tuple[int, int], int]:
+                read_ahead: bool = False,
+                split_rows: bool = False) -> tuple[tuple[int, int], int]:
     """Tile shape and concurrent tile tasks that keep the tile pass within ``memory_limit``.
 
     The tile pass and the assembly follow each other, so each must fit on its
     own: beside the process's base (``_BASE_BYTES``) as many tile tasks run at
-    once as fit; when even one does not, the tile height is halved (down to
-    ``_MIN_TILE_ROWS``) - tiles need not follow the cube's chunks, a chunk is
-    then read by several tasks. An assembly (``ASSEMBLY_BYTES_PER_PIXEL`` of
-    the frame) or a single task that does not fit is noted in the job's
+    once as fit, up to one per core plus :data:`EXTRA_TILE_TASKS`; when even
+    one does not fit, the tile height is halved (down to ``_MIN_TILE_ROWS``) -
+    tiles need not follow the cube's chunks, a chunk is then read by several
+    tasks. When the extra task does not fit beside the others and
+    ``split_rows`` is set (frames read in place, where a band of any height is
+    one contiguous read per frame), tiles get fewer rows (evenly split, never
+    below half the height one task allows) so that it does; otherwise it is
+    dropped (a copied cube's tiles stay its compressed chunks, each decoded
+    once). An assembly (``ASSEMBLY_BYTES_PER_PIXEL``
+    of the frame) or a single task that does not fit is noted in the job's
     provenance.
     """
+    wanted = max(1, cores) + EXTRA_TILE_TASKS
     if memory_limit is None:
-        return tile, max(1, cores)
+        return tile, wanted
     assembly = ASSEMBLY_BYTES_PER_PIXEL * shape[0] * shape[1]
     if assembly > memory_limit:
         planned.notes.append(
             f"memory limit {memory_limit / 1e9:.2f} GB is below the estimated need of the product "
             f"assembly ({assembly / 1e9:.2f} GB at {shape[0]} x {shape[1]})")
     reserve = _BASE_BYTES
-    ty, tx = tile
-    per_task = tile_task_bytes(planned.plan, (ty, tx), max_batch=params.max_batch_frames,
+
+    def task_bytes(rows: int) -> int:
+        return tile_task_bytes(planned.plan, (rows, tile[1]), max_batch=params.max_batch_frames,
                                read_ahead=read_ahead)
-    while reserve + per_task > memory_limit and ty > _MIN_TILE_ROWS:
+
+    ty, tx = tile
+    while reserve + task_bytes(ty) > memory_limit and ty > _MIN_TILE_ROWS:
         ty = max(_MIN_TILE_ROWS, (ty + 1) // 2)
-        per_task = tile_task_bytes(planned.plan, (ty, tx), max_batch=params.max_batch_frames,
-                                   read_ahead=read_ahead)
-    threads = tile_concurrency(memory_limit, per_task, cores=cores, reserve=reserve)
-    if reserve + per_task > memory_limit:
+    if reserve + task_bytes(ty) > memory_limit:
         planned.notes.append(
             f"memory limit {memory_limit / 1e9:.2f} GB is below the estimated need of one tile "
-            f"task ({(reserve + per_task) / 1e9:.2f} GB): ran one task at a time")
+            f"task ({(reserve + task_bytes(ty)) / 1e9:.2f} GB): ran one task at a time")
+        return (ty, tx), 1
+    threads = tile_concurrency(memory_limit, task_bytes(ty), cores=wanted, reserve=reserve)
+    if threads < wanted and split_rows:
+        # the largest even split of the frame's rows at which ``wanted`` tasks fit
+        ny, lowest = shape[0], max(_MIN_TILE_ROWS, ty // 2)
+        bands = -(-ny // ty)
+        rows = ty
+        while rows >= lowest and reserve + wanted * task_bytes(rows) > memory_limit:
+            bands += 1
+            rows = -(-ny // bands)
+        if rows >= lowest:
+            ty, threads = rows, wanted
     return (ty, tx), threads
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,9 +18,15 @@ from sitiancal.compute.graph import (
     tile_concurrency,
     tile_task_bytes,
 )
-from sitiancal.compute.tile import FrameGroup, TilePlan
+from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
 from sitiancal.service.cli import main
-from sitiancal.service.pipeline import _BASE_BYTES, compute_products, memory_limit_bytes
+from sitiancal.service.pipeline import (
+    _BASE_BYTES,
+    EXTRA_TILE_TASKS,
+    _fit_memory,
+    compute_products,
+    memory_limit_bytes,
+)
 from sitiancal.service.settings import Settings
 from sitiancal.storage.cube import build_cube
 from sitiancal.storage.scan import scan
@@ -48,6 +55,51 @@ def test_task_bytes_and_concurrency() -> None:
     assert tile_concurrency(10**8, 10**9, cores=8) == 1  # never zero
 
 
+def _fit(plan: TilePlan, limit: int | None, *, tile=(229, 9576), shape=(6388, 9576), cores=2,
+         split_rows=True):
+    planned = SimpleNamespace(plan=plan, notes=[])
+    got = _fit_memory(planned, CalibrationParams(), shape, tile, limit, cores, read_ahead=True,
+                      split_rows=split_rows)
+    return got, planned.notes
+
+
+def test_one_task_more_than_cores_where_memory_allows() -> None:
+    """A task waiting on the disk leaves its core to the extra task; tiles shrink for it."""
+    plan = _plan(50, 10)
+    wanted = 2 + EXTRA_TILE_TASKS
+
+    def need(rows: int, tasks: int) -> int:
+        return _BASE_BYTES + tasks * tile_task_bytes(plan, (rows, 9576), max_batch=64,
+                                                     read_ahead=True)
+
+    assert _fit(plan, None) == (((229, 9576), wanted), [])
+    assert _fit(plan, need(229, wanted)) == (((229, 9576), wanted), [])
+    # room for two tasks of 229 rows only: the rows are split evenly into more,
+    # smaller bands until the third task fits
+    (tile, tasks), notes = _fit(plan, need(229, 2))
+    assert tasks == wanted and notes == []
+    assert 229 // 2 <= tile[0] < 229 and tile[1] == 9576
+    assert need(tile[0], wanted) <= need(229, 2)
+    bands = -(-6388 // tile[0])
+    assert tile[0] == -(-6388 // bands)  # an even split, not a cut of the last band
+    assert need(-(-6388 // (bands - 1)), wanted) > need(229, 2)  # the largest such split
+    # a copied cube's tiles are its compressed chunks: not split for the extra task
+    assert _fit(plan, need(229, 2), split_rows=False) == (((229, 9576), 2), [])
+    # one task fits only at half the height: the extra one at half of that again
+    (tile, tasks), notes = _fit(plan, need(229, 1) - 1)
+    assert tasks == wanted and not any("tile task" in n for n in notes)
+    assert 115 // 2 <= tile[0] < 115 and need(tile[0], wanted) < need(229, 1)
+    # near the smallest tile the extra task does not fit at any allowed height:
+    # as many tasks as fit at the tile the single-task search chose
+    per_row = tile_task_bytes(plan, (1, 9576), max_batch=64, read_ahead=True)
+    (tile, tasks), notes = _fit(plan, _BASE_BYTES + int(2.5 * 16 * per_row))
+    assert tile == (29, 9576) and tasks == 1  # 229 -> 115 -> 58 -> 29
+    assert not any("tile task" in n for n in notes)
+    # too tight for any task: one at a time, noted
+    (tile, tasks), notes = _fit(plan, _BASE_BYTES + 1)
+    assert tasks == 1 and tile[0] == 16 and any("tile task" in n for n in notes)
+
+
 def test_settings_memory_limit() -> None:
     assert memory_limit_bytes(Settings(memory_limit="4GB")) == 4 * 10**9
     assert memory_limit_bytes(Settings(memory_limit="512MiB")) == 512 * 2**20
@@ -72,7 +124,7 @@ def _maps(workdir: Path) -> dict[str, np.ndarray]:
 def test_a_tight_limit_runs_smaller_tiles_one_at_a_time_with_the_same_maps(cube, tmp_path):
     store, ds = cube
     free = compute_products(ds, store, tmp_path / "free", wanted=("bias",), cores=2)
-    assert free.timings["tile_threads"] == 2.0
+    assert free.timings["tile_threads"] == 2.0 + EXTRA_TILE_TASKS
     assert not any("memory limit" in n for n in free.planned.notes)
     # room for the process and hardly anything else: the tile height is halved
     # until one task fits (or the smallest tile), and tasks run one at a time
