@@ -1117,10 +1117,11 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
     sd = np.maximum(y.std(axis=1), 1e-300)
     y = (y - y.mean(axis=1, keepdims=True)) / sd[:, None]
     log_n = np.log(n_f)
-    # unimodal alternatives: one Gaussian (2 parameters), Student t (3)
-    bic_null = np.minimum(-2.0 * _tied_gmm(y, 1)[3] + 2 * log_n,
-                          -2.0 * _student_t_loglike(y) + 3 * log_n)
-    ok = np.zeros(m, dtype=bool)
+    # The lowest BIC of the multi-level models that meet the level criteria
+    # (separation, step, frames per level): the pixel is RTN when the best
+    # unimodal model's BIC exceeds it by rtn_min_delta_bic. NaN fits count as
+    # failing (np.fmin skips them), as the comparisons below would.
+    bic_levels = np.full(m, np.inf)
     for k in range(2, max(cfg.rtn_max_levels, 1) + 1):
         if n_f < 2 * k:
             break
@@ -1133,10 +1134,19 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
             lj = np.log(w)[:, :, None] - 0.5 * d * d / var[:, None, None]
         hard = np.argmax(lj, axis=1)
         counts = np.stack([(hard == c).sum(axis=1) for c in range(k)], axis=1)
-        ok |= ((bic_null - bic > cfg.rtn_min_delta_bic) & (sep > cfg.rtn_min_separation)
-               & (step * sd > cfg.rtn_min_step_adu)
-               & (counts.min(axis=1) >= cfg.rtn_min_level_frames))
-    return ok
+        levels_ok = ((sep > cfg.rtn_min_separation) & (step * sd > cfg.rtn_min_step_adu)
+                     & (counts.min(axis=1) >= cfg.rtn_min_level_frames))
+        bic_levels = np.fmin(bic_levels, np.where(levels_ok, bic, np.inf))
+    # unimodal alternatives: one Gaussian (2 parameters), Student t (3). The
+    # null's BIC is the lower of the two, so a pixel that does not beat the
+    # Gaussian cannot beat the null: the t fits (6 dof x 40 EM steps, ~30 % of
+    # this function) run only on the pixels that do, with the same flags.
+    bic_null = -2.0 * _tied_gmm(y, 1)[3] + 2 * log_n
+    beats_gauss = bic_null - bic_levels > cfg.rtn_min_delta_bic
+    if beats_gauss.any():
+        bic_null[beats_gauss] = np.minimum(
+            bic_null[beats_gauss], -2.0 * _student_t_loglike(y[beats_gauss]) + 3 * log_n)
+    return bic_null - bic_levels > cfg.rtn_min_delta_bic
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")

@@ -573,6 +573,54 @@ def test_tied_mixture_kernel_equals_numpy_reference() -> None:
         D._tied_gmm(rows, 2, backend="gpu")
 
 
+def _confirm_by_definition(values: np.ndarray, cfg: DefectConfig) -> np.ndarray:
+    """``rtn_confirm``'s rule written out: every fit on every pixel, no short cut."""
+    y = values.T.astype(np.float64)
+    sd = np.maximum(y.std(axis=1), 1e-300)
+    y = (y - y.mean(axis=1, keepdims=True)) / sd[:, None]
+    n_f = y.shape[1]
+    log_n = np.log(n_f)
+    bic_null = np.minimum(-2.0 * D._tied_gmm(y, 1)[3] + 2 * log_n,
+                          -2.0 * D._student_t_loglike(y) + 3 * log_n)
+    ok = np.zeros(y.shape[0], dtype=bool)
+    for k in range(2, cfg.rtn_max_levels + 1):
+        w, mu, var, ll = D._tied_gmm(y, k)
+        step = np.diff(np.sort(mu, axis=1), axis=1).min(axis=1)
+        d = y[:, None, :] - mu[:, :, None]
+        with np.errstate(divide="ignore"):
+            hard = np.argmax(np.log(w)[:, :, None] - 0.5 * d * d / var[:, None, None], axis=1)
+        counts = np.stack([(hard == c).sum(axis=1) for c in range(k)], axis=1)
+        ok |= ((bic_null - (-2.0 * ll + 2 * k * log_n) > cfg.rtn_min_delta_bic)
+               & (step / np.sqrt(var) > cfg.rtn_min_separation)
+               & (step * sd > cfg.rtn_min_step_adu)
+               & (counts.min(axis=1) >= cfg.rtn_min_level_frames))
+    return ok
+
+
+def test_rtn_confirm_fits_the_t_null_only_where_it_can_decide() -> None:
+    """The heavy-tailed null is fitted only on pixels whose levels beat the Gaussian; same flags."""
+    rng = np.random.default_rng(49)
+    n_f = 40
+    values = np.concatenate([_q(rng.normal(0.0, READ_ADU, (n_f, 3000))),
+                             _rtn2(rng, n_f, 300, (10, 14), (0.3, 0.7)),
+                             _rtn3(rng, n_f, 200, (10, 14)),
+                             _rtn2(rng, n_f, 200, (3, 5), (0.1, 0.9)),   # near the thresholds
+                             _q(rng.standard_t(1.5, (n_f, 500)) * READ_ADU),  # heavy tails
+                             np.zeros((n_f, 4)), np.round(rng.normal(0.0, 0.3, (n_f, 300)))],
+                            axis=1)
+    rows_fitted: list[int] = []
+    orig = D._student_t_loglike
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(D, "_student_t_loglike",
+                   lambda y, **kw: rows_fitted.append(len(y)) or orig(y, **kw))
+        flags = rtn_confirm(values, config=CFG)
+    np.testing.assert_array_equal(flags, _confirm_by_definition(values, CFG))
+    assert 0 < flags.sum() < values.shape[1]
+    assert sum(rows_fitted) < 0.3 * values.shape[1]  # the Gaussian pixels skip the t fits
+    # the t null matters: heavy-tailed pixels that beat the Gaussian are not RTN
+    assert flags[3700:4200].mean() < 0.05
+
+
 def test_student_t_kernel_equals_numpy_reference() -> None:
     """The compiled t fits give the reference's log-likelihoods (sums in another order)."""
     rng = np.random.default_rng(46)
