@@ -426,10 +426,14 @@ def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
     outs = []
     for kernel in ("net", "pixel"):
         a2, s3 = np.empty(flat.shape[1]), np.empty(flat.shape[1])
-        if kernel == "net":  # computes the dither itself (the buffer's input is ignored)
-            buf = np.full(flat.shape, np.nan, dtype=np.float32)
-            D._rtn_stage1_network(flat, buf, lvl, True, ids, D._seed_mix(3),
+        if kernel == "net":  # computes the dither itself; its sorted values stay in the kernel
+            D._rtn_stage1_network(flat, lvl, True, ids, D._seed_mix(3),
                                   D._sorting_network(n_f), tab, z0, D._TABLE_STEP, 2, a2, s3)
+            # the values stage 2 gets, recomputed for the columns asked for
+            cols = np.arange(flat.shape[1])
+            buf = D._sorted_prepared(flat, cols, lvl, True, ids, D._seed_mix(3))
+            odd = D._sorted_prepared(flat, cols[1::2], lvl, True, ids, D._seed_mix(3))
+            np.testing.assert_array_equal(odd, buf[:, 1::2])
         else:  # the dither array of :func:`dither`, then the per-pixel kernel
             buf = D.dither(ids, n_f, 3)
             D._rtn_stage1_kernel(flat, buf, lvl, True, tab, z0, D._TABLE_STEP, 2, a2, s3)
