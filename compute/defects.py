@@ -652,11 +652,16 @@ def dither(pixels: np.ndarray, n_frames: int, seed: int) -> np.ndarray:
 
 
 def _prepared(flat: np.ndarray, frame_level: np.ndarray | None,
-              pixels: np.ndarray, seed: int) -> np.ndarray:
-    """Level-subtracted float32 values (F, P), dithered when the counts are integers."""
+              pixels: np.ndarray, seed: int, integral: bool | None = None) -> np.ndarray:
+    """Level-subtracted float32 values (F, P), dithered when the counts are integers.
+
+    ``integral``: whether the counts are integers (dithered), when the caller
+    decided it for a larger set of columns than ``flat``; None: from ``flat``.
+    """
     n_f = flat.shape[0]
     out = flat.astype(np.float32, copy=True)
-    integral = np.issubdtype(flat.dtype, np.integer) or bool(np.all(out == np.round(out)))
+    if integral is None:
+        integral = np.issubdtype(flat.dtype, np.integer) or bool(np.all(out == np.round(out)))
     if integral:
         out += dither(pixels, n_f, seed)
         out -= np.float32(0.5)
@@ -1287,7 +1292,7 @@ def _rtn_stage1_network(st: np.ndarray, lvl: np.ndarray, dither: bool,
     bit-identical to the per-pixel kernel. The sorted values stay in the
     block's buffer (51 kB at 50 frames, in the core's cache): writing them
     for the whole chunk, of which stage 2 reads ~0.2 %, cost 19 % of the
-    kernel; :func:`_sorted_prepared` recomputes the candidates' values.
+    kernel; :func:`_sorted_values` recomputes the candidates' values.
     """
     n_f, n_p = st.shape
     block = 256
@@ -1375,25 +1380,17 @@ def _rtn_stage1_network(st: np.ndarray, lvl: np.ndarray, dither: bool,
         _level_block(buf, 0, nb, mf, c1, c2, bst, cutf, c1b, c2b, fb, s3[p0:p1])
 
 
-def _sorted_prepared(part: np.ndarray, cols: np.ndarray, lvl: np.ndarray, dither: bool,
-                     ids: np.ndarray, seed_mix: np.uint64) -> np.ndarray:
-    """The values :func:`_rtn_stage1_network` sorts, for the columns ``cols`` of ``part`` only.
+def _sorted_values(part: np.ndarray, cols: np.ndarray, *, frame_level: np.ndarray | None,
+                   pixels: np.ndarray, seed: int, integral: bool) -> np.ndarray:
+    """:func:`_prepared` values of the columns ``cols`` of ``part``, sorted along the frames.
 
-    ``float32(x) + dither - 0.5 - lvl`` (``float32(x) - lvl`` without
-    ``dither``), the network's float32 operations in its order, the dither
-    from :func:`_dither_kernel` of the columns' sensor indices ``ids[cols]``;
-    sorted along the frame axis: (F, len(cols)) float32, bit-identical to the
-    network's sorted block rows (tested).
+    The values :func:`_rtn_stage1_network` sorts in its blocks (the same
+    float32 operations in the same order and the same dither), recomputed
+    for stage 2's candidates only; bit-identical (tested).
     """
-    x = part[:, cols].astype(np.float32)
-    if dither:
-        d = np.empty(x.shape, np.float32)
-        _dither_kernel(np.ascontiguousarray(ids[cols], dtype=np.int64), seed_mix, d)
-        x += d
-        x -= np.float32(0.5)
-    x -= lvl[:, None]
-    x.sort(axis=0)
-    return x
+    out = _prepared(part[:, cols], frame_level, pixels[cols], seed, integral=integral)
+    out.sort(axis=0)
+    return out
 
 
 def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,
@@ -1428,8 +1425,8 @@ def _stage1_chunks(stack: np.ndarray, frame_level: np.ndarray | None, seed: int,
         if integral or not np.isnan(part).any():
             _rtn_stage1_network(part, lvl, integral, part_ids, mix,
                                 _sorting_network(n_f), tab, z0, _TABLE_STEP, mf, a2, s3)
-            values = functools.partial(_sorted_prepared, part, lvl=lvl, dither=integral,
-                                       ids=part_ids, seed_mix=mix)
+            values = functools.partial(_sorted_values, part, frame_level=frame_level,
+                                       pixels=part_ids, seed=seed, integral=integral)
         else:
             buf = np.empty(part.shape, np.float32)  # no dither: its input is not read
             _rtn_stage1_kernel(part, buf, lvl, integral, tab, z0, _TABLE_STEP, mf, a2, s3)

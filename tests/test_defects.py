@@ -431,8 +431,10 @@ def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
                                   D._sorting_network(n_f), tab, z0, D._TABLE_STEP, 2, a2, s3)
             # the values stage 2 gets, recomputed for the columns asked for
             cols = np.arange(flat.shape[1])
-            buf = D._sorted_prepared(flat, cols, lvl, True, ids, D._seed_mix(3))
-            odd = D._sorted_prepared(flat, cols[1::2], lvl, True, ids, D._seed_mix(3))
+            buf = D._sorted_values(flat, cols, frame_level=level, pixels=ids, seed=3,
+                                   integral=True)
+            odd = D._sorted_values(flat, cols[1::2], frame_level=level, pixels=ids, seed=3,
+                                   integral=True)
             np.testing.assert_array_equal(odd, buf[:, 1::2])
         else:  # the dither array of :func:`dither`, then the per-pixel kernel
             buf = D.dither(ids, n_f, 3)
