@@ -75,6 +75,60 @@ def row_band_tile(shape: tuple[int, int], tile: tuple[int, int]) -> tuple[int, i
     return -(-ny // n_bands), nx
 
 
+def staggered_bands(ny: int, rows: int, tasks: int) -> tuple[int, list[slice]]:
+    """Full-width row bands of at most ``rows`` rows whose first ``tasks`` start out of step.
+
+    Tile tasks that start together on bands of equal work stay in step: each
+    reduces its bias stack (compute-bound) and then streams its dark and flat
+    stacks (bound by the disk where the frames are read in place) at the same
+    time as the others, so the cores idle while all of them wait on the disk
+    and the disk idles while all of them compute. Here the first ``tasks - 1``
+    bands are 1, 2, ..., ``tasks - 1`` units high (a unit is ``rows // tasks``
+    rows) and the others ``tasks`` units: started together, the tasks on the
+    short bands move to their next band after 1/``tasks``, 2/``tasks``, ... of
+    a band's time, which spreads their phases evenly over a band. Every
+    boundary is a multiple of the unit (the last band ends at ``ny``), so maps
+    chunked by the unit are written by one task per chunk.
+
+    Parameters
+    ----------
+    ny : int
+        Frame rows.
+    rows : int
+        Most rows one task may take (the memory budget's band height).
+    tasks : int
+        Tile tasks run at once.
+
+    Returns
+    -------
+    unit : int
+        Rows of a unit (the chunk height of the maps).
+    bands : list of slice
+        Row ranges, covering ``0..ny`` in order, in the order they should start.
+        Where ``tasks`` is 1 or the frame has too few rows for the staggered
+        bands plus one whole one, equal bands of ``rows`` rows and ``unit ==
+        rows``.
+
+    Examples
+    --------
+    >>> staggered_bands(20, 6, 3)
+    (2, [slice(0, 2, None), slice(2, 6, None), slice(6, 12, None), slice(12, 18, None), slice(18, 20, None)])
+    """
+    ny, rows, tasks = int(ny), max(1, min(int(rows), int(ny))), max(1, int(tasks))
+    unit = rows // tasks
+    heights = [k * unit for k in range(1, tasks)]
+    if tasks == 1 or unit == 0 or sum(heights) + tasks * unit > ny:
+        return rows, [slice(y0, min(y0 + rows, ny)) for y0 in range(0, ny, rows)]
+    bands, y0 = [], 0
+    for h in heights:
+        bands.append(slice(y0, y0 + h))
+        y0 += h
+    while y0 < ny:
+        bands.append(slice(y0, min(y0 + tasks * unit, ny)))
+        y0 += tasks * unit
+    return unit, bands
+
+
 class ReadAhead:
     """``load(indices)`` that reads the next expected stack while the caller works.
 
@@ -151,7 +205,8 @@ def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, in
                      tile: tuple[int, int], plan: TilePlan,
                      params: CalibrationParams,
                      threads_per_task: int | None = None,
-                     read_ahead: bool = False) -> list[Delayed]:
+                     read_ahead: bool = False,
+                     tiles: Sequence[tuple[slice, slice]] | None = None) -> list[Delayed]:
     """One delayed task per tile; computing them fills the sink and returns partial sums.
 
     Parameters
@@ -171,12 +226,16 @@ def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, in
         Each task reads its next frame stack while it reduces the current one
         (:class:`ReadAhead`): for readers that wait on a disk. Costs one more
         stack per task (``tile_task_bytes``).
+    tiles : sequence of (slice, slice), optional
+        The tiles ``(ys, xs)`` instead of ``tile``'s grid, in the order they
+        should start (e.g. :func:`staggered_bands`); they must cover the frame
+        once, and the sink must take each of them whole.
 
     Returns
     -------
     list of Delayed
         Each evaluates to the tile's partial sums (dict of float), in
-        row-major tile order.
+        row-major tile order (in the order of ``tiles`` where given).
 
     Notes
     -----
@@ -187,9 +246,22 @@ def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, in
     independent tasks). When the reader maps FITS files in place, a band's
     tiles share the same file pages (page-cache readahead brings in whole rows),
     so a band is read from disk about once.
+
+    Given ``tiles``, the keys are ``tile-<rank>-<y>-<x>`` with a zero-padded
+    rank that falls along the list: the threaded scheduler breaks the tie
+    between independent tasks by their keys, in decreasing order (tested), and
+    the distributed one follows the priorities, which fall along the list too.
     """
     run = dask.delayed(_run_tile, pure=False)
     tasks = []
+    if tiles is not None:
+        n = len(tiles)
+        for i, (ys, xs) in enumerate(tiles):
+            with dask.annotate(priority=n - i):
+                tasks.append(run(reader, sink, ys, xs, plan, params, threads_per_task, shape[1],
+                                 read_ahead,
+                                 dask_key_name=f"tile-{n - i:06d}-{ys.start}-{xs.start}"))
+        return tasks
     n_bands = -(-shape[0] // tile[0])
     for ys, xs in iter_tiles(shape, tile):
         with dask.annotate(priority=n_bands - ys.start // tile[0]):

@@ -30,8 +30,8 @@ from sitiancal.compute.graph import (
     ASSEMBLY_BYTES_PER_PIXEL,
     TileReader,
     build_tile_graph,
-    iter_tiles,
     row_band_tile,
+    staggered_bands,
     sum_partials,
     tile_concurrency,
     tile_task_bytes,
@@ -244,17 +244,22 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         timings["tile_threads"] = float(threads)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    sink = ZarrMapSink(workdir / "maps.zarr", shape=shape, tile=tile,
+    chunk, tiles = tile, None
+    if virtual and threads is not None and threads > 1:
+        # tasks started together on equal bands stay in step (see staggered_bands)
+        unit, bands = staggered_bands(shape[0], tile[0], threads)
+        chunk, tiles = (unit, tile[1]), [(ys, slice(0, shape[1])) for ys in bands]
+    sink = ZarrMapSink(workdir / "maps.zarr", shape=shape, tile=chunk,
                        expected=expected_maps(planned.plan))
     # numba threads per task: the cores shared by the tasks that run at once
     per_task = None if threads is None else max(1, (cores or os.cpu_count() or 1) // threads)
     tasks = build_tile_graph(reader, sink, shape=shape, tile=tile, plan=planned.plan, params=params,
-                             threads_per_task=per_task, read_ahead=read_ahead)
+                             threads_per_task=per_task, read_ahead=read_ahead, tiles=tiles)
     n_tiles = len(tasks)
     partials = _run_tasks(tasks, client, lambda done: report(
         "tiles", lo + (hi - lo) * (0.1 + 0.75 * done / n_tiles)), is_cancelled, threads=threads)
     timings["tiles"] = time.perf_counter() - t0
-    timings["n_tiles"] = float(len(list(iter_tiles(shape, tile))))
+    timings["n_tiles"] = float(n_tiles)
 
     t0 = time.perf_counter()
     report("products", lo + (hi - lo) * 0.85)

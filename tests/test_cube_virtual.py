@@ -26,9 +26,9 @@ import zarr
 from fitscorpus import write_camera_set
 from simdata import small_dataset
 
-from sitiancal.compute.graph import build_tile_graph, iter_tiles
+from sitiancal.compute.graph import build_tile_graph, iter_tiles, staggered_bands
 from sitiancal.compute.tile import CalibrationParams
-from sitiancal.service.pipeline import compute_products, dataset_cube
+from sitiancal.service.pipeline import EXTRA_TILE_TASKS, compute_products, dataset_cube
 from sitiancal.service.settings import Settings
 from sitiancal.storage.cube import (
     CubeError,
@@ -420,7 +420,12 @@ def test_products_are_identical_in_both_layouts(simulated, monkeypatch) -> None:
     chunks = {name: zarr.open_group(str(tmp / name / "maps.zarr"), mode="r")["bias_mean"].chunks
               for name in ("work-v", "work-c")}
     assert chunks["work-c"] == (24, 32)
-    assert chunks["work-v"] == (-(-ny // (ny * nx // (24 * 32))), nx)
+    # ... whose starts are staggered (compute.graph.staggered_bands): the maps are
+    # chunked by the stagger's unit
+    rows = -(-ny // (ny * nx // (24 * 32)))
+    tasks = (os.cpu_count() or 1) + EXTRA_TILE_TASKS
+    assert chunks["work-v"] == (staggered_bands(ny, rows, tasks)[0], nx)
+    assert chunks["work-v"][0] < rows
     # bands read past the page cache, each task reading its next stack ahead: the same
     direct = _products(virtual, tmp / "virtual.zarr", tmp / "work-direct", direct=True)
     _assert_same_products(direct, products_copy)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import dask
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from sitiancal.compute.graph import (
     iter_tiles,
     largest_stack,
     row_band_tile,
+    staggered_bands,
     sum_partials,
     tile_task_bytes,
 )
@@ -178,6 +181,66 @@ def test_row_band_tile_keeps_the_number_of_tiles(shape, tile, band) -> None:
     assert ny - (n_bands - 1) * band[0] > 0            # no empty band
     if shape == (6388, 9576):
         assert n_bands == n_tiles == 28
+
+
+@pytest.mark.parametrize(("ny", "rows", "tasks"), [
+    (6388, 164, 3), (6388, 229, 2), (6388, 229, 4), (20, 6, 3), (100, 7, 3), (40, 40, 3),
+    (5, 5, 3), (12, 6, 3), (6388, 164, 1), (1, 1, 2),
+])
+def test_staggered_bands_cover_the_frame_on_unit_boundaries(ny, rows, tasks) -> None:
+    unit, bands = staggered_bands(ny, rows, tasks)
+    heights = [b.stop - b.start for b in bands]
+    # contiguous, in order, covering every row once, none empty or above the budget
+    assert bands[0].start == 0 and bands[-1].stop == ny
+    assert all(a.stop == b.start for a, b in itertools.pairwise(bands))
+    assert all(0 < h <= rows for h in heights)
+    # every boundary on the unit (the maps' chunk height): one task per chunk
+    assert all(b.start % unit == 0 for b in bands)
+    unit_rows = rows // tasks
+    staggered = tasks > 1 and unit_rows > 0 and ny >= unit_rows * (tasks * (tasks - 1) // 2 + tasks)
+    if staggered:
+        # the first tasks - 1 bands are 1, 2, ... units, then whole bands of tasks units
+        assert unit == unit_rows
+        assert heights[:tasks - 1] == [k * unit for k in range(1, tasks)]
+        assert set(heights[tasks - 1:-1]) <= {tasks * unit}
+        assert heights[-1] <= tasks * unit
+    else:
+        assert unit == min(rows, ny) and set(heights[:-1]) <= {unit}
+
+
+def test_staggered_tiles_start_in_their_order_with_the_same_maps(data) -> None:
+    """Given ``tiles``, the threaded scheduler starts them in the list's order."""
+    import threading
+
+    stack, plan = data
+    params = CalibrationParams()
+    ny, nx = stack.shape[1:]
+    _, bands = staggered_bands(ny, 12, 3)
+    assert [b.stop - b.start for b in bands][:3] == [4, 8, 12]
+    started: list[int] = []
+    lock = threading.Lock()
+
+    class Recording(ArrayReader):
+        def __call__(self, indices, ys, xs):
+            with lock:
+                if not started or started[-1] != ys.start:
+                    started.append(ys.start)
+            return super().__call__(indices, ys, xs)
+
+    sink = MemorySink((ny, nx))
+    tiles = [(ys, slice(0, nx)) for ys in bands]
+    tasks = build_tile_graph(Recording(stack), sink, shape=(ny, nx), tile=(12, nx), plan=plan,
+                             params=params, tiles=tiles)
+    assert len(tasks) == len(bands)
+    partials = sum_partials(dask.compute(*tasks, scheduler="threads", num_workers=1))
+    assert started == [b.start for b in bands]  # one worker: exactly the list's order
+    ref, ref_part = _maps(stack, plan, (40, 52), params)
+    for name in ref:
+        if name == "rtn":
+            continue  # a dithered statistic (its dither is per pixel, not per tile)
+        np.testing.assert_allclose(sink.maps[name], ref[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    assert np.mean(sink.maps["rtn"] == ref["rtn"]) > 0.995
+    assert partials.keys() == ref_part.keys()
 
 
 # ----------------------------------------------------------------------------- read ahead
