@@ -118,15 +118,11 @@ def staggered_bands(ny: int, rows: int, tasks: int) -> tuple[int, list[slice]]:
     unit = rows // tasks
     heights = [k * unit for k in range(1, tasks)]
     if tasks == 1 or unit == 0 or sum(heights) + tasks * unit > ny:
-        return rows, [slice(y0, min(y0 + rows, ny)) for y0 in range(0, ny, rows)]
-    bands, y0 = [], 0
-    for h in heights:
-        bands.append(slice(y0, y0 + h))
-        y0 += h
-    while y0 < ny:
-        bands.append(slice(y0, min(y0 + tasks * unit, ny)))
-        y0 += tasks * unit
-    return unit, bands
+        return rows, [ys for ys, _ in iter_tiles((ny, 1), (rows, 1))]
+    starts = [0, *itertools.accumulate(heights)]
+    bands = [slice(a, b) for a, b in itertools.pairwise(starts)]
+    whole = tasks * unit
+    return unit, bands + [slice(y0, min(y0 + whole, ny)) for y0 in range(starts[-1], ny, whole)]
 
 
 class ReadAhead:
@@ -252,21 +248,20 @@ def build_tile_graph(reader: TileReader, sink: TileSink, *, shape: tuple[int, in
     between independent tasks by their keys, in decreasing order (tested), and
     the distributed one follows the priorities, which fall along the list too.
     """
+    if tiles is None:
+        n_bands = -(-shape[0] // tile[0])
+        entries = [(ys, xs, n_bands - ys.start // tile[0], f"tile-{ys.start}-{xs.start}")
+                   for ys, xs in iter_tiles(shape, tile)]
+    else:
+        n = len(tiles)
+        entries = [(ys, xs, n - i, f"tile-{n - i:06d}-{ys.start}-{xs.start}")
+                   for i, (ys, xs) in enumerate(tiles)]
     run = dask.delayed(_run_tile, pure=False)
     tasks = []
-    if tiles is not None:
-        n = len(tiles)
-        for i, (ys, xs) in enumerate(tiles):
-            with dask.annotate(priority=n - i):
-                tasks.append(run(reader, sink, ys, xs, plan, params, threads_per_task, shape[1],
-                                 read_ahead,
-                                 dask_key_name=f"tile-{n - i:06d}-{ys.start}-{xs.start}"))
-        return tasks
-    n_bands = -(-shape[0] // tile[0])
-    for ys, xs in iter_tiles(shape, tile):
-        with dask.annotate(priority=n_bands - ys.start // tile[0]):
+    for ys, xs, priority, key in entries:
+        with dask.annotate(priority=priority):
             tasks.append(run(reader, sink, ys, xs, plan, params, threads_per_task, shape[1],
-                             read_ahead, dask_key_name=f"tile-{ys.start}-{xs.start}"))
+                             read_ahead, dask_key_name=key))
     return tasks
 
 
