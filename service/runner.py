@@ -214,12 +214,20 @@ class DaskDashboard:
         The link for an operator's browser (the scheduler's ``dashboard_link``,
         shaped by dask's ``distributed.dashboard.link`` template).
     probe : str
-        Where the service itself reaches the dashboard to see that it answers
-        (loopback for an embedded one bound to every interface).
+        Where the service itself asks whether the dashboard's pages are served
+        (loopback for an embedded one bound to every interface): the scheduler's
+        ``individual-plots.json``, which lists the bokeh plots (an empty object
+        when bokeh is missing and ``/status`` is only a page asking to install it)
+        and answers at once, where rendering ``/status`` takes seconds on a busy
+        machine.
     """
 
     url: str
     probe: str
+
+
+#: The scheduler's route that lists its bokeh plots (what dask's JupyterLab extension reads).
+PLOTS_ROUTE = "individual-plots.json"
 
 
 def _url_host(host: str) -> str:
@@ -258,12 +266,12 @@ def dashboard_location(client: Any, bind: str | None = None) -> DaskDashboard | 
         host = bind.rpartition(":")[0].strip("[]")
         if host in ("", "0.0.0.0", "::", "*"):  # every interface: the machine's address
             return DaskDashboard(url=str(client.dashboard_link),
-                                 probe=f"{scheme}://127.0.0.1:{port}/status")
+                                 probe=f"{scheme}://127.0.0.1:{port}/{PLOTS_ROUTE}")
         return DaskDashboard(url=format_dashboard_link(_url_host(host), port),
-                             probe=f"{scheme}://{_url_host(host)}:{port}/status")
+                             probe=f"{scheme}://{_url_host(host)}:{port}/{PLOTS_ROUTE}")
     host = get_address_host(str(client.scheduler.address))
     return DaskDashboard(url=str(client.dashboard_link),
-                         probe=f"{scheme}://{_url_host(host)}:{port}/status")
+                         probe=f"{scheme}://{_url_host(host)}:{port}/{PLOTS_ROUTE}")
 
 
 class JobRunner:

@@ -323,7 +323,7 @@ def test_external_scheduler_dashboard_link(external_scheduler, tmp_path):
         port = int(info["dask_dashboard"].rsplit(":", 1)[1].split("/")[0])
         anywhere = dashboard_location(runner.client, bind="0.0.0.0:0")
         assert anywhere is not None
-        assert anywhere.probe == f"http://127.0.0.1:{port}/status"
+        assert anywhere.probe == f"http://127.0.0.1:{port}/individual-plots.json"
     # off also hides an external scheduler's dashboard
     settings = make_settings(tmp_path / "b", scheduler_address=address, dask_dashboard="off")
     with TestClient(create_app(settings)) as client:
@@ -340,6 +340,27 @@ def test_external_scheduler_without_dashboard(tmp_path):
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
                       host="127.0.0.1", dashboard_address=None) as cluster:
+        settings = make_settings(tmp_path, scheduler_address=cluster.scheduler_address)
+        with TestClient(create_app(settings)) as client:
+            info = client.get("/ui/info.json").json()
+    assert info["dask_dashboard"] is None and info["dask_dashboard_state"] == "unavailable"
+
+
+def test_external_scheduler_without_bokeh(tmp_path, monkeypatch):
+    """A scheduler started without bokeh still runs its HTTP server (``/status`` answers
+    200 with a page asking to install bokeh): the page says unavailable, links nothing."""
+    import sys
+
+    from distributed import LocalCluster
+    from test_api_support import TestClient, make_settings
+
+    from sitiancal.api.app import create_app
+
+    monkeypatch.setitem(sys.modules, "distributed.dashboard.scheduler", None)  # no bokeh
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+        status = requests.get(cluster.dashboard_link, timeout=10)
+        assert status.status_code == 200 and "bokeh" in status.text.lower()
         settings = make_settings(tmp_path, scheduler_address=cluster.scheduler_address)
         with TestClient(create_app(settings)) as client:
             info = client.get("/ui/info.json").json()

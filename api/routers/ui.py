@@ -19,6 +19,7 @@ external scheduler's) once the service has seen it answer.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import urllib.error
@@ -158,26 +159,29 @@ def dask_dashboard(request: Request) -> tuple[str | None, str]:
     return where.url, "running"
 
 
-#: probe URL -> (monotonic time, whether it answered 200)
+#: probe URL -> (monotonic time, whether the dashboard is served)
 _PROBED: dict[str, tuple[float, bool]] = {}
 #: The probe goes straight to the scheduler, never through an HTTP proxy of the environment.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _serves(link: str, ttl: float = 60.0, retry: float = 5.0) -> bool:
-    """Whether ``link`` answers 200 (the scheduler's HTTP server runs without the
-    dashboard's pages when bokeh is missing). An answer is remembered ``ttl``
-    seconds, a failure ``retry`` seconds."""
+def _serves(probe: str, ttl: float = 60.0, retry: float = 5.0, timeout: float = 5.0) -> bool:
+    """Whether the scheduler behind ``probe`` (its ``individual-plots.json``) serves
+    the dashboard's bokeh pages: it answers 200 with a non-empty JSON object. Without
+    bokeh the scheduler's HTTP server still runs and answers ``{}`` (and ``/status``
+    is a page asking to install bokeh). An answer is remembered ``ttl`` seconds, a
+    failure ``retry`` seconds."""
     now = time.monotonic()
-    hit = _PROBED.get(link)
+    hit = _PROBED.get(probe)
     if hit is not None and now - hit[0] < (ttl if hit[1] else retry):
         return hit[1]
     try:
-        with _DIRECT.open(link, timeout=2.0) as reply:
-            ok = reply.status == 200
+        with _DIRECT.open(probe, timeout=timeout) as reply:
+            plots = json.loads(reply.read()) if reply.status == 200 else None
+        ok = isinstance(plots, dict) and bool(plots)
     except (urllib.error.URLError, OSError, ValueError):
         ok = False
-    _PROBED[link] = (now, ok)
+    _PROBED[probe] = (now, ok)
     return ok
 
 
