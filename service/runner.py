@@ -262,16 +262,16 @@ def dashboard_location(client: Any, bind: str | None = None) -> DaskDashboard | 
         return None
     scheme = "https" if dask.config.get("distributed.scheduler.dashboard.tls.cert", None) \
         else "http"
-    if bind is not None:
+    url = str(client.dashboard_link)
+    if bind is None:
+        host = get_address_host(str(client.scheduler.address))
+    else:
         host = bind.rpartition(":")[0].strip("[]")
         if host in ("", "0.0.0.0", "::", "*"):  # every interface: the machine's address
-            return DaskDashboard(url=str(client.dashboard_link),
-                                 probe=f"{scheme}://127.0.0.1:{port}/{PLOTS_ROUTE}")
-        return DaskDashboard(url=format_dashboard_link(_url_host(host), port),
-                             probe=f"{scheme}://{_url_host(host)}:{port}/{PLOTS_ROUTE}")
-    host = get_address_host(str(client.scheduler.address))
-    return DaskDashboard(url=str(client.dashboard_link),
-                         probe=f"{scheme}://{_url_host(host)}:{port}/{PLOTS_ROUTE}")
+            host = "127.0.0.1"
+        else:
+            url = format_dashboard_link(_url_host(host), port)
+    return DaskDashboard(url=url, probe=f"{scheme}://{_url_host(host)}:{port}/{PLOTS_ROUTE}")
 
 
 class JobRunner:

@@ -332,23 +332,11 @@ def test_external_scheduler_dashboard_link(external_scheduler, tmp_path):
             "dask_dashboard_state": "disabled"}
 
 
-def test_external_scheduler_without_dashboard(tmp_path):
-    from distributed import LocalCluster
-    from test_api_support import TestClient, make_settings
-
-    from sitiancal.api.app import create_app
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
-                      host="127.0.0.1", dashboard_address=None) as cluster:
-        settings = make_settings(tmp_path, scheduler_address=cluster.scheduler_address)
-        with TestClient(create_app(settings)) as client:
-            info = client.get("/ui/info.json").json()
-    assert info["dask_dashboard"] is None and info["dask_dashboard_state"] == "unavailable"
-
-
-def test_external_scheduler_without_bokeh(tmp_path, monkeypatch):
-    """A scheduler started without bokeh still runs its HTTP server (``/status`` answers
-    200 with a page asking to install bokeh): the page says unavailable, links nothing."""
+@pytest.mark.parametrize("missing", ["dashboard", "bokeh"])
+def test_external_scheduler_without_dashboard(missing, tmp_path, monkeypatch):
+    """A scheduler that serves no dashboard: the page says unavailable, links nothing.
+    Started without bokeh it still runs its HTTP server (``/status`` answers 200 with a
+    page asking to install bokeh)."""
     import sys
 
     from distributed import LocalCluster
@@ -356,11 +344,15 @@ def test_external_scheduler_without_bokeh(tmp_path, monkeypatch):
 
     from sitiancal.api.app import create_app
 
-    monkeypatch.setitem(sys.modules, "distributed.dashboard.scheduler", None)  # no bokeh
+    address = None
+    if missing == "bokeh":
+        monkeypatch.setitem(sys.modules, "distributed.dashboard.scheduler", None)
+        address = "127.0.0.1:0"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
-                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
-        status = requests.get(cluster.dashboard_link, timeout=10)
-        assert status.status_code == 200 and "bokeh" in status.text.lower()
+                      host="127.0.0.1", dashboard_address=address) as cluster:
+        if missing == "bokeh":
+            status = requests.get(cluster.dashboard_link, timeout=10)
+            assert status.status_code == 200 and "bokeh" in status.text.lower()
         settings = make_settings(tmp_path, scheduler_address=cluster.scheduler_address)
         with TestClient(create_app(settings)) as client:
             info = client.get("/ui/info.json").json()

@@ -138,7 +138,7 @@ def dask_dashboard(request: Request) -> tuple[str | None, str]:
     Returns
     -------
     (url, state)
-        ``state`` is ``"running"`` (``url`` answers), ``"disabled"``
+        ``state`` is ``"running"`` (the scheduler serves the dashboard's pages), ``"disabled"``
         (``SITIANCAL_DASK_DASHBOARD`` is off, or the service runs without dask)
         or ``"unavailable"`` (the scheduler serves no dashboard, or it does not
         answer, or the scheduler cannot be reached); ``url`` is None unless running.
