@@ -12,7 +12,9 @@ zarr arrays); each map is materialised only while its product is assembled.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,6 +154,7 @@ class Assembler:
     _gain_pop: MixtureFit | None = None
     _gain_conv: np.ndarray | float | None = None
     _gain_med: float | None = None
+    _gain_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.missing = dict(self.planned.missing)
@@ -200,6 +203,10 @@ class Assembler:
         centre); the median per-pixel gain when the population is unimodal;
         the conventional PTC gain when there is no per-pixel gain.
         """
+        with self._gain_lock:  # computed once, possibly on a helper thread
+            return self._conversion_gain()
+
+    def _conversion_gain(self) -> np.ndarray | float | None:
         if self._gain_conv is not None:
             return self._gain_conv
         gain = self.map("gain")
@@ -348,13 +355,18 @@ class Assembler:
                                         temperature=self.temperature)
         stats["units"] = unit
         idx = _subsample(ok, self.params.mixture_samples, self.params.seed)
-        pops = dark_populations(r.ravel()[idx], e.ravel()[idx], seed=self.params.seed)
+        # The population mixture (a few s, mostly single-threaded) on the seeded
+        # subsample runs on a helper thread while the map-wide figures are computed.
+        with ThreadPoolExecutor(1, thread_name_prefix="sitiancal-mixture") as pool:
+            fitting = pool.submit(dark_populations, r.ravel()[idx], e.ravel()[idx],
+                                  seed=self.params.seed)
+            center, scale = robust_center_scale(r_ok)
+            # smooth local level (64 px cells): warm pixels are pixel-scale excesses over it
+            background = local_median(r_ok, block=64)
+            del r_ok
+            pops = fitting.result()
         stats["populations"] = pops.to_dict()
         tables.append(_mixture_table(pops, "POPULATIONS", unit))
-        center, scale = robust_center_scale(r_ok)
-        # smooth local level (64 px cells): warm pixels are pixel-scale excesses over it
-        background = local_median(r_ok, block=64)
-        del r_ok
         cls = np.full(rate.shape, 255, dtype=np.uint8)
         hot = np.zeros(rate.shape, dtype=bool)
         warm = np.zeros(rate.shape, dtype=bool)
@@ -577,7 +589,29 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
                 "gain": asm.gain, "linearity": asm.linearity, "flat": asm.flat,
                 "mask": lambda: asm.mask(shape)}
     # Products feed the mask (their flags), so every product is built; only the
-    # wanted ones are kept or emitted.
+    # wanted ones are kept or emitted. The conversion gain (the gain maps read,
+    # their population mixture, each pixel's population) is first needed by the
+    # bias; it is computed on a helper thread while the linearity and the bias
+    # profiles are built (the same result: it depends on the gain maps alone).
+    helper = ThreadPoolExecutor(1, thread_name_prefix="sitiancal-gain")
+    try:
+        if "gain" in maps and "gain_err" in maps:
+            helper.submit(asm.conversion_gain)
+        _build(asm, builders, wanted, emit, out)
+    finally:
+        helper.shutdown(wait=True)
+    out = {name: out[name] for name in PRODUCT_TYPES if name in out}
+    missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}
+    for name in wanted:
+        if name not in out and name not in missing:
+            missing[name] = "the dataset does not support this product"
+    return out, missing
+
+
+def _build(asm: Assembler, builders: dict[str, Callable[[], ProductContent | None]],
+           wanted: tuple[str, ...], emit: Callable[[ProductContent], None] | None,
+           out: dict[str, ProductContent]) -> None:
+    """Build the products in :data:`_BUILD_ORDER` into ``out`` (see :func:`assemble_products`)."""
     for name in _BUILD_ORDER:
         if name == "mask" and "mask" not in wanted:
             continue
@@ -592,9 +626,3 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
             content = ProductContent(content.type, content.units, stats=content.stats)
             return_freed_memory()
         out[name] = content
-    out = {name: out[name] for name in PRODUCT_TYPES if name in out}
-    missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}
-    for name in wanted:
-        if name not in out and name not in missing:
-            missing[name] = "the dataset does not support this product"
-    return out, missing

@@ -280,3 +280,79 @@ def test_every_scratch_map_is_read_by_the_assembly(mid, tmp_path_factory):
     assemble_products(maps, outcome.planned, CalibrationParams(seed=3),
                       shape=(ds.sizes["y"], ds.sizes["x"]))
     assert maps.read == stored
+
+
+class _Inline:
+    """A stand-in for ThreadPoolExecutor that runs each task at once on the caller's thread."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the future, as an executor does
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_helper_threads_change_no_product(bimodal, tmp_path_factory, monkeypatch):
+    """The conversion gain and the dark populations, computed on helper threads while the
+    other products are built, give exactly the products of a build on one thread (the
+    bimodal set: a per-pixel conversion gain from two gain populations)."""
+    import json
+    import threading
+
+    import zarr
+
+    from sitiancal.compute import products
+    from sitiancal.storage.store import to_jsonable
+
+    outcome, _, ds = bimodal
+    work = sorted({p.resolve() for p in
+                   tmp_path_factory.getbasetemp().glob("bimodal*/work/maps.zarr")})
+    assert len(work) == 1
+    group = zarr.open_group(str(work[0]), mode="r")
+    maps = {name: group[name] for name in group.array_keys()}
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    computed_on: list[str] = []
+    real = products.Assembler._conversion_gain
+
+    def recording(self):
+        if self._gain_conv is None:
+            computed_on.append(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(products.Assembler, "_conversion_gain", recording)
+
+    def build() -> dict:
+        built, _ = products.assemble_products(maps, outcome.planned, CalibrationParams(seed=3),
+                                              shape=shape)
+        return {kind: (json.dumps(to_jsonable(c.stats), sort_keys=True),
+                       {a.name: np.asarray(a.data) for a in c.arrays})
+                for kind, c in built.items()}
+
+    threaded = build()
+    assert computed_on == ["sitiancal-gain_0"]
+    assert len(threaded["gain"][0]) and '"bimodal": true' in threaded["gain"][0]
+    monkeypatch.setattr(products, "ThreadPoolExecutor", _Inline)
+    inline = build()
+    assert computed_on[-1] == threading.main_thread().name
+    assert threaded.keys() == inline.keys()
+    for kind, (stats, arrays) in threaded.items():
+        assert stats == inline[kind][0], kind
+        assert arrays.keys() == inline[kind][1].keys()
+        for name, values in arrays.items():
+            np.testing.assert_array_equal(values, inline[kind][1][name], err_msg=f"{kind} {name}")
