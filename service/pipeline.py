@@ -41,7 +41,7 @@ from sitiancal.compute.products import PRODUCT_TYPES, ProductContent, assemble_p
 from sitiancal.compute.tile import CalibrationParams, TileResult, expected_maps
 from sitiancal.service.settings import Settings
 from sitiancal.storage.cube import ZarrFrameReader, cube_layout, frame_reader
-from sitiancal.storage.scratch import ScratchStore
+from sitiancal.storage.direct import DirectStore
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ZarrMapSink:
     def __init__(self, path: str | Path, *, shape: tuple[int, int], tile: tuple[int, int],
                  expected: Mapping[str, tuple[int, ...]]) -> None:
         self.path = str(path)
-        group = zarr.open_group(ScratchStore(self.path), mode="w")
+        group = zarr.open_group(DirectStore(self.path), mode="w")
         # Scratch maps are stored uncompressed. Noisy float32 maps compress by only
         # ~1.3x, and the assembly reads each map several times: with zstd level 1
         # the decoding alone took ~37 core-s of a 61 MP job (0.5 s per map read),
@@ -116,7 +116,7 @@ class ZarrMapSink:
         # level) has one level per chunk: its product reads it level by level, and
         # a chunk holding every level was read whole for each (7.8 GB read for a
         # 0.74 GB stack of 3 levels, 300-frame 61 MP job; measured). Their chunks
-        # are written and read past the page cache (``ScratchStore``): 300 frames at
+        # are written and read past the page cache (``DirectStore``): 300 frames at
         # 61 MP, cold cache, old and new alternating: 107.1, 105.4 -> 99.3, 99.6 s
         # end to end, 184.4, 182.0 -> 171.1, 171.0 busy core-s.
         for name, lead in expected.items():
@@ -124,13 +124,13 @@ class ZarrMapSink:
                                dtype="float32", fill_value=np.nan, compressors=None)
 
     def __call__(self, ys: slice, xs: slice, result: TileResult) -> None:
-        group = zarr.open_group(ScratchStore(self.path), mode="r+")
+        group = zarr.open_group(DirectStore(self.path), mode="r+")
         for name, tile_map in result.maps.items():
             group[name][..., ys, xs] = tile_map
 
     def maps(self) -> dict[str, zarr.Array]:
         """The assembled maps, as lazily read zarr arrays."""
-        group = zarr.open_group(ScratchStore(self.path, read_only=True), mode="r")
+        group = zarr.open_group(DirectStore(self.path, read_only=True), mode="r")
         return {name: group[name] for name in group.array_keys()}
 
 

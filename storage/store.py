@@ -83,6 +83,8 @@ import zarr.storage
 from fsspec.implementations.local import LocalFileSystem
 
 from sitiancal.compute.content import ProductArray, ProductTable
+from sitiancal.storage.direct import DirectStore, read_direct
+from sitiancal.storage.frames import FrameReadError
 
 __all__ = ["ProductArray", "ProductPayload", "ProductStore", "ProductTable"]
 
@@ -551,7 +553,9 @@ class ProductStore:
     def zarr_store(self, key: str, *, read_only: bool = True) -> zarr.abc.store.Store:
         """The zarr store object of a product's group (read-only unless asked)."""
         if self.local:
-            return zarr.storage.LocalStore(self._path(key, ZARR_NAME), read_only=read_only)
+            # staged once and not read again by this process: chunks past the page cache
+            store_type = zarr.storage.LocalStore if read_only else DirectStore
+            return store_type(self._path(key, ZARR_NAME), read_only=read_only)
         return zarr.storage.FsspecStore.from_url(
             self._url(key, ZARR_NAME), storage_options=self.storage_options,
             read_only=read_only)
@@ -1049,7 +1053,7 @@ class ProductStore:
         for start in range(0, len(chunk_keys), _HASH_BATCH):
             batch = chunk_keys[start:start + _HASH_BATCH]
             paths = [posixpath.join(base, k) for k in batch]
-            blobs = self.fs.cat(paths, on_error="omit")
+            blobs = self._cat(paths)
             for ckey, path in zip(batch, paths, strict=True):
                 blob = blobs.get(path)
                 h.update(ckey.encode() + b"\0")
@@ -1059,6 +1063,31 @@ class ProductStore:
                     h.update(len(blob).to_bytes(8, "little"))
                     h.update(blob)  # hashed where it lies (no concatenated copy)
         return h.hexdigest()
+
+    def _cat(self, paths: list[str]) -> dict[str, Any]:
+        """The bytes of the files ``paths`` that exist (``fs.cat`` with ``on_error="omit"``).
+
+        Local chunk files of a megabyte or more are read with ``O_DIRECT``
+        (:func:`storage.direct.read_direct`): the checksum reads a staged
+        product once, and through the page cache every byte would fill a newly
+        allocated cache page (the cost ``storage.direct`` describes).
+        """
+        if not self.local:
+            return self.fs.cat(paths, on_error="omit")
+        out: dict[str, Any] = {}
+        rest: list[str] = []
+        for path in paths:
+            try:
+                data = read_direct(path)
+            except (OSError, FrameReadError):
+                data = None
+            if data is None:
+                rest.append(path)
+            else:
+                out[path] = data
+        if rest:
+            out.update(self.fs.cat(rest, on_error="omit"))
+        return out
 
     def compute_checksums(self, key: str) -> Checksums:
         """Recompute the checksums of a stored product from its bytes.

@@ -1,4 +1,9 @@
-"""A local zarr store for a job's scratch maps that writes chunks past the page cache.
+"""A local zarr store that writes and reads large chunks past the page cache (``O_DIRECT``).
+
+For data a process writes once and reads back at most a few times: a job's
+scratch maps, and a staged product's arrays (written, checksummed from direct
+reads, settled; the service reads published products through the page cache
+as usual).
 
 The tile pass writes every per-pixel map of a job once (a 300-frame 61 MP
 job: ~4.5 GB of float32) and the products stage reads each back. Written
@@ -18,7 +23,9 @@ same first-touch cost there instead (measured: the tile pass 54 -> 49 s with
 direct writes alone, and the products stage 25 -> 29 s). With both, a
 300-frame 61 MP job (cold cache, old and new alternating) took 99.3 and
 99.6 s instead of 107.1 and 105.4 s, system time 16.8 and 17.7 instead of
-28.8 and 27.9 core-s, on that machine.
+28.8 and 27.9 core-s, on that machine. Staging the products the same way
+(the arrays' ~3 GB at 300 frames) took the products stage's system time from
+6.7-8.5 to 4.3 core-s.
 """
 
 from __future__ import annotations
@@ -119,11 +126,11 @@ def read_direct(path: str | os.PathLike[str]) -> np.ndarray | None:
     return read_file_direct(path, buffer=raw[start:start + span])
 
 
-class ScratchStore(LocalStore):
+class DirectStore(LocalStore):
     """:class:`zarr.storage.LocalStore` whose large values are written and read with ``O_DIRECT``.
 
-    For scratch data that is written once and read soon after by the same
-    job (a few times at most): see the module docstring for why. Values of
+    For data that is written once and read soon after by the same process (a
+    few times at most): see the module docstring for why. Values of
     :data:`DIRECT_MIN_BYTES` or more go past the page cache where the file
     system allows it; everything else, and every value on a file system that
     refuses ``O_DIRECT``, is written as :class:`~zarr.storage.LocalStore` does.
@@ -135,7 +142,7 @@ class ScratchStore(LocalStore):
             await self._open()
         self._check_writable()
         if not isinstance(value, Buffer):
-            raise TypeError(f"ScratchStore.set(): `value` must be a Buffer, not {type(value)}")
+            raise TypeError(f"DirectStore.set(): `value` must be a Buffer, not {type(value)}")
         data = memoryview(value.as_buffer_like()).cast("B")
         if data.nbytes >= DIRECT_MIN_BYTES:
             path = self.root / key
