@@ -73,7 +73,7 @@ def write_direct(path: str | os.PathLike[str], data: memoryview) -> bool:
     size = data.nbytes
     span = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
     tmp = target.with_suffix(f".{uuid.uuid4().hex}.partial")
-    fd = open_direct(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    fd = open_direct(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open(): umask
     if fd is None:
         tmp.unlink(missing_ok=True)
         return False

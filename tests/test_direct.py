@@ -36,6 +36,9 @@ def test_write_direct_writes_exactly_the_bytes(tmp_path: Path, size: int) -> Non
     assert target.stat().st_size == size  # cut back from the aligned length
     assert target.read_bytes() == data.tobytes()
     assert sorted(p.name for p in target.parent.iterdir()) == ["0"]  # no partial file left
+    buffered = tmp_path / "buffered"
+    buffered.write_bytes(b"")
+    assert target.stat().st_mode == buffered.stat().st_mode  # the permissions open() gives
     got = read_direct(target)
     assert got is not None and got.ctypes.data % DIRECT_ALIGN == 0
     assert got.tobytes() == data.tobytes()
