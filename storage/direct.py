@@ -31,6 +31,7 @@ direct writes alone, and the products stage 25 -> 29 s). With both, a
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import uuid
@@ -50,8 +51,11 @@ DIRECT_MIN_BYTES = 1 << 20
 _local = threading.local()
 
 
-def _staging_buffer(nbytes: int) -> np.ndarray:
-    """This thread's page-aligned buffer of at least ``nbytes`` (kept and reused)."""
+def _thread_buffer(nbytes: int) -> np.ndarray:
+    """This thread's page-aligned buffer of at least ``nbytes`` (kept and reused).
+
+    One per writing thread (zarr's few I/O threads): a chunk's size each.
+    """
     buf = getattr(_local, "buffer", None)
     if buf is None or buf.size < nbytes:
         buf = aligned_buffer(nbytes)
@@ -78,7 +82,7 @@ def write_direct(path: str | os.PathLike[str], data: memoryview) -> bool:
         tmp.unlink(missing_ok=True)
         return False
     try:
-        buf = _staging_buffer(span)
+        buf = _thread_buffer(span)
         buf[:size] = np.frombuffer(data, dtype=np.uint8)
         buf[size:span] = 0
         view = memoryview(buf)
@@ -87,7 +91,7 @@ def write_direct(path: str | os.PathLike[str], data: memoryview) -> bool:
             try:
                 done += os.pwritev(fd, [view[done:span]], done)
             except OSError as exc:
-                if exc.errno == 22 and not done:  # EINVAL: opened, but no direct transfers
+                if exc.errno == errno.EINVAL and not done:  # opened, but no direct transfers
                     os.close(fd)
                     fd = -1
                     tmp.unlink(missing_ok=True)
