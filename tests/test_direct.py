@@ -115,8 +115,16 @@ def test_direct_store_round_trip(tmp_path: Path, monkeypatch, direct: bool) -> N
         small[r0:r0 + rows] = truth[r0:r0 + rows, :10]
     # every tile of the big map went to write_direct; the small map's chunks did not
     assert calls == [rows * cols * 4] * 3
+    # a whole map at once: zarr writes its chunks from several threads at a time,
+    # each with its own buffer
+    many = group.create_array("many", shape=(12 * rows, cols), chunks=(rows, cols),
+                              dtype="float32", fill_value=np.nan, compressors=None)
+    stack = np.concatenate([truth[:rows] + k for k in range(12)])
+    many[:] = stack
+    assert len(calls) == 3 + 12
     for store in (DirectStore(path, read_only=True), zarr.storage.LocalStore(path)):
         back = zarr.open_group(store, mode="r")
+        np.testing.assert_array_equal(back["many"][:], stack)
         np.testing.assert_array_equal(back["big"][:], truth)
         np.testing.assert_array_equal(back["big"][5:400, 17:23], truth[5:400, 17:23])
         np.testing.assert_array_equal(back["small"][:], truth[:, :10])
