@@ -316,16 +316,21 @@ def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef
                     q = slope[i] * m[j, i] + icpt[i]
                     # np.maximum propagates NaN
                     pred[j, i] = q if (np.isnan(q) or q > floor[i]) else floor[i]
+        # chi-square level by level (SIMD over pixels; each pixel's sum in level order)
+        chi = sums[0]
+        for i in range(nb):
+            chi[i] = 0.0
+        for j in range(n_lev):
+            for i in range(nb):
+                r = v[j, i] - (slope[i] * m[j, i] + icpt[i])
+                chi[i] += w[j, i] * r * r
         for i in range(nb):
             p = p0 + i
             sl = slope[i]
             ok_fit = nu[i] >= min_levels and det[i] > 0 and np.isfinite(sl) and sl > 0
             n_used[p] = nu[i]
             if ok_fit:
-                chi2 = 0.0
-                for j in range(n_lev):
-                    r = v[j, i] - (sl * m[j, i] + icpt[i])
-                    chi2 += w[j, i] * r * r
+                chi2 = chi[i]
                 gain[p] = 1.0 / sl
                 gain_err[p] = np.sqrt(var_slope[i]) / (sl * sl)
                 read_var[p] = icpt[i]
