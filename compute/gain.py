@@ -316,7 +316,8 @@ def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef
                     q = slope[i] * m[j, i] + icpt[i]
                     # np.maximum propagates NaN
                     pred[j, i] = q if (np.isnan(q) or q > floor[i]) else floor[i]
-        # chi-square level by level (SIMD over pixels; each pixel's sum in level order)
+        # chi-square level by level (SIMD over pixels; each pixel's sum in level order),
+        # in the line fit's scratch row, free after the last fit
         chi = sums[0]
         for i in range(nb):
             chi[i] = 0.0
