@@ -279,16 +279,15 @@ def _exact_int(flat: np.ndarray) -> bool:
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-def _moments_uint_kernel(st, denom, block):  # pragma: no cover - compiled
-    """Exact per-pixel mean and variance of an unsigned (F, P) stack.
+def _moments_uint_kernel(st, denom, block, mean, var):  # pragma: no cover - compiled
+    """Exact per-pixel mean and variance of an unsigned (F, P) stack, into ``mean`` and ``var``.
 
     uint32 partial sums and uint64 sums of squares (exact for uint16 and
     F <= 65537); variance ``(F*sum(x^2) - (sum x)^2) / denom`` with an exact
-    int64 numerator and ``denom = F (F - 1)`` (NaN for F = 1).
+    int64 numerator and ``denom = F (F - 1)`` (NaN for F = 1). The outputs
+    (P,) may be float32: each float64 result is rounded once when stored.
     """
     n_frames, n_pix = st.shape
-    mean = np.empty(n_pix)
-    var = np.empty(n_pix)
     n_blocks = (n_pix + block - 1) // block
     for b in prange(n_blocks):
         p0 = b * block
@@ -329,16 +328,14 @@ def _moments_uint_kernel(st, denom, block):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-def _moments_float_kernel(st, off, scale, denom, block):  # pragma: no cover - compiled
-    """Per-pixel mean and variance of ``(st[f] - off) * scale[f]``.
+def _moments_float_kernel(st, off, scale, denom, block, mean, var):  # pragma: no cover - compiled
+    """Per-pixel mean and variance of ``(st[f] - off) * scale[f]``, into ``mean`` and ``var``.
 
     Shifted sums: the first frame's value K of each pixel is subtracted before
     accumulating, which removes the cancellation of the textbook formula.
-    ``denom = F - 1`` (NaN for F = 1).
+    ``denom = F - 1`` (NaN for F = 1). The outputs as for :func:`_moments_uint_kernel`.
     """
     n_frames, n_pix = st.shape
-    mean = np.empty(n_pix)
-    var = np.empty(n_pix)
     n_blocks = (n_pix + block - 1) // block
     for b in prange(n_blocks):
         p0 = b * block
@@ -1001,6 +998,7 @@ def group_moments(
     offset: np.ndarray | float | None = None,
     scale: np.ndarray | float | None = None,
     backend: Backend = "auto",
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Moments:
     """Per-pixel mean and unbiased variance over the frames of a stack.
 
@@ -1018,12 +1016,18 @@ def group_moments(
         normalisation), dimensionless.
     backend : {"auto", "numba", "numpy"}
         Kernel to use; "auto" is "numba".
+    out : (numpy.ndarray, numpy.ndarray), optional
+        C-contiguous float32 or float64 arrays of shape ``stack.shape[1:]``
+        that receive the mean and the variance (e.g. one level's plane of a
+        caller's level-major array): the kernel stores each float64 result
+        there, rounded once, so a float32 output equals the float64 result
+        cast afterwards, without the full-size float64 maps and the copy.
 
     Returns
     -------
     Moments
         ``n = F``; ``mean`` (ADU) and ``var`` (ADU^2, ddof=1; NaN if F == 1),
-        float64 maps of shape ``stack.shape[1:]``.
+        float64 maps of shape ``stack.shape[1:]`` (the ``out`` arrays when given).
 
     Notes
     -----
@@ -1041,21 +1045,38 @@ def group_moments(
     flat, shape = _as_frames(stack)
     n_frames = flat.shape[0]
     numba_backend = _resolve(backend) == "numba"
+    if out is None:
+        mean, var = np.empty(flat.shape[1]), np.empty(flat.shape[1])
+    else:
+        mean, var = (_output_row(a, shape) for a in out)
     if offset is None and scale is None and _exact_int(flat):
         denom = float(n_frames * (n_frames - 1)) if n_frames > 1 else np.nan
         if numba_backend:
-            mean, var = _moments_uint_kernel(flat, denom, _block(flat.shape[1]))
+            _moments_uint_kernel(flat, denom, _block(flat.shape[1]), mean, var)
         else:
-            mean, var = _moments_numpy(flat, None, None, denom)
+            mean[:], var[:] = _moments_numpy(flat, None, None, denom)
     else:
         off = _pixel_offset(offset, shape)
         sc = _frame_scale(scale, n_frames)
         denom = float(n_frames - 1) if n_frames > 1 else np.nan
         if numba_backend:
-            mean, var = _moments_float_kernel(flat, off, sc, denom, _block(flat.shape[1]))
+            _moments_float_kernel(flat, off, sc, denom, _block(flat.shape[1]), mean, var)
         else:
-            mean, var = _moments_numpy(flat, off, sc, denom)
+            mean[:], var[:] = _moments_numpy(flat, off, sc, denom)
+    if out is not None:
+        return Moments(n=n_frames, mean=out[0], var=out[1])
     return Moments(n=n_frames, mean=mean.reshape(shape), var=var.reshape(shape))
+
+
+def _output_row(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An ``out`` array of :func:`group_moments` as the (P,) row view its kernels write."""
+    if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
+        raise ValueError("out arrays must be float32 or float64 numpy arrays")
+    if a.shape != tuple(shape):
+        raise ValueError(f"out arrays must have shape {tuple(shape)}, got {a.shape}")
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError("out arrays must be C-contiguous and writeable")
+    return a.reshape(-1)
 
 
 def combine_moments(a: Moments, b: Moments) -> Moments:

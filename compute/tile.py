@@ -218,18 +218,29 @@ class TileResult:
 
 
 def _moments(load: TileLoader, group: FrameGroup, *, offset: np.ndarray | float | None,
-             max_batch: int) -> Moments:
-    """Per-pixel moments of a group, reduced in sub-batches of at most ``max_batch`` frames."""
+             max_batch: int, out: tuple[np.ndarray, np.ndarray] | None = None) -> Moments:
+    """Per-pixel moments of a group, reduced in sub-batches of at most ``max_batch`` frames.
+
+    ``out``: the mean and variance are stored there (float32 or float64 maps,
+    see :func:`compute.stats.group_moments`), straight from the kernel when
+    the group is one batch, else after the batches are combined.
+    """
     result: Moments | None = None
     scale = np.asarray(group.scale, dtype=np.float64) if group.scale is not None else None
+    one_batch = group.n <= max_batch
     for start in range(0, group.n, max_batch):
         idx = group.indices[start:start + max_batch]
         part = group_moments(
             load(idx), offset=offset,
             scale=None if scale is None else scale[start:start + max_batch],
+            out=out if one_batch else None,
         )
         result = part if result is None else combine_moments(result, part)
     assert result is not None
+    if out is not None and not one_batch:
+        out[0][...] = result.mean
+        out[1][...] = result.var
+        result = Moments(n=result.n, mean=out[0], var=out[1])
     return result
 
 
@@ -298,6 +309,12 @@ def process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams, *,
         numba.set_num_threads(previous)
 
 
+def _level_major(n_levels: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 ``(..., L)`` views of two level-major ``(L, ...)`` arrays (each level's plane contiguous)."""
+    return tuple(np.moveaxis(np.empty((n_levels, *shape), np.float32), 0, -1)  # type: ignore[return-value]
+                 for _ in range(2))
+
+
 def _sensor_index(where: tuple[int, int, int | None], shape: tuple[int, ...]) -> np.ndarray:
     """Sensor indices ``y * width + x`` of a tile's pixels, row-major."""
     y0, x0, width = where
@@ -338,24 +355,34 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
     dark_means: list[np.ndarray] = []
     dark_rate: np.ndarray | None = None
     if plan.darks:
-        times, means, variances, counts = [], [], [], []
+        times, counts = [], []
+        # (K, ...) float64 means and variances, the zero-exposure point (the bias
+        # moments) first: each group's kernel writes its own plane, and the fit
+        # takes the (..., K) views (strided input; no stacked copy)
+        k0 = int(bias_mom is not None)
+        means = variances = np.empty(0)
+        sized = bias_mom is not None
         if bias_mom is not None:
+            means = np.empty((1 + len(plan.darks), *bias_mom.mean.shape))
+            variances = np.empty_like(means)
             times.append(0.0)
-            means.append(bias_mom.mean)
-            variances.append(bias_mom.var)
+            means[0], variances[0] = bias_mom.mean, bias_mom.var
             counts.append(plan.bias.n if plan.bias else 0)
-        for group in plan.darks:
-            mom = _moments(load, group, offset=None, max_batch=params.max_batch_frames)
-            dark_means.append(mom.mean)
+        for k, group in enumerate(plan.darks, start=k0):
+            planes = (means[k], variances[k]) if sized else None
+            mom = _moments(load, group, offset=None, max_batch=params.max_batch_frames,
+                           out=planes)
+            if not sized:  # no bias moments: the first group gives the shape
+                means = np.empty((len(plan.darks), *mom.mean.shape))
+                variances = np.empty_like(means)
+                means[0], variances[0] = mom.mean, mom.var
+                sized = True
+            dark_means.append(means[k])
             times.append(group.exptime)
-            means.append(mom.mean)
-            variances.append(mom.var)
             counts.append(group.n)
         if plan.has_dark_fit:
-            # stacked along a new first axis (a plain copy) and viewed as (..., K): the
-            # compiled fit takes strided input; np.stack(axis=-1) interleaves, ~12x slower
-            fit = fit_dark_rate(np.asarray(times), np.moveaxis(np.stack(means), 0, -1),
-                                np.moveaxis(np.stack(variances), 0, -1), np.asarray(counts))
+            fit = fit_dark_rate(np.asarray(times), np.moveaxis(means, 0, -1),
+                                np.moveaxis(variances, 0, -1), np.asarray(counts))
             dark_rate = np.asarray(fit.rate, dtype=np.float64)
             maps["dark_rate"] = dark_rate.astype(f32)
             maps["dark_rate_err"] = np.asarray(fit.rate_err, dtype=f32)
@@ -371,6 +398,9 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
         # L, ~0.4 s per 2 Mpx band at 20 levels); the fits take the strided views
         # and widen per value
         mean = var = np.empty(0, dtype=f32)
+        sized = master is not None
+        if master is not None:
+            mean, var = _level_major(len(plan.flats), master.shape)
         offset_buf: np.ndarray | None = None  # master + dark_rate * t, reused across levels
         for li, group in enumerate(plan.flats):
             match = plan.flat_dark[li]
@@ -386,13 +416,20 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
                 offset = master
             else:
                 offset = 0.0
-            mom = _moments(load, group, offset=offset, max_batch=params.max_batch_frames)
-            if li == 0:
-                mean = np.moveaxis(np.empty((len(plan.flats), *np.shape(mom.mean)), f32), 0, -1)
-                var = np.moveaxis(np.empty((len(plan.flats), *np.shape(mom.mean)), f32), 0, -1)
-            mean[..., li] = mom.mean
-            var[..., li] = mom.var
-            if li == plan.flat_ref:
+            # the kernel stores each level's float32 plane (the float64 result rounded
+            # once); the reference level's float64 maps feed the flat signal and the
+            # partial sums
+            is_ref = li == plan.flat_ref
+            planes = None if is_ref or not sized else (mean[..., li], var[..., li])
+            mom = _moments(load, group, offset=offset, max_batch=params.max_batch_frames,
+                           out=planes)
+            if not sized:  # no master: the first level gives the shape
+                mean, var = _level_major(len(plan.flats), mom.mean.shape)
+                sized = True
+            if planes is None:
+                mean[..., li] = mom.mean
+                var[..., li] = mom.var
+            if is_ref:
                 maps["flat_signal"] = mom.mean.astype(f32)
                 partials["flat_var_sum"] = float(np.nansum(mom.var))
                 partials["flat_var_count"] = float(np.isfinite(mom.var).sum())

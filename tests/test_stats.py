@@ -138,6 +138,30 @@ def test_group_moments_non_contiguous_stack():
     np.testing.assert_allclose(m.var, var, rtol=1e-12)
 
 
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("use_offset", [False, True])
+def test_group_moments_into_caller_planes(backend, use_offset):
+    """``out``: the kernels store into the caller's planes what the float64 maps hold, rounded once."""
+    rng = np.random.default_rng(21)
+    stack = rng.integers(400, 60000, size=(7, 9, 11)).astype(np.uint16)
+    kw = {"offset": rng.normal(500.0, 3.0, (9, 11)), "scale": 1 + rng.normal(0, 1e-3, 7)} \
+        if use_offset else {}
+    ref = group_moments(stack, backend=backend, **kw)
+    for dtype in (np.float64, np.float32):
+        level_major = np.full((2, 2, 9, 11), np.nan, dtype)  # (map, level, y, x): planes of it
+        planes = (level_major[0, 1], level_major[1, 1])
+        got = group_moments(stack, backend=backend, out=planes, **kw)
+        assert got.mean is planes[0] and got.var is planes[1]
+        np.testing.assert_array_equal(level_major[0, 1], ref.mean.astype(dtype))
+        np.testing.assert_array_equal(level_major[1, 1], ref.var.astype(dtype))
+        assert np.isnan(level_major[:, 0]).all()  # the other plane untouched
+    for bad, why in (((np.zeros((9, 11)), np.zeros((9, 10))), "shape"),
+                     ((np.zeros((9, 11), np.int32), np.zeros((9, 11))), "float32 or float64"),
+                     ((np.zeros((11, 9)).T, np.zeros((9, 11))), "C-contiguous")):
+        with pytest.raises(ValueError, match=why):
+            group_moments(stack, backend=backend, out=bad, **kw)
+
 @HYP
 @given(
     seed=st.integers(0, 2**32 - 1),
