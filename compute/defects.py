@@ -841,12 +841,17 @@ def _tied_gmm(y: np.ndarray, k: int, *, max_iter: int = 300, tol: float = 1e-7,
     their log-likelihood changes by less than ``tol``. Returns weights
     (M, k), means (M, k), variance (M,) and total log-likelihood (M,). The
     variance is floored at 1e-6 of the row variance (sklearn's ``reg_covar``
-    on standardised data). ``backend="numpy"`` is the reference (whole-batch
-    (M, k, F) array steps); the compiled kernel runs the same steps row by
-    row, from the same k-means start (:func:`_kmeans_1d_kernel`), with
-    ``k - 1`` exponentials per value and one logarithm per iteration (the
-    reference takes one per value); sums in another order: equal to 1e-9
-    relative, tested.
+    on standardised data). ``backend="numpy"`` is the reference: plain EM
+    in whole-batch (M, k, F) array steps, ``max_iter`` steps at most. The
+    compiled kernel takes the same EM steps row by row (sums in another
+    order), from the same k-means start (:func:`_kmeans_1d_kernel`), with
+    ``k - 1`` exponentials per value and one logarithm per step (the
+    reference takes one per value), accelerated by SQUAREM
+    (:func:`_tied_gmm_kernel`): rows that plain EM brings to convergence
+    within ``max_iter`` steps end at the same optimum (log-likelihoods equal
+    to 1e-9 relative) in fewer steps; slow rows that plain EM leaves short of
+    it end with a likelihood at least as high; with ``max_iter <= 2`` both
+    take the same two steps (all tested).
     """
     if backend not in ("numba", "numpy"):
         raise ValueError(f"unknown backend {backend!r}")
@@ -903,109 +908,177 @@ def _tied_gmm(y: np.ndarray, k: int, *, max_iter: int = 300, tol: float = 1e-7,
     return w, mu, var, ll
 
 
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _tied_em_map(row: np.ndarray, th: np.ndarray, out: np.ndarray, k: int, floor: float,
+                 resp: np.ndarray, nk: np.ndarray, sy: np.ndarray, logw: np.ndarray,
+                 lj: np.ndarray) -> float:  # pragma: no cover - compiled
+    """One EM step of a tied-variance 1-D mixture: the parameters ``th`` -> ``out``; returns ll(th).
+
+    ``th`` and ``out`` hold ``(w_0 .. w_k-1, mu_0 .. mu_k-1, var)``. The
+    reference's E and M steps (:func:`_tied_gmm` ``backend="numpy"``), with
+    ``k - 1`` exponentials per value and one logarithm per step. Parameters
+    outside the model (a weight or the variance not positive: an
+    extrapolation of :func:`_tied_gmm_kernel` can land there) give ``-inf``
+    and leave ``out`` unspecified.
+    """
+    n = row.shape[0]
+    vr = th[2 * k]
+    if not vr > 0.0:
+        return -np.inf
+    for c in range(k):
+        if not th[c] > 0.0:
+            return -np.inf
+    half_inv = -0.5 / vr
+    log_norm = 0.5 * (np.log(2 * np.pi) + np.log(vr))
+    for c in range(k):
+        logw[c] = np.log(th[c]) - log_norm
+        nk[c] = 0.0
+        sy[c] = 0.0
+    ll = 0.0
+    # sum of log(tot) as the log of a product (tot is in [1, k]): one
+    # logarithm per step instead of one per value
+    prod = 1.0
+    for j in range(n):
+        top = -np.inf
+        arg = 0
+        for c in range(k):
+            d = row[j] - th[k + c]
+            lj[c] = d * d * half_inv + logw[c]
+            if lj[c] > top:
+                top = lj[c]
+                arg = c
+        tot = 0.0
+        for c in range(k):
+            # exp(0) is 1 exactly: one exponential fewer per value
+            lj[c] = 1.0 if c == arg else np.exp(lj[c] - top)
+            tot += lj[c]
+        for c in range(k):
+            q = lj[c] / tot
+            resp[c, j] = q
+            nk[c] += q
+            sy[c] += q * row[j]
+        ll += top
+        prod *= tot
+        if prod > 1e280:
+            ll += np.log(prod)
+            prod = 1.0
+    ll += np.log(prod)
+    for c in range(k):
+        out[c] = max(nk[c] / n, 1e-300)
+        out[k + c] = sy[c] / max(nk[c], 1e-300) if nk[c] > 1e-12 else th[k + c]
+    acc = 0.0
+    for j in range(n):
+        for c in range(k):
+            d = row[j] - out[k + c]
+            acc += resp[c, j] * d * d
+    out[2 * k] = max(acc / n, floor)
+    return ll
+
+
+#: Growth factor of the largest SQUAREM step after an accepted full step
+#: (Varadhan & Roland 2008; their ``mstep``).
+_SQUAREM_GROWTH = 4.0
+
+
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _tied_gmm_kernel(y: np.ndarray, mu: np.ndarray, floor: np.ndarray, max_iter: int,
                      tol: float, w: np.ndarray, var: np.ndarray,
                      ll: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Rows of :func:`_tied_gmm` for k >= 2 (the numpy reference's steps, one row at a time).
+    """Rows of :func:`_tied_gmm` for k >= 2: EM accelerated by SQUAREM, one row at a time.
 
     ``mu`` (M, k) holds the k-means start and receives the means; ``w``,
     ``var``, ``ll`` receive the weights, variances and log-likelihoods.
+
+    Each cycle takes two EM steps ``th1 = F(th0)``, ``th2 = F(th1)`` and stops
+    when their log-likelihoods differ by less than ``tol`` (relative), the
+    reference's rule; otherwise it extrapolates along ``r = th1 - th0``,
+    ``v = th2 - 2 th1 + th0`` to ``th0 + 2 a r + a^2 v`` with the step
+    length ``a = |r| / |v|`` (at least 1, which is ``th2``; at most a limit
+    that grows after full steps), takes one EM step from there and keeps it
+    when its start is at least as likely as ``th1``, else goes on from
+    ``th2`` (the scheme SqS3 of Varadhan & Roland 2008, Scand. J. Stat. 35,
+    335, with its monotone safeguard). The log-likelihood never decreases
+    from cycle to cycle, and a converged row is at a fixed point of EM, as
+    the reference's; on 4784 stage-2 candidates of a 50-frame 61 MP bias
+    band the two- and three-level fits took 16 EM steps per row on average
+    (about a third of plain EM's), and slowly converging rows (two levels
+    merged while a rare third one separates) end far closer to the optimum.
+    ``max_iter`` bounds the EM steps; with two or fewer the steps are plain EM's.
     """
     m, n = y.shape
     k = mu.shape[1]
-    log_2pi = np.log(2 * np.pi)
+    p = 2 * k + 1
     for r in prange(m):
         row = y[r]
-        mur = mu[r]
         resp = np.empty((k, n))
         nk = np.zeros(k)
         sy = np.zeros(k)
         logw = np.empty(k)
         lj = np.empty(k)
+        th0 = np.empty(p)
+        th1 = np.empty(p)
+        th2 = np.empty(p)
+        ext = np.empty(p)
+        th3 = np.empty(p)
         # start: each value to its nearest k-means centre (the first on ties)
         sq = 0.0
         for j in range(n):
             best = 0
             for c in range(1, k):
-                if abs(row[j] - mur[c]) < abs(row[j] - mur[best]):
+                if abs(row[j] - mu[r, c]) < abs(row[j] - mu[r, best]):
                     best = c
             nk[best] += 1.0
-            d = row[j] - mur[best]
+            d = row[j] - mu[r, best]
             sq += d * d
-        wr = w[r]
         for c in range(k):
-            wr[c] = max(nk[c] / n, 1e-300)
-        vr = max(sq / n, floor[r])
+            th0[c] = max(nk[c] / n, 1e-300)
+            th0[k + c] = mu[r, c]
+        th0[2 * k] = max(sq / n, floor[r])
+        steps = 0
+        step_max = 1.0
         llr = -np.inf
         converged = False
-        for _ in range(max_iter):
-            half_inv = -0.5 / vr
-            log_norm = 0.5 * (log_2pi + np.log(vr))
-            for c in range(k):
-                logw[c] = np.log(wr[c]) - log_norm
-                nk[c] = 0.0
-                sy[c] = 0.0
-            ll_new = 0.0
-            # sum of log(tot) as the log of a product (tot is in [1, k]): one
-            # logarithm per iteration instead of one per value
-            prod = 1.0
-            for j in range(n):
-                top = -np.inf
-                arg = 0
-                for c in range(k):
-                    d = row[j] - mur[c]
-                    lj[c] = d * d * half_inv + logw[c]
-                    if lj[c] > top:
-                        top = lj[c]
-                        arg = c
-                tot = 0.0
-                for c in range(k):
-                    # exp(0) is 1 exactly: one exponential fewer per value
-                    lj[c] = 1.0 if c == arg else np.exp(lj[c] - top)
-                    tot += lj[c]
-                for c in range(k):
-                    q = lj[c] / tot
-                    resp[c, j] = q
-                    nk[c] += q
-                    sy[c] += q * row[j]
-                ll_new += top
-                prod *= tot
-                if prod > 1e280:
-                    ll_new += np.log(prod)
-                    prod = 1.0
-            ll_new += np.log(prod)
-            done = abs(ll_new - llr) <= tol * max(abs(ll_new), 1.0)
-            llr = ll_new
-            for c in range(k):
-                wr[c] = max(nk[c] / n, 1e-300)
-                if nk[c] > 1e-12:
-                    mur[c] = sy[c] / max(nk[c], 1e-300)
-            acc = 0.0
-            for j in range(n):
-                for c in range(k):
-                    d = row[j] - mur[c]
-                    acc += resp[c, j] * d * d
-            vr = max(acc / n, floor[r])
-            if done:
+        while steps + 2 <= max_iter:
+            l0 = _tied_em_map(row, th0, th1, k, floor[r], resp, nk, sy, logw, lj)
+            l1 = _tied_em_map(row, th1, th2, k, floor[r], resp, nk, sy, logw, lj)
+            steps += 2
+            if abs(l1 - l0) <= tol * max(abs(l1), 1.0):
+                th0[:] = th2
+                llr = l1  # as the reference: the likelihood one step before the result
                 converged = True
                 break
+            if steps + 1 > max_iter:
+                th0[:] = th2
+                break
+            sr = 0.0
+            sv = 0.0
+            for i in range(p):
+                a = th1[i] - th0[i]
+                b = th2[i] - 2.0 * th1[i] + th0[i]
+                sr += a * a
+                sv += b * b
+            alpha = np.sqrt(sr / sv) if sv > 0.0 else 1.0
+            alpha = min(step_max, alpha) if alpha > 1.0 else 1.0
+            for i in range(p):
+                a = th1[i] - th0[i]
+                b = th2[i] - 2.0 * th1[i] + th0[i]
+                ext[i] = th0[i] + 2.0 * alpha * a + alpha * alpha * b
+            lx = _tied_em_map(row, ext, th3, k, floor[r], resp, nk, sy, logw, lj)
+            steps += 1
+            if lx >= l1:
+                th0[:] = th3
+                if alpha == step_max:
+                    step_max *= _SQUAREM_GROWTH
+            else:
+                th0[:] = th2
+                if alpha == step_max:
+                    step_max = max(1.0, step_max / _SQUAREM_GROWTH)
         if not converged:  # log-likelihood of the last parameters
-            half_inv = -0.5 / vr
-            log_norm = 0.5 * (log_2pi + np.log(vr))
-            llr = 0.0
-            for j in range(n):
-                top = -np.inf
-                for c in range(k):
-                    d = row[j] - mur[c]
-                    lj[c] = d * d * half_inv + np.log(wr[c]) - log_norm
-                    if lj[c] > top:
-                        top = lj[c]
-                tot = 0.0
-                for c in range(k):
-                    tot += np.exp(lj[c] - top)
-                llr += top + np.log(tot)
-        var[r] = vr
+            llr = _tied_em_map(row, th0, th1, k, floor[r], resp, nk, sy, logw, lj)
+        for c in range(k):
+            w[r, c] = th0[c]
+            mu[r, c] = th0[k + c]
+        var[r] = th0[2 * k]
         ll[r] = llr
 
 
