@@ -209,6 +209,8 @@ def test_large_map_is_tiled_and_regions_cross_chunks(tmp_path) -> None:
     assert marker_free == []
     meta = json.loads(store.fs.cat_file(store._path(key, "product.zarr", "bias", "zarr.json")))
     assert meta["dimension_names"] == ["y", "x"]
+    blosc = [c["configuration"] for c in meta["codecs"] if c["name"] == "blosc"]
+    assert [(c["cname"], c["clevel"], c["shuffle"]) for c in blosc] == [("lz4", 1, "bitshuffle")]
     assert isinstance(store.open_zarr(key), zarr.Group)
 
 
