@@ -126,7 +126,11 @@ class ZarrMapSink:
     def __call__(self, ys: slice, xs: slice, result: TileResult) -> None:
         group = zarr.open_group(DirectStore(self.path), mode="r+")
         for name, tile_map in result.maps.items():
-            group[name][..., ys, xs] = tile_map
+            # Every chunk is written, all-NaN ones too (a runtime setting, not
+            # stored): zarr's default first compares each chunk with the fill value
+            # (np.array_equal with NaNs, two isnan passes over it; seen in py-spy's
+            # profile of a job), and an unwritten chunk reads as the same NaNs.
+            group[name].with_config({"write_empty_chunks": True})[..., ys, xs] = tile_map
 
     def maps(self) -> dict[str, zarr.Array]:
         """The assembled maps, as lazily read zarr arrays."""
