@@ -1021,6 +1021,8 @@ def _tied_gmm_kernel(y: np.ndarray, mu: np.ndarray, floor: np.ndarray, max_iter:
         th2 = np.empty(p)
         ext = np.empty(p)
         th3 = np.empty(p)
+        dr = np.empty(p)
+        dv = np.empty(p)
         # start: each value to its nearest k-means centre (the first on ties)
         sq = 0.0
         for j in range(n):
@@ -1054,16 +1056,14 @@ def _tied_gmm_kernel(y: np.ndarray, mu: np.ndarray, floor: np.ndarray, max_iter:
             sr = 0.0
             sv = 0.0
             for i in range(p):
-                a = th1[i] - th0[i]
-                b = th2[i] - 2.0 * th1[i] + th0[i]
-                sr += a * a
-                sv += b * b
+                dr[i] = th1[i] - th0[i]
+                dv[i] = th2[i] - 2.0 * th1[i] + th0[i]
+                sr += dr[i] * dr[i]
+                sv += dv[i] * dv[i]
             alpha = np.sqrt(sr / sv) if sv > 0.0 else 1.0
             alpha = min(step_max, alpha) if alpha > 1.0 else 1.0
             for i in range(p):
-                a = th1[i] - th0[i]
-                b = th2[i] - 2.0 * th1[i] + th0[i]
-                ext[i] = th0[i] + 2.0 * alpha * a + alpha * alpha * b
+                ext[i] = th0[i] + 2.0 * alpha * dr[i] + alpha * alpha * dv[i]
             lx = _tied_em_map(row, ext, th3, k, floor[r], resp, nk, sy, logw, lj)
             steps += 1
             if lx >= l1:

@@ -138,7 +138,6 @@ def test_group_moments_non_contiguous_stack():
     np.testing.assert_allclose(m.var, var, rtol=1e-12)
 
 
-
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
 @pytest.mark.parametrize("use_offset", [False, True])
 def test_group_moments_into_caller_planes(backend, use_offset):
@@ -161,6 +160,7 @@ def test_group_moments_into_caller_planes(backend, use_offset):
                      ((np.zeros((11, 9)).T, np.zeros((9, 11))), "C-contiguous")):
         with pytest.raises(ValueError, match=why):
             group_moments(stack, backend=backend, out=bad, **kw)
+
 
 @HYP
 @given(
