@@ -602,3 +602,98 @@ def test_tiles_of_a_row_band_run_together(monkeypatch: pytest.MonkeyPatch) -> No
     # the threaded scheduler (dask.order) runs each band's 7 tiles back to back
     assert [order[k] for k in range(0, 28, 7)] == [order[k + 6] for k in range(0, 28, 7)]
     assert all(len(set(order[k:k + 7])) == 1 for k in range(0, 28, 7)), order
+
+
+def _same_cube(a, b) -> None:
+    np.testing.assert_array_equal(a.sha256.values, b.sha256.values)
+    for name in SCALARS:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert a.attrs["frame_sources"] == b.attrs["frame_sources"]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["cached", "direct"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16], ids=["bzero32768", "signed"])
+def test_frames_hashed_side_by_side_give_the_same_cube(tmp_path: Path, monkeypatch,
+                                                       dtype: type, direct: bool) -> None:
+    """Lanes (pieces of 4096 bytes: rows cut across pieces, a read ahead) against one task per frame."""
+    import sitiancal.storage.cube as cube_module
+
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=17, dtype=dtype, n_bias=5)
+    _move_image_to_extension(tmp_path / "set" / files[2].name)  # a file of another size
+    inventory = scan(tmp_path / "set")
+    monkeypatch.setattr(cube_module, "_LANE_PIECE", DIRECT_ALIGN)
+    batches, singles = cube_module._lane_batches(inventory.frames, True)
+    assert sorted([i for b in batches for i in b] + singles) == list(range(len(files)))
+    assert len(batches) == 1 and len(batches[0]) == len(files) - 1 and len(singles) == 1
+    seen: list[tuple[int, int]] = []
+    lanes = build_cube(inventory, tmp_path / "lanes.zarr", tile=TILE, lane_hash=True,
+                       direct=direct, progress=lambda done, total: seen.append((done, total)))
+    alone = build_cube(inventory, tmp_path / "alone.zarr", tile=TILE, lane_hash=False,
+                       direct=direct)
+    _same_cube(lanes, alone)
+    assert seen[0] == (0, len(files)) and seen[-1] == (len(files), len(files))
+    for i, path in enumerate(lanes.file.values):
+        assert lanes.sha256.values[i] == hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
+
+
+def test_piece_statistics_equal_the_whole_frame_pass(tmp_path: Path) -> None:
+    """Pieces of any sizes (a row cut anywhere, pieces inside one row) give the same counts."""
+    from sitiancal.storage.cube import _PieceStatistics, _virtual_statistics
+    from sitiancal.storage.frames import find_image_hdu
+
+    files = write_camera_set(tmp_path / "set", (37, 53), seed=5, n_bias=1, n_dark=1, n_flat=1)
+    rng = np.random.default_rng(2)
+    for f in files:
+        path = str(tmp_path / "set" / f.name)
+        raw = np.frombuffer(Path(path).read_bytes(), np.uint8).copy()
+        info = find_image_hdu(lambda o, n, raw=raw: raw[o:o + n].tobytes(), path, 0,
+                              size=raw.size)[1]
+        want = _virtual_statistics(raw, info, path, (37, 53))
+        counter = _PieceStatistics(info, (37, 53), path)
+        offset = 0
+        while offset < raw.size:
+            n = int(rng.choice([1, 7, 50, 106, 107, 500, 4096]))
+            counter.feed(raw[offset:offset + n], offset)
+            offset += n
+        got = counter.result()
+        for name in ("mean", "median", "clipped_mean", "clipped_std", "center_mean"):
+            assert getattr(got, name) == getattr(want, name), name
+        np.testing.assert_array_equal(got.row_mean, want.row_mean)
+        np.testing.assert_array_equal(got.col_mean, want.col_mean)
+
+
+def test_frames_hashed_side_by_side_are_refused_as_one_by_one(tmp_path: Path, monkeypatch) -> None:
+    """Negative counts without BZERO, a truncated file: the same reasons, naming the file."""
+    from fitscorpus import STATE, write_fits
+
+    import sitiancal.storage.cube as cube_module
+
+    monkeypatch.setattr(cube_module, "_LANE_PIECE", DIRECT_ALIGN)
+    write_camera_set(tmp_path / "set", SHAPE, seed=3, dtype=np.int16)
+    bad = tmp_path / "set" / "frame_0000.fits"
+    pixels = np.full(SHAPE, 100, np.int16)
+    pixels[3, 4] = -7
+    write_fits(bad, pixels, {**STATE, "IMAGETYP": "BIAS", "EXPTIME": 0.0, "CCD-TEMP": -10.0,
+                             "DATE-OBS": "2026-01-01T00:00:00"})
+    inventory = scan(tmp_path / "set")
+    messages = []
+    for lane_hash in (True, False):
+        with pytest.raises(CubeError, match="negative counts") as err:
+            build_cube(inventory, tmp_path / f"n{lane_hash}.zarr", tile=TILE, lane_hash=lane_hash)
+        messages.append(str(err.value).split(": ", 1)[1])
+    assert messages[0] == messages[1] and bad.name in messages[0]
+
+    # one file cut (its size is no longer the batch's: ingested alone), then every file
+    write_camera_set(tmp_path / "set2", SHAPE, seed=3)
+    inventory = scan(tmp_path / "set2")
+    for cut in ([inventory.frames[1]], inventory.frames):
+        for r in cut:
+            data = Path(r.path).read_bytes()
+            Path(r.path).write_bytes(data[:len(data) - 2880])
+        messages = []
+        for lane_hash in (True, False):
+            with pytest.raises(CubeError, match="truncated") as err:
+                build_cube(inventory, tmp_path / f"t{lane_hash}.zarr", tile=TILE,
+                           lane_hash=lane_hash)
+            messages.append(str(err.value).split(".fits: ", 1)[1])  # the reason (which
+        assert messages[0] == messages[1]                              # file fails first varies)
