@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import zarr
 
 STAGES = ("scan", "cube", "plan", "tiles", "products", "publish")
 BASELINES = ("read", "numpy", "ccdproc", "graph")
@@ -336,12 +337,16 @@ def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssS
                             progress=lambda stage, fraction: mark(stage) if stage in STAGES
                             else None)
         mark("done")
+        cube = zarr.open_group(f"{settings.cube_store_url.rstrip('/')}/{dataset_id}.zarr", mode="r")
+        side_by_side = cube.attrs.get("frames_hashed_side_by_side", 0)
     finally:
         catalog.close()
     stages: dict[str, dict[str, float]] = {}
     for (name, t, c, peak), (_, t_next, c_next, _) in itertools.pairwise(marks):
         stages[name] = {"wall_s": t_next - t, "cpu_s": c_next[0] - c[0],
                         "sys_s": c_next[1] - c[1], "peak_rss_gb": peak / 1e9}
+    if "cube" in stages:
+        stages["cube"]["frames_hashed_side_by_side"] = float(side_by_side)
     return stages, inventory
 
 
@@ -419,15 +424,17 @@ def isolated(fn: Any, *args: Any, with_sampler: bool = False,
 
 
 def pipeline_run(frames_dir: Path, data_dir: Path, address: str | None, threads: int,
-                 wanted: Sequence[str] | None,
-                 sampler: RssSampler) -> tuple[dict[str, dict[str, float]], float, list[str]]:
+                 wanted: Sequence[str] | None, sampler: RssSampler
+                 ) -> tuple[dict[str, dict[str, float]], float, list[str], float | None]:
     """:func:`run_pipeline` on the threaded scheduler (``threads``) or a dask scheduler.
 
     Returns the per-stage figures, the end-to-end wall time, s (the package
-    is imported first: interpreter start-up is not a pipeline stage), and the
+    is imported first: interpreter start-up is not a pipeline stage), the
     kernels numba compiled in this process during the run (one entry per
     signature; a filled cache, ``sitiancal compile``, leaves none: compiling
-    a whole job takes ~1.5-2 min of one core, which the figures would include).
+    a whole job takes ~1.5-2 min of one core, which the figures would include),
+    and the speed-up of side-by-side SHA-256 over hashlib measured by the cube
+    build (:func:`sitiancal.storage.digest.lane_speedup`; None where not measured).
     """
     import dask
 
@@ -449,7 +456,9 @@ def pipeline_run(frames_dir: Path, data_dir: Path, address: str | None, threads:
             stages, _ = run_pipeline(frames_dir, data_dir, client=client, sampler=sampler,
                                      wanted=wanted)
             wall = time.perf_counter() - t0
-        return stages, wall, compiled
+        from sitiancal.storage import digest
+
+        return stages, wall, compiled, digest._SPEEDUP
 
 
 def _compile_note(compiled: Sequence[str], *, distributed: bool) -> str:
@@ -664,11 +673,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     notes.append("pipeline started with a cold page cache")
                 else:
                     notes.append("page cache could not be dropped (not root): warm cache")
-                (stages, total, compiled), _ = isolated(
+                (stages, total, compiled, lanes), _ = isolated(
                     pipeline_run, frames_dir, work / "pipeline", address, threads, None,
                     with_sampler=True, tuned=True)
                 result["compiled_during_run"] = compiled
                 notes.append(_compile_note(compiled, distributed=bool(address)))
+                if "cube" in stages:
+                    from sitiancal.storage.digest import LANES
+
+                    result["lane_hash_speedup"] = lanes
+                    side = int(stages["cube"].get("frames_hashed_side_by_side", 0))
+                    speed = f"{lanes:.2f}x hashlib's speed here" if lanes else "not measured"
+                    notes.append(f"cube: {side} of {len(paths)} frames hashed side by side "
+                                 f"(SHA-256 in {LANES} lanes: {speed})")
                 for s in stages.values():
                     add_rates(s)
                 result["stages"] = stages
@@ -725,7 +742,7 @@ def master_bias(inventory: Any, work: Path, address: str | None, mem_limit_gb: f
         return {"wall_s": wall, "gpixps": npix / 1e9 / wall, "peak_rss_gb": peak}
 
     drop_caches()
-    (_, wall, _), peak = isolated(pipeline_run, bias_dir, work / "bias-pipeline", address,
+    (_, wall, _, _), peak = isolated(pipeline_run, bias_dir, work / "bias-pipeline", address,
                                threads, ("bias",), with_sampler=True, tuned=True)
     out["sitiancal"] = figure(wall, peak)
     shutil.rmtree(work / "bias-pipeline", ignore_errors=True)

@@ -1144,7 +1144,8 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         group["row_mean"][:] = np.stack([r.stats.row_mean for r in results])
         group["col_mean"][:] = np.stack([r.stats.col_mean for r in results])
         group["sha256"][:] = np.array([r.sha256 for r in results], dtype=object)
-        final: dict[str, Any] = {"complete": True, "completed": datetime.now(UTC).isoformat()}
+        final: dict[str, Any] = {"complete": True, "completed": datetime.now(UTC).isoformat(),
+                                 "frames_hashed_side_by_side": sum(len(b) for b in batches)}
         if chosen == "virtual":
             final["frame_sources"] = [r.source.to_dict() for r in results]  # type: ignore[union-attr]
         # One write of the group metadata marks the cube complete: a failure there

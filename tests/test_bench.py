@@ -61,6 +61,9 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     assert isinstance(compiled, list) and all(n.startswith("sitiancal.") for n in compiled)
     assert (f"numba compiled {len(set(compiled))} kernels" if compiled
             else "no kernel compiled during the run") in table
+    side = int(result["stages"]["cube"]["frames_hashed_side_by_side"])
+    assert 0 <= side <= result["n_frames"]
+    assert f"cube: {side} of {result['n_frames']} frames hashed side by side" in table
     leftovers = [p.name for p in out.iterdir() if p.name.startswith("sitiancal-bench-")]
     assert leftovers == []  # scratch cube and store removed
 
