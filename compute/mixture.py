@@ -6,8 +6,10 @@ component ``k`` has an *intrinsic* width ``sigma_k``; a measurement is drawn
 from ``N(x_i | mu_k, sigma_k**2 + e_i**2)``. The parameters are fitted by the
 EM algorithm of extreme deconvolution (Bovy, Hogg & Roweis 2011, AnnApSt 5,
 1657, section 2, restricted to one dimension), initialised from
-:class:`sklearn.mixture.GaussianMixture` with several seeded restarts, and
-the number of components is chosen by the Bayesian information criterion.
+:class:`sklearn.mixture.GaussianMixture` fits with several seeded restarts
+(compiled here, :func:`_sklearn_gmm_em`: the same EM, tested against
+sklearn's), and the number of components is chosen by the Bayesian
+information criterion.
 
 EM converges linearly, and very slowly when the errors dominate the
 intrinsic widths (hundreds of iterations for the bimodal-gain case). Each
@@ -111,7 +113,6 @@ path without reduction (``"exact"``) takes 15-48 s at ``tol=1e-10``.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,8 +120,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.optimize import minimize
 from scipy.special import logsumexp
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
+from sklearn.cluster import kmeans_plusplus
 
 __all__ = ["MixtureFit", "MixtureModel", "fit_mixture"]
 
@@ -713,32 +713,135 @@ def _polish(d: _Sample, s: _State, *, max_iter: int, tol: float) -> _State:
     return _State(out.w, out.mu, out.v, ll, s.n_iter + int(res.nit), False)
 
 
+@njit(cache=True, nogil=True)
+def _sklearn_gmm_em(x: np.ndarray, w0: np.ndarray, mu0: np.ndarray, var0: np.ndarray, reg: float,
+                    tol: float, max_iter: int, e2: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool, np.ndarray]:  # pragma: no cover - numba
+    """:meth:`sklearn.mixture.GaussianMixture.fit` of 1-D spherical components, from given parameters.
+
+    The EM loop of sklearn (1.4-1.9: ``BaseMixture.fit_predict``), its E-step
+    (``_estimate_log_gaussian_prob`` with precisions ``1 / var``, a max-shifted
+    log-sum-exp, the mean ``log_prob_norm`` as the lower bound) and M-step
+    (``_estimate_gaussian_parameters``: ``nk + 10 eps``, ``var = E[x^2] - mu^2 +
+    reg``, weights normalised), stopping when the lower bound changes by less
+    than ``tol``. sklearn spends ~4.3 ms per iteration on 20 000 points (its
+    array-API log-sum-exp along the short axis); this ~0.3 ms.
+
+    Returns the weights, means and variances (sklearn's ``weights_``,
+    ``means_``, ``covariances_``), the iterations run, whether the lower bound
+    converged, and each component's responsibility-weighted mean of ``e2``
+    (from :meth:`~sklearn.mixture.GaussianMixture.predict_proba`).
+    """
+    n = x.size
+    k = w0.size
+    eps10 = 10.0 * np.finfo(np.float64).eps
+    w, mu, var = w0.copy(), mu0.copy(), var0.copy()
+    lr = np.empty((n, k))  # log-probabilities, then responsibilities
+    nk = np.empty(k)
+    sx = np.empty(k)
+    sxx = np.empty(k)
+    lower = -np.inf
+    n_iter = 0
+    converged = False
+    for it in range(max_iter + 1):  # the last pass is the final E-step (predict_proba)
+        chol = 1.0 / np.sqrt(var)  # sklearn's precisions_cholesky_
+        prec = chol**2
+        logdet = np.log(chol)
+        mu2p = mu**2 * prec
+        logw = np.log(w)
+        total = 0.0
+        for i in range(n):
+            xi = x[i]
+            top = -np.inf
+            for j in range(k):
+                lp = mu2p[j] - 2.0 * (xi * mu[j] * prec[j]) + xi * xi * prec[j]
+                v = -0.5 * (_LOG_2PI + lp) + logdet[j] + logw[j]
+                lr[i, j] = v
+                top = max(top, v)
+            acc = 0.0
+            for j in range(k):
+                lr[i, j] = np.exp(lr[i, j] - top)
+                acc += lr[i, j]
+            total += top + np.log(acc)
+            inv = 1.0 / acc
+            for j in range(k):  # responsibilities (sklearn: exp(log_resp), equal within rounding)
+                lr[i, j] *= inv
+        if converged or it == max_iter:
+            break
+        prev = lower
+        lower = total / n
+        nk[:] = 0.0
+        sx[:] = 0.0
+        sxx[:] = 0.0
+        for i in range(n):
+            xi = x[i]
+            for j in range(k):
+                r = lr[i, j]
+                nk[j] += r
+                sx[j] += r * xi
+                sxx[j] += r * (xi * xi)
+        for j in range(k):
+            nk[j] += eps10
+            mu[j] = sx[j] / nk[j]
+            var[j] = max(sxx[j] / nk[j] - mu[j] * mu[j] + reg, reg)
+        w = nk / nk.sum()
+        n_iter = it + 1
+        if abs(lower - prev) < tol:
+            converged = True
+    re = np.zeros(k)
+    rs = np.zeros(k)
+    for i in range(n):
+        for j in range(k):
+            r = lr[i, j]
+            rs[j] += r
+            re[j] += r * e2[i]
+    mean_e2 = re / np.maximum(rs, 1e-300)
+    return w, mu, var, n_iter, converged, mean_e2
+
+
+def _sklearn_start(data: np.ndarray, k: int, restart: int, seed: int, reg: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parameters :class:`sklearn.mixture.GaussianMixture` starts from.
+
+    Even restarts: ``init_params="k-means++"`` (:func:`sklearn.cluster.kmeans_plusplus`),
+    odd ones ``"random_from_data"``, each with ``RandomState(seed * 1009 + 17 k + restart)``;
+    one point per component, as sklearn's ``_initialize`` turns it into weights
+    (``nk / n``), means and variances (``reg`` plus rounding).
+    """
+    rs = np.random.RandomState(seed * 1009 + 17 * k + restart)
+    n = data.shape[0]
+    if restart % 2 == 0:
+        _, idx = kmeans_plusplus(data, k, random_state=rs)
+    else:
+        idx = rs.choice(n, size=k, replace=False)
+    x = data[np.asarray(idx), 0]
+    nk = np.ones(k) + 10 * np.finfo(np.float64).eps
+    mu = x / nk
+    var = (x * x) / nk - mu**2 + reg
+    return nk / n, mu, var
+
+
 def _initial_states(z: np.ndarray, e2: np.ndarray, k: int, seed: int) -> list[_State]:
     """Seeded sklearn GaussianMixture fits converted to intrinsic variances.
 
     The initialisations are fitted to a seeded subsample of at most
-    :data:`_INIT_SAMPLES` points; XD-EM on the full sample follows.
+    :data:`_INIT_SAMPLES` points; XD-EM on the full sample follows. Each is
+    sklearn's fit (``covariance_type="spherical"``, ``tol=1e-4``,
+    ``max_iter=200``, ``reg_covar=_REG_VAR``) run by :func:`_sklearn_gmm_em`.
     """
     states = []
     if z.size > _INIT_SAMPLES:
         pick = np.random.default_rng(seed + 7919 * k).choice(z.size, _INIT_SAMPLES, replace=False)
         z, e2 = z[pick], e2[pick]
-    data = z.reshape(-1, 1)
+    data = np.ascontiguousarray(z, dtype=np.float64).reshape(-1, 1)
+    e2 = np.ascontiguousarray(e2, dtype=np.float64)
     for r in range(_N_RESTARTS if k > 1 else 1):
-        gm = GaussianMixture(n_components=k, covariance_type="spherical", tol=1e-4,
-                             max_iter=200, init_params="k-means++" if r % 2 == 0 else "random_from_data",
-                             random_state=np.random.RandomState(seed * 1009 + 17 * k + r),
-                             reg_covar=_REG_VAR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gm.fit(data)
-        resp = gm.predict_proba(data)
-        mean_e2 = (resp * e2[:, None]).sum(axis=0) / np.maximum(resp.sum(axis=0), 1e-300)
-        var = np.asarray(gm.covariances_, dtype=np.float64).reshape(k)
+        w0, mu0, var0 = _sklearn_start(data, k, r, seed, _REG_VAR)
+        w, mu, var, _, _, mean_e2 = _sklearn_gmm_em(data[:, 0], w0, mu0, var0, _REG_VAR, 1e-4,
+                                                    200, e2)
         v = np.maximum(var - mean_e2, 0.05 * var)
-        order = np.argsort(gm.means_.ravel())
-        states.append(_State(np.asarray(gm.weights_, float)[order],
-                             gm.means_.ravel().astype(float)[order], v[order]))
+        order = np.argsort(mu)
+        states.append(_State(w[order], mu[order], v[order]))
     return states
 
 

@@ -350,16 +350,17 @@ class Assembler:
             arrays.append(ProductArray("DARK_CHI2", self.lazy("dark_chi2"), "",
                                        "reduced chi-square of the dark fit"))
         ok = np.isfinite(r) & np.isfinite(e) & (e > 0)
-        r_ok = np.where(ok, r, np.float32(np.nan))  # the usable rates, NaN elsewhere
-        stats["summary"] = dark_summary(r_ok, np.where(ok, e, np.float32(np.nan)),
-                                        temperature=self.temperature)
-        stats["units"] = unit
         idx = _subsample(ok, self.params.mixture_samples, self.params.seed)
         # The population mixture (a few s, mostly single-threaded) on the seeded
-        # subsample runs on a helper thread while the map-wide figures are computed.
+        # subsample runs on a helper thread while the map-wide figures are
+        # computed (the summary too: the mixture is this product's longest step).
         with ThreadPoolExecutor(1, thread_name_prefix="sitiancal-mixture") as pool:
             fitting = pool.submit(dark_populations, r.ravel()[idx], e.ravel()[idx],
                                   seed=self.params.seed)
+            r_ok = np.where(ok, r, np.float32(np.nan))  # the usable rates, NaN elsewhere
+            stats["summary"] = dark_summary(r_ok, np.where(ok, e, np.float32(np.nan)),
+                                            temperature=self.temperature)
+            stats["units"] = unit
             center, scale = robust_center_scale(r_ok)
             # smooth local level (64 px cells): warm pixels are pixel-scale excesses over it
             background = local_median(r_ok, block=64)

@@ -341,3 +341,52 @@ def test_classify_blockwise_float32() -> None:
     xi = np.random.default_rng(5).integers(230, 300, 5000).astype(np.int32)
     np.testing.assert_array_equal(model.classify(xi, 3.0, block=1000),
                                   np.argmax(model.responsibilities(xi.astype(float), 3.0), axis=1))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_compiled_initialisations_are_sklearns_fits(k: int) -> None:
+    """The compiled EM of the initialisations against sklearn's GaussianMixture, restart by restart.
+
+    Same starting points (k-means++ and random_from_data with the same seeds),
+    the same iterations, the same parameters to rounding, and the same
+    responsibility-weighted mean squared error per component (predict_proba).
+    """
+    import warnings
+
+    from sklearn.mixture import GaussianMixture
+
+    from sitiancal.compute.mixture import _REG_VAR, _sklearn_gmm_em, _sklearn_start
+
+    rng = np.random.default_rng(k)
+    z = np.concatenate([rng.normal(0, 1, 4000), rng.normal(4, 2, 400), rng.standard_cauchy(100)])
+    e2 = rng.uniform(0.01, 0.5, z.size)
+    data = z.reshape(-1, 1)
+    for restart in range(4):
+        gm = GaussianMixture(n_components=k, covariance_type="spherical", tol=1e-4, max_iter=200,
+                             init_params="k-means++" if restart % 2 == 0 else "random_from_data",
+                             random_state=np.random.RandomState(5 * 1009 + 17 * k + restart),
+                             reg_covar=_REG_VAR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm.fit(data)
+        resp = gm.predict_proba(data)
+        want_e2 = (resp * e2[:, None]).sum(axis=0) / resp.sum(axis=0)
+        w, mu, var, n_iter, converged, mean_e2 = _sklearn_gmm_em(
+            z, *_sklearn_start(data, k, restart, 5, _REG_VAR), _REG_VAR, 1e-4, 200, e2)
+        assert (n_iter, converged) == (gm.n_iter_, gm.converged_)
+        np.testing.assert_allclose(w, gm.weights_, rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(mu, gm.means_.ravel(), rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(var, gm.covariances_, rtol=1e-11)
+        np.testing.assert_allclose(mean_e2, want_e2, rtol=1e-11)
+    # the iteration limit: stopped there, not converged, as sklearn
+    gm = GaussianMixture(n_components=max(k, 2), covariance_type="spherical", tol=1e-12,
+                         max_iter=3, init_params="random_from_data",
+                         random_state=np.random.RandomState(5 * 1009 + 17 * max(k, 2) + 1),
+                         reg_covar=_REG_VAR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm.fit(data)
+    w, mu, var, n_iter, converged, _ = _sklearn_gmm_em(
+        z, *_sklearn_start(data, max(k, 2), 1, 5, _REG_VAR), _REG_VAR, 1e-12, 3, e2)
+    assert (n_iter, converged) == (3, False) == (gm.n_iter_, gm.converged_)
+    np.testing.assert_allclose(mu, gm.means_.ravel(), rtol=1e-11, atol=1e-12)
