@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import psutil
-import zarr
 
 STAGES = ("scan", "cube", "plan", "tiles", "products", "publish")
 BASELINES = ("read", "numpy", "ccdproc", "graph")
@@ -304,6 +303,7 @@ def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssS
     from sitiancal.service.pipeline import run_calibration_job
     from sitiancal.service.settings import Settings
     from sitiancal.storage.catalog import Catalog
+    from sitiancal.storage.cube import frames_hashed_side_by_side
     from sitiancal.storage.scan import scan
     from sitiancal.storage.store import ProductStore
 
@@ -337,8 +337,7 @@ def run_pipeline(frames_dir: Path, data_dir: Path, *, client: Any, sampler: RssS
                             progress=lambda stage, fraction: mark(stage) if stage in STAGES
                             else None)
         mark("done")
-        cube = zarr.open_group(f"{settings.cube_store_url.rstrip('/')}/{dataset_id}.zarr", mode="r")
-        side_by_side = cube.attrs.get("frames_hashed_side_by_side", 0)
+        side_by_side = frames_hashed_side_by_side(inventory.frames)  # as the build chose
     finally:
         catalog.close()
     stages: dict[str, dict[str, float]] = {}
