@@ -69,7 +69,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -676,24 +676,19 @@ class ProductStore:
                     self._write_table(tables, table)
             # The FITS file needs only the group's metadata (all written by now) and the
             # payload's arrays, not their chunks: it is written on a second thread while
-            # this one fills the chunks (the same bytes either way). Each filled array is
-            # checksummed (read back) on a third thread while the next one is filled.
+            # this one fills and checksums the chunks (the same bytes either way).
             sources = {arr.name: arr.data for arr in payload.arrays}
-            with ThreadPoolExecutor(1, thread_name_prefix="sitiancal-fits") as pool, \
-                    ThreadPoolExecutor(1, thread_name_prefix="sitiancal-sum") as summer:
+            with ThreadPoolExecutor(1, thread_name_prefix="sitiancal-fits") as pool:
                 fits_sha = pool.submit(self._write_fits, key, sources)
-                summed: dict[str, Future[str]] = {}
                 try:
                     for arr, target in zip(payload.arrays, targets, strict=True):
                         self._fill_array(target, arr)
-                        summed[arr.name] = summer.submit(self._checksum_settled, key, arr.name)
-                    arrays = {name: (summed[name].result() if name in summed
-                                     else self._checksum_settled(key, name))
-                              for name in self._array_names(key)}
+                    arrays = {}
+                    for name in self._array_names(key):
+                        arrays[name] = self._array_checksum(key, name)
+                        self._settle_array(key, name)
                 except BaseException:
                     fits_sha.cancel()
-                    for future in summed.values():
-                        future.cancel()
                     raise
                 checksums = Checksums(fits=fits_sha.result(), arrays=arrays)
             group.attrs.update({"checksums": checksums.to_dict()})
@@ -1035,12 +1030,6 @@ class ProductStore:
         for folder, _, files in os.walk(self._path(key, ZARR_NAME, name)):
             for file in files:
                 settle_file(os.path.join(folder, file))
-
-    def _checksum_settled(self, key: str, name: str) -> str:
-        """:meth:`_array_checksum` of a staged array, then :meth:`_settle_array` (its last read)."""
-        digest = self._array_checksum(key, name)
-        self._settle_array(key, name)
-        return digest
 
     def _array_checksum(self, key: str, name: str) -> str:
         """sha256 of an array's ``zarr.json`` and its stored chunks in C order of the grid.
