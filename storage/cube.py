@@ -31,7 +31,11 @@ The pixels live in one of two layouts, named by the group attribute ``layout``:
 Frames are ordered bias, dark, flat, then by exposure time, then by time. Every
 file is read once: its bytes are hashed and parsed from the same buffer, the
 pixels are written into their region of the pre-created array (copy layout) and
-the per-frame statistics are computed while the frame is in memory. A cube is
+the per-frame statistics are computed while the frame is in memory. In the
+virtual layout, frames of one file size may instead be read in lockstep, up to
+32 at a time, and hashed side by side (:mod:`sitiancal.storage.digest`; each
+piece counted into its frame's statistics while it is in the cache, the header
+read on its own), where that is faster than hashlib on the CPU. A cube is
 usable only once its ``complete`` attribute has been set, which happens last.
 """
 
@@ -1089,7 +1093,9 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
     not frames: per thread one file buffer plus, in the copy layout, zarr's
     per-chunk encode buffers, about 1.8x the file size, i.e. ~0.2-0.25 GB per
     thread at 61 MP (122 MB files), ~2 GB with 8 threads (measured: +430 MB
-    peak RSS for 2 threads).
+    peak RSS for 2 threads). A task of frames hashed side by side
+    (``lane_hash``) holds two halves of 32 x 2 MiB pieces (128 MiB) and each
+    frame's counters (~0.6 MB at 61 MP) instead.
     """
     key = _store_key(store)
     if layout not in ("auto", "virtual", "copy"):
