@@ -783,6 +783,7 @@ def _sklearn_gmm_em(x: np.ndarray, w0: np.ndarray, mu0: np.ndarray, var0: np.nda
         for j in range(k):
             nk[j] += eps10
             mu[j] = sx[j] / nk[j]
+            # (sklearn refuses a variance <= 0; the floor can only act on rounding)
             var[j] = max(sxx[j] / nk[j] - mu[j] * mu[j] + reg, reg)
         w = nk / nk.sum()
         n_iter = it + 1

@@ -620,15 +620,23 @@ class _PieceStatistics:
 _LANE_PIECE = 2 << 20
 
 
-def _read_piece(fd: int, direct: bool, view: memoryview, offset: int, n: int,
-                path: str) -> None:
-    """Read the file's bytes ``offset .. offset + n`` into ``view`` (whole, else FrameReadError)."""
-    if direct:
+def _read_piece(lane: list[Any], view: memoryview, offset: int, n: int, path: str) -> None:
+    """Read the file's bytes ``offset .. offset + n`` into ``view`` (whole, else FrameReadError).
+
+    ``lane``: ``[fd, is_direct]`` of the file; where the file system opened it
+    with ``O_DIRECT`` but refuses the transfer, it is opened again without
+    (``lane`` updated) and read through the page cache, as :func:`read_file_direct` does.
+    """
+    got: int | None = None
+    if lane[1]:
         span = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
-        got = pread_direct(fd, view, offset, span)
+        got = pread_direct(lane[0], view, offset, span)
         if got is None:
-            raise OSError(22, "O_DIRECT transfer refused")
-    else:
+            buffered = os.open(path, os.O_RDONLY)
+            os.close(lane[0])
+            lane[:] = [buffered, False]
+    if got is None:
+        fd = lane[0]
         got = 0
         while got < n:
             k = os.preadv(fd, [view[got:n]], offset + got)
@@ -691,19 +699,19 @@ def _ingest_lanes(items: Sequence[tuple[int, str, int]], shape: tuple[int, int],
     if buf is None or buf.shape != (2, LANES, _LANE_PIECE):
         buf = aligned_buffer(2 * LANES * _LANE_PIECE).reshape(2, LANES, _LANE_PIECE)
     hasher = LaneSHA256()
-    fds: list[tuple[int, bool]] = []
+    fds: list[list[Any]] = []  # [fd, is_direct] of each file
     pending: futures.Future[None] | None = None
 
     def fill(half: int, offset: int, n: int) -> None:
-        for k, ((fd, is_direct), (_, path, _)) in enumerate(zip(fds, items, strict=False)):
+        for k, (lane, (_, path, _)) in enumerate(zip(fds, items, strict=False)):
             try:
-                _read_piece(fd, is_direct, memoryview(buf[half, k]), offset, n, path)
+                _read_piece(lane, memoryview(buf[half, k]), offset, n, path)
             except OSError as exc:
                 raise FrameReadError(path, f"unreadable: {exc.strerror or exc}") from None
 
     try:
         for _, path, _ in items:
-            fds.append(_open_lane(path, direct))
+            fds.append(list(_open_lane(path, direct)))
         # two halves: the next piece of every file is read (a reader thread)
         # while this one is counted and hashed
         offsets = list(range(0, size, _LANE_PIECE))

@@ -638,6 +638,28 @@ def test_frames_hashed_side_by_side_give_the_same_cube(tmp_path: Path, monkeypat
         assert lanes.sha256.values[i] == hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
 
 
+def test_frames_hashed_side_by_side_fall_back_where_o_direct_is_refused(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """A file system that opens files with O_DIRECT and refuses the transfer: read buffered."""
+    import sitiancal.storage.cube as cube_module
+
+    write_camera_set(tmp_path / "set", SHAPE, seed=19)
+    inventory = scan(tmp_path / "set")
+    monkeypatch.setattr(cube_module, "_LANE_PIECE", DIRECT_ALIGN)
+    alone = build_cube(inventory, tmp_path / "alone.zarr", tile=TILE, lane_hash=False)
+    refused: list[int] = []
+
+    def refuse(fd: int, *args: object) -> None:
+        refused.append(fd)
+
+    monkeypatch.setattr(cube_module, "open_direct", lambda path: os.open(path, os.O_RDONLY))
+    monkeypatch.setattr(cube_module, "pread_direct", refuse)
+    lanes = build_cube(inventory, tmp_path / "lanes.zarr", tile=TILE, lane_hash=True,
+                       direct=True)
+    _same_cube(lanes, alone)
+    assert len(refused) == len(inventory.frames)  # once per file, then buffered
+
+
 def test_piece_statistics_equal_the_whole_frame_pass(tmp_path: Path) -> None:
     """Pieces of any sizes (a row cut anywhere, pieces inside one row) give the same counts."""
     from sitiancal.storage.cube import _PieceStatistics, _virtual_statistics
