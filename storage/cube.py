@@ -666,11 +666,7 @@ def _lane_header(path: str, hdu: int, size: int, shape: tuple[int, int]) -> HduI
             info = find_image_hdu(file_read_at(f), path, hdu, size=size)[1]
     except OSError as exc:
         raise FrameReadError(path, f"unreadable: {exc.strerror or exc}") from None
-    why = _virtual_kind(info)
-    if why is not None:
-        raise FrameReadError(path, f"cannot be read in place any more ({why}); "
-                                   "the file changed since the scan")
-    _check_shape(path, tuple(info.image_axes), shape)
+    _check_in_place(info, path, shape)
     if size < info.data_end:
         raise FrameReadError(path, truncation_reason(size, info.data_end))
     return info
@@ -740,13 +736,7 @@ def _ingest_lanes(items: Sequence[tuple[int, str, int]], shape: tuple[int, int],
             pool.give(buf)
     out = []
     for k, (index, path, _) in enumerate(items):
-        after = _stat(path)
-        if (befores[k].st_size, befores[k].st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-            raise FrameReadError(path, "the file changed while it was being read")
-        info = infos[k]
-        source = FrameSource(path=path, offset=info.data_offset, dtype=_FITS_INT16,
-                             bzero=int(info.bzero), shape=tuple(info.image_axes),  # type: ignore[arg-type]
-                             size=after.st_size, mtime_ns=after.st_mtime_ns)
+        source = _frame_source(infos[k], path, _unchanged(path, befores[k]))
         out.append(_Ingested(index, digests[k], counters[k].result(), source))
     return out
 
@@ -755,6 +745,34 @@ def _check_shape(path: str, got: Sequence[int], cube: Sequence[int]) -> None:
     """Refuse a frame whose shape is not the cube's (:class:`FrameReadError` naming both)."""
     if tuple(got) != tuple(cube):
         raise FrameReadError(path, f"shape {tuple(got)} differs from the cube's {tuple(cube)}")
+
+
+def _check_in_place(info: HduInfo, path: str, shape: tuple[int, int]) -> None:
+    """Refuse an image HDU that cannot be read in place any more, or of another shape than the cube's."""
+    why = _virtual_kind(info)
+    if why is not None:
+        raise FrameReadError(path, f"cannot be read in place any more ({why}); "
+                                   "the file changed since the scan")
+    _check_shape(path, tuple(info.image_axes), shape)
+
+
+def _frame_source(info: HduInfo, path: str, st: os.stat_result) -> FrameSource:
+    """The manifest entry of a frame read in place (``st``: the file's status after its read)."""
+    return FrameSource(path=path, offset=info.data_offset, dtype=_FITS_INT16,
+                       bzero=int(info.bzero), shape=tuple(info.image_axes),  # type: ignore[arg-type]
+                       size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _unchanged(path: str, before: os.stat_result, size_read: int | None = None) -> os.stat_result:
+    """The file's status after it was read, refusing a file that changed meanwhile.
+
+    ``size_read``: the bytes read, which must be the whole file.
+    """
+    after = _stat(path)
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) \
+            or (size_read is not None and size_read != after.st_size):
+        raise FrameReadError(path, "the file changed while it was being read")
+    return after
 
 
 def _stat(path: str) -> os.stat_result:
@@ -781,19 +799,10 @@ def _ingest_frame(store: str, storage_options: dict[str, Any] | None, index: int
         digest = hashlib.sha256(buf).hexdigest()
         source = None
         if before is not None:
-            after = _stat(path)
-            if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) \
-                    or buf.size != after.st_size:
-                raise FrameReadError(path, "the file changed while it was being read")
+            after = _unchanged(path, before, buf.size)
             info = _buffer_hdu(buf, path, hdu)
-            why = _virtual_kind(info)
-            if why is not None:
-                raise FrameReadError(path, f"cannot be read in place any more ({why}); "
-                                           "the file changed since the scan")
-            source = FrameSource(path=path, offset=info.data_offset, dtype=_FITS_INT16,
-                                 bzero=int(info.bzero), shape=tuple(info.image_axes),  # type: ignore[arg-type]
-                                 size=after.st_size, mtime_ns=after.st_mtime_ns)
-            _check_shape(path, source.shape, shape)
+            _check_in_place(info, path, shape)
+            source = _frame_source(info, path, after)
             stats = _virtual_statistics(buf, info, path, source.shape)
         else:
             frame = read_frame_bytes(buf, hdu, name=path)   # in place: aliases buf
