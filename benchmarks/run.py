@@ -457,7 +457,7 @@ def pipeline_run(frames_dir: Path, data_dir: Path, address: str | None, threads:
             wall = time.perf_counter() - t0
         from sitiancal.storage import digest
 
-        return stages, wall, compiled, digest._SPEEDUP
+        return stages, wall, compiled, (digest._SPEEDUP or [None])[0]
 
 
 def _compile_note(compiled: Sequence[str], *, distributed: bool) -> str:

@@ -17,14 +17,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["MAD_TO_SIGMA", "clipped_survivors", "finite_median", "finite_median_mad",
-           "finite_values", "mean_std", "median", "order_statistics", "quantiles", "row_bands",
-           "row_sort_backend", "sort_backend", "sort_float64", "sort_rows"]
+__all__ = ["MAD_TO_SIGMA", "best_of_three", "clipped_survivors", "finite_median",
+           "finite_median_mad", "finite_values", "mean_std", "measured_once", "median",
+           "order_statistics", "quantiles", "row_bands", "row_sort_backend", "sort_backend",
+           "sort_float64", "sort_rows"]
 
 #: 1.4826: the MAD of a Gaussian times this is its standard deviation.
 MAD_TO_SIGMA = 1.482602218505602
@@ -320,18 +322,24 @@ def _radix_sort_rows_f32(a: np.ndarray) -> None:  # pragma: no cover - compiled
 
 _SORT_CHOICE: list[str] = []
 _ROW_SORT_CHOICE: list[str] = []
-_SORT_LOCK = threading.Lock()
+_MEASURE_LOCK = threading.Lock()
+_T = TypeVar("_T")
 
 
-def _measured(cache: list[str], measure: Callable[[], str]) -> str:
-    """``measure()`` on first use, the same answer after (per process, thread-safe)."""
-    with _SORT_LOCK:
+def measured_once(cache: list[_T], measure: Callable[[], _T]) -> _T:
+    """``measure()`` on first use, the same answer after (per process, thread-safe).
+
+    ``cache``: an empty module-level list that keeps the answer. For choices
+    made by timing the candidates on this machine (``measure`` must not call
+    :func:`measured_once` itself).
+    """
+    with _MEASURE_LOCK:
         if not cache:
             cache.append(measure())
     return cache[0]
 
 
-def _best_of_three(fn: Callable[[], object]) -> float:
+def best_of_three(fn: Callable[[], object]) -> float:
     """The shortest of three timings of ``fn()``, s."""
     times = []
     for _ in range(3):
@@ -353,7 +361,7 @@ def sort_backend() -> str:
     the process; either gives the same values (tested), so the choice
     changes only the time.
     """
-    return _measured(_SORT_CHOICE, _measure_sorts)
+    return measured_once(_SORT_CHOICE, _measure_sorts)
 
 
 def _measure_sorts() -> str:
@@ -361,8 +369,8 @@ def _measure_sorts() -> str:
     x = np.random.default_rng(0).normal(20000.0, 150.0, 1 << 17)
     out = np.empty_like(x)
     _radix_sort_f64(x, out)  # compile or load before timing
-    radix = _best_of_three(lambda: _radix_sort_f64(x, out))
-    numpy = _best_of_three(lambda: np.sort(x))
+    radix = best_of_three(lambda: _radix_sort_f64(x, out))
+    numpy = best_of_three(lambda: np.sort(x))
     return "radix" if radix < numpy else "numpy"
 
 
@@ -376,7 +384,7 @@ def row_sort_backend() -> str:
     timed on the same seeded 64 x 9576 rows through :func:`sort_rows` (best
     of three) on first use; either gives the same values (tested).
     """
-    return _measured(_ROW_SORT_CHOICE, _measure_row_sorts)
+    return measured_once(_ROW_SORT_CHOICE, _measure_row_sorts)
 
 
 def _measure_row_sorts() -> str:
@@ -389,8 +397,8 @@ def _measure_row_sorts() -> str:
         np.copyto(work, x)
         sort_rows(work, backend=backend)
 
-    radix = _best_of_three(lambda: run("radix"))
-    numpy = _best_of_three(lambda: run("numpy"))
+    radix = best_of_three(lambda: run("radix"))
+    numpy = best_of_three(lambda: run("numpy"))
     return "radix" if radix < numpy else "numpy"
 
 

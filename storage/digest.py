@@ -9,7 +9,7 @@ instead run side by side in the lanes of the vector registers: here
 :data:`LANES` files are hashed in lockstep, each lane of a 32-bit vector
 operation belonging to one file (FIPS 180-4 word for word; the digests are
 tested against :mod:`hashlib`). On an Intel Xeon (AVX-512, 2.6 GHz) that
-runs at 2.2-2.3 GB/s per core against OpenSSL's 1.17 GB/s; on an AMD Zen 4
+runs at 2.2-2.3 GB/s per core against OpenSSL's 1.2-1.7 GB/s; on an AMD Zen 4
 (AVX-512 on 256-bit units, faster SHA instructions) OpenSSL is the faster.
 :func:`lane_speedup` measures both once per process, and the build uses the
 lanes only where they are faster (:func:`lanes_pay`).
@@ -23,11 +23,11 @@ one size.
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 
 import numba
 import numpy as np
+
+from sitiancal.compute.summary import best_of_three, measured_once
 
 __all__ = ["LANES", "LaneSHA256", "lane_speedup", "lanes_pay"]
 
@@ -185,37 +185,34 @@ class LaneSHA256:
         return [digests[i].tobytes().hex() for i in range(LANES)]
 
 
-_SPEEDUP: float | None = None
-_SPEEDUP_LOCK = threading.Lock()
+#: The measured speed-up (one entry once measured; :func:`lane_speedup`).
+_SPEEDUP: list[float] = []
 
 
 def lane_speedup() -> float:
     """Throughput of :class:`LaneSHA256` (all lanes used) over :mod:`hashlib`'s, on this CPU.
 
-    Measured once per process and remembered: the fastest of three passes
-    over :data:`LANES` x 2 MiB (the cube build's pieces; out of the caches as
-    there: on the Xeon, 256 kB per lane in the L2 cache favour OpenSSL,
-    1.13-1.21x against 1.28-1.35x at 2-4 MiB), ~0.3 s.
+    Measured once per process and remembered (:func:`~sitiancal.compute.summary.measured_once`):
+    the fastest of three passes over :data:`LANES` x 2 MiB (the cube build's
+    pieces; out of the caches as there: on the Xeon, 256 kB per lane in the L2
+    cache favour OpenSSL, 1.13-1.21x against 1.28-1.35x at 2-4 MiB), ~0.3 s.
     """
-    global _SPEEDUP
-    with _SPEEDUP_LOCK:
-        if _SPEEDUP is None:
-            n = 2 << 20
-            data = np.empty((LANES, n), np.uint8)
-            data[:] = (np.arange(n, dtype=np.uint32) * 2654435761 >> 24).astype(np.uint8)
-            data ^= np.arange(LANES, dtype=np.uint8)[:, None]
-            LaneSHA256().update(data[:, :64].copy(), 64)  # compiled (or loaded) first
-            lanes = hashlib_s = np.inf
-            for _ in range(3):
-                start = time.perf_counter()
-                LaneSHA256().update(data, n)
-                lanes = min(lanes, time.perf_counter() - start)
-                start = time.perf_counter()
-                for row in data:
-                    hashlib.sha256(row).digest()
-                hashlib_s = min(hashlib_s, time.perf_counter() - start)
-            _SPEEDUP = float(hashlib_s / lanes)
-        return _SPEEDUP
+    return measured_once(_SPEEDUP, _measure_speedup)
+
+
+def _measure_speedup() -> float:
+    """Time the lanes and hashlib on the same bytes (:func:`lane_speedup`)."""
+    n = 2 << 20
+    data = np.empty((LANES, n), np.uint8)
+    data[:] = (np.arange(n, dtype=np.uint32) * 2654435761 >> 24).astype(np.uint8)
+    data ^= np.arange(LANES, dtype=np.uint8)[:, None]
+    LaneSHA256().update(data[:, :64].copy(), 64)  # compiled (or loaded) first
+
+    def one_by_one() -> None:
+        for row in data:
+            hashlib.sha256(row).digest()
+
+    return float(best_of_three(one_by_one) / best_of_three(lambda: LaneSHA256().update(data, n)))
 
 
 def lanes_pay(n_streams: int) -> bool:
