@@ -183,13 +183,13 @@ def _remaining_signatures() -> None:
       where the other wins.
     * The classification of points by a mixture, for float32 and float64
       values and errors (which of them a product passes depends on its data).
-    * The side-by-side SHA-256 of the cube build, which a job uses for many
-      frames of one size where it is faster than hashlib
-      (:func:`~sitiancal.storage.digest.lane_speedup` times both).
+    * The side-by-side SHA-256 kernels of the cube build, which a job uses
+      for frames of one size where they are faster than hashlib
+      (:func:`~sitiancal.storage.digest.lane_speedups` times each).
     """
     from sitiancal.compute.mixture import MixtureModel
     from sitiancal.compute.summary import row_sort_backend, sort_backend
-    from sitiancal.storage.digest import lane_speedup
+    from sitiancal.storage.digest import lane_speedups
     from sitiancal.storage.frames import decode_be16
 
     words = np.arange(4 * 8, dtype=np.uint16).reshape(4, 8)
@@ -200,7 +200,7 @@ def _remaining_signatures() -> None:
             decode_be16(window, np.empty(window.shape, np.uint16), bzero=32768)
     sort_backend()
     row_sort_backend()
-    lane_speedup()
+    lane_speedups()
     two = MixtureModel(weights=np.array([0.5, 0.5]), means=np.array([0.0, 1.0]),
                        sigmas=np.array([0.1, 0.1]), loglike=0.0, bic=0.0, n_samples=4,
                        converged=True)

@@ -694,7 +694,7 @@ def _ingest_lanes(items: Sequence[tuple[int, str, int]], shape: tuple[int, int],
     buf = pool.take() if pool is not None else None
     if buf is None or buf.shape != (2, LANES, _LANE_PIECE):
         buf = aligned_buffer(2 * LANES * _LANE_PIECE).reshape(2, LANES, _LANE_PIECE)
-    hasher = LaneSHA256()
+    hasher = LaneSHA256(len(items))
     fds: list[list[Any]] = []  # [fd, is_direct] of each file
     pending: futures.Future[None] | None = None
 

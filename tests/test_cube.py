@@ -219,10 +219,34 @@ def test_each_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     for name in ("read_file_bytes", "read_file_direct"):
         monkeypatch.setattr(cube_module, name, counting(name))
     ds = build_cube(inventory, tmp_path / "c.zarr", scheduler="synchronous", layout=layout,
-                    direct=direct)
+                    direct=direct, lane_hash=False)
     reader = "read_file_direct" if direct else "read_file_bytes"
     assert sorted(reads) == sorted((reader, str(tmp_path / "set" / f.name)) for f in files)
     assert ds.sizes["frame"] == len(files) and ds.attrs["layout"] == layout
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["cached", "direct"])
+def test_each_file_is_read_once_when_hashed_side_by_side(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         direct: bool) -> None:
+    """The pieces read of each file cover it once, end to end (the lanes of the virtual layout)."""
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=5, dtype=np.uint16)
+    inventory = scan(tmp_path / "set")
+    monkeypatch.setattr(cube_module, "_LANE_PIECE", 4096)
+    pieces: dict[str, list[tuple[int, int]]] = {}
+    original = cube_module._read_piece
+
+    def counting(lane, view, offset, n, path):
+        pieces.setdefault(path, []).append((offset, n))
+        return original(lane, view, offset, n, path)
+
+    monkeypatch.setattr(cube_module, "_read_piece", counting)
+    build_cube(inventory, tmp_path / "c.zarr", scheduler="synchronous", layout="virtual",
+               direct=direct, lane_hash=True)
+    assert sorted(pieces) == sorted(str(tmp_path / "set" / f.name) for f in files)
+    for path, got in pieces.items():
+        ends = [0] + [offset + n for offset, n in got]
+        assert [offset for offset, _ in got] == ends[:-1] and ends[-1] == Path(path).stat().st_size
 
 
 @pytest.mark.parametrize("layout", ["virtual", "copy"])

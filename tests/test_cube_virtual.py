@@ -40,6 +40,7 @@ from sitiancal.storage.cube import (
     frame_reader,
     open_cube,
 )
+from sitiancal.storage.digest import sha_instructions
 from sitiancal.storage.frames import (
     DIRECT_ALIGN,
     FrameReadError,
@@ -264,14 +265,19 @@ def test_service_setting_reads_frames_past_the_cache(tmp_path: Path, monkeypatch
 
     write_camera_set(tmp_path / "set", SHAPE, seed=15)
     inventory = scan(tmp_path / "set")
-    direct_reads: list[str] = []
-    original = cube_module.read_file_direct
+    direct_reads: list[str] = []  # frames read past the cache, one by one or side by side
+    original, original_open = cube_module.read_file_direct, cube_module.open_direct
 
     def counting(path, **kwargs):
         direct_reads.append(str(path))
         return original(path, **kwargs)
 
+    def counting_open(path, *args):
+        direct_reads.append(str(path))
+        return original_open(path, *args)
+
     monkeypatch.setattr(cube_module, "read_file_direct", counting)
+    monkeypatch.setattr(cube_module, "open_direct", counting_open)
     monkeypatch.setenv("SITIANCAL_DIRECT_READS", "true")
     ds, _ = dataset_cube(Settings(data_dir=tmp_path / "data"), "ds1", inventory)
     assert sorted(direct_reads) == sorted(str(r.path) for r in inventory.frames)
@@ -611,13 +617,19 @@ def _same_cube(a, b) -> None:
     assert a.attrs["frame_sources"] == b.attrs["frame_sources"]
 
 
+@pytest.mark.parametrize("kernel", [
+    "vector", pytest.param("sha-ni", marks=pytest.mark.skipif(
+        not sha_instructions(), reason="this CPU has no SHA extensions (x86 SHA-NI)"))])
 @pytest.mark.parametrize("direct", [False, True], ids=["cached", "direct"])
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16], ids=["bzero32768", "signed"])
 def test_frames_hashed_side_by_side_give_the_same_cube(tmp_path: Path, monkeypatch,
-                                                       dtype: type, direct: bool) -> None:
+                                                       dtype: type, direct: bool, kernel: str) -> None:
     """Lanes (pieces of 4096 bytes: rows cut across pieces, a read ahead) against one task per frame."""
     import sitiancal.storage.cube as cube_module
+    from sitiancal.storage import digest
 
+    monkeypatch.setattr(digest, "_SPEEDUPS", [{"vector": 1.0, "sha-ni": 2.0} if kernel == "sha-ni"
+                                              else {"vector": 2.0}])
     files = write_camera_set(tmp_path / "set", SHAPE, seed=17, dtype=dtype, n_bias=5)
     _move_image_to_extension(tmp_path / "set" / files[2].name)  # a file of another size
     inventory = scan(tmp_path / "set")
