@@ -186,6 +186,8 @@ def _dark_inputs(seed: int, n_pix: int = 4000):
     mean[20:40, 2:] = np.nan  # one exposure time left: no line
     var[40:60, 2:] = 1e-3  # variance falling with time: constrained b = 0
     mean[60:70] = np.nan  # nothing usable
+    mean[70:75, 1] = np.inf  # an infinite mean or variance is not used
+    var[75:80, 3] = -np.inf
     return t, mean, var
 
 
