@@ -615,6 +615,12 @@ class _PieceStatistics:
                               self.centre, CLIP_SIGMA)
 
 
+#: Smallest set (bytes of all its frames) hashed side by side with
+#: ``lane_hash="auto"``: the kernels' speed is measured once per process first
+#: (~0.3-0.4 s, about what hashlib takes for 0.6 GB), which a smaller set
+#: would not win back from a ~2x faster hash.
+LANE_MIN_BYTES = 1 << 30
+
 #: Bytes of each file read per step by a side-by-side hashing task (a multiple
 #: of DIRECT_ALIGN and of 64): two halves of LANES x 2 MiB, 128 MiB per task.
 _LANE_PIECE = 2 << 20
@@ -915,10 +921,12 @@ def _lane_batches(records: Sequence[FrameRecord], enabled: bool | Literal["auto"
     Frames of one file size (the scan's) form batches of at most
     :data:`~sitiancal.storage.digest.LANES`, as even as possible; a batch is
     used where ``enabled`` is True, or with ``"auto"`` where the lanes are
-    faster than hashlib on this CPU for its size (:func:`lanes_pay`). The
-    lanes decode little-endian words only.
+    faster than hashlib on this CPU for its size (:func:`lanes_pay`) and the
+    frames hold at least :data:`LANE_MIN_BYTES` in all. The lanes decode
+    little-endian words only.
     """
-    if enabled is False or sys.byteorder != "little":
+    if enabled is False or sys.byteorder != "little" or (
+            enabled == "auto" and sum(r.size for r in records) < LANE_MIN_BYTES):
         return [], list(range(len(records)))
     by_size: dict[int, list[int]] = {}
     for i, r in enumerate(records):
@@ -1084,8 +1092,8 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         (:mod:`sitiancal.storage.digest`), with their statistics counted
         piece by piece as they are read (``True``); one task per frame with
         :mod:`hashlib` (``False``); ``"auto"`` (default): side by side where
-        that is faster on this CPU (measured once per process). The
-        results are the same.
+        that is faster on this CPU (measured once per process) and the
+        frames hold at least :data:`LANE_MIN_BYTES`. The results are the same.
 
     Returns
     -------

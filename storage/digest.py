@@ -272,8 +272,8 @@ def _compress_sha_ni(state: np.ndarray, data: np.ndarray, nblocks: int,
 
     ``state``: ``(8, >= streams)`` uint32 chaining values, updated in place;
     ``data``: ``(>= streams, >= 64 * nblocks)`` uint8, row ``i`` stream ``i``'s
-    bytes. Streams go four at a time through the SHA instructions. Call only where :func:`sha_instructions` (else LLVM cannot
-    compile it).
+    bytes. Streams go four at a time through the SHA instructions. Call only
+    where :func:`sha_instructions` (else LLVM cannot compile it).
     """
     s = 0
     while s + 4 <= streams:

@@ -650,6 +650,25 @@ def test_frames_hashed_side_by_side_give_the_same_cube(tmp_path: Path, monkeypat
         assert lanes.sha256.values[i] == hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
 
 
+def test_side_by_side_hashing_is_chosen_by_speed_and_size(tmp_path: Path, monkeypatch) -> None:
+    """``lane_hash="auto"``: small sets are hashed one by one without timing the kernels."""
+    import sitiancal.storage.cube as cube_module
+    from sitiancal.storage import digest
+
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=21)
+    inventory = scan(tmp_path / "set")
+    monkeypatch.setattr(digest, "_SPEEDUPS", [])
+    monkeypatch.setattr(digest, "_measure_speedups", lambda: pytest.fail("measured"))
+    assert cube_module.frames_hashed_side_by_side(inventory.frames) == 0  # below LANE_MIN_BYTES
+    monkeypatch.setattr(cube_module, "LANE_MIN_BYTES", 0)
+    monkeypatch.setattr(digest, "sha_instructions", lambda: True)
+    monkeypatch.setattr(digest, "_SPEEDUPS", [{"vector": 1.0, "sha-ni": 2.0}])
+    assert cube_module.frames_hashed_side_by_side(inventory.frames) == len(files)
+    monkeypatch.setattr(digest, "_SPEEDUPS", [{"vector": 0.9, "sha-ni": 1.05}])  # hashlib is as fast
+    assert cube_module.frames_hashed_side_by_side(inventory.frames) == 0
+    assert cube_module.frames_hashed_side_by_side(inventory.frames, True) == len(files)
+
+
 def test_frames_hashed_side_by_side_fall_back_where_o_direct_is_refused(tmp_path: Path,
                                                                        monkeypatch) -> None:
     """A file system that opens files with O_DIRECT and refuses the transfer: read buffered."""
