@@ -259,9 +259,9 @@ def _sha_ni_intrinsic(group: int) -> Any:
 
 
 #: Streams interleaved by the SHA-instruction kernel: four, then two or one
-#: for the rest (1, 2, 3, 4, 6 streams ran at 1.83, 3.51, 3.73, 3.75, 2.79
-#: GB/s per core on the Zen 4: four hide the round instruction's latency,
-#: more spill the registers).
+#: for the rest (a C prototype with the same instructions ran 1, 2, 3, 4, 6
+#: streams at 1.83, 3.51, 3.73, 3.75, 2.79 GB/s per core on the Zen 4: four
+#: hide the round instruction's latency, more spill the registers).
 _sha_ni_4, _sha_ni_2, _sha_ni_1 = (_sha_ni_intrinsic(g) for g in (4, 2, 1))
 
 
