@@ -35,7 +35,8 @@ the per-frame statistics are computed while the frame is in memory. In the
 virtual layout, frames of one file size may instead be read in lockstep, up to
 32 at a time, and hashed side by side (:mod:`sitiancal.storage.digest`; each
 piece counted into its frame's statistics while it is in the cache, the header
-read on its own), where that is faster than hashlib on the CPU. A cube is
+read on its own), where that is faster than hashlib on the CPU and the set is
+large enough to win back measuring it (:data:`LANE_MIN_BYTES`). A cube is
 usable only once its ``complete`` attribute has been set, which happens last.
 """
 

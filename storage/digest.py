@@ -20,7 +20,8 @@ for word (the digests are tested against :mod:`hashlib`):
 
 :func:`lane_speedups` measures each against :mod:`hashlib` once per process;
 the build hashes a batch side by side with the fastest kernel, and only where
-that is faster than one file after the other (:func:`lanes_pay`).
+that is faster than one file after the other (:func:`lanes_pay`) in a set large
+enough to win back the measurement (``storage.cube.LANE_MIN_BYTES``).
 
 Only whole 64-byte blocks are hashed while a file is read
 (:meth:`LaneSHA256.update`); :meth:`LaneSHA256.hexdigests` pads the last

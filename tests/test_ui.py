@@ -457,7 +457,10 @@ class _DevTools:
             value = await self.evaluate(expression)
             if value:
                 return value
-            assert time.monotonic() < deadline, f"not true within {timeout} s: {expression}"
+            if time.monotonic() >= deadline:
+                status = await self.evaluate("document.querySelector('#status')?.textContent")
+                raise AssertionError(f"not true within {timeout} s (the page's status line: "
+                                     f"{status!r}): {expression}")
             await asyncio.sleep(0.1)
 
     async def click(self, element: str) -> None:
@@ -470,6 +473,24 @@ class _DevTools:
         for kind in ("mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
                             clickCount=1)
+
+    async def click_for_dialog(self, element: str, attempts: int = 5) -> None:
+        """:meth:`click` the element until the page opens a dialog (at most ``attempts`` clicks).
+
+        The dashboard re-renders its tables when data arrive (the token's
+        change event refreshes every section): a click whose press and
+        release straddle a re-render, or that lands after a section above
+        changed height, reaches no button. Such a click changes nothing, so
+        it is repeated on the element found again.
+        """
+        seen = len(self.dialogs)
+        for _ in range(attempts):
+            await self.click(element)
+            for _ in range(30):
+                if len(self.dialogs) > seen:
+                    return
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"no dialog after {attempts} clicks on {element}")
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -539,7 +560,7 @@ async def _certify_and_retract_on_the_page(ws_url: str, service: str, product: s
 
             # without a token the page refuses, and nothing changes
             page.answers.append("2026-02-01T00:00:00Z")
-            await page.click(_bias_button("certify"))
+            await page.click_for_dialog(_bias_button("certify"))
             for _ in range(300):  # the prompt, then the alert
                 if len(page.dialogs) == 2:
                     break
@@ -549,11 +570,12 @@ async def _certify_and_retract_on_the_page(ws_url: str, service: str, product: s
             assert product_state.json()["state"] == "candidate"
 
             # the operator types the token, then certifies from 2026-02-01
-            await page.click("document.querySelector('#token')")
+            await page.evaluate("document.querySelector('#token').focus()")
             await page.send("Input.insertText", text=TOKEN)
+            assert await page.evaluate("document.querySelector('#token').value") == TOKEN
             await page.evaluate("document.querySelector('#token').blur()")
             page.answers.append("2026-02-01T00:00:00Z")
-            await page.click(_bias_button("certify"))
+            await page.click_for_dialog(_bias_button("certify"))
             row = await page.wait_for(f"(() => {{ const r = {_BIAS_ROW}; "
                                       "return r && r[2] !== '-' ? r : null; })()")
             assert row[1].startswith("v1 certified") and row[2] == (
@@ -563,7 +585,7 @@ async def _certify_and_retract_on_the_page(ws_url: str, service: str, product: s
 
             # ... and retracts it with a reason: the row goes (nothing left to show)
             page.answers.append("bias frames taken with the shutter open (ui test)")
-            await page.click(_bias_button("retract"))
+            await page.click_for_dialog(_bias_button("retract"))
             await page.wait_for(f"{_BIAS_ROW} === null")
             assert page.dialogs[-1] == ("prompt", "Reason for retracting")
             jobs = await page.evaluate("[...document.querySelectorAll('#jobs tbody a')]"
