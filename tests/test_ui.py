@@ -480,8 +480,8 @@ class _DevTools:
         The dashboard re-renders its tables when data arrive (the token's
         change event refreshes every section): a click whose press and
         release straddle a re-render, or that lands after a section above
-        changed height, reaches no button. Such a click changes nothing, so
-        it is repeated on the element found again.
+        changed height, can reach no button. Such a click changes nothing,
+        so it is repeated on the element found again.
         """
         seen = len(self.dialogs)
         for _ in range(attempts):
