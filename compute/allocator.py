@@ -2,7 +2,8 @@
 
 :func:`keep_freed_memory` keeps freed array memory for reuse (called by every
 job and by the service at start-up); :func:`return_freed_memory` hands it back
-between products. Only ``ctypes``: cheap to import where a process starts.
+between products where the resident set is over a bound. Only ``ctypes``:
+cheap to import where a process starts.
 """
 
 from __future__ import annotations
@@ -110,13 +111,31 @@ def allocator_environment() -> dict[str, str]:
     return {variable: str(value) for _, variable, value in _SETTINGS}
 
 
-def return_freed_memory() -> None:
+def resident_bytes() -> int | None:
+    """Resident set of this process (bytes), from ``/proc/self/statm``; None where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def return_freed_memory(above: int | None = None) -> bool:
     """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
     Between products the process has freed several full-frame maps; blocks of
-    them that glibc kept in its arenas (row-band temporaries of many threads)
-    would otherwise stay in the resident set and add up across products.
+    them that glibc kept in its arenas would otherwise stay in the resident
+    set. Memory given back costs its pages again when the next product
+    allocates them (the kernel zeroes every page it hands out): so, given
+    ``above`` (bytes), only while the resident set exceeds it. Returns
+    whether the memory was given back.
     """
+    if above is not None:
+        resident = resident_bytes()
+        if resident is not None and resident <= above:
+            return False
     malloc_trim = _libc_function("malloc_trim")
-    if malloc_trim is not None:
-        malloc_trim(0)
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True

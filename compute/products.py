@@ -50,6 +50,10 @@ PRODUCT_TYPES = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat
 #: nothing else and has the most bytes to store (a residual map per level), so
 #: it goes first: its staging then overlaps the assembly of the others instead
 #: of delaying the end of the job.
+#: Peak memory of building one product, bytes per frame pixel: up to ~1.5 GB at
+#: 61 MP (a product's float32 maps, its flags and temporaries), rounded up.
+PRODUCT_BYTES_PER_PIXEL = 25
+
 _BUILD_ORDER = ("linearity", "bias", "read_noise", "dark", "ptc", "gain", "flat", "mask")
 
 
@@ -567,6 +571,7 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
                       partials: dict[str, float] | None = None,
                       wanted: tuple[str, ...] = PRODUCT_TYPES,
                       emit: Callable[[ProductContent], None] | None = None,
+                      resident_limit: int | None = None,
                       ) -> tuple[dict[str, ProductContent], dict[str, str]]:
     """Build every requested product that the data supports.
 
@@ -576,6 +581,16 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
         Called with each product as soon as it is built; the product is then
         dropped, so at most one product's maps are in memory at a time (a 61 MP
         product is up to ~1.5 GB). Without it the products are returned.
+    resident_limit : int, optional
+        With ``emit``: after a product, freed memory goes back to the OS only
+        while the resident set exceeds this (bytes; see
+        :func:`compute.allocator.return_freed_memory`), and once at the end;
+        None: after every product. The next product reuses the memory kept:
+        given back, its pages are faulted and zeroed by the kernel again
+        (300-frame 61 MP job, assembly without the store's writes, 2 cores:
+        12.4-13.4 s instead of 16.4-17.5 s, 18.6-20.1 instead of 23.1-23.8
+        busy core-s; the resident set 2.0-2.3 GB after each product,
+        not growing).
 
     Returns
     -------
@@ -598,9 +613,11 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
     try:
         if "gain" in maps and "gain_err" in maps:
             helper.submit(asm.conversion_gain)
-        _build(asm, builders, wanted, emit, out)
+        _build(asm, builders, wanted, emit, out, resident_limit)
     finally:
         helper.shutdown(wait=True)
+    if emit is not None and resident_limit is not None:
+        return_freed_memory()
     out = {name: out[name] for name in PRODUCT_TYPES if name in out}
     missing = {k: v for k, v in asm.missing.items() if k in wanted and k not in out}
     for name in wanted:
@@ -611,7 +628,7 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
 
 def _build(asm: Assembler, builders: dict[str, Callable[[], ProductContent | None]],
            wanted: tuple[str, ...], emit: Callable[[ProductContent], None] | None,
-           out: dict[str, ProductContent]) -> None:
+           out: dict[str, ProductContent], resident_limit: int | None = None) -> None:
     """Build the products in :data:`_BUILD_ORDER` into ``out`` (see :func:`assemble_products`)."""
     for name in _BUILD_ORDER:
         if name == "mask" and "mask" not in wanted:
@@ -625,5 +642,5 @@ def _build(asm: Assembler, builders: dict[str, Callable[[], ProductContent | Non
         if emit is not None:
             emit(content)
             content = ProductContent(content.type, content.units, stats=content.stats)
-            return_freed_memory()
+            return_freed_memory(above=resident_limit)
         out[name] = content

@@ -37,7 +37,12 @@ from sitiancal.compute.graph import (
     tile_task_bytes,
 )
 from sitiancal.compute.plan import FrameTable, PlanResult, make_plan
-from sitiancal.compute.products import PRODUCT_TYPES, ProductContent, assemble_products
+from sitiancal.compute.products import (
+    PRODUCT_BYTES_PER_PIXEL,
+    PRODUCT_TYPES,
+    ProductContent,
+    assemble_products,
+)
 from sitiancal.compute.tile import CalibrationParams, TileResult, expected_maps
 from sitiancal.service.settings import Settings
 from sitiancal.storage.cube import ZarrFrameReader, cube_layout, frame_reader
@@ -196,7 +201,10 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         of tile tasks run at once, and if need be the tile height, are chosen
         so that the estimated peak (:func:`compute.graph.tile_task_bytes` per
         task, plus the assembly's share) stays within it, whatever the number
-        of frames. With a ``client`` the workers' own limits apply.
+        of frames. With a ``client`` the workers' own limits apply. The
+        assembly gives freed memory back between products only where the
+        resident set leaves less than a product's peak
+        (``PRODUCT_BYTES_PER_PIXEL``) of it (after every product without one).
     cores : int, optional
         Cores of the local tile pass (default: the CPU count): one tile task
         per core plus ``EXTRA_TILE_TASKS`` run at once, memory permitting, with
@@ -273,9 +281,14 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     report("products", lo + (hi - lo) * 0.85)
     temps = table.temperature[np.isin(table.frame_type, ["dark", "bias"])]
     temperature = float(np.nanmedian(temps)) if np.isfinite(temps).any() else None
+    # freed memory is kept for the next product while the resident set leaves
+    # room for a product's peak within the budget (given back otherwise)
+    resident_limit = (None if memory_limit is None else
+                      max(0, memory_limit - PRODUCT_BYTES_PER_PIXEL * shape[0] * shape[1]))
     products, missing = assemble_products(sink.maps(), planned, params, shape=shape,
                                           temperature=temperature, partials=partials,
-                                          wanted=tuple(wanted), emit=emit)
+                                          wanted=tuple(wanted), emit=emit,
+                                          resident_limit=resident_limit)
     timings["products"] = time.perf_counter() - t0
     report("products", hi)
     return ProductsOutcome(products, missing, planned, timings)

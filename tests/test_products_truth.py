@@ -356,3 +356,61 @@ def test_helper_threads_change_no_product(bimodal, tmp_path_factory, monkeypatch
         assert arrays.keys() == inline[kind][1].keys()
         for name, values in arrays.items():
             np.testing.assert_array_equal(values, inline[kind][1][name], err_msg=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("limit, expect", [(None, "every"), (1 << 60, "end"), (0, "every+end")])
+def test_freed_memory_goes_back_only_over_the_resident_limit(mid, tmp_path_factory, monkeypatch,
+                                                            limit, expect):
+    """Between emitted products the assembly gives freed memory back only while the
+    resident set is over ``resident_limit`` (a kept heap is reused by the next
+    product; given back, its pages are zeroed again), and once at the end; without
+    a limit, after every product as before. The products are the same either way."""
+    import zarr
+
+    from sitiancal.compute import allocator, products
+
+    outcome, _, ds = mid
+    work = sorted({p.resolve() for p in tmp_path_factory.getbasetemp().glob("mid*/work/maps.zarr")})
+    group = zarr.open_group(str(work[0]), mode="r")
+    maps = {name: group[name] for name in group.array_keys()}
+    trimmed: list[str] = []
+    monkeypatch.setattr(allocator, "_libc_function",
+                        lambda name: (lambda pad: trimmed.append("trim")) if name == "malloc_trim"
+                        else None)
+    emitted: list[str] = []
+
+    def emit(content) -> None:
+        emitted.append(content.type)
+        trimmed.append(f"after {content.type}")
+
+    products.assemble_products(maps, outcome.planned, CalibrationParams(seed=3),
+                               shape=(ds.sizes["y"], ds.sizes["x"]), emit=emit,
+                               resident_limit=limit)
+    assert len(emitted) == len(products.PRODUCT_TYPES)
+    between = [i for i, t in enumerate(trimmed[:-1]) if t == "trim"]
+    if expect.startswith("every"):
+        # a trim right after each product's emission
+        assert all(trimmed[i + 1] == "trim" for i, t in enumerate(trimmed[:-1])
+                   if t.startswith("after"))
+        assert len(between) >= len(emitted) - 1
+    else:
+        assert trimmed[-1] == "trim" and trimmed.count("trim") == 1
+    assert (trimmed[-1] == "trim" and trimmed[-2] == "trim") == (expect == "every+end")
+
+
+def test_return_freed_memory_above_a_bound(monkeypatch):
+    """``return_freed_memory(above=)`` trims only over the bound, and says whether it did."""
+    from sitiancal.compute import allocator
+
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "_libc_function",
+                        lambda name: calls.append if name == "malloc_trim" else None)
+    resident = allocator.resident_bytes()
+    if resident is None:
+        pytest.skip("no /proc/self/statm: the resident set is unknown here")
+    assert resident > 10 << 20  # an interpreter with numpy holds tens of MB
+    assert allocator.return_freed_memory(above=resident * 4) is False and calls == []
+    assert allocator.return_freed_memory(above=resident // 4) is True and calls == [0]
+    assert allocator.return_freed_memory() is True and calls == [0, 0]
+    monkeypatch.setattr(allocator, "_libc_function", lambda name: None)
+    assert allocator.return_freed_memory() is False  # no glibc: nothing to give back
