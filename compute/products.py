@@ -43,18 +43,22 @@ from sitiancal.compute.readnoise import read_noise_map, read_noise_summary
 from sitiancal.compute.summary import finite_median, row_bands
 from sitiancal.compute.tile import CalibrationParams
 
-#: Product types, in the order they are assembled (the mask needs the others).
-PRODUCT_TYPES = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask")
-#: The order :func:`assemble_products` builds (and emits) them in. The flat
-#: needs the dark's HOT/WARM flags and the mask every flag; linearity needs
-#: nothing else and has the most bytes to store (a residual map per level), so
-#: it goes first: its staging then overlaps the assembly of the others instead
-#: of delaying the end of the job.
 #: Peak memory of building one product, bytes per frame pixel: up to ~1.5 GB at
 #: 61 MP (a product's float32 maps, its flags and temporaries), rounded up.
 PRODUCT_BYTES_PER_PIXEL = 25
 
-_BUILD_ORDER = ("linearity", "bias", "read_noise", "dark", "ptc", "gain", "flat", "mask")
+#: Product types, in the order they are assembled (the mask needs the others).
+PRODUCT_TYPES = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask")
+#: The order :func:`assemble_products` builds (and emits) them in. The flat
+#: needs the dark's HOT/WARM flags and the mask every flag; read noise and dark
+#: convert with the per-pixel conversion gain (then dropped for its median).
+#: Each product is stored on one writer thread while the next ones are built,
+#: so the products slow to store come early and the job ends soon after the
+#: mask: linearity (a residual map per level) first, the gain (five maps)
+#: before the dark, whose six maps are stored while the flat and the mask are
+#: built. 300-frame 61 MP job, paired cold runs: the wait for the writer after
+#: the mask 1.5-2.2 s instead of 2.8-3.0 s with the gain after the dark.
+_BUILD_ORDER = ("linearity", "bias", "read_noise", "gain", "dark", "ptc", "flat", "mask")
 
 
 def _f(x: object) -> float | None:

@@ -414,3 +414,16 @@ def test_return_freed_memory_above_a_bound(monkeypatch):
     assert allocator.return_freed_memory() is True and calls == [0, 0]
     monkeypatch.setattr(allocator, "_libc_function", lambda name: None)
     assert allocator.return_freed_memory() is False  # no glibc: nothing to give back
+
+
+def test_build_order_keeps_each_products_inputs_first():
+    """The build order may move products for the writer's sake, never past their inputs:
+    read noise before the dark (the per-pixel conversion gain is dropped after the
+    dark), the dark before the flat (HOT/WARM exclude pixels from the PRNU), the mask
+    last (every flag), each type once."""
+    from sitiancal.compute.products import _BUILD_ORDER, PRODUCT_TYPES
+
+    order = list(_BUILD_ORDER)
+    assert sorted(order) == sorted(PRODUCT_TYPES)
+    assert order.index("read_noise") < order.index("dark") < order.index("flat")
+    assert order[-1] == "mask"
