@@ -70,6 +70,7 @@ from sitiancal.compute.summary import sort_rows
 
 __all__ = [
     "ClippedStats",
+    "LinearOffset",
     "Moments",
     "TimeTrend",
     "clipped_stats_and_moments",
@@ -103,6 +104,37 @@ def _summary(a: np.ndarray) -> float | None:
     """Median of the finite values of ``a`` as a JSON-able float (None if none)."""
     finite = np.asarray(a)[np.isfinite(a)]
     return float(np.median(finite)) if finite.size else None
+
+
+@dataclass(frozen=True)
+class LinearOffset:
+    """A per-pixel offset that grows linearly with exposure time: ``base + rate * time``.
+
+    E.g. a master bias plus the dark current accumulated in a flat's exposure.
+    :func:`group_moments` evaluates it block by block inside its kernel, so
+    the full-size offset map is never written and read back (in a tile pass
+    with 20 flat levels that map cost two full-size float64 passes per level,
+    ~4 % of the pass). Evaluated as ``base + (rate * time)`` in float64, two
+    roundings, exactly as :meth:`evaluate` (numpy) does.
+
+    Attributes
+    ----------
+    base : numpy.ndarray
+        Offset at zero exposure (ADU), float64, shape of one frame.
+    rate : numpy.ndarray
+        Its growth per second of exposure (ADU/s), float64, the same shape.
+    time : float
+        Exposure time (s).
+    """
+
+    base: np.ndarray
+    rate: np.ndarray
+    time: float
+
+    def evaluate(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The offset map ``base + rate * time`` (ADU), float64 (into ``out`` if given)."""
+        scaled = np.multiply(np.asarray(self.rate, dtype=np.float64), float(self.time), out=out)
+        return np.add(np.asarray(self.base, dtype=np.float64), scaled, out=scaled)
 
 
 @dataclass(frozen=True)
@@ -237,13 +269,29 @@ def _as_frames(stack: np.ndarray, *,
     return flat, shape
 
 
-def _pixel_offset(offset: np.ndarray | float | None, shape: tuple[int, ...]) -> np.ndarray:
+def _pixel_offset(offset: np.ndarray | float | LinearOffset | None,
+                  shape: tuple[int, ...]) -> np.ndarray:
     """Per-pixel offset as a contiguous float64 ``(P,)`` array (one frame in size)."""
     size = int(np.prod(shape))
     if offset is None:
         return np.zeros(size)
+    if isinstance(offset, LinearOffset):
+        offset = offset.evaluate()
     off = np.asarray(offset, dtype=np.float64)
     return np.ascontiguousarray(np.broadcast_to(off, shape)).reshape(size)
+
+
+def _kernel_offset(offset: np.ndarray | float | LinearOffset | None,
+                   shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(base, rate, time)`` of an offset for :func:`_moments_float_kernel`, as (P,) arrays.
+
+    ``rate`` is empty (and ``time`` 0) unless ``offset`` is a :class:`LinearOffset`,
+    whose map is then left to the kernel to evaluate.
+    """
+    if isinstance(offset, LinearOffset):
+        return (_pixel_offset(offset.base, shape), _pixel_offset(offset.rate, shape),
+                float(offset.time))
+    return _pixel_offset(offset, shape), np.zeros(0), 0.0
 
 
 def _frame_scale(scale: np.ndarray | float | None, n_frames: int) -> np.ndarray:
@@ -328,20 +376,31 @@ def _moments_uint_kernel(st, denom, block, mean, var):  # pragma: no cover - com
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-def _moments_float_kernel(st, off, scale, denom, block, mean, var):  # pragma: no cover - compiled
-    """Per-pixel mean and variance of ``(st[f] - off) * scale[f]``, into ``mean`` and ``var``.
+def _moments_float_kernel(st, off, rate, t, scale, denom, block,
+                          mean, var):  # pragma: no cover - compiled
+    """Per-pixel mean and variance of ``(st[f] - o) * scale[f]``, into ``mean`` and ``var``.
 
-    Shifted sums: the first frame's value K of each pixel is subtracted before
-    accumulating, which removes the cancellation of the textbook formula.
-    ``denom = F - 1`` (NaN for F = 1). The outputs as for :func:`_moments_uint_kernel`.
+    The offset ``o`` is ``off``, or ``off + rate * t`` where ``rate`` is not
+    empty (:class:`LinearOffset`), evaluated per block into the block's own
+    scratch. Shifted sums: the first frame's value K of each pixel is
+    subtracted before accumulating, which removes the cancellation of the
+    textbook formula. ``denom = F - 1`` (NaN for F = 1). The outputs as for
+    :func:`_moments_uint_kernel`.
     """
     n_frames, n_pix = st.shape
     n_blocks = (n_pix + block - 1) // block
+    linear = rate.shape[0] > 0
     for b in prange(n_blocks):
         p0 = b * block
         p1 = min(n_pix, p0 + block)
         n = p1 - p0
-        o = off[p0:p1]
+        o = np.empty(n)
+        if linear:
+            for i in range(n):
+                o[i] = off[p0 + i] + rate[p0 + i] * t
+        else:
+            for i in range(n):
+                o[i] = off[p0 + i]
         shift = np.empty(n)
         s1 = np.zeros(n)
         s2 = np.zeros(n)
@@ -995,7 +1054,7 @@ def _trend_numpy(
 def group_moments(
     stack: np.ndarray,
     *,
-    offset: np.ndarray | float | None = None,
+    offset: np.ndarray | float | LinearOffset | None = None,
     scale: np.ndarray | float | None = None,
     backend: Backend = "auto",
     out: tuple[np.ndarray, np.ndarray] | None = None,
@@ -1008,9 +1067,11 @@ def group_moments(
     ----------
     stack : numpy.ndarray
         Frames ``(F, ...)``, uint8, uint16, other integers or floats, ADU.
-    offset : float or numpy.ndarray, optional
+    offset : float, numpy.ndarray or LinearOffset, optional
         Value subtracted from every frame (e.g. a master bias), ADU; scalar or
-        broadcastable to ``stack.shape[1:]``.
+        broadcastable to ``stack.shape[1:]``; a :class:`LinearOffset` (e.g.
+        master bias plus dark current times the exposure time) is evaluated
+        inside the kernel, with the same floats as its ``evaluate()``.
     scale : float or numpy.ndarray, optional
         Per-frame multiplicative factor, shape ``(F,)`` (e.g. a flux
         normalisation), dimensionless.
@@ -1056,12 +1117,15 @@ def group_moments(
         else:
             mean[:], var[:] = _moments_numpy(flat, None, None, denom)
     else:
-        off = _pixel_offset(offset, shape)
+        off, rate, t = _kernel_offset(offset, shape)
         sc = _frame_scale(scale, n_frames)
         denom = float(n_frames - 1) if n_frames > 1 else np.nan
         if numba_backend:
-            _moments_float_kernel(flat, off, sc, denom, _block(flat.shape[1]), mean, var)
+            _moments_float_kernel(flat, off, rate, t, sc, denom, _block(flat.shape[1]),
+                                  mean, var)
         else:
+            if rate.size:
+                off = LinearOffset(off, rate, t).evaluate()
             mean[:], var[:] = _moments_numpy(flat, off, sc, denom)
     if out is not None:
         return Moments(n=n_frames, mean=out[0], var=out[1])

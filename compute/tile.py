@@ -26,6 +26,7 @@ from sitiancal.compute.defects import DefectConfig, detect_rtn
 from sitiancal.compute.gain import fit_pixel_gain
 from sitiancal.compute.linearity import pixel_linearity_residuals
 from sitiancal.compute.stats import (
+    LinearOffset,
     Moments,
     clipped_stats_and_moments,
     combine_moments,
@@ -217,7 +218,8 @@ class TileResult:
     partials: dict[str, float]
 
 
-def _moments(load: TileLoader, group: FrameGroup, *, offset: np.ndarray | float | None,
+def _moments(load: TileLoader, group: FrameGroup, *,
+             offset: np.ndarray | float | LinearOffset | None,
              max_batch: int, out: tuple[np.ndarray, np.ndarray] | None = None) -> Moments:
     """Per-pixel moments of a group, reduced in sub-batches of at most ``max_batch`` frames.
 
@@ -401,17 +403,14 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
         sized = master is not None
         if master is not None:
             mean, var = _level_major(len(plan.flats), master.shape)
-        offset_buf: np.ndarray | None = None  # master + dark_rate * t, reused across levels
         for li, group in enumerate(plan.flats):
             match = plan.flat_dark[li]
-            offset: np.ndarray | float
+            offset: np.ndarray | float | LinearOffset
             if match is not None:
                 offset = dark_means[match]
             elif master is not None and dark_rate is not None:
-                if offset_buf is None:
-                    offset_buf = np.empty_like(master)
-                offset = np.add(master, np.multiply(dark_rate, group.exptime, out=offset_buf),
-                                out=offset_buf)
+                # master + dark_rate * t, evaluated inside the moments kernel
+                offset = LinearOffset(master, dark_rate, group.exptime)
             elif master is not None:
                 offset = master
             else:

@@ -15,6 +15,7 @@ from scipy import stats as sps
 
 from sitiancal.compute import stats as stats_module
 from sitiancal.compute.stats import (
+    LinearOffset,
     Moments,
     clipped_stats_and_moments,
     combine_moments,
@@ -110,6 +111,32 @@ def test_group_moments_integer_path_is_exact(dtype):
     f = len(col)
     exact = (f * sum(v * v for v in col) - sum(col) ** 2) / (f * (f - 1))
     assert a.var[2, 3] == exact
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("shape", [(5, 7), (96, 200)])  # one block; several blocks
+def test_linear_offset_equals_its_map_bit_for_bit(backend, shape):
+    """master + rate * t evaluated in the kernel gives the floats of the map passed in."""
+    rng = np.random.default_rng(11)
+    stack = rng.integers(900, 40_000, size=(9, *shape)).astype(np.uint16)
+    master = rng.normal(1000.0, 3.0, shape)
+    rate = rng.lognormal(-2.0, 1.5, shape)  # ADU/s, with hot pixels
+    scale = rng.uniform(0.97, 1.03, 9)
+    linear = LinearOffset(master, rate, 37.5)
+    assert np.array_equal(linear.evaluate(), master + rate * 37.5)
+    got = group_moments(stack, offset=linear, scale=scale, backend=backend)
+    want = group_moments(stack, offset=master + rate * 37.5, scale=scale, backend=backend)
+    np.testing.assert_array_equal(got.mean, want.mean)
+    np.testing.assert_array_equal(got.var, want.var)
+    # the offset is really applied: the mean moves by the scaled dark signal
+    plain = group_moments(stack, offset=master, scale=scale, backend=backend)
+    np.testing.assert_allclose(plain.mean - got.mean, rate * 37.5 * scale.mean(), rtol=1e-9,
+                               atol=1e-9)  # differences of means ~2e4 ADU
+    # float32 output planes receive the float64 results rounded once
+    planes = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+    group_moments(stack, offset=linear, scale=scale, backend=backend, out=planes)
+    np.testing.assert_array_equal(planes[0], want.mean.astype(np.float32))
+    np.testing.assert_array_equal(planes[1], want.var.astype(np.float32))
 
 
 def test_group_moments_single_frame_and_shapes():
