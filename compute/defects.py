@@ -419,71 +419,90 @@ def _ad_kernel(x: np.ndarray, tab: np.ndarray, z0: float, h: float,
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ss(c1: np.ndarray, c2: np.ndarray, lo: int, hi: int) -> float:
-    """Sum of squared deviations of the sorted range [lo, hi) from its prefix sums.
+def _between(c1: np.ndarray, lo: int, c: int, hi: int) -> float:
+    """``S(lo, c)**2 / (c - lo) + S(c, hi)**2 / (hi - c)`` from the prefix sums ``c1``.
 
-    ``s * s`` times the reciprocal of the count rather than divided by it: the
-    vectorised :func:`_level_block` hoists the reciprocal out of its lanes
-    (a division per lane and cut was a third of its time), and the two must
-    give the same floats.
+    The within sum of squares of the split of the sorted range [lo, hi) at
+    ``c`` is ``Q(lo, hi)`` (the range's sum of squares, the same for every
+    cut) minus this between term, so the best cut maximises it: the scans
+    over the cuts need the sums alone, not the sums of squares. Each square
+    times the reciprocal of the count (hoisted out of the lanes in the
+    vectorised :func:`_level_block`, which must give the same floats).
     """
-    s = c1[hi] - c1[lo]
-    return c2[hi] - c2[lo] - s * s * (1.0 / (hi - lo))
+    s = c1[c] - c1[lo]
+    t = c1[hi] - c1[c]
+    return s * s * (1.0 / (c - lo)) + t * t * (1.0 / (hi - c))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _best_cut(c1: np.ndarray, c2: np.ndarray, lo: int, hi: int, mf: int) -> tuple[int, float]:
-    """Cut of the sorted range [lo, hi) minimising the within sum of squares."""
-    best_c, best = -1, np.inf
+def _best_cut(c1: np.ndarray, lo: int, hi: int, mf: int) -> tuple[int, float]:
+    """Cut of the sorted range [lo, hi) minimising the within sum of squares, and its
+    between term (:func:`_between`); ``(-1, -inf)`` when no cut leaves ``mf`` values
+    on each side."""
+    best_c, best = -1, -np.inf
     for c in range(lo + mf, hi - mf + 1):
-        w = _ss(c1, c2, lo, c) + _ss(c1, c2, c, hi)
-        if w < best:
-            best, best_c = w, c
+        b = _between(c1, lo, c, hi)
+        if b > best:
+            best, best_c = b, c
     return best_c, best
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _three_levels(c1: np.ndarray, q: float, n_f: int, e0: int, e1: int) -> float:
+    """The statistic of the levels [0, e0), [e0, e1), [e1, n_f) of sorted values whose
+    prefix sums (from the first value) are ``c1`` and sum of squares ``q``."""
+    m1 = c1[e0] / e0
+    m2 = (c1[e1] - c1[e0]) / (e1 - e0)
+    m3 = (c1[n_f] - c1[e1]) / (n_f - e1)
+    s0 = c1[e0]
+    s1 = c1[e1] - c1[e0]
+    s2 = c1[n_f] - c1[e1]
+    within = q - (s0 * s0 * (1.0 / e0) + s1 * s1 * (1.0 / (e1 - e0))
+                  + s2 * s2 * (1.0 / (n_f - e1)))
+    sd = np.sqrt(max(within, 0.0) / (n_f - 3))
+    if sd > 0.0:
+        return min(m2 - m1, m3 - m2) / sd
+    return np.inf
+
+
 @njit(cache=True, nogil=True)
-def _level_pixel(x: np.ndarray, mf: int, c1: np.ndarray,
-                 c2: np.ndarray) -> float:  # pragma: no cover - compiled
+def _level_pixel(x: np.ndarray, mf: int, c1: np.ndarray) -> float:  # pragma: no cover - compiled
     """Three-level separation of one pixel's sorted values ``x`` (F,) (see ``_level_kernel``).
 
-    ``c1``, ``c2`` are scratch arrays of length F + 1 with ``c1[0] = c2[0] = 0``.
+    ``c1`` is a scratch array of length F + 1 with ``c1[0] = 0``.
     """
     n_f = x.shape[0]
     if n_f < 3 * mf + 1:
         return 0.0
     ref = x[0]
+    q = 0.0
     for k in range(n_f):
         d = x[k] - ref
         c1[k + 1] = c1[k] + d
-        c2[k + 1] = c2[k] + d * d
-    b, _ = _best_cut(c1, c2, 0, n_f, mf)
+        q += d * d
+    b, _ = _best_cut(c1, 0, n_f, mf)
     if b < 0:
         return 0.0
-    a, wl = _best_cut(c1, c2, 0, b, mf)
-    c, wr = _best_cut(c1, c2, b, n_f, mf)
-    gain_l = _ss(c1, c2, 0, b) - wl if a >= 0 else -1.0
-    gain_r = _ss(c1, c2, b, n_f) - wr if c >= 0 else -1.0
+    a, bl = _best_cut(c1, 0, b, mf)
+    c, br = _best_cut(c1, b, n_f, mf)
+    # what the second split gains: the drop of the side's within sum of squares
+    s = c1[b]
+    gain_l = bl - s * s * (1.0 / b) if a >= 0 else -1.0
+    s = c1[n_f] - c1[b]
+    gain_r = br - s * s * (1.0 / (n_f - b)) if c >= 0 else -1.0
     if gain_l < 0 and gain_r < 0:
         return 0.0
-    # levels [0, e0), [e0, e1), [e1, n_f)
     e0, e1 = (a, b) if gain_l >= gain_r else (b, c)
-    m1 = c1[e0] / e0
-    m2 = (c1[e1] - c1[e0]) / (e1 - e0)
-    m3 = (c1[n_f] - c1[e1]) / (n_f - e1)
-    within = _ss(c1, c2, 0, e0) + _ss(c1, c2, e0, e1) + _ss(c1, c2, e1, n_f)
-    sd = np.sqrt(within / (n_f - 3))
-    if sd > 0.0:
-        return min(m2 - m1, m3 - m2) / sd
-    return np.inf
+    return _three_levels(c1, q, n_f, e0, e1)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _level_kernel(x: np.ndarray, mf: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Three-level separation of each sorted column of ``x`` (F, P).
 
-    The best 2-split of the sorted values (exact 1-D k-means), then the best
-    split of one side (the larger reduction of the within sum of squares),
+    The best 2-split of the sorted values (exact 1-D k-means: the cut with
+    the largest between-level sum of squares), then the best split of one
+    side (the larger reduction of the within sum of squares),
     with at least ``mf`` values per level; the statistic is the smallest gap
     between adjacent level means over the pooled within-level sigma. Tight,
     well separated levels give large values; 0 when no split exists.
@@ -492,9 +511,8 @@ def _level_kernel(x: np.ndarray, mf: int, out: np.ndarray) -> None:  # pragma: n
     n_blocks = (n_p + 1023) // 1024
     for bi in prange(n_blocks):
         c1 = np.zeros(n_f + 1)
-        c2 = np.zeros(n_f + 1)
         for p in range(bi * 1024, min(n_p, (bi + 1) * 1024)):
-            out[p] = _level_pixel(x[:, p], mf, c1, c2)
+            out[p] = _level_pixel(x[:, p], mf, c1)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -517,7 +535,6 @@ def _rtn_stage1_kernel(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither:
     for bi in prange(n_blocks):
         v = np.empty(n_f, np.float32)
         c1 = np.zeros(n_f + 1)
-        c2 = np.zeros(n_f + 1)
         for p in range(bi * 1024, min(n_p, (bi + 1) * 1024)):
             for k in range(n_f):
                 x = np.float32(st[k, p])
@@ -534,7 +551,7 @@ def _rtn_stage1_kernel(st: np.ndarray, buf: np.ndarray, lvl: np.ndarray, dither:
             for k in range(n_f):
                 buf[k, p] = v[k]
             a2[p] = _ad_pixel(v, tab, z0, h)
-            s3[p] = _level_pixel(v, mf, c1, c2)
+            s3[p] = _level_pixel(v, mf, c1)
 
 
 #: Monte Carlo series per frame count for the stage-1 level threshold.
@@ -1229,23 +1246,26 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2: np.ndarray,
-                 bst: np.ndarray, cutf: np.ndarray, c1b: np.ndarray, c2b: np.ndarray,
+def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, q: np.ndarray,
+                 bst: np.ndarray, cutf: np.ndarray, c1b: np.ndarray,
                  fb: np.ndarray, s3: np.ndarray) -> None:  # pragma: no cover
     """:func:`_level_pixel` of the sorted columns ``p0 .. p0 + nb`` of ``buf`` (F, P) into ``s3``.
 
-    Vectorised over the block's pixels: the prefix sums ``c1``, ``c2``
-    ((F + 1, block) scratch) are built frame by frame, the best 2-split is a
-    scan over the cuts with a running minimum per pixel, and the best split
-    of either side is one more scan (a cut lies left or right of the first
-    one; both sides' candidates come from one shared term; ``bst``, ``cutf`` (the cuts,
-    as floats for uniform lanes): (3, block), ``c1b``, ``c2b``, ``fb``: (block,)
-    scratch; ``fb`` copies the first cut out of ``cutf``, which the second scan
-    writes: read from the same array, the scan is not vectorised, 1.3x slower).
-    The same float operations in the same order as :func:`_level_pixel`,
-    with the same first-minimum ties, so the statistic is bit-identical; the
-    caller compiles with ``error_model="numpy"`` (cuts outside a side divide
-    by zero in lanes that are discarded).
+    Vectorised over the block's pixels: the prefix sums ``c1`` ((F + 1,
+    block) scratch) and the sums of squares ``q`` are built frame by frame,
+    the best 2-split is a scan over the cuts with a running maximum of the
+    between term (:func:`_between`) per pixel, and the best split of either
+    side is one more scan (a cut lies left or right of the first one; both
+    sides' candidates come from one shared term; ``bst``, ``cutf`` (the cuts,
+    as floats for uniform lanes): (3, block), ``c1b``, ``fb``, ``q``: (block,)
+    scratch; ``fb`` copies the first cut out of ``cutf``, which the second
+    scan writes: read from the same array, the scan is not vectorised, 1.3x
+    slower). The scans read the prefix sums alone (with sums of squares as
+    well, and the within sums of squares compared, the level statistic took
+    ~1.5x as long). The same float operations in the same order as
+    :func:`_level_pixel`, with the same first-maximum ties, so the statistic
+    is bit-identical; the caller compiles with ``error_model="numpy"`` (cuts
+    outside a side divide by zero in lanes that are discarded).
     """
     n_f = buf.shape[0]
     if n_f < 3 * mf + 1:
@@ -1254,17 +1274,17 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
         return
     for i in range(nb):
         c1[0, i] = 0.0
-        c2[0, i] = 0.0
+        q[i] = 0.0
     r0 = buf[0, p0:p0 + nb]
     for k in range(n_f):
         row = buf[k, p0:p0 + nb]
         for i in range(nb):
             d = row[i] - r0[i]
             c1[k + 1, i] = c1[k, i] + d
-            c2[k + 1, i] = c2[k, i] + d * d
+            q[i] += d * d
     # best 2-split of [0, n_f)
     for i in range(nb):
-        bst[0, i] = np.inf
+        bst[0, i] = -np.inf
         cutf[0, i] = -1.0
     for c in range(mf, n_f - mf + 1):
         fc = np.float64(c)
@@ -1272,29 +1292,27 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
         irc = 1.0 / np.float64(n_f - c)
         for i in range(nb):
             s = c1[c, i] - c1[0, i]
-            wa = c2[c, i] - c2[0, i] - s * s * ifc
-            s = c1[n_f, i] - c1[c, i]
-            wb = c2[n_f, i] - c2[c, i] - s * s * irc
-            w = wa + wb
-            if w < bst[0, i]:
-                bst[0, i] = w
+            t = c1[n_f, i] - c1[c, i]
+            bt = s * s * ifc + t * t * irc
+            if bt > bst[0, i]:
+                bst[0, i] = bt
                 cutf[0, i] = fc
     # best split of each side: one pass over the cuts, both sides at once (a cut
-    # is left of b or right of it). The two-segment sums of the first scan are
-    # recomputed (the same operations), and the segment between the cut and b
-    # is one expression for both sides: ``inner`` = SS(b, c) for c > b, and
-    # -inner = SS(c, b) exactly for c < b (IEEE negation is exact), so each
-    # candidate is the same float as in :func:`_level_pixel`; one masked
-    # minimum per side, no selects of operands (3x faster than selecting the
+    # is left of b or right of it). The outer terms of the first scan are
+    # recomputed (the same operations), and the term of the segment between the
+    # cut and b is one expression for both sides: ``inner`` = S(b, c)**2 / (c - b)
+    # for c > b, and -inner = S(c, b)**2 / (b - c) exactly for c < b (IEEE
+    # negation is exact, and so are the negated difference and reciprocal), so
+    # each candidate is the same float as in :func:`_level_pixel`; one masked
+    # maximum per side, no selects of operands (3x faster than selecting the
     # side's bounds per lane).
     for i in range(nb):
         bb = max(int(cutf[0, i]), 0)
         c1b[i] = c1[bb, i]
-        c2b[i] = c2[bb, i]
         fb[i] = cutf[0, i]
-        bst[1, i] = np.inf
+        bst[1, i] = -np.inf
         cutf[1, i] = -1.0
-        bst[2, i] = np.inf
+        bst[2, i] = -np.inf
         cutf[2, i] = -1.0
     for c in range(mf, n_f - mf + 1):
         fc = np.float64(c)
@@ -1303,18 +1321,18 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
         for i in range(nb):
             b = fb[i]
             s = c1[c, i] - c1[0, i]
-            wa = c2[c, i] - c2[0, i] - s * s * ifc          # SS(0, c)
-            s = c1[n_f, i] - c1[c, i]
-            wb = c2[n_f, i] - c2[c, i] - s * s * irc        # SS(c, n_f)
+            ba = s * s * ifc                          # S(0, c)**2 / c
+            t = c1[n_f, i] - c1[c, i]
+            bb2 = t * t * irc                         # S(c, n_f)**2 / (n_f - c)
             d = c1[c, i] - c1b[i]
-            inner = c2[c, i] - c2b[i] - d * d * (1.0 / (fc - b))  # SS(b, c); -SS(c, b) for c < b
-            wl = wa - inner
-            wr = inner + wb
-            if fc <= b - mf and wl < bst[1, i]:
-                bst[1, i] = wl
+            inner = d * d * (1.0 / (fc - b))          # S(b, c)**2 / (c - b); negated for c < b
+            bl = ba - inner
+            br = inner + bb2
+            if fc <= b - mf and bl > bst[1, i]:
+                bst[1, i] = bl
                 cutf[1, i] = fc
-            if fc >= b + mf and b >= 0.0 and wr < bst[2, i]:
-                bst[2, i] = wr
+            if fc >= b + mf and b >= 0.0 and br > bst[2, i]:
+                bst[2, i] = br
                 cutf[2, i] = fc
     for i in range(nb):
         b = int(cutf[0, i])
@@ -1323,10 +1341,10 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
             continue
         a = int(cutf[1, i])
         cc = int(cutf[2, i])
-        s = c1[b, i] - c1[0, i]
-        gain_l = (c2[b, i] - c2[0, i] - s * s * (1.0 / b)) - bst[1, i] if a >= 0 else -1.0
+        s = c1[b, i]
+        gain_l = bst[1, i] - s * s * (1.0 / b) if a >= 0 else -1.0
         s = c1[n_f, i] - c1[b, i]
-        gain_r = (c2[n_f, i] - c2[b, i] - s * s * (1.0 / (n_f - b))) - bst[2, i] if cc >= 0 else -1.0
+        gain_r = bst[2, i] - s * s * (1.0 / (n_f - b)) if cc >= 0 else -1.0
         if gain_l < 0 and gain_r < 0:
             s3[p0 + i] = 0.0
             continue
@@ -1337,13 +1355,12 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, c2:
         m1 = c1[e0, i] / e0
         m2 = (c1[e1, i] - c1[e0, i]) / (e1 - e0)
         m3 = (c1[n_f, i] - c1[e1, i]) / (n_f - e1)
-        s = c1[e0, i] - c1[0, i]
-        within = c2[e0, i] - c2[0, i] - s * s * (1.0 / e0)
-        s = c1[e1, i] - c1[e0, i]
-        within += c2[e1, i] - c2[e0, i] - s * s * (1.0 / (e1 - e0))
-        s = c1[n_f, i] - c1[e1, i]
-        within += c2[n_f, i] - c2[e1, i] - s * s * (1.0 / (n_f - e1))
-        sd = np.sqrt(within / (n_f - 3))
+        s0 = c1[e0, i]
+        s1 = c1[e1, i] - c1[e0, i]
+        s2 = c1[n_f, i] - c1[e1, i]
+        within = q[i] - (s0 * s0 * (1.0 / e0) + s1 * s1 * (1.0 / (e1 - e0))
+                         + s2 * s2 * (1.0 / (n_f - e1)))
+        sd = np.sqrt(max(within, 0.0) / (n_f - 3))
         s3[p0 + i] = min(m2 - m1, m3 - m2) / sd if sd > 0.0 else np.inf
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
@@ -1385,11 +1402,10 @@ def _rtn_stage1_network(st: np.ndarray, lvl: np.ndarray, dither: bool,
         inv_sd = np.zeros(block)
         acc = np.zeros(block)
         c1 = np.zeros((n_f + 1, block))
-        c2 = np.zeros((n_f + 1, block))
+        q = np.zeros(block)
         bst = np.zeros((3, block))
         cutf = np.zeros((3, block))
         c1b = np.zeros(block)
-        c2b = np.zeros(block)
         fb = np.zeros(block)
         q2 = np.zeros(block, np.int64)
         frac = np.zeros(block)
@@ -1451,7 +1467,7 @@ def _rtn_stage1_network(st: np.ndarray, lvl: np.ndarray, dither: bool,
                 a2[p0 + i] = np.nan
             else:
                 a2[p0 + i] = (-n_f - acc[i] / n_f) * corr
-        _level_block(buf, 0, nb, mf, c1, c2, bst, cutf, c1b, c2b, fb, s3[p0:p1])
+        _level_block(buf, 0, nb, mf, c1, q, bst, cutf, c1b, fb, s3[p0:p1])
 
 
 def _sorted_values(part: np.ndarray, cols: np.ndarray, *, frame_level: np.ndarray | None,
