@@ -26,7 +26,7 @@ from numba import njit, prange
 from scipy.interpolate import BSpline, RectBivariateSpline, griddata
 from scipy.ndimage import distance_transform_edt
 
-from sitiancal.compute.stats import buffer_median
+from sitiancal.compute.stats import scratch_median
 from sitiancal.compute.summary import finite_values, median, row_bands
 
 __all__ = ["PRNU", "large_scale", "master_flat", "prnu_emva"]
@@ -74,6 +74,8 @@ def block_medians(map2d: np.ndarray, block: int) -> np.ndarray:
     pixel. A compiled selection per cell, cells in parallel, one band of cells
     at a time (a lazy map is read band by band; no full-size temporary):
     ~10x faster than numpy's sort- or partition-based medians of the cells.
+    The selection is :func:`compute.stats.scratch_median` (a 61 MP float32
+    map on one thread: ~0.3 s instead of 0.68 s with in-place exchanges).
     """
     ny, nx = map2d.shape
     nby, nbx = -(-ny // block), -(-nx // block)
@@ -95,6 +97,7 @@ def _block_medians_kernel(rows: np.ndarray, block: int,
     nby, nbx = out.shape
     for i in prange(nby):
         buf = np.empty(block * block)
+        tmp = np.empty(block * block)
         y0 = i * block
         y1 = min(ny, y0 + block)
         for j in range(nbx):
@@ -107,7 +110,7 @@ def _block_medians_kernel(rows: np.ndarray, block: int,
                     if not np.isnan(v):
                         buf[n] = v
                         n += 1
-            out[i, j] = buffer_median(buf, n) if n > 0 else np.nan
+            out[i, j] = scratch_median(buf, tmp, n) if n > 0 else np.nan
 
 
 def _fill_cells(grid: np.ndarray, bad: np.ndarray) -> np.ndarray:

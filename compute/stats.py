@@ -607,6 +607,75 @@ def buffer_median(a, n):  # pragma: no cover - compiled
     return 0.5 * (lo + hi)
 
 
+@njit(cache=True, nogil=True, fastmath=False)
+def _order_pair(a, tmp, n, k):  # pragma: no cover - compiled
+    """The ``(k-1)``-th and ``k``-th smallest of ``a[:n]`` (0-based; ``-inf`` for the
+    first when ``k == 0``); ``a`` and ``tmp`` (length >= n) are overwritten.
+
+    Selection by three-way partitions around a median-of-three pivot, each a
+    branch-free pass from one buffer into the other (every value is written
+    to the next slot of both ends and the slot's counter moves on only where
+    it belongs: no mispredicted branches, 2-3x faster than the in-place
+    exchanges of :func:`_select` on float maps); the part holding rank ``k``
+    is kept, and the largest value known to lie below it is carried along
+    for the ``(k-1)``-th. Up to 16 values, and after ``2 log2(n)`` rounds
+    (inputs built against the pivot rule), the rest is sorted.
+    """
+    below = -np.inf
+    src = a
+    dst = tmp
+    rounds = 0
+    limit = 2 * (int(np.log2(max(n, 2))) + 1)
+    while n > 16 and rounds < limit:
+        rounds += 1
+        x0 = src[0]
+        x1 = src[n // 2]
+        x2 = src[n - 1]
+        p = max(min(x0, x1), min(max(x0, x1), x2))
+        n_lt = 0
+        n_gt = 0
+        for i in range(n):
+            x = src[i]
+            dst[n_lt] = x
+            n_lt += x < p
+            dst[n - 1 - n_gt] = x
+            n_gt += x > p
+        if k < n_lt:  # in the part below the pivot
+            n = n_lt
+        elif k >= n - n_gt:  # in the part above: everything else lies below it
+            below = p
+            first = n - n_gt
+            k -= first
+            for i in range(n_gt):
+                dst[i] = dst[first + i]
+            n = n_gt
+        else:  # the pivot's value
+            if k > n_lt:
+                return p, p
+            lo = below
+            for i in range(n_lt):
+                if dst[i] > lo:
+                    lo = dst[i]
+            return lo, p
+        src, dst = dst, src
+    rest = np.sort(src[:n])
+    return (rest[k - 1] if k >= 1 else below), rest[k]
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def scratch_median(a, tmp, n):  # pragma: no cover - compiled
+    """``np.median`` of ``a[:n]`` (NaN-free, n >= 1) by :func:`_order_pair`.
+
+    ``a`` and ``tmp`` (length >= n) are overwritten; for even ``n`` the mean
+    of the two middle values, ``0.5 * (lo + hi)``, numpy's ``(lo + hi) / 2``
+    exactly (as :func:`buffer_median`, which needs no scratch buffer).
+    """
+    lo, hi = _order_pair(a, tmp, n, n // 2)
+    if n % 2 == 1:
+        return hi
+    return 0.5 * (lo + hi)
+
+
 @njit(cache=True, fastmath=False)
 def _gather_sorted_int(st, p, o, ibuf, work, counts, s):  # pragma: no cover - compiled
     """Fill s[:F] with the sorted values ``float(st[:, p]) - o`` of an integer stack.
