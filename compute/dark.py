@@ -33,6 +33,8 @@ from numba import njit, prange
 from sitiancal.compute.mixture import MixtureFit, fit_mixture
 from sitiancal.compute.summary import (
     MAD_TO_SIGMA,
+    count_above,
+    finite_median,
     finite_values,
     mean_std,
     median,
@@ -455,7 +457,8 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
         return out | {"median": None, "median_err": None, "mean": None, "mean_err": None,
                       "robust_sigma": None, "median_pixel_err": None, "percentiles": {},
                       "frac_above": {}}
-    frac_above = {f"{thr:g}": float(np.count_nonzero(r > thr)) / n for thr in thresholds}
+    above = count_above(r, [r.dtype.type(thr) for thr in thresholds])
+    frac_above = {f"{thr:g}": float(c) / n for thr, c in zip(thresholds, above, strict=True)}
     mean, std = mean_std(r)
     half = 0.5 / np.sqrt(n)
     qs = [max(0.5 - half, 0.0), 0.5, min(0.5 + half, 1.0)] + [p / 100.0 for p in _PERCENTILES]
@@ -463,9 +466,10 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     robust_sigma = MAD_TO_SIGMA * median(
         np.abs(np.subtract(r, r.dtype.type(med), out=r), out=r))
     del r
-    e = finite_values(rate_err_e)
-    median_pixel_err = median(e) if e.size else None
-    del e
+    # the median of the finite errors, selected over the map itself (no copy)
+    median_pixel_err = finite_median(rate_err_e)
+    if not np.isfinite(median_pixel_err):
+        median_pixel_err = None
     median_err = float(0.5 * (hi - lo))
     if median_err <= 0.0:
         # Rates from means of a few integer frames are discrete: with millions of

@@ -104,6 +104,41 @@ def _finite_copy(flat: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None
                 j += 1
 
 
+def count_above(values: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """How many values exceed each threshold: ``np.count_nonzero(values > t)`` per ``t``.
+
+    One parallel pass over the values for all thresholds, without the
+    full-size boolean temporary per threshold that numpy makes (~0.075 s each
+    for 61 M float32 values); NaN counts nowhere. Returns int64 counts.
+    """
+    v = np.ascontiguousarray(values).reshape(-1)
+    t = np.asarray(thresholds, dtype=v.dtype if v.dtype.kind == "f" else np.float64)
+    if v.dtype.kind != "f" or v.size < _PARALLEL_MIN:
+        return np.array([np.count_nonzero(v > x) for x in t], dtype=np.int64)
+    parts = max(1, min(int(numba.get_num_threads()) * 4, v.size // (1 << 16)))
+    return _count_above_kernel(v, t, np.int64(parts)).sum(axis=0)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _count_above_kernel(flat: np.ndarray, t: np.ndarray,
+                        parts: np.int64) -> np.ndarray:  # pragma: no cover - compiled
+    """Counts of ``flat > t[j]`` in each of ``parts`` equal slices, (parts, len(t))."""
+    n = flat.size
+    step = (n + parts - 1) // parts
+    counts = np.zeros((parts, t.size), dtype=np.int64)
+    for part in prange(parts):
+        hi = min(n, (part + 1) * step)
+        for b0 in range(part * step, hi, 4096):  # each block read from memory once
+            b1 = min(hi, b0 + 4096)
+            for j in range(t.size):
+                tj = t[j]
+                c = 0
+                for i in range(b0, b1):
+                    c += flat[i] > tj
+                counts[part, j] += c
+    return counts
+
+
 def finite_median(values: np.ndarray) -> float:
     """Median of the finite values of a map of any shape (NaN when none is finite).
 

@@ -177,6 +177,39 @@ def test_radix_order_statistics_equal_sorting(n: int, dist: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1000, 1_300_001])  # numpy's count; the parallel kernel
+def test_count_above_equals_numpys_count(dtype: type, size: int) -> None:
+    from sitiancal.compute import summary
+
+    rng = np.random.default_rng(21)
+    v = rng.lognormal(-5.0, 2.0, size).astype(dtype)
+    v[::97] = np.nan
+    v[5], v[6] = np.inf, -np.inf
+    t = [dtype(x) for x in (0.0, 0.01, 0.1, 1.0, np.inf)]
+    got = summary.count_above(v, t)
+    assert got.dtype == np.int64
+    assert got.tolist() == [int(np.count_nonzero(v > x)) for x in t]
+    assert summary.count_above(v.reshape(-1, 1), t[:2]).tolist() == got[:2].tolist()
+
+
+def test_dark_summary_of_a_full_size_map_equals_numpy() -> None:
+    """Above the parallel size: the counts and the errors' median without copies, exactly."""
+    rng = np.random.default_rng(22)
+    rate = rng.normal(0.002, 0.004, (1031, 1297)).astype(np.float32)
+    err = rng.uniform(0.003, 0.005, rate.shape).astype(np.float32)
+    rate[rng.random(rate.shape) < 0.01] = np.nan
+    err[np.isnan(rate)] = np.nan
+    out = dark_summary(rate, err, temperature=0.0)
+    fin = rate[np.isfinite(rate)]
+    assert out["n_pixels"] == fin.size
+    for key, frac in out["frac_above"].items():
+        assert frac == np.count_nonzero(fin > np.float32(float(key))) / fin.size
+    assert out["median_pixel_err"] == float(np.median(err[np.isfinite(err)]))
+    assert dark_summary(rate, np.full_like(err, np.nan),
+                        temperature=None)["median_pixel_err"] is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_parallel_finite_values_quantiles_and_median_equal_numpy(dtype: type) -> None:
     """Above the parallel threshold the compiled compaction and the radix quantiles give numpy's answers exactly."""
     from sitiancal.compute import summary
