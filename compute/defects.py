@@ -1393,81 +1393,87 @@ def _rtn_stage1_network(st: np.ndarray, lvl: np.ndarray, dither: bool,
     top = tab.shape[0] // 2 - 2  # last interval of the table
     n_cmp = net.shape[0]
     n_blocks = (n_p + block - 1) // block
-    for bi in prange(n_blocks):
-        p0 = bi * block
-        p1 = min(n_p, p0 + block)
-        nb = p1 - p0
-        m = np.zeros(block)
-        sd = np.zeros(block)
-        inv_sd = np.zeros(block)
-        acc = np.zeros(block)
-        c1 = np.zeros((n_f + 1, block))
-        q = np.zeros(block)
-        bst = np.zeros((3, block))
-        cutf = np.zeros((3, block))
-        c1b = np.zeros(block)
-        fb = np.zeros(block)
-        q2 = np.zeros(block, np.int64)
-        frac = np.zeros(block)
+    # scratch per chunk of 16 blocks, not per block (~110 k allocations and 0.9 GB
+    # of zeroing per 2.2 Mpx tile: 0.57 s against 0.55 s on one thread); every
+    # value is written before it is read
+    per_chunk = 16
+    n_chunks = (n_blocks + per_chunk - 1) // per_chunk
+    for ci in prange(n_chunks):
+        m = np.empty(block)
+        sd = np.empty(block)
+        inv_sd = np.empty(block)
+        acc = np.empty(block)
+        c1 = np.empty((n_f + 1, block))
+        q = np.empty(block)
+        bst = np.empty((3, block))
+        cutf = np.empty((3, block))
+        c1b = np.empty(block)
+        fb = np.empty(block)
+        q2 = np.empty(block, np.int64)
+        frac = np.empty(block)
         buf = np.empty((n_f, block), np.float32)
-        for k in range(n_f):
-            src = st[k, p0:p1]
-            row = buf[k, :nb]
-            lk = lvl[k]
-            if dither:
-                idb = ids[p0:p1]  # indexed from 0: no negative-index wraparound in the loop
+        for bi in range(ci * per_chunk, min(n_blocks, (ci + 1) * per_chunk)):
+            p0 = bi * block
+            p1 = min(n_p, p0 + block)
+            nb = p1 - p0
+            for k in range(n_f):
+                src = st[k, p0:p1]
+                row = buf[k, :nb]
+                lk = lvl[k]
+                if dither:
+                    idb = ids[p0:p1]  # indexed from 0: no negative-index wraparound in the loop
+                    for i in range(nb):
+                        x = np.float32(src[i]) + _dither_value(idb[i], k, seed_mix)
+                        x = x - half
+                        row[i] = x - lk
+                else:
+                    for i in range(nb):
+                        row[i] = np.float32(src[i]) - lk
+            for c in range(n_cmp):
+                ra = buf[net[c, 0], :nb]
+                rb = buf[net[c, 1], :nb]
                 for i in range(nb):
-                    x = np.float32(src[i]) + _dither_value(idb[i], k, seed_mix)
-                    x = x - half
-                    row[i] = x - lk
-            else:
+                    x = ra[i]
+                    y = rb[i]
+                    ra[i] = min(x, y)
+                    rb[i] = max(x, y)
+            for i in range(nb):
+                m[i] = 0.0
+                sd[i] = 0.0
+                acc[i] = 0.0
+            for k in range(n_f):
+                row = buf[k, :nb]
                 for i in range(nb):
-                    row[i] = np.float32(src[i]) - lk
-        for c in range(n_cmp):
-            ra = buf[net[c, 0], :nb]
-            rb = buf[net[c, 1], :nb]
+                    m[i] += row[i]
             for i in range(nb):
-                x = ra[i]
-                y = rb[i]
-                ra[i] = min(x, y)
-                rb[i] = max(x, y)
-        for i in range(nb):
-            m[i] = 0.0
-            sd[i] = 0.0
-            acc[i] = 0.0
-        for k in range(n_f):
-            row = buf[k, :nb]
+                m[i] = m[i] / n_f
+            for k in range(n_f):
+                row = buf[k, :nb]
+                for i in range(nb):
+                    d = row[i] - m[i]
+                    sd[i] += d * d
             for i in range(nb):
-                m[i] += row[i]
-        for i in range(nb):
-            m[i] = m[i] / n_f
-        for k in range(n_f):
-            row = buf[k, :nb]
+                sd[i] = np.sqrt(sd[i] / (n_f - 1))  # a constant pixel gets NaN below
+                inv_sd[i] = 1.0 / sd[i]  # the same reciprocal as per value, once per pixel
+            for k in range(n_f):
+                row = buf[k, :nb]
+                w_lo = 2 * k + 1
+                w_hi = 2 * n_f - 1 - 2 * k
+                # :func:`_log_phi_pair` in two loops: the table positions (vectorised),
+                # then the four table reads and the sums (1.7x faster than one loop,
+                # which the table reads kept scalar throughout); the same floats
+                for i in range(nb):
+                    q2[i], frac[i] = _table_position((row[i] - m[i]) * inv_sd[i], z0, inv_h, top)
+                for i in range(nb):
+                    lo, hi = _table_pair(tab, q2[i], frac[i])
+                    acc[i] += w_lo * lo
+                    acc[i] += w_hi * hi
             for i in range(nb):
-                d = row[i] - m[i]
-                sd[i] += d * d
-        for i in range(nb):
-            sd[i] = np.sqrt(sd[i] / (n_f - 1))  # a constant pixel gets NaN below
-            inv_sd[i] = 1.0 / sd[i]  # the same reciprocal as per value, once per pixel
-        for k in range(n_f):
-            row = buf[k, :nb]
-            w_lo = 2 * k + 1
-            w_hi = 2 * n_f - 1 - 2 * k
-            # :func:`_log_phi_pair` in two loops: the table positions (vectorised),
-            # then the four table reads and the sums (1.7x faster than one loop,
-            # which the table reads kept scalar throughout); the same floats
-            for i in range(nb):
-                q2[i], frac[i] = _table_position((row[i] - m[i]) * inv_sd[i], z0, inv_h, top)
-            for i in range(nb):
-                lo, hi = _table_pair(tab, q2[i], frac[i])
-                acc[i] += w_lo * lo
-                acc[i] += w_hi * hi
-        for i in range(nb):
-            if not (sd[i] > 0.0) or not np.isfinite(sd[i]):
-                a2[p0 + i] = np.nan
-            else:
-                a2[p0 + i] = (-n_f - acc[i] / n_f) * corr
-        _level_block(buf, 0, nb, mf, c1, q, bst, cutf, c1b, fb, s3[p0:p1])
+                if not (sd[i] > 0.0) or not np.isfinite(sd[i]):
+                    a2[p0 + i] = np.nan
+                else:
+                    a2[p0 + i] = (-n_f - acc[i] / n_f) * corr
+            _level_block(buf, 0, nb, mf, c1, q, bst, cutf, c1b, fb, s3[p0:p1])
 
 
 def _sorted_values(part: np.ndarray, cols: np.ndarray, *, frame_level: np.ndarray | None,
