@@ -450,13 +450,14 @@ def test_sorting_network_sorts_every_zero_one_input(n: int) -> None:
 def test_scratch_median_equals_numpy_and_the_in_place_median() -> None:
     """Partition selection with a scratch buffer: np.median exactly, on every kind of input."""
     rng = np.random.default_rng(12)
+    # up to 16 values (and where the pivot rounds run out) the rest is sorted
     cases = [rng.normal(0.0, 1.0, n) for n in (1, 2, 3, 16, 17, 18, 1023, 1024, 4096)]
     cases += [np.round(rng.normal(100.0, 2.0, n)) for n in (64, 1024, 4095)]  # many ties
     cases += [np.full(500, 3.25), np.arange(2000.0), np.arange(2000.0)[::-1],
               np.r_[np.zeros(700), np.ones(300)], np.r_[np.ones(501), np.zeros(500)],
               np.r_[rng.normal(0, 1, 200), np.inf, np.inf, -np.inf],  # infinities count
               np.r_[np.full(100, np.inf), np.full(100, -np.inf)],  # (-inf + inf) / 2 = nan
-              np.tile([0.0, 1.0, 2.0], 400)]  # the pivot rule's rounds run out: sorted
+              np.tile([0.0, 1.0, 2.0], 400)]  # the median is the pivot's own value
     organ = np.r_[np.arange(0, 2048, 2), np.arange(2047, 0, -2)].astype(float)
     cases.append(organ)  # organ-pipe order, a classic median-of-three adversary
     for values in cases:
