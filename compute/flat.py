@@ -75,7 +75,7 @@ def block_medians(map2d: np.ndarray, block: int) -> np.ndarray:
     at a time (a lazy map is read band by band; no full-size temporary):
     ~10x faster than numpy's sort- or partition-based medians of the cells.
     The selection is :func:`compute.stats.scratch_median` (a 61 MP float32
-    map on one thread: ~0.3 s instead of 0.68 s with in-place exchanges).
+    map on one thread: 0.34 s instead of 0.68 s with in-place exchanges).
     """
     ny, nx = map2d.shape
     nby, nbx = -(-ny // block), -(-nx // block)
