@@ -1352,16 +1352,7 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, q: 
             e0, e1 = a, b
         else:
             e0, e1 = b, cc
-        m1 = c1[e0, i] / e0
-        m2 = (c1[e1, i] - c1[e0, i]) / (e1 - e0)
-        m3 = (c1[n_f, i] - c1[e1, i]) / (n_f - e1)
-        s0 = c1[e0, i]
-        s1 = c1[e1, i] - c1[e0, i]
-        s2 = c1[n_f, i] - c1[e1, i]
-        within = q[i] - (s0 * s0 * (1.0 / e0) + s1 * s1 * (1.0 / (e1 - e0))
-                         + s2 * s2 * (1.0 / (n_f - e1)))
-        sd = np.sqrt(max(within, 0.0) / (n_f - 3))
-        s3[p0 + i] = min(m2 - m1, m3 - m2) / sd if sd > 0.0 else np.inf
+        s3[p0 + i] = _three_levels(c1[:, i], q[i], n_f, e0, e1)  # the per-pixel formula
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _rtn_stage1_network(st: np.ndarray, lvl: np.ndarray, dither: bool,
