@@ -256,10 +256,14 @@ def spawned_cluster(n_workers: int, workdir: Path) -> Iterator[str]:
             if time.monotonic() > deadline or procs[0].poll() is not None:
                 raise RuntimeError(f"dask scheduler did not start (see {workdir / 'cluster.log'})")
             time.sleep(0.2)
-        # the workers' processes with a job's allocator settings, as deploy/ starts them
+        # the workers' processes with a job's allocator settings, as deploy/ starts them;
+        # the settings also replace any of the same variables in this process's
+        # environment, which a nanny prefers over its configuration (an in-process
+        # dask nanny, e.g. of a LocalCluster, leaves dask's defaults there)
         from sitiancal.compute.allocator import DASK_NANNY_ENVIRON, allocator_environment
 
-        worker_env = {**os.environ, DASK_NANNY_ENVIRON: json.dumps(allocator_environment())}
+        allocator = allocator_environment()
+        worker_env = {**os.environ, **allocator, DASK_NANNY_ENVIRON: json.dumps(allocator)}
         for _ in range(n_workers):
             procs.append(subprocess.Popen(
                 [*worker_cmd, "--scheduler-file", str(sched_file), "--nthreads", "1",

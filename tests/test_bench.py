@@ -166,9 +166,13 @@ def test_a_tuned_child_sets_the_allocator_before_its_sampler_thread(monkeypatch,
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux only")
-def test_spawned_workers_keep_freed_memory_as_a_job_does(tmp_path: Path) -> None:
+def test_spawned_workers_keep_freed_memory_as_a_job_does(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The scale-out benchmark's ``dask worker`` processes start with a job's allocator
-    settings (as deploy/ starts them), so a task's freed arrays stay for reuse."""
+    settings (as deploy/ starts them), so a task's freed arrays stay for reuse, also
+    where this process's environment holds dask's own default: an in-process nanny
+    (a ``LocalCluster`` of processes, as an earlier test starts) leaves it there, and
+    a nanny prefers a variable of its environment over its configuration."""
     import platform
 
     from distributed import Client
@@ -194,6 +198,7 @@ def test_spawned_workers_keep_freed_memory_as_a_job_does(tmp_path: Path) -> None
                 "env": {k: os.environ.get(k) for k in
                         ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}
 
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     bench = _load()
     with bench.spawned_cluster(1, tmp_path) as address, Client(address, timeout="60s") as client:
         client.wait_for_workers(1, timeout=60)
