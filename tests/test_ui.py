@@ -159,12 +159,14 @@ class _Tables(HTMLParser):
             self._cell.append(data)
 
 
-def _chromium(binary: str, tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
+def _chromium(binary: str, tmp: Path, url: str, *extra: str,
+              budget_ms: int = 5000) -> subprocess.CompletedProcess:
+    """Load ``url`` in headless Chromium; ``budget_ms``: virtual time the page runs for."""
     return subprocess.run(
         [binary, "--headless", "--no-sandbox", "--disable-gpu",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--no-first-run", f"--user-data-dir={tmp / 'chromium-profile'}",
-         "--virtual-time-budget=5000", "--window-size=1400,1300", *extra, url],
+         f"--virtual-time-budget={budget_ms}", "--window-size=1400,1300", *extra, url],
         capture_output=True, timeout=120, check=True)
 
 
@@ -210,6 +212,20 @@ def test_dashboard_fills_jobs_and_fleet_tables(service, chromium, tmp_path):
 
     with Image.open(shot) as img:
         assert img.size == (1400, 1300)
+
+
+def test_dashboard_draws_a_view_again_only_when_its_data_changed(service, chromium, tmp_path):
+    """The page polls the jobs every 3 s and the other views every fifth poll, but
+    draws a view again only when its JSON changed (nothing changes here): a button
+    or link under the pointer, or a selection, is not replaced under the operator."""
+    dom = _chromium(chromium, tmp_path, f"{service}/", "--dump-dom", budget_ms=40_000).stdout.decode()
+    polls = re.search(r'<span id="status"[^>]* data-polls="(\d+)"', dom)
+    assert polls is not None and int(polls.group(1)) >= 11  # three polls of every view
+    assert "error:" not in dom
+    for view in ("jobs", "fleet", "cameras", "trends"):
+        tag = re.search(rf'<(?:table|div) id="{view}"[^>]*>', dom)
+        assert tag is not None and 'data-draws="1"' in tag.group(0), (view, tag)
+    assert "/v1/cameras/MST1/report.html" in dom  # drawn once, and still there
 
 
 def test_fleet_and_trends_json(service):

@@ -37,8 +37,22 @@ function short(t) { return t ? t.replace("T", " ").replace(/\.\d+/, "").replace(
 
 function setStatus(text) { $("#status").textContent = text; }
 
+// The JSON each view was last drawn from: a view is drawn again only when its data
+// changed, so a button or link under the pointer, or a text selection, survives the
+// polls. Each draw counts itself in the view's data-draws attribute.
+const drawnFrom = {};
+function redraw(view, data) {
+  const text = JSON.stringify(data);
+  if (drawnFrom[view] === text) return false;
+  drawnFrom[view] = text;
+  const box = $("#" + view);
+  box.dataset.draws = String(Number(box.dataset.draws || 0) + 1);
+  return true;
+}
+
 async function refreshJobs() {
   const data = await getJSON("/v1/jobs?limit=50");
+  if (!redraw("jobs", data)) return;
   const body = $("#jobs tbody");
   body.replaceChildren(...data.jobs.map((j) => el("tr", {"data-job": j.id},
     el("td", {}, el("code", {}, j.id.slice(0, 8))), el("td", {}, j.camera),
@@ -53,6 +67,7 @@ async function refreshJobs() {
 
 async function refreshFleet() {
   const data = await getJSON("/ui/fleet.json");
+  if (!redraw("fleet", data)) return;
   $("#nsigma").textContent = data.n_sigma;
   const keys = Object.keys(data.figures);
   $("#fleet thead").replaceChildren(el("tr", {}, el("th", {}, "camera"),
@@ -95,6 +110,7 @@ function productCell(p) {
 
 async function refreshCameras() {
   const data = await getJSON("/ui/cameras.json");
+  if (!redraw("cameras", data)) return;
   const box = $("#cameras");
   box.replaceChildren(...data.cameras.map((c) => {
     const rows = Object.entries(c.products).map(([type, p]) => el("tr", {},
@@ -137,6 +153,7 @@ function sparkline(points, label, units) {
 
 async function refreshTrends() {
   const data = await getJSON("/ui/trends.json");
+  if (!redraw("trends", data)) return;
   const box = $("#trends");
   box.replaceChildren(...Object.entries(data.cameras).map(([cam, series]) => el("div", {class: "camera"},
     el("h3", {}, cam), ...Object.entries(series).filter(([, pts]) => pts.length).map(([k, pts]) =>
@@ -169,7 +186,9 @@ async function tick(all) {
 }
 
 let n = 0;
-function loop() { tick(n % 5 === 0).finally(() => { n += 1; setTimeout(loop, POLL_MS); }); }
+function loop() {
+  tick(n % 5 === 0).finally(() => { n += 1; $("#status").dataset.polls = String(n); setTimeout(loop, POLL_MS); });
+}
 $("#token").value = sessionStorage.getItem("sitiancal-token") || "";
 $("#token").addEventListener("change", () => { sessionStorage.setItem("sitiancal-token", $("#token").value); tick(true); });
 loop();
