@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["MAD_TO_SIGMA", "best_of_three", "clipped_survivors", "finite_median",
+__all__ = ["MAD_TO_SIGMA", "clipped_survivors", "fastest_each", "finite_median",
            "finite_median_mad", "finite_values", "mean_std", "measured_once", "median",
            "order_statistics", "quantiles", "row_bands", "row_sort_backend", "sort_backend",
            "sort_float64", "sort_rows"]
@@ -374,14 +374,21 @@ def measured_once(cache: list[_T], measure: Callable[[], _T]) -> _T:
     return cache[0]
 
 
-def best_of_three(fn: Callable[[], object]) -> float:
-    """The shortest of three timings of ``fn()``, s."""
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def fastest_each(*fns: Callable[[], object], rounds: int = 3) -> tuple[float, ...]:
+    """The shortest of ``rounds`` timings of each of ``fns``, s, the calls interleaved.
+
+    The calls go ``fns[0], fns[1], ..., fns[0], fns[1], ...``, so a slower
+    spell of a shared machine (the VMs here ran a fixed loop 1.0-1.9x its
+    fastest time within one minute) slows every candidate of a comparison
+    alike instead of the ones timed during it.
+    """
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return tuple(best)
 
 
 def sort_backend() -> str:
@@ -392,9 +399,10 @@ def sort_backend() -> str:
     statistic, three such sorts and the clipping, took 43 ms; on an AMD EPYC
     (Zen 4) VM with AVX-512 one sort of 2^20 values takes 56 ms, where
     :func:`_radix_sort_f64` takes 17-22 ms. Both are timed on the same 2^17
-    seeded values (best of three) on first use, and the choice is kept for
-    the process; either gives the same values (tested), so the choice
-    changes only the time.
+    seeded values (the fastest of three runs each, interleaved:
+    :func:`fastest_each`) on first use, and the choice is kept for the
+    process; either gives the same values (tested), so the choice changes
+    only the time.
     """
     return measured_once(_SORT_CHOICE, _measure_sorts)
 
@@ -404,8 +412,7 @@ def _measure_sorts() -> str:
     x = np.random.default_rng(0).normal(20000.0, 150.0, 1 << 17)
     out = np.empty_like(x)
     _radix_sort_f64(x, out)  # compile or load before timing
-    radix = best_of_three(lambda: _radix_sort_f64(x, out))
-    numpy = best_of_three(lambda: np.sort(x))
+    radix, numpy = fastest_each(lambda: _radix_sort_f64(x, out), lambda: np.sort(x))
     return "radix" if radix < numpy else "numpy"
 
 
@@ -416,8 +423,9 @@ def row_sort_backend() -> str:
     float32 sort is a SIMD quicksort too, and on the AMD EPYC (Zen 4) VM it
     sorted the rows of a 61 MP map in 0.87 s on one thread where
     :func:`_radix_sort_rows_f32` took 0.13 s on two (measured). Both are
-    timed on the same seeded 64 x 9576 rows through :func:`sort_rows` (best
-    of three) on first use; either gives the same values (tested).
+    timed on the same seeded 64 x 9576 rows through :func:`sort_rows` (as
+    there, :func:`fastest_each`) on first use; either gives the same values
+    (tested).
     """
     return measured_once(_ROW_SORT_CHOICE, _measure_row_sorts)
 
@@ -432,8 +440,7 @@ def _measure_row_sorts() -> str:
         np.copyto(work, x)
         sort_rows(work, backend=backend)
 
-    radix = best_of_three(lambda: run("radix"))
-    numpy = best_of_three(lambda: run("numpy"))
+    radix, numpy = fastest_each(lambda: run("radix"), lambda: run("numpy"))
     return "radix" if radix < numpy else "numpy"
 
 

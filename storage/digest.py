@@ -44,7 +44,7 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-from sitiancal.compute.summary import best_of_three, measured_once
+from sitiancal.compute.summary import fastest_each, measured_once
 
 __all__ = ["LANES", "Kernel", "LaneSHA256", "batch_speedup", "lane_kernel", "lane_speedup",
            "lane_speedups", "lanes_pay", "sha_instructions"]
@@ -386,10 +386,15 @@ _SPEEDUPS: list[dict[str, float]] = []
 def lane_speedups() -> dict[str, float]:
     """Throughput of each side-by-side kernel over :mod:`hashlib`'s, on this CPU.
 
-    Measured once per process and remembered (:func:`~sitiancal.compute.summary.measured_once`):
-    the fastest of three passes over :data:`LANES` x 2 MiB (the cube build's
-    pieces; out of the caches as there: on the Xeon, 256 kB per lane in the L2
-    cache favour OpenSSL, 1.13-1.21x against 1.28-1.35x at 2-4 MiB), ~0.3 s.
+    Measured once per process and remembered (:func:`~sitiancal.compute.summary.measured_once`),
+    ~0.3 s: the fastest of three passes over :data:`LANES` x 2 MiB (the cube
+    build's pieces; out of the caches as there: on the Xeon, 256 kB per lane
+    in the L2 cache favour OpenSSL, 1.13-1.21x against 1.28-1.35x at
+    2-4 MiB). The kernels' passes are interleaved with :mod:`hashlib`'s
+    (:func:`~sitiancal.compute.summary.fastest_each`): on a VM whose speed
+    varied up to 1.9x within a minute, timed one after the other they once
+    read 1.09x (under a profiler), below the 1.1 that :func:`lanes_pay`
+    needs, where they read 1.2-1.3x otherwise.
     ``"sha-ni"`` is measured only where :func:`sha_instructions`.
 
     Returns
@@ -422,14 +427,13 @@ def _measure_speedups() -> dict[str, float]:
         for row in data:
             hashlib.sha256(row).digest()
 
-    reference = best_of_three(one_by_one)
     kernels: list[Kernel] = ["sha-ni", "vector"] if sha_instructions() else ["vector"]
-    speedups = {}
     for kernel in kernels:
         LaneSHA256(kernel=kernel).update(data[:, :64].copy(), 64)  # compiled (or loaded) first
-        speedups[kernel] = float(reference / best_of_three(
-            lambda kernel=kernel: LaneSHA256(kernel=kernel).update(data, n)))
-    return speedups
+    reference, *times = fastest_each(
+        one_by_one, *(lambda kernel=kernel: LaneSHA256(kernel=kernel).update(data, n)
+                      for kernel in kernels))
+    return {kernel: float(reference / t) for kernel, t in zip(kernels, times, strict=True)}
 
 
 def batch_speedup(kernel: Kernel, speedup: float, n_streams: int) -> float:

@@ -114,6 +114,38 @@ def test_the_faster_kernel_is_measured_and_chosen(monkeypatch) -> None:
     assert lane_kernel() == "sha-ni"
 
 
+def test_candidates_are_timed_interleaved(monkeypatch) -> None:
+    """``fastest_each`` times each candidate's runs between the others': a machine
+    that slows down midway (here 2x after the third call) slows every candidate
+    alike, where timing one after the other would make the later one look slower."""
+    import sitiancal.compute.summary as summary
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def work(seconds: float):
+        def run() -> None:
+            clock["calls"] += 1
+            clock["now"] += seconds * (2.0 if clock["calls"] > 3 else 1.0)
+        return run
+
+    monkeypatch.setattr(summary.time, "perf_counter", lambda: clock["now"])
+    order: list[str] = []
+    a, b = work(1.0), work(1.0)
+    best = summary.fastest_each(lambda: order.append("a") or a(), lambda: order.append("b") or b())
+    assert order == ["a", "b"] * 3
+    assert best == (1.0, 1.0)        # equal work measured equal
+    clock.update(now=0.0, calls=0)   # one after the other, as before: b read 2x slower
+    sequential = [min(_timed(summary, work(1.0)) for _ in range(3)) for _ in range(2)]
+    assert sequential == [1.0, 2.0]
+    assert summary.fastest_each(work(0.5), rounds=2) == (1.0,)  # both runs after the slowdown
+
+
+def _timed(summary, fn) -> float:
+    t0 = summary.time.perf_counter()
+    fn()
+    return summary.time.perf_counter() - t0
+
+
 def test_batches_are_hashed_side_by_side_only_where_they_pay(monkeypatch) -> None:
     # the vector kernel hashes all lanes whatever the batch: it pays only for full ones
     assert batch_speedup("vector", 2.0, LANES) == 2.0
