@@ -39,20 +39,19 @@ function setStatus(text) { $("#status").textContent = text; }
 
 // The JSON each view was last drawn from: a view is drawn again only when its data
 // changed, so a button or link under the pointer, or a text selection, survives the
-// polls. Each draw counts itself in the view's data-draws attribute.
+// polls. A draw is recorded once it is done (one that failed is tried again at the
+// next poll) and counted in the view's data-draws attribute.
 const drawnFrom = {};
-function redraw(view, data) {
-  const text = JSON.stringify(data);
-  if (drawnFrom[view] === text) return false;
-  drawnFrom[view] = text;
+function unchanged(view, data) { return drawnFrom[view] === JSON.stringify(data); }
+function drawn(view, data) {
+  drawnFrom[view] = JSON.stringify(data);
   const box = $("#" + view);
   box.dataset.draws = String(Number(box.dataset.draws || 0) + 1);
-  return true;
 }
 
 async function refreshJobs() {
   const data = await getJSON("/v1/jobs?limit=50");
-  if (!redraw("jobs", data)) return;
+  if (unchanged("jobs", data)) return;
   const body = $("#jobs tbody");
   body.replaceChildren(...data.jobs.map((j) => el("tr", {"data-job": j.id},
     el("td", {}, el("code", {}, j.id.slice(0, 8))), el("td", {}, j.camera),
@@ -63,11 +62,12 @@ async function refreshJobs() {
     el("td", {}, j.state === "succeeded" && j.products.length
       ? el("a", {href: "/v1/jobs/" + encodeURIComponent(j.id) + "/report.html", target: "_blank"}, "report") : ""))));
   if (!data.jobs.length) body.append(el("tr", {}, el("td", {colspan: "9", class: "muted"}, "no jobs yet")));
+  drawn("jobs", data);
 }
 
 async function refreshFleet() {
   const data = await getJSON("/ui/fleet.json");
-  if (!redraw("fleet", data)) return;
+  if (unchanged("fleet", data)) return;
   $("#nsigma").textContent = data.n_sigma;
   const keys = Object.keys(data.figures);
   $("#fleet thead").replaceChildren(el("tr", {}, el("th", {}, "camera"),
@@ -81,6 +81,7 @@ async function refreshFleet() {
   $("#fleet tfoot").replaceChildren(
     el("tr", {}, el("th", {}, "fleet median"), ...keys.map((k) => el("td", {class: "num"}, fmt(data.figures[k].median)))),
     el("tr", {}, el("th", {}, "robust sigma"), ...keys.map((k) => el("td", {class: "num"}, fmt(data.figures[k].robust_sigma)))));
+  drawn("fleet", data);
 }
 
 async function act(id, action) {
@@ -110,7 +111,7 @@ function productCell(p) {
 
 async function refreshCameras() {
   const data = await getJSON("/ui/cameras.json");
-  if (!redraw("cameras", data)) return;
+  if (unchanged("cameras", data)) return;
   const box = $("#cameras");
   box.replaceChildren(...data.cameras.map((c) => {
     const rows = Object.entries(c.products).map(([type, p]) => el("tr", {},
@@ -123,6 +124,7 @@ async function refreshCameras() {
         el("th", {}, "certified now (validity)"), el("th", {}, "actions"))), el("tbody", {}, ...rows)));
   }));
   if (!data.cameras.length) box.append(el("p", {class: "muted"}, "no cameras yet"));
+  drawn("cameras", data);
 }
 
 function sparkline(points, label, units) {
@@ -153,11 +155,12 @@ function sparkline(points, label, units) {
 
 async function refreshTrends() {
   const data = await getJSON("/ui/trends.json");
-  if (!redraw("trends", data)) return;
+  if (unchanged("trends", data)) return;
   const box = $("#trends");
   box.replaceChildren(...Object.entries(data.cameras).map(([cam, series]) => el("div", {class: "camera"},
     el("h3", {}, cam), ...Object.entries(series).filter(([, pts]) => pts.length).map(([k, pts]) =>
       sparkline(pts, data.figures[k].label, data.figures[k].units)))));
+  drawn("trends", data);
 }
 
 // why the page shows no dask dashboard link (dask_dashboard_state of /ui/info.json)
