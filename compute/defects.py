@@ -451,12 +451,12 @@ def _best_cut(c1: np.ndarray, lo: int, hi: int, mf: int) -> tuple[int, float]:
 def _three_levels(c1: np.ndarray, q: float, n_f: int, e0: int, e1: int) -> float:
     """The statistic of the levels [0, e0), [e0, e1), [e1, n_f) of sorted values whose
     prefix sums (from the first value) are ``c1`` and sum of squares ``q``."""
-    m1 = c1[e0] / e0
-    m2 = (c1[e1] - c1[e0]) / (e1 - e0)
-    m3 = (c1[n_f] - c1[e1]) / (n_f - e1)
     s0 = c1[e0]
     s1 = c1[e1] - c1[e0]
     s2 = c1[n_f] - c1[e1]
+    m1 = s0 / e0
+    m2 = s1 / (e1 - e0)
+    m3 = s2 / (n_f - e1)
     within = q - (s0 * s0 * (1.0 / e0) + s1 * s1 * (1.0 / (e1 - e0))
                   + s2 * s2 * (1.0 / (n_f - e1)))
     sd = np.sqrt(max(within, 0.0) / (n_f - 3))
