@@ -1245,6 +1245,24 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
     return bic_null - bic_levels > cfg.rtn_min_delta_bic
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _flag(cond: bool) -> float:  # pragma: no cover - compiled
+    """1.0 where ``cond``, else 0.0: a running best kept as ``best += _flag(better) * (new - best)``.
+
+    Vectorised loops that keep a running best per lane store it
+    unconditionally. Written as ``if better: best[i] = new`` (or as a store
+    of ``new if better else best[i]``), LLVM compiles the update to a masked
+    vector store (``vmaskmovps``/``vmaskmovpd``) on AVX2 targets, which AMD
+    Zen 2/3 CPUs run as microcode, one every ~10 cycles or more: on a Zen 3
+    VM the RTN sorting network took 3.5x and the level scans 1.8x as long
+    as written with selects and plain stores (measured; the same floats).
+    The blend is exact for the whole-number cuts it carries;
+    ``tests/test_defects.py`` checks the compiled stage-1 kernel for
+    masked stores (code generated for Zen 3, on any x86 host).
+    """
+    return 1.0 if cond else 0.0
+
+
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, q: np.ndarray,
                  bst: np.ndarray, cutf: np.ndarray, c1b: np.ndarray,
@@ -1294,9 +1312,9 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, q: 
             s = c1[c, i] - c1[0, i]
             t = c1[n_f, i] - c1[c, i]
             bt = s * s * ifc + t * t * irc
-            if bt > bst[0, i]:
-                bst[0, i] = bt
-                cutf[0, i] = fc
+            up = bt > bst[0, i]
+            bst[0, i] = np.maximum(bst[0, i], bt)      # finite: the same as keeping bt if up
+            cutf[0, i] += _flag(up) * (fc - cutf[0, i])  # whole numbers: exact
     # best split of each side: one pass over the cuts, both sides at once (a cut
     # is left of b or right of it). The outer terms of the first scan are
     # recomputed (the same operations), and the term of the segment between the
@@ -1328,12 +1346,13 @@ def _level_block(buf: np.ndarray, p0: int, nb: int, mf: int, c1: np.ndarray, q: 
             inner = d * d * (1.0 / (fc - b))          # S(b, c)**2 / (c - b); negated for c < b
             bl = ba - inner
             br = inner + bb2
-            if fc <= b - mf and bl > bst[1, i]:
-                bst[1, i] = bl
-                cutf[1, i] = fc
-            if fc >= b + mf and b >= 0.0 and br > bst[2, i]:
-                bst[2, i] = br
-                cutf[2, i] = fc
+            # bl, br are NaN in lanes whose cut is not on that side: masked out
+            ul = (fc <= b - mf) & (bl > bst[1, i])
+            ur = (fc >= b + mf) & (b >= 0.0) & (br > bst[2, i])
+            bst[1, i] = np.maximum(bst[1, i], bl if ul else -np.inf)
+            cutf[1, i] += _flag(ul) * (fc - cutf[1, i])
+            bst[2, i] = np.maximum(bst[2, i], br if ur else -np.inf)
+            cutf[2, i] += _flag(ur) * (fc - cutf[2, i])
     for i in range(nb):
         b = int(cutf[0, i])
         if b < 0:
@@ -1426,8 +1445,9 @@ def _rtn_stage1_network(st: np.ndarray, lvl: np.ndarray, dither: bool,
                 for i in range(nb):
                     x = ra[i]
                     y = rb[i]
-                    ra[i] = min(x, y)
-                    rb[i] = max(x, y)
+                    # NaN-free: min(x, y), compiled without a masked store (see _flag)
+                    ra[i] = np.minimum(x, y)
+                    rb[i] = np.maximum(x, y)
             for i in range(nb):
                 m[i] = 0.0
                 sd[i] = 0.0
