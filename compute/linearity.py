@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from numba import njit, prange
 
-from sitiancal.compute.stats import weighted_line, weighted_line_point
+from sitiancal.compute.stats import weighted_line, weighted_line_block
 
 __all__ = ["LinearityFit", "fit_linearity", "linearize", "pixel_linearity_residuals"]
 
@@ -256,8 +256,8 @@ def pixel_linearity_residuals(
         Integer indices (K,) of the levels where residuals are reported (they
         need not be used in the fit).
     backend : {"auto", "numba", "numpy"}
-        ``"numba"`` (and ``"auto"``): one compiled pass per pixel, parallel
-        over pixels, float32 means widened per value (no float64 copy);
+        ``"numba"`` (and ``"auto"``): compiled, SIMD over blocks of pixels and
+        parallel over blocks, float32 means widened per value (no float64 copy);
         ``"numpy"``: the vectorised reference. They agree to float64 rounding.
 
     Returns
@@ -289,7 +289,7 @@ def pixel_linearity_residuals(
             m = m.astype(np.float64)
         rows = m.reshape(-1, t.size)  # a view where the layout allows: the kernel takes strided rows
         res = _residual_kernel(t, rows, use, np.where(idx < 0, idx + t.size, idx))
-        return res.reshape((*m.shape[:-1], idx.size))
+        return res.T.reshape((*m.shape[:-1], idx.size))  # a view of the (K, P) result
     m = m.astype(np.float64)
     flat = m.reshape(-1, t.size)
     valid = use[None, :] & np.isfinite(flat)
@@ -312,33 +312,61 @@ def pixel_linearity_residuals(
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _residual_kernel(t, mean, use, idx):  # pragma: no cover - compiled
-    """The numpy path of :func:`pixel_linearity_residuals` for every row of ``mean`` (P, L)."""
+    """The numpy path of :func:`pixel_linearity_residuals` for every row of ``mean`` (P, L).
+
+    Returns the residuals as (K, P). Vectorised over blocks of pixels: each
+    level's values of a block are loaded into (L, block) rows (a contiguous
+    read from the tile pass's level-major maps), the lines are
+    :func:`compute.stats.weighted_line_block` (each pixel's sums over its
+    levels in the order of ``weighted_line_point``: the same floats as one
+    pixel at a time) and each reported level is one loop over the block.
+    The scratch rows are allocated per chunk of blocks.
+    """
     n_pix, n_lev = mean.shape
     n_at = idx.shape[0]
-    out = np.empty((n_pix, n_at))
-    block = 4096
+    out = np.empty((n_at, n_pix))
+    block = 256
     n_blocks = (n_pix + block - 1) // block
+    per_chunk = 16
+    n_chunks = (n_blocks + per_chunk - 1) // per_chunk
     w_level = np.empty(n_lev)
     for j in range(n_lev):
         w_level[j] = 1.0 / t[j] if t[j] > 0 else 0.0
-    for bi in prange(n_blocks):
-        w = np.empty(n_lev)
-        y = np.empty(n_lev)
-        for p in range(bi * block, min(n_pix, (bi + 1) * block)):
-            n_valid = 0
+    for ci in prange(n_chunks):
+        x = np.empty((n_lev, block))
+        y = np.empty((n_lev, block))
+        w = np.empty((n_lev, block))
+        sums = np.empty((5, block))
+        slope = np.empty(block)
+        icpt = np.empty(block)
+        var_slope = np.empty(block)
+        det = np.empty(block)
+        n_valid = np.empty(block, np.int64)
+        for bi in range(ci * per_chunk, min(n_blocks, (ci + 1) * per_chunk)):
+            p0 = bi * block
+            nb = min(n_pix, p0 + block) - p0
+            for i in range(nb):
+                n_valid[i] = 0
             for j in range(n_lev):
-                v = np.float64(mean[p, j])
-                ok = use[j] and np.isfinite(v)
-                w[j] = w_level[j] if ok else 0.0
-                y[j] = v if ok else 0.0
-                if w[j] > 0:
-                    n_valid += 1
-            slope, icpt, _, _, det = weighted_line_point(t, y, w)
-            good = n_valid >= 3 and det > 0
+                tj = t[j]
+                uj = use[j]
+                wl = w_level[j]
+                counts = wl > 0
+                src = mean[p0:p0 + nb, j]
+                for i in range(nb):
+                    v = np.float64(src[i])
+                    ok = uj & np.isfinite(v)
+                    x[j, i] = tj
+                    w[j, i] = wl if ok else 0.0
+                    y[j, i] = v if ok else 0.0
+                    n_valid[i] += 1 if ok & counts else 0
+            weighted_line_block(x, y, w, nb, sums, slope, icpt, var_slope, det)
             for k in range(n_at):
-                fit = slope * t[idx[k]] + icpt
-                if good and fit > 0:
-                    out[p, k] = 100.0 * (np.float64(mean[p, idx[k]]) - fit) / fit
-                else:
-                    out[p, k] = np.nan
+                tk = t[idx[k]]
+                src = mean[p0:p0 + nb, idx[k]]
+                dst = out[k, p0:p0 + nb]
+                for i in range(nb):
+                    fit = slope[i] * tk + icpt[i]
+                    good = (n_valid[i] >= 3) & (det[i] > 0) & (fit > 0)
+                    dst[i] = 100.0 * (np.float64(src[i]) - fit) / fit if good else np.nan
     return out

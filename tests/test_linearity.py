@@ -186,3 +186,24 @@ def test_pixel_residuals_numba_matches_numpy(dtype) -> None:
     assert np.isnan(fast[0, :5]).all() and np.isnan(fast[1, :5]).all()
     with pytest.raises(IndexError):
         pixel_linearity_residuals(t, mean, used=used, at=np.array([8]))
+
+
+def test_pixel_residuals_numba_reads_level_major_maps_across_blocks() -> None:
+    """The tile pass's layout: (ty, tx, L) views of level-major float32 maps, more pixels
+    than one chunk of blocks, a partial last block."""
+    rng = np.random.default_rng(6)
+    t = np.linspace(0.5, 12.0, 14)
+    planes = (2500.0 * t[:, None, None] * rng.normal(1.0, 0.01, (14, 71, 93))
+              + rng.normal(0.0, 5.0, (14, 71, 93))).astype(np.float32)
+    planes[3, 10:20, 5] = np.nan
+    planes[:, 40, :12] = np.nan  # no usable level
+    mean = np.moveaxis(planes, 0, -1)  # strided: each pixel's levels a plane apart
+    used = np.ones(14, dtype=bool)
+    used[[0, 13]] = False
+    at = np.array([2, 7, 13])
+    fast = pixel_linearity_residuals(t, mean, used=used, at=at)
+    ref = pixel_linearity_residuals(t, mean, used=used, at=at, backend="numpy")
+    assert fast.shape == (71, 93, 3)
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
+    assert np.isnan(fast[40, :12]).all() and np.isfinite(fast[41]).all()
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-10)
