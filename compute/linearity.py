@@ -342,13 +342,15 @@ def _residual_kernel(t, mean, use, idx):  # pragma: no cover - compiled
         var_slope = np.empty(block)
         det = np.empty(block)
         n_valid = np.empty(block, np.int64)
+        for j in range(n_lev):  # the same exposure times for every pixel
+            for i in range(block):
+                x[j, i] = t[j]
         for bi in range(ci * per_chunk, min(n_blocks, (ci + 1) * per_chunk)):
             p0 = bi * block
             nb = min(n_pix, p0 + block) - p0
             for i in range(nb):
                 n_valid[i] = 0
             for j in range(n_lev):
-                tj = t[j]
                 uj = use[j]
                 wl = w_level[j]
                 counts = wl > 0
@@ -356,7 +358,6 @@ def _residual_kernel(t, mean, use, idx):  # pragma: no cover - compiled
                 for i in range(nb):
                     v = np.float64(src[i])
                     ok = uj & np.isfinite(v)
-                    x[j, i] = tj
                     w[j, i] = wl if ok else 0.0
                     y[j, i] = v if ok else 0.0
                     n_valid[i] += 1 if ok & counts else 0

@@ -482,7 +482,7 @@ def test_rtn_stage1_kernel_compiles_without_masked_stores_for_zen3(tmp_path) -> 
 
     Compiled for Zen 3 (AVX2) on any x86 host: written as conditional updates
     they became ``vmaskmov`` stores (11 of them), which Zen 2/3 run as
-    microcode (the kernel took 1.6x as long there; see ``defects._flag``).
+    microcode (the kernel took ~1.4-1.6x as long there; see ``defects._flag``).
     """
     env = {**os.environ, "NUMBA_CPU_NAME": "znver3", "NUMBA_CPU_FEATURES": "",
            "NUMBA_CACHE_DIR": str(tmp_path)}
