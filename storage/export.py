@@ -34,8 +34,10 @@ import errno
 import hashlib
 import math
 import os
+import queue
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -190,6 +192,78 @@ def build_hdulist(group: zarr.Group) -> fits.HDUList:
 _BAND_ROWS = 512
 
 
+class StreamAborted(RuntimeError):
+    """The other side of a :class:`BandStream` gave up (its own error is the cause to report)."""
+
+
+class BandStream:
+    """An image's values, handed over band by band from the thread that reads them.
+
+    A source for :func:`write_fits` that is not read again: the thread that
+    reads an array once (to store it as zarr chunks) :meth:`put` s each
+    band of rows, in C order of the array (a stack of maps one map after the
+    other), and the FITS writer consumes them in that order. Each
+    band of the product is then read once from where it comes from (scratch
+    maps on the disk, at 61 MP) for both copies instead of twice.
+
+    At most ``depth`` bands wait in between (memory: ``depth`` + 2 bands).
+    :meth:`abort`, from either side, makes the other side's next
+    :meth:`put` or iteration raise :class:`StreamAborted` instead of waiting
+    for ever.
+
+    Parameters
+    ----------
+    shape
+        Shape of the whole array.
+    dtype
+        Its dtype (bands are cast to it by the writer).
+    depth
+        Bands that may wait in between.
+    """
+
+    _END = object()
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, *, depth: int = 1) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._aborted = threading.Event()
+
+    def put(self, band: np.ndarray) -> None:
+        """Hand over the next band of rows (waits while ``depth`` bands wait)."""
+        self._offer(band)
+
+    def close(self) -> None:
+        """Say that every band has been handed over."""
+        self._offer(self._END)
+
+    def abort(self) -> None:
+        """Stop the exchange: the other side raises :class:`StreamAborted`."""
+        self._aborted.set()
+
+    def _offer(self, item: Any) -> None:
+        while True:
+            if self._aborted.is_set():
+                raise StreamAborted("the FITS writer stopped")
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            if self._aborted.is_set():
+                raise StreamAborted("the array's reader stopped")
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                return
+            yield item
+
+
 def _image_dtype(dtype: np.dtype) -> np.dtype:
     """The in-memory dtype astropy writes an array of ``dtype`` as (bool as uint8)."""
     return np.dtype(np.uint8) if dtype.kind == "b" else np.dtype(dtype).newbyteorder("=")
@@ -228,7 +302,7 @@ def _stream_image(out: _HashedFile, arr: zarr.Array, header: fits.Header,
     """
     shape = tuple(int(n) for n in arr.shape)
     data = arr if source is None else source
-    if not hasattr(data, "shape"):
+    if not isinstance(data, BandStream) and not hasattr(data, "shape"):
         data = np.asarray(data)
     if tuple(int(n) for n in data.shape) != shape:
         raise ValueError(f"source of {arr.name!r} has shape {tuple(data.shape)}, "
@@ -238,6 +312,12 @@ def _stream_image(out: _HashedFile, arr: zarr.Array, header: fits.Header,
     written = 0
     if not shape or 0 in shape:
         pass  # no data block
+    elif isinstance(data, BandStream):  # bands of rows in C order, any height
+        for band in data:
+            band = np.asarray(band, dtype=arr.dtype)
+            rows = band.reshape(-1, shape[-1]) if band.size else band.reshape(0, shape[-1])
+            for y0 in range(0, rows.shape[0], _BAND_ROWS):  # one band's big-endian copy at a time
+                written += out.write(_big_endian(rows[y0:y0 + _BAND_ROWS], header))
     elif len(shape) < 2:  # small vectors: one write
         written += out.write(_big_endian(np.asarray(data[...], dtype=arr.dtype), header))
     else:

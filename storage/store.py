@@ -84,6 +84,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from sitiancal.compute.content import ProductArray, ProductTable
 from sitiancal.storage.direct import DirectStore, read_direct
+from sitiancal.storage.export import BandStream, StreamAborted
 from sitiancal.storage.frames import FrameReadError
 
 __all__ = ["ProductArray", "ProductPayload", "ProductStore", "ProductTable"]
@@ -490,6 +491,27 @@ def _write_regions(shape: tuple[int, ...], chunks: tuple[int, ...],
                    slice(y0, min(y0 + chunks[-2], shape[-2])), slice(0, shape[-1]))
 
 
+def _streams_bands(target: zarr.Array) -> bool:
+    """Whether :meth:`ProductStore._fill_array` writes ``target`` in consecutive blocks of C order.
+
+    Those blocks, one after the other, are the array's values in C order, the
+    order of a FITS data block, so they can feed the FITS writer as they are
+    (:class:`BandStream`): true where every region written is contiguous
+    (axes before some axis of length 1, axes after it whole), as for bands
+    of full-width rows, one map of a stack at a time, or single chunks that
+    hold whole maps; not for an empty array.
+    """
+    shape = tuple(int(n) for n in target.shape)
+    if len(shape) < 2 or 0 in shape:
+        return False
+    for region in _write_regions(shape, tuple(target.chunks), target.dtype.itemsize):
+        lengths = [r.stop - r.start for r in region]
+        k = next((i for i, n in enumerate(lengths) if n != 1), len(shape) - 1)
+        if any(lengths[i] != shape[i] for i in range(k + 1, len(shape))):
+            return False
+    return True
+
+
 def _chunk_slices(shape: tuple[int, ...],
                   chunks: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
     ranges = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
@@ -676,18 +698,36 @@ class ProductStore:
                     self._write_table(tables, table)
             # The FITS file needs only the group's metadata (all written by now) and the
             # payload's arrays, not their chunks: it is written on a second thread while
-            # this one fills and checksums the chunks (the same bytes either way).
-            sources = {arr.name: arr.data for arr in payload.arrays}
+            # this one fills and checksums the chunks (the same bytes either way). Each
+            # band this thread reads for the chunks is handed on to the FITS writer
+            # (BandStream), so the payload's maps are read once, not once per copy.
+            streams = {arr.name: BandStream(target.shape, target.dtype)
+                       for arr, target in zip(payload.arrays, targets, strict=True)
+                       if _streams_bands(target)}
+            sources = {arr.name: streams.get(arr.name, arr.data) for arr in payload.arrays}
+
+            def write_fits() -> str:
+                try:
+                    return self._write_fits(key, sources)
+                finally:  # a failed writer (or one that left a stream unread) stops the reader
+                    for stream in streams.values():
+                        stream.abort()
+
             with ThreadPoolExecutor(1, thread_name_prefix="sitiancal-fits") as pool:
-                fits_sha = pool.submit(self._write_fits, key, sources)
+                fits_sha = pool.submit(write_fits)
                 try:
                     for arr, target in zip(payload.arrays, targets, strict=True):
-                        self._fill_array(target, arr)
+                        self._fill_array(target, arr, streams.get(arr.name))
                     arrays = {}
                     for name in self._array_names(key):
                         arrays[name] = self._array_checksum(key, name)
                         self._settle_array(key, name)
+                except StreamAborted:
+                    fits_sha.result()  # the FITS writer's own error
+                    raise
                 except BaseException:
+                    for stream in streams.values():
+                        stream.abort()
                     fits_sha.cancel()
                     raise
                 checksums = Checksums(fits=fits_sha.result(), arrays=arrays)
@@ -729,14 +769,23 @@ class ProductStore:
             fill_value=_fill_value(dtype), config={"write_empty_chunks": True},
             attributes={"units": arr.units, "long_name": arr.long_name})
 
-    def _fill_array(self, target: zarr.Array, arr: Any) -> None:
-        """Write the values of ``arr`` into ``target``, band by band."""
+    def _fill_array(self, target: zarr.Array, arr: Any, stream: BandStream | None = None) -> None:
+        """Write the values of ``arr`` into ``target``, band by band.
+
+        ``stream``: each band is also handed to it (see :func:`_streams_bands`:
+        the bands then follow one another in C order), and it is closed at the end.
+        """
         shape = tuple(int(n) for n in target.shape)
         if len(shape) == 0:
             target[()] = np.asarray(arr.data[()])
             return
         for region in _write_regions(shape, tuple(target.chunks), target.dtype.itemsize):
-            target[region] = np.asarray(arr.data[region], dtype=target.dtype)
+            band = np.asarray(arr.data[region], dtype=target.dtype)
+            target[region] = band
+            if stream is not None:
+                stream.put(band)
+        if stream is not None:
+            stream.close()
 
     def _write_table(self, parent: zarr.Group, table: Any) -> None:
         names = list(table.columns)

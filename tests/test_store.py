@@ -157,6 +157,61 @@ def test_failed_fits_write_leaves_no_staging(store: ProductStore, monkeypatch) -
     assert store.list_staging() == [staged.key]
 
 
+class CountingMap:
+    """Array-like over ``values`` that counts the values served (a map read from disk)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.shape = values.shape
+        self.dtype = values.dtype
+        self.served = 0
+
+    def __getitem__(self, region):
+        out = self.values[region]
+        self.served += out.size
+        return out
+
+
+def test_stage_reads_each_band_once_for_the_chunks_and_the_fits(store: ProductStore) -> None:
+    """Staging reads a map once: each band read for the zarr chunks feeds the FITS writer too."""
+    import io
+
+    from sitiancal.storage.export import build_hdulist
+
+    rng = np.random.default_rng(SEED)
+    ny = 2 * MAP_CHUNKS[0] + 101  # three bands of chunk rows, the last one partial
+    single = CountingMap(rng.normal(0.253, 0.004, (ny, 30)).astype(np.float32))
+    stack = CountingMap(rng.normal(0, 1, (3, MAP_CHUNKS[0] + 7, 30)).astype(np.float32))
+    p = payload()
+    p.arrays[0] = ProductArray("gain", single, "e-/ADU", "per-pixel gain")
+    p.arrays[1] = ProductArray("resid", stack, "%", "residual per level",
+                               dims=("level", "y", "x"))
+    key = store.publish(store.stage(p, 1))
+    assert single.served == single.values.size  # every value once, not once per copy
+    assert stack.served == stack.values.size
+    buffer = io.BytesIO()
+    build_hdulist(store.open_zarr(key)).writeto(buffer, output_verify="exception")
+    assert store.fits_bytes(key) == buffer.getvalue()
+    assert store.verify(key).ok
+    np.testing.assert_array_equal(store.open_zarr(key)["resid"][...], stack.values)
+
+
+@pytest.mark.timeout(120)
+def test_fits_writer_failing_before_it_reads_stops_the_chunk_writer(store: ProductStore,
+                                                                    monkeypatch) -> None:
+    """A FITS writer that fails before taking any band does not leave the other thread waiting."""
+    import sitiancal.storage.export as export
+
+    def failing(out, arr, header, source=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_stream_image", failing)
+    big = payload(shape=(3 * MAP_CHUNKS[0], 20))  # bands to hand over beyond the queue's room
+    with pytest.raises(OSError, match="No space left"):
+        store.stage(big, 1)
+    assert store.list_staging() == []
+
+
 def test_sweep_staging_removes_only_old_leftovers(store: ProductStore) -> None:
     kept = store.stage(payload(), 1)
     assert store.sweep_staging(timedelta(hours=1)) == []
