@@ -312,6 +312,9 @@ class Assembler:
         if std is None:
             return None
         stats: dict = {"median_adu": _f(finite_median(std))}
+        # the mask's NOISY class, while the map is in memory (not read again for the mask)
+        center, scale = robust_center_scale(std)
+        self.flag("noisy", noisy(std, config=self.params.defects, center=center, scale=scale))
         arrays = [ProductArray("READ_NOISE", self.lazy("bias_std"), "ADU",
                                "per-pixel temporal std of the bias stack")]
         g = self.conversion_gain()
@@ -438,7 +441,10 @@ class Assembler:
                        "n_pixels": int(ok.sum()),
                        "gain_convention": "g in e-/ADU (EMVA K = 1/g in DN/e-)"}
         tables: list[ProductTable] = []
-        pops = self.gain_populations()
+        # The mixture is fitted once, with the conversion gain (on a helper thread
+        # since the assembly started): wait for it rather than fit it again.
+        self.conversion_gain()
+        pops = self.gain_populations(gain, err)
         if pops is not None:
             best = pops.best
             mu, sig = np.asarray(best.means), np.asarray(best.sigmas)
@@ -544,11 +550,12 @@ class Assembler:
                               [], stats)
 
     def mask(self, shape: tuple[int, int]) -> ProductContent:
-        std = self.map("bias_std")
-        if std is not None:
-            center, scale = robust_center_scale(std)
-            self.flag("noisy", noisy(std, config=self.params.defects, center=center, scale=scale))
-            del std
+        """The defect mask: the flags the other products set, the RTN and unstable-bias classes.
+
+        The products before it in :data:`_BUILD_ORDER` flag their classes while
+        their maps are in memory (NOISY by the read noise, HOT and WARM by the
+        dark, ...).
+        """
         rtn = self.map("rtn")
         if rtn is not None:
             self.flag("rtn", rtn > 0.5)
