@@ -8,7 +8,6 @@ sizes, stated next to each assertion.
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np
