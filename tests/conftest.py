@@ -5,7 +5,8 @@
   session on 127.0.0.1:5432, migrated once, emptied before each test; the
   database is dropped at the end). PostgreSQL tests are skipped, with the
   reason, only when no server answers. ``empty_database_url``: a database with
-  no schema at all, for migration tests.
+  no schema at all, for migration tests. ``postgres_schema_url``: a new empty
+  PostgreSQL schema, for a test that runs a whole service on its own catalog.
 - ``store_url`` / ``store_options``: a fresh product store root per test,
   parametrised over a local folder and a bucket of a moto S3 server that the
   session starts on 127.0.0.1 (free port, dummy credentials).
@@ -116,6 +117,17 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'empty.sqlite'}"
     return _new_schema(request.getfixturevalue("postgres_database"))
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_database: str) -> str:
+    """URL of a new empty schema of the session database, for a test's own catalog.
+
+    Tests that migrate a catalog must not use the database's ``public``
+    schema: every schema's search path ends with it, so its tables (Alembic's
+    version table first) would show through in the schemas of later tests.
+    """
+    return _new_schema(postgres_database)
 
 
 @pytest.fixture(scope="session")

@@ -132,8 +132,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.postgres
-def test_database_unreachable_gives_503_and_the_service_recovers(tmp_path, postgres_database):
-    url = make_url(postgres_database)
+def test_database_unreachable_gives_503_and_the_service_recovers(tmp_path, postgres_schema_url):
+    url = make_url(postgres_schema_url)
     proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
     proxy.start()
     db_url = url.set(port=proxy.port).render_as_string(hide_password=False)
