@@ -67,6 +67,7 @@ import posixpath
 import re
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -520,6 +521,106 @@ def _chunk_slices(shape: tuple[int, ...],
                                                                    strict=True))
 
 
+def _chunk_keys(meta: Mapping[str, Any]) -> list[str]:
+    """Keys of every chunk of an array (relative to the array), in C order of its grid.
+
+    ``meta``: the array's ``zarr.json``.
+    """
+    shape = [int(n) for n in meta["shape"]]
+    chunks = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+    encoding = meta.get("chunk_key_encoding", {"name": "default"})
+    sep = encoding.get("configuration", {}).get(
+        "separator", "/" if encoding["name"] == "default" else ".")
+    grid = [range(math.ceil(n / c)) if n else range(0) for n, c in zip(shape, chunks, strict=True)]
+    if encoding["name"] == "default":
+        return [sep.join(["c", *map(str, idx)]) for idx in itertools.product(*grid)]
+    return [sep.join(map(str, idx)) or "0" for idx in itertools.product(*grid)]
+
+
+def _hash_chunk(h: Any, chunk_key: str, blob: Any | None) -> None:
+    """Add one chunk to an array checksum (``None``: no chunk stored, hashed as ``absent``)."""
+    h.update(chunk_key.encode() + b"\0")
+    if blob is None:
+        h.update(b"absent\0")
+    else:
+        h.update(len(blob).to_bytes(8, "little"))
+        h.update(blob)  # hashed where it lies (no concatenated copy)
+
+
+class _ChunkRecorder(zarr.storage.WrapperStore):
+    """A store wrapper that keeps the bytes of chunks written through it, until taken.
+
+    Staging hashes each array's chunks as they are written
+    (:class:`_StreamedChecksum`) instead of reading them back from the disk:
+    the bytes hashed are the bytes handed to the store, which writes them
+    whole or fails. Only chunks of the arrays being :meth:`watch` ed are kept.
+    """
+
+    def __init__(self, store: Any, recorded: dict[str, Any] | None = None,
+                 watched: set[str] | None = None) -> None:
+        super().__init__(store)
+        self._recorded = {} if recorded is None else recorded
+        self._watched = set() if watched is None else watched
+        self._lock = threading.Lock()
+
+    def _with_store(self, store: Any) -> _ChunkRecorder:
+        return type(self)(store, self._recorded, self._watched)
+
+    def watch(self, name: str) -> None:
+        """Keep the chunks written under array ``name`` from now on."""
+        self._watched.add(name + "/")
+
+    def unwatch(self, name: str) -> None:
+        """Stop keeping them, and drop any not taken."""
+        prefix = name + "/"
+        self._watched.discard(prefix)
+        with self._lock:
+            for key in [k for k in self._recorded if k.startswith(prefix)]:
+                del self._recorded[key]
+
+    def take(self, key: str) -> Any | None:
+        """The bytes written under ``key`` (None if not recorded), forgotten here."""
+        with self._lock:
+            return self._recorded.pop(key, None)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._store.set(key, value)
+        if not key.endswith("zarr.json") and any(key.startswith(p) for p in self._watched):
+            with self._lock:
+                self._recorded[key] = value.as_numpy_array()
+
+
+class _StreamedChecksum:
+    """The checksum of one array (as :meth:`ProductStore._array_checksum`), fed as it is written.
+
+    Its chunks must come in C order of the grid, as the regions of
+    :func:`_write_regions` write them; :meth:`feed` hashes every chunk
+    recorded so far that is next in that order. :meth:`hexdigest` is None
+    unless every chunk was hashed this way (then the caller reads the
+    array back).
+    """
+
+    def __init__(self, recorder: _ChunkRecorder, name: str, raw_meta: bytes) -> None:
+        self.recorder, self.name = recorder, name
+        self.keys = _chunk_keys(json.loads(raw_meta))
+        self.done = 0
+        self.h = hashlib.sha256(raw_meta)
+        recorder.watch(name)
+
+    def feed(self) -> None:
+        while self.done < len(self.keys):
+            blob = self.recorder.take(f"{self.name}/{self.keys[self.done]}")
+            if blob is None:
+                return
+            _hash_chunk(self.h, self.keys[self.done], blob)
+            self.done += 1
+
+    def hexdigest(self) -> str | None:
+        self.feed()
+        self.recorder.unwatch(self.name)
+        return self.h.hexdigest() if self.done == len(self.keys) else None
+
+
 def _pid_running(pid: int) -> bool:
     """Whether a process with this id runs on this host (signal 0 probe)."""
     if pid <= 0:
@@ -689,8 +790,8 @@ class ProductStore:
                      "provenance": provenance,
                      "inputs": [{"path": str(i["path"]), "sha256": str(i["sha256"])}
                                 for i in payload.inputs]}
-            group = zarr.open_group(self.zarr_store(key, read_only=False), mode="w-",
-                                    zarr_format=3, attributes=attrs)
+            recorder = _ChunkRecorder(self.zarr_store(key, read_only=False))
+            group = zarr.open_group(recorder, mode="w-", zarr_format=3, attributes=attrs)
             targets = [self._create_array(group, arr) for arr in payload.arrays]
             if payload.tables:
                 tables = group.create_group("tables")
@@ -716,11 +817,18 @@ class ProductStore:
             with ThreadPoolExecutor(1, thread_name_prefix="sitiancal-fits") as pool:
                 fits_sha = pool.submit(write_fits)
                 try:
+                    # each array's checksum is hashed from its chunks as they are written
+                    hashed: dict[str, str | None] = {}
                     for arr, target in zip(payload.arrays, targets, strict=True):
-                        self._fill_array(target, arr, streams.get(arr.name))
+                        raw = bytes(self.fs.cat_file(self._path(key, ZARR_NAME, arr.name,
+                                                                "zarr.json")))
+                        checksum = _StreamedChecksum(recorder, arr.name, raw)
+                        self._fill_array(target, arr, streams.get(arr.name), checksum)
+                        hashed[arr.name] = checksum.hexdigest()
                     arrays = {}
                     for name in self._array_names(key):
-                        arrays[name] = self._array_checksum(key, name)
+                        # the tables' few small chunks are read back
+                        arrays[name] = hashed.get(name) or self._array_checksum(key, name)
                         self._settle_array(key, name)
                 except StreamAborted:
                     fits_sha.result()  # the FITS writer's own error
@@ -769,23 +877,30 @@ class ProductStore:
             fill_value=_fill_value(dtype), config={"write_empty_chunks": True},
             attributes={"units": arr.units, "long_name": arr.long_name})
 
-    def _fill_array(self, target: zarr.Array, arr: Any, stream: BandStream | None = None) -> None:
+    def _fill_array(self, target: zarr.Array, arr: Any, stream: BandStream | None = None,
+                    checksum: _StreamedChecksum | None = None) -> None:
         """Write the values of ``arr`` into ``target``, band by band.
 
         ``stream``: each band is also handed to it (see :func:`_streams_bands`:
         the bands then follow one another in C order), and it is closed at the end.
+        ``checksum``: fed the chunks of each band once written (they come in C
+        order of the chunk grid).
         """
         shape = tuple(int(n) for n in target.shape)
         if len(shape) == 0:
             target[()] = np.asarray(arr.data[()])
-            return
-        for region in _write_regions(shape, tuple(target.chunks), target.dtype.itemsize):
-            band = np.asarray(arr.data[region], dtype=target.dtype)
-            target[region] = band
-            if stream is not None:
-                stream.put(band)
+        else:
+            for region in _write_regions(shape, tuple(target.chunks), target.dtype.itemsize):
+                band = np.asarray(arr.data[region], dtype=target.dtype)
+                target[region] = band
+                if checksum is not None:
+                    checksum.feed()  # this band's chunks, before the next band's arrive
+                if stream is not None:
+                    stream.put(band)
         if stream is not None:
             stream.close()
+        if checksum is not None:
+            checksum.feed()
 
     def _write_table(self, parent: zarr.Group, table: Any) -> None:
         names = list(table.columns)
@@ -1088,18 +1203,7 @@ class ProductStore:
         """
         base = self._path(key, ZARR_NAME, name)
         raw = bytes(self.fs.cat_file(posixpath.join(base, "zarr.json")))
-        meta = json.loads(raw)
-        shape = [int(n) for n in meta["shape"]]
-        chunks = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
-        encoding = meta.get("chunk_key_encoding", {"name": "default"})
-        sep = encoding.get("configuration", {}).get(
-            "separator", "/" if encoding["name"] == "default" else ".")
-        grid = [range(math.ceil(n / c)) if n else range(0) for n, c in
-                zip(shape, chunks, strict=True)]
-        if encoding["name"] == "default":
-            chunk_keys = [sep.join(["c", *map(str, idx)]) for idx in itertools.product(*grid)]
-        else:
-            chunk_keys = [sep.join(map(str, idx)) or "0" for idx in itertools.product(*grid)]
+        chunk_keys = _chunk_keys(json.loads(raw))
         h = hashlib.sha256()
         h.update(raw)
         for start in range(0, len(chunk_keys), _HASH_BATCH):
@@ -1107,13 +1211,7 @@ class ProductStore:
             paths = [posixpath.join(base, k) for k in batch]
             blobs = self._cat(paths)
             for ckey, path in zip(batch, paths, strict=True):
-                blob = blobs.get(path)
-                h.update(ckey.encode() + b"\0")
-                if blob is None:
-                    h.update(b"absent\0")
-                else:
-                    h.update(len(blob).to_bytes(8, "little"))
-                    h.update(blob)  # hashed where it lies (no concatenated copy)
+                _hash_chunk(h, ckey, blobs.get(path))
         return h.hexdigest()
 
     def _cat(self, paths: list[str]) -> dict[str, Any]:

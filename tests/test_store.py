@@ -196,6 +196,28 @@ def test_stage_reads_each_band_once_for_the_chunks_and_the_fits(store: ProductSt
     np.testing.assert_array_equal(store.open_zarr(key)["resid"][...], stack.values)
 
 
+def test_staging_hashes_the_chunks_as_written_not_read_back(store: ProductStore,
+                                                           monkeypatch) -> None:
+    """The checksums of a product's arrays come from their chunks on their way to the store
+    (only the tables' small arrays are read back), and equal a read-back's."""
+    read_back: list[str] = []
+    real = ProductStore._array_checksum
+
+    def counting(self, key, name):
+        read_back.append(name)
+        return real(self, key, name)
+
+    monkeypatch.setattr(ProductStore, "_array_checksum", counting)
+    p = payload(shape=(2 * MAP_CHUNKS[0] + 3, MAP_CHUNKS[1] + 5))  # 3 x 2 chunks
+    staged = store.stage(p, 1)
+    assert sorted(read_back) == [n for n in sorted(staged.checksums.arrays)
+                                 if n.startswith("tables/")]
+    key = store.publish(staged)
+    assert store.verify(key, staged.checksums).ok
+    read_back.clear()
+    assert store._array_checksums(key) == staged.checksums.arrays
+
+
 @pytest.mark.timeout(120)
 def test_fits_writer_failing_before_it_reads_stops_the_chunk_writer(store: ProductStore,
                                                                     monkeypatch) -> None:
