@@ -26,6 +26,29 @@ from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
 #: ``read_region(indices) -> (F, ry, rx)`` raw counts of the central region of frames.
 RegionReader = Callable[[Sequence[int]], np.ndarray]
 
+
+def central_window(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
+    """Rows and columns of the plan stage's central region of a frame.
+
+    Parameters
+    ----------
+    shape
+        Frame shape ``(ny, nx)``, pixels.
+    side
+        Wanted side of the square (``CalibrationParams.ptc_region``), pixels;
+        at most half the frame's height and width (the whole axis for a
+        frame of one row or column).
+
+    Returns
+    -------
+    (slice, slice)
+        ``(ys, xs)``, centred.
+    """
+    ny, nx = shape
+    ry, rx = min(side, ny // 2 or ny), min(side, nx // 2 or nx)
+    y0, x0 = (ny - ry) // 2, (nx - rx) // 2
+    return slice(y0, y0 + ry), slice(x0, x0 + rx)
+
 #: Largest raw count of a 16-bit ADC (ADU).
 ADC_MAX = 65535.0
 #: A flat ladder has left the read-noise regime when, at its highest level, the

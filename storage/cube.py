@@ -515,6 +515,90 @@ class _Ingested:
     source: FrameSource | None = None
 
 
+#: Array of a virtual cube holding each frame's copy of the plan stage's central
+#: region (``plan_window`` attribute: its rows and columns), in a subgroup that
+#: the cube's dataset does not show.
+PLAN_WINDOW_PATH = "plan/window"
+
+
+@dataclass(frozen=True)
+class _WindowSink:
+    """Where the build of a virtual cube keeps each frame's central region (picklable).
+
+    The plan stage reads that region of many frames right after the build:
+    kept as it goes by (a few MB per frame), it is not read from the disk
+    again (its full-width rows: ~20 MB per 61 MP frame).
+    """
+
+    store: str
+    storage_options: dict[str, Any] | None
+    ys: slice
+    xs: slice
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.ys.stop - self.ys.start, self.xs.stop - self.xs.start)
+
+    def create(self, n_frames: int) -> None:
+        """Create the (empty) array of the windows of ``n_frames`` frames."""
+        group = zarr.open_group(self.store, mode="r+", storage_options=self.storage_options)
+        parent, name = PLAN_WINDOW_PATH.split("/")
+        group.require_group(parent).create_array(
+            name, shape=(n_frames, *self.shape), chunks=(1, *self.shape), dtype="uint16",
+            fill_value=0, compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"))
+
+    def write(self, windows: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Store ``(frame index, counts)`` windows (native uint16, ADU)."""
+        if not windows:
+            return
+        array = zarr.open_array(self.store, path=PLAN_WINDOW_PATH, mode="r+",
+                                storage_options=self.storage_options,
+                                config={"write_empty_chunks": True})
+        for index, counts in windows:
+            array[index] = counts
+
+    def of_words(self, words: np.ndarray, bzero: float) -> np.ndarray:
+        """The window's counts from a whole frame's FITS words (big-endian uint16 view)."""
+        part = words[self.ys, self.xs]
+        return decode_be16(part, np.empty(part.shape, np.uint16), bzero=int(bzero))
+
+
+def plan_window_reader(store: str, attrs: Mapping[str, Any], ys: slice, xs: slice, *,
+                       storage_options: dict[str, Any] | None = None
+                       ) -> Callable[[Sequence[int]], np.ndarray] | None:
+    """``read(indices) -> (F, ny, nx)`` uint16 of the central region a virtual cube's build kept.
+
+    Parameters
+    ----------
+    store
+        The cube.
+    attrs
+        Its group attributes (``open_cube(store).attrs``).
+    ys, xs
+        The region wanted.
+
+    Returns
+    -------
+    callable or None
+        None where the build kept no region, or another one: read the frames.
+        The counts are those :class:`VirtualFrameReader` gives for the region (tested).
+    """
+    region = attrs.get("plan_window")
+    if region is None or list(region) != [ys.start, ys.stop, xs.start, xs.stop]:
+        return None
+    array = zarr.open_array(store, path=PLAN_WINDOW_PATH, mode="r",
+                            storage_options=storage_options)
+    shape = (ys.stop - ys.start, xs.stop - xs.start)
+
+    def read(indices: Sequence[int]) -> np.ndarray:
+        out = np.empty((len(indices), *shape), dtype=np.uint16)
+        for k, i in enumerate(indices):
+            out[k] = array[int(i)]
+        return out
+
+    return read
+
+
 def _buffer_hdu(buf: np.ndarray, path: str, hdu: int) -> HduInfo:
     """The image HDU of a file held in ``buf`` (header blocks only)."""
     view = memoryview(buf).cast("B")
@@ -554,8 +638,15 @@ class _PieceStatistics:
     sums; tested).
     """
 
-    def __init__(self, info: HduInfo, shape: tuple[int, int], path: str) -> None:
+    def __init__(self, info: HduInfo, shape: tuple[int, int], path: str,
+                 window: tuple[slice, slice] | None = None) -> None:
         self.path = path
+        self.bzero = info.bzero
+        # ``window``: rows and columns whose words are kept as they go by (:meth:`window`)
+        self.region = window
+        self.kept = (None if window is None else
+                     np.empty((window[0].stop - window[0].start,
+                               window[1].stop - window[1].start), dtype=np.uint16))
         self.shape = shape
         ny, nx = shape
         self.row_bytes = 2 * nx
@@ -575,7 +666,19 @@ class _PieceStatistics:
         words = block.view(np.uint16).reshape(-1, self.shape[1])
         _frame_rows(words, self.next_row, self.sub, self.rows, self.cols, self.box,
                     *self.centre, True, self.flip)
+        if self.region is not None:
+            ys, xs = self.region
+            lo, hi = max(self.next_row, ys.start), min(self.next_row + words.shape[0], ys.stop)
+            if lo < hi:
+                self.kept[lo - ys.start:hi - ys.start] = (  # type: ignore[index]
+                    words[lo - self.next_row:hi - self.next_row, xs])
         self.next_row += words.shape[0]
+
+    def window(self) -> np.ndarray:
+        """The counts (native uint16, ADU) of the window asked for, once every row was fed."""
+        if self.kept is None or self.next_row != self.shape[0]:
+            raise ValueError("no window kept, or not every row fed")
+        return decode_be16(self.kept, self.kept, bzero=int(self.bzero))
 
     def feed(self, piece: np.ndarray, offset: int) -> None:
         """Count the file's bytes ``offset .. offset + piece.size`` (uint8, in file order)."""
@@ -680,7 +783,8 @@ def _lane_header(path: str, hdu: int, size: int, shape: tuple[int, int]) -> HduI
 
 
 def _ingest_lanes(items: Sequence[tuple[int, str, int]], shape: tuple[int, int],
-                  direct: bool = False, pool: _BufferPool | None = None) -> list[_Ingested]:
+                  direct: bool = False, pool: _BufferPool | None = None,
+                  windows: _WindowSink | None = None) -> list[_Ingested]:
     """Read, hash and count up to :data:`~sitiancal.storage.digest.LANES` frames of a virtual cube at once.
 
     The files are read in lockstep, :data:`_LANE_PIECE` bytes of each per
@@ -688,16 +792,19 @@ def _ingest_lanes(items: Sequence[tuple[int, str, int]], shape: tuple[int, int],
     each piece is counted into its frame's statistics while it is in the cache
     (:class:`_PieceStatistics`). The results equal :func:`_ingest_frame`'s for
     each file (tested). Files whose size is not the batch's first (changed
-    since the scan) are ingested one by one.
+    since the scan) are ingested one by one. ``windows``: each frame's
+    central region is kept there (:class:`_WindowSink`).
     """
     befores = [_stat(path) for _, path, _ in items]
     size = befores[0].st_size
     odd = [k for k, st in enumerate(befores) if st.st_size != size]
     if odd:
-        return [_ingest_frame("", None, i, path, hdu, shape, None, True, direct)
+        return [_ingest_frame("", None, i, path, hdu, shape, None, True, direct, windows)
                 for i, path, hdu in items]
     infos = [_lane_header(path, hdu, size, shape) for _, path, hdu in items]
-    counters = [_PieceStatistics(info, shape, path) for info, (_, path, _) in zip(infos, items, strict=True)]
+    region = None if windows is None else (windows.ys, windows.xs)
+    counters = [_PieceStatistics(info, shape, path, region)
+                for info, (_, path, _) in zip(infos, items, strict=True)]
     buf = pool.take() if pool is not None else None
     if buf is None or buf.shape != (2, LANES, _LANE_PIECE):
         buf = aligned_buffer(2 * LANES * _LANE_PIECE).reshape(2, LANES, _LANE_PIECE)
@@ -745,6 +852,9 @@ def _ingest_lanes(items: Sequence[tuple[int, str, int]], shape: tuple[int, int],
     for k, (index, path, _) in enumerate(items):
         source = _frame_source(infos[k], path, _unchanged(path, befores[k]))
         out.append(_Ingested(index, digests[k], counters[k].result(), source))
+    if windows is not None:
+        windows.write([(index, counter.window())
+                       for (index, _, _), counter in zip(items, counters, strict=True)])
     return out
 
 
@@ -791,12 +901,14 @@ def _stat(path: str) -> os.stat_result:
 
 def _ingest_frame(store: str, storage_options: dict[str, Any] | None, index: int, path: str,
                   hdu: int, shape: tuple[int, int], pool: _BufferPool | None = None,
-                  virtual: bool = False, direct: bool = False) -> _Ingested:
+                  virtual: bool = False, direct: bool = False,
+                  windows: _WindowSink | None = None) -> _Ingested:
     """Read one file once and return its statistics.
 
     Copy layout: the pixels are written into ``frames[index]``. Virtual layout:
-    nothing is written; the frame's :class:`FrameSource` is returned, with the
-    size and modification time of the file the hashed bytes came from.
+    only the frame's central region is written (to ``windows``, where given);
+    the frame's :class:`FrameSource` is returned, with the size and
+    modification time of the file the hashed bytes came from.
     ``direct``: read past the page cache (:func:`storage.frames.read_file_direct`).
     """
     before = _stat(path) if virtual else None
@@ -810,7 +922,15 @@ def _ingest_frame(store: str, storage_options: dict[str, Any] | None, index: int
             info = _buffer_hdu(buf, path, hdu)
             _check_in_place(info, path, shape)
             source = _frame_source(info, path, after)
+            window = None
+            if windows is not None and buf.size >= info.data_end:
+                # from the words, before the statistics (which may decode them in place)
+                words = np.frombuffer(buf, dtype=np.uint16, count=math.prod(shape),
+                                      offset=info.data_offset).reshape(shape)
+                window = windows.of_words(words, info.bzero)
             stats = _virtual_statistics(buf, info, path, source.shape)
+            if window is not None:
+                windows.write([(index, window)])  # type: ignore[union-attr]
         else:
             frame = read_frame_bytes(buf, hdu, name=path)   # in place: aliases buf
             _check_shape(path, frame.shape, shape)
@@ -1044,7 +1164,8 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
                scheduler: Any = None, max_workers: int | None = None,
                storage_options: dict[str, Any] | None = None,
                layout: Layout = "auto", direct: bool = False,
-               lane_hash: bool | Literal["auto"] = "auto") -> xr.Dataset:
+               lane_hash: bool | Literal["auto"] = "auto",
+               plan_window: tuple[slice, slice] | None = None) -> xr.Dataset:
     """Build the cube of the accepted frames of ``inventory`` at ``store`` (zarr v3).
 
     Parameters
@@ -1095,6 +1216,12 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         :mod:`hashlib` (``False``); ``"auto"`` (default): side by side where
         that is faster on this CPU (measured once per process) and the
         frames hold at least :data:`LANE_MIN_BYTES`. The results are the same.
+    plan_window
+        Virtual layout: the rows and columns of a region (the plan stage's,
+        ``compute.plan.central_window``) whose counts are kept for every frame
+        as it is read (:data:`PLAN_WINDOW_PATH`, the ``plan_window`` group
+        attribute; :func:`plan_window_reader`), so that the plan stage does
+        not read the frames again. Ignored for a copy cube.
 
     Returns
     -------
@@ -1149,6 +1276,15 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
     except (OSError, ValueError) as exc:
         raise CubeError(key, f"cannot create the cube: {exc}") from None
 
+    windows = None
+    if plan_window is not None and chosen == "virtual":
+        ys, xs = (slice(*s.indices(n)[:2]) for s, n in zip(plan_window, (ny, nx), strict=True))
+        windows = _WindowSink(key, storage_options, ys, xs)
+        try:
+            windows.create(len(records))
+        except (OSError, ValueError) as exc:
+            raise CubeError(key, f"cannot create the cube: {exc}") from None
+
     pool = None if _is_client(scheduler) or scheduler == "processes" else _BufferPool()
     prefix = f"{_KEY_PREFIX}-{uuid.uuid4().hex}-"
     if direct and chosen == "virtual" and max_workers is None and not _is_client(scheduler):
@@ -1160,7 +1296,7 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
                         else ([], list(range(len(records)))))
     tasks = [dask.delayed(_ingest_frame, pure=False)(
         key, storage_options, i, records[i].path, records[i].hdu, (ny, nx), pool,
-        chosen == "virtual", direct, dask_key_name=f"{prefix}{i}") for i in singles]
+        chosen == "virtual", direct, windows, dask_key_name=f"{prefix}{i}") for i in singles]
     lane_pool = None if pool is None else _BufferPool()
     frames: dict[str, int] = {}
     for j, batch in enumerate(batches):
@@ -1168,7 +1304,7 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         frames[name] = len(batch)
         tasks.append(dask.delayed(_ingest_lanes, pure=False)(
             [(i, records[i].path, records[i].hdu) for i in batch], (ny, nx), direct, lane_pool,
-            dask_key_name=name))
+            windows, dask_key_name=name))
     try:
         results = _run_tasks(tasks, prefix, scheduler, max_workers, progress, frames)
     except FrameReadError as exc:
@@ -1189,6 +1325,9 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         final: dict[str, Any] = {"complete": True, "completed": datetime.now(UTC).isoformat()}
         if chosen == "virtual":
             final["frame_sources"] = [r.source.to_dict() for r in results]  # type: ignore[union-attr]
+        if windows is not None:  # every frame's window is written by now
+            final["plan_window"] = [windows.ys.start, windows.ys.stop,
+                                    windows.xs.start, windows.xs.stop]
         # One write of the group metadata marks the cube complete: a failure there
         # (a full disk) leaves the previous metadata, i.e. an incomplete cube.
         group.update_attributes(final)

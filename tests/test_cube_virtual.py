@@ -7,6 +7,7 @@
 - a raw file changed or removed after the build makes the cube stale: the readers
   raise, ``open_cube`` refuses it and ``dataset_cube`` builds it again;
 - compressed or 8-bit frames make the whole cube a copy cube (with the reason);
+- the build keeps every frame's plan region, which the plan stage reads instead;
 - the tile tasks of one row band run together.
 """
 
@@ -648,6 +649,54 @@ def test_frames_hashed_side_by_side_give_the_same_cube(tmp_path: Path, monkeypat
     assert seen[0] == (0, len(files)) and seen[-1] == (len(files), len(files))
     for i, path in enumerate(lanes.file.values):
         assert lanes.sha256.values[i] == hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["side-by-side", "one-by-one"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16], ids=["bzero32768", "signed"])
+def test_the_build_keeps_the_plan_region_of_every_frame(tmp_path: Path, monkeypatch,
+                                                        dtype: type, lanes: bool) -> None:
+    """A virtual cube keeps each frame's plan region as it reads the frame (rows cut across
+    pieces; a file of another size ingested alone): the counts the frame reader gives for
+    it, which the plan stage then reads instead of the frames. Another region, or a copy
+    cube, reads the frames."""
+    import sitiancal.storage.cube as cube_module
+    from sitiancal.compute.plan import central_window
+    from sitiancal.service.pipeline import _region_reader
+    from sitiancal.storage import digest
+    from sitiancal.storage.cube import plan_window_reader
+
+    monkeypatch.setattr(digest, "_SPEEDUPS", [{"vector": 2.0}])
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=23, dtype=dtype, n_bias=5)
+    _move_image_to_extension(tmp_path / "set" / files[2].name)  # a file of another size
+    inventory = scan(tmp_path / "set")
+    monkeypatch.setattr(cube_module, "_LANE_PIECE", DIRECT_ALIGN)
+    ys, xs = central_window(SHAPE, 10)
+    assert (ys, xs) == (slice(7, 17), slice(15, 25))
+    store = str(tmp_path / "virtual.zarr")
+    ds = build_cube(inventory, store, tile=TILE, lane_hash=lanes, plan_window=(ys, xs))
+    plain = build_cube(inventory, tmp_path / "plain.zarr", tile=TILE, lane_hash=lanes)
+    _same_cube(ds, plain)
+    assert set(ds.variables) == set(plain.variables)  # the kept regions are not cube variables
+    assert ds.attrs["plan_window"] == [7, 17, 15, 25] and "plan_window" not in plain.attrs
+    frames = VirtualFrameReader.from_attrs(store, ds.attrs)
+    indices = [3, 0, len(files) - 1, 2, 3]
+    kept = plan_window_reader(store, ds.attrs, ys, xs)
+    assert kept is not None
+    np.testing.assert_array_equal(kept(indices), frames(indices, ys, xs))
+    assert kept(indices).dtype == np.uint16 and kept([]).shape == (0, 10, 10)
+
+    def unread(indices, ys, xs):
+        raise AssertionError("the frames were read again")
+
+    plan_read = _region_reader(unread, store, ds.attrs, SHAPE, 10)
+    np.testing.assert_array_equal(plan_read(indices), frames(indices, ys, xs))
+    assert plan_window_reader(store, ds.attrs, *central_window(SHAPE, 8)) is None
+    other = _region_reader(frames, store, ds.attrs, SHAPE, 8)
+    np.testing.assert_array_equal(other(indices), frames(indices, *central_window(SHAPE, 8)))
+    copy = build_cube(inventory, tmp_path / "copy.zarr", tile=TILE, layout="copy",
+                      plan_window=(ys, xs))
+    assert "plan_window" not in copy.attrs
+    assert plan_window_reader(str(tmp_path / "copy.zarr"), copy.attrs, ys, xs) is None
 
 
 def test_side_by_side_hashing_is_chosen_by_speed_and_size(tmp_path: Path, monkeypatch) -> None:
