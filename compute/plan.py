@@ -49,6 +49,7 @@ def central_window(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
     y0, x0 = (ny - ry) // 2, (nx - rx) // 2
     return slice(y0, y0 + ry), slice(x0, x0 + rx)
 
+
 #: Largest raw count of a 16-bit ADC (ADU).
 ADC_MAX = 65535.0
 #: A flat ladder has left the read-noise regime when, at its highest level, the

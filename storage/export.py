@@ -200,11 +200,11 @@ class BandStream:
     """An image's values, handed over band by band from the thread that reads them.
 
     A source for :func:`write_fits` that is not read again: the thread that
-    reads an array once (to store it as zarr chunks) :meth:`put` s each
-    band of rows, in C order of the array (a stack of maps one map after the
-    other), and the FITS writer consumes them in that order. Each
-    band of the product is then read once from where it comes from (scratch
-    maps on the disk, at 61 MP) for both copies instead of twice.
+    reads an array once (to store it as zarr chunks) hands each band of rows
+    to :meth:`put`, in C order of the array (a stack of maps one map after
+    the other), and the FITS writer consumes them in that order. Each band of
+    the product is then read once from where it comes from (scratch maps on
+    the disk, at 61 MP) for both copies instead of twice.
 
     At most ``depth`` bands wait in between (memory: ``depth`` + 2 bands).
     :meth:`abort`, from either side, makes the other side's next
@@ -302,7 +302,7 @@ def _stream_image(out: _HashedFile, arr: zarr.Array, header: fits.Header,
     """
     shape = tuple(int(n) for n in arr.shape)
     data = arr if source is None else source
-    if not isinstance(data, BandStream) and not hasattr(data, "shape"):
+    if not hasattr(data, "shape"):
         data = np.asarray(data)
     if tuple(int(n) for n in data.shape) != shape:
         raise ValueError(f"source of {arr.name!r} has shape {tuple(data.shape)}, "
@@ -315,7 +315,7 @@ def _stream_image(out: _HashedFile, arr: zarr.Array, header: fits.Header,
     elif isinstance(data, BandStream):  # bands of rows in C order, any height
         for band in data:
             band = np.asarray(band, dtype=arr.dtype)
-            rows = band.reshape(-1, shape[-1]) if band.size else band.reshape(0, shape[-1])
+            rows = band.reshape(-1, shape[-1])
             for y0 in range(0, rows.shape[0], _BAND_ROWS):  # one band's big-endian copy at a time
                 written += out.write(_big_endian(rows[y0:y0 + _BAND_ROWS], header))
     elif len(shape) < 2:  # small vectors: one write

@@ -556,38 +556,47 @@ class _ChunkRecorder(zarr.storage.WrapperStore):
     whole or fails. Only chunks of the arrays being :meth:`watch` ed are kept.
     """
 
-    def __init__(self, store: Any, recorded: dict[str, Any] | None = None,
-                 watched: set[str] | None = None) -> None:
+    def __init__(self, store: Any, shared: _Recorded | None = None) -> None:
         super().__init__(store)
-        self._recorded = {} if recorded is None else recorded
-        self._watched = set() if watched is None else watched
-        self._lock = threading.Lock()
+        self._shared = _Recorded() if shared is None else shared
 
     def _with_store(self, store: Any) -> _ChunkRecorder:
-        return type(self)(store, self._recorded, self._watched)
+        return type(self)(store, self._shared)  # the same records (zarr re-wraps stores)
 
     def watch(self, name: str) -> None:
         """Keep the chunks written under array ``name`` from now on."""
-        self._watched.add(name + "/")
+        with self._shared.lock:
+            self._shared.watched.add(name + "/")
 
     def unwatch(self, name: str) -> None:
         """Stop keeping them, and drop any not taken."""
         prefix = name + "/"
-        self._watched.discard(prefix)
-        with self._lock:
-            for key in [k for k in self._recorded if k.startswith(prefix)]:
-                del self._recorded[key]
+        with self._shared.lock:
+            self._shared.watched.discard(prefix)
+            for key in [k for k in self._shared.chunks if k.startswith(prefix)]:
+                del self._shared.chunks[key]
 
     def take(self, key: str) -> Any | None:
         """The bytes written under ``key`` (None if not recorded), forgotten here."""
-        with self._lock:
-            return self._recorded.pop(key, None)
+        with self._shared.lock:
+            return self._shared.chunks.pop(key, None)
 
     async def set(self, key: str, value: Any) -> None:
         await self._store.set(key, value)
-        if not key.endswith("zarr.json") and any(key.startswith(p) for p in self._watched):
-            with self._lock:
-                self._recorded[key] = value.as_numpy_array()
+        if key.endswith("zarr.json"):
+            return
+        with self._shared.lock:
+            if any(key.startswith(prefix) for prefix in self._shared.watched):
+                self._shared.chunks[key] = value.as_numpy_array()
+
+
+@dataclass
+class _Recorded:
+    """What a :class:`_ChunkRecorder` and its re-wrapped copies keep, under one lock."""
+
+    chunks: dict[str, Any] = field(default_factory=dict)
+    watched: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _StreamedChecksum:
