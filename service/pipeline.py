@@ -632,8 +632,9 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
     A cube that is missing, incomplete, or virtual with a raw file changed or
     vanished since its build (``StaleCubeError``) is built again; ``build_cube``
     picks the layout (virtual when every frame can be read in place).
-    ``plan_side``: a virtual cube built now keeps the plan stage's central
-    region of this side (``CalibrationParams.ptc_region``) of every frame.
+    ``plan_side``: a virtual cube built now past the page cache (direct
+    reads, see :func:`use_direct_reads`) keeps the plan stage's central region
+    of this side (``CalibrationParams.ptc_region``) of every frame.
     """
     from sitiancal.storage.cube import CubeError, build_cube, open_cube
 
@@ -660,11 +661,15 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
         per_thread = 2.5 * 2 * inventory.shape[0] * inventory.shape[1]
         workers = int(max(1, min(2 * (os.cpu_count() or 1), 8, limit // per_thread)))
     n_pixels = len(inventory.frames) * math.prod(inventory.shape or (0, 0))
-    window = (None if plan_side is None or inventory.shape is None else
+    direct = use_direct_reads(settings.direct_reads, 2 * n_pixels)
+    # Read past the page cache, the frames are not cached for the plan stage right
+    # after: the build keeps the plan's region of each frame (a set read through
+    # the cache finds it there, and a small set would pay ~4 ms per frame for
+    # nothing).
+    window = (None if not direct or plan_side is None or inventory.shape is None else
               central_window(tuple(inventory.shape), plan_side))
     ds = build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers,
-                    direct=use_direct_reads(settings.direct_reads, 2 * n_pixels),
-                    plan_window=window)
+                    direct=direct, plan_window=window)
     return ds, store
 
 

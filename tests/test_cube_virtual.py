@@ -280,13 +280,15 @@ def test_service_setting_reads_frames_past_the_cache(tmp_path: Path, monkeypatch
     monkeypatch.setattr(cube_module, "read_file_direct", counting)
     monkeypatch.setattr(cube_module, "open_direct", counting_open)
     monkeypatch.setenv("SITIANCAL_DIRECT_READS", "true")
-    ds, _ = dataset_cube(Settings(data_dir=tmp_path / "data"), "ds1", inventory)
+    ds, _ = dataset_cube(Settings(data_dir=tmp_path / "data"), "ds1", inventory, plan_side=10)
     assert sorted(direct_reads) == sorted(str(r.path) for r in inventory.frames)
     assert ds.attrs["layout"] == "virtual"
+    assert ds.attrs["plan_window"] == [7, 17, 15, 25]  # not in the page cache: kept
     monkeypatch.delenv("SITIANCAL_DIRECT_READS")
     direct_reads.clear()
-    dataset_cube(Settings(data_dir=tmp_path / "data2"), "ds1", inventory)
+    ds, _ = dataset_cube(Settings(data_dir=tmp_path / "data2"), "ds1", inventory, plan_side=10)
     assert direct_reads == []  # "auto" (the default): a set smaller than memory is cached
+    assert "plan_window" not in ds.attrs  # and so is its plan region
     monkeypatch.setattr("sitiancal.service.pipeline.physical_memory_bytes", lambda: 1000)
     dataset_cube(Settings(data_dir=tmp_path / "data3"), "ds1", inventory)
     assert sorted(direct_reads) == sorted(str(r.path) for r in inventory.frames)
@@ -323,6 +325,8 @@ def test_direct_reads_setting_parses_booleans_and_auto(monkeypatch) -> None:
 
 
 def test_service_setting_reads_tile_bands_past_the_cache(tmp_path: Path, monkeypatch) -> None:
+    """Direct reads: the tile bands past the page cache, and the plan's region kept by
+    the build; every figure as without them."""
     from sitiancal.service.pipeline import calibrate
 
     write_camera_set(tmp_path / "set", SHAPE, seed=17)
@@ -335,12 +339,15 @@ def test_service_setting_reads_tile_bands_past_the_cache(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(VirtualFrameReader, "_copy_direct", counting)
     monkeypatch.setenv("SITIANCAL_DIRECT_READS", "true")
-    on = calibrate(tmp_path / "set", "MST1", Settings(data_dir=tmp_path / "on"), wanted=["bias"])
+    on = calibrate(tmp_path / "set", "MST1", Settings(data_dir=tmp_path / "on"))
     assert direct  # the tile pass read its bands with O_DIRECT
     monkeypatch.delenv("SITIANCAL_DIRECT_READS")
     direct.clear()
-    off = calibrate(tmp_path / "set", "MST1", Settings(data_dir=tmp_path / "off"), wanted=["bias"])
+    off = calibrate(tmp_path / "set", "MST1", Settings(data_dir=tmp_path / "off"))
     assert direct == []
+    # the plan read its region from the build's copy in one run, from the frames in the other
+    cubes = [open_cube(next((tmp_path / run / "cubes").glob("*.zarr"))) for run in ("on", "off")]
+    assert "plan_window" in cubes[0].attrs and "plan_window" not in cubes[1].attrs
     assert on.report["figures"] and on.report["figures"] == off.report["figures"]
 
 
