@@ -311,10 +311,11 @@ class Assembler:
         std = self.map("bias_std")
         if std is None:
             return None
-        stats: dict = {"median_adu": _f(finite_median(std))}
-        # the mask's NOISY class, while the map is in memory (not read again for the mask)
+        # the mask's NOISY class, while the map is in memory (not read again for the
+        # mask); the centre is the map's finite median (finite_median's value)
         center, scale = robust_center_scale(std)
         self.flag("noisy", noisy(std, config=self.params.defects, center=center, scale=scale))
+        stats: dict = {"median_adu": _f(center)}
         arrays = [ProductArray("READ_NOISE", self.lazy("bias_std"), "ADU",
                                "per-pixel temporal std of the bias stack")]
         g = self.conversion_gain()
