@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m sitiancal.service.demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each test file in
+# one of them (module fixtures are built once). Most of a run is one core's
+# work (numba compiling the signatures only tests use, subprocesses, HTTP
+# round trips): 2 workers take ~half the time of one on a 2-core machine.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
