@@ -269,10 +269,15 @@ def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef
         w = np.empty((n_lev, block))
         pred = np.empty((n_lev, block))
         nu = np.zeros(block, np.int64)
-        mmax = np.full(block, -np.inf)
+        # running maximum of the valid means over the levels, kept in two rows that
+        # alternate (read one, write the other): a maximum kept in one row compiles
+        # to masked stores (see defects._flag)
+        mmax = np.full((2, block), -np.inf)
         floor = np.empty(block)
         sums = np.empty((5, block))
         acc = np.empty(block)
+        cm = np.empty(block)
+        cv = np.empty(block)
         nrow = np.empty(block)
         slope = np.full(block, np.nan)  # NaN if no iteration runs (n_iter < 0)
         icpt = np.full(block, np.nan)
@@ -283,23 +288,27 @@ def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef
             vj = v[j]
             src_m = mean_t[j, p0:p0 + nb]
             src_v = var_t[j, p0:p0 + nb]
+            # the level's values go to the scratch rows ``cm``, ``cv`` first and are
+            # checked into ``m``, ``v`` below: checked in place (``mj[i] = mj[i] if ok
+            # else 0``), LLVM compiles the update to masked stores (see defects._flag),
+            # microcode on AMD Zen 2/3
             for i in range(nb):
-                mj[i] = np.float64(src_m[i])
-                vj[i] = np.float64(src_v[i])
+                cm[i] = np.float64(src_m[i])
+                cv[i] = np.float64(src_v[i])
             if linearize:  # v' = v P'(m)^2, m' = P(m), Horner's rule a coefficient at a time
                 for i in range(nb):
                     acc[i] = 0.0
                 for c in range(dcoef.shape[0]):
                     for i in range(nb):
-                        acc[i] = acc[i] * mj[i] + dcoef[c]
+                        acc[i] = acc[i] * cm[i] + dcoef[c]
                 for i in range(nb):
-                    vj[i] = vj[i] * acc[i] * acc[i]
+                    cv[i] = cv[i] * acc[i] * acc[i]
                     acc[i] = 0.0
                 for c in range(coef.shape[0]):
                     for i in range(nb):
-                        acc[i] = acc[i] * mj[i] + coef[c]
+                        acc[i] = acc[i] * cm[i] + coef[c]
                 for i in range(nb):
-                    mj[i] = acc[i]
+                    cm[i] = acc[i]
             if per_pixel_n:
                 for i in range(nb):
                     nrow[i] = n[p0 + i, j]
@@ -307,9 +316,11 @@ def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef
                 for i in range(nb):
                     nrow[i] = n[0, j]
             dj = dof[j]
+            mx_in = mmax[j & 1]
+            mx_out = mmax[(j + 1) & 1]
             for i in range(nb):
-                mm = mj[i]
-                vv = vj[i]
+                mm = cm[i]
+                vv = cv[i]
                 nj = nrow[i]
                 # finite, positive, below max_mean, n > 1 (comparisons false for NaN)
                 ok = ((mm > 0.0) & (mm <= max_mean) & (mm < np.inf) & (np.abs(vv) < np.inf)
@@ -319,9 +330,9 @@ def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef
                 vj[i] = vv if ok else 0.0
                 dj[i] = nj - 1.0 if ok else 0.0
                 nu[i] += 1 if ok else 0
-                mmax[i] = mm if mm > mmax[i] else mmax[i]
+                mx_out[i] = max(mx_in[i], mm)
         for i in range(nb):
-            floor[i] = max(1e-3 * mmax[i], 1e-12)
+            floor[i] = max(1e-3 * mmax[n_lev & 1, i], 1e-12)
         for j in range(n_lev):
             for i in range(nb):
                 pred[j, i] = max(m[j, i], floor[i])

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from codegen import masked_stores, x86_only
 from sklearn.mixture import GaussianMixture
 
 from sitiancal.compute import defects as D
@@ -455,28 +452,13 @@ def test_rtn_stage1_network_is_bit_identical(n_f: int, monkeypatch) -> None:
         assert flags[3000:].mean() > 0.3
 
 
-#: Compiles the stage-1 kernel (as the tile pass calls it: a uint16 chunk of a
-#: C stack) for the CPU named in NUMBA_CPU_NAME and prints its masked stores.
-_MASKED_STORES = """
-import re
-import numba
-from numba import types as t
-from sitiancal.compute import defects as D
-a1, a2 = (lambda d: t.Array(d, 1, "C")), (lambda d: t.Array(d, 2, "C"))
-sig = t.none(t.Array(t.uint16, 2, "A"), a1(t.float32), t.boolean, a1(t.int64), t.uint64,
-             a2(t.int64), a1(t.float64), t.float64, t.float64, t.int64, a1(t.float64),
-             a1(t.float64))
-kernel = numba.njit(sig, parallel=True, nogil=True, error_model="numpy")(
-    D._rtn_stage1_network.py_func)
-asm = "".join(kernel.inspect_asm().values())
-assert "vmovups" in asm or "vmovaps" in asm, "no AVX code generated"
-# AT&T operand order: a store's last operand is the memory address
-print(len(re.findall(r"vmaskmovp[sd]\\s+%[xy]mm\\d+,\\s*%[xy]mm\\d+,\\s*[^%\\s]", asm)))
-"""
+#: The stage-1 kernel's signature as the tile pass calls it (a uint16 chunk of a C stack).
+_STAGE1_SIGNATURE = (
+    't.none(t.Array(t.uint16, 2, "A"), a1(t.float32), t.boolean, a1(t.int64), t.uint64, '
+    'a2(t.int64), a1(t.float64), t.float64, t.float64, t.int64, a1(t.float64), a1(t.float64))')
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="checks x86 code generation (numba compiles for the host CPU family)")
+@x86_only
 def test_rtn_stage1_kernel_compiles_without_masked_stores_for_zen3(tmp_path) -> None:
     """The stage-1 kernel's running maxima and sorting network compile to selects.
 
@@ -484,11 +466,8 @@ def test_rtn_stage1_kernel_compiles_without_masked_stores_for_zen3(tmp_path) -> 
     they became ``vmaskmov`` stores (11 of them), which Zen 2/3 run as
     microcode (the kernel took ~1.4-1.6x as long there; see ``defects._flag``).
     """
-    env = {**os.environ, "NUMBA_CPU_NAME": "znver3", "NUMBA_CPU_FEATURES": "",
-           "NUMBA_CACHE_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", _MASKED_STORES], env=env, check=True,
-                         capture_output=True, text=True, timeout=600)
-    assert int(out.stdout.split()[-1]) == 0, out.stdout
+    assert masked_stores("sitiancal.compute.defects", "_rtn_stage1_network",
+                         _STAGE1_SIGNATURE, tmp_path) == 0
 
 
 def test_rtn_float_input_with_nan_takes_the_per_pixel_path() -> None:
