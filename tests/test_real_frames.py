@@ -1,7 +1,7 @@
 """Real sensor frames: the ESIS camera 1 frames that PyPI's ``msfc-ccd`` 1.2.0 ships.
 
 ``msfc-ccd`` (BSD-3-Clause; Roy T. Smart, the MSFC sounding-rocket team)
-carries frames of the ESIS cameras (e2v CCD230-42 sensors, four taps each
+carries frames of the ESIS cameras (Teledyne e2v CCD230-42 sensors, four taps each
 with its own amplifier and analogue chain, 16-bit, BZERO 32768, 1040 x 2152
 words) taken in the camera tests of July 2017:
 
@@ -59,8 +59,8 @@ FE55 = "msfc_ccd/_data/fe55/ESIS1_00002.fit.gz"
 KALPHA_E = 5895.0 / 3.65
 #: Read noise of the sensor in ``msfc-ccd``'s sensor model (e-).
 SENSOR_READ_NOISE_E = 10.5
-#: Taps: 2 x 2 blocks of 520 rows x 1076 columns (50 blank columns on the
-#: amplifier's side, 2 overscan columns on the other, 8 masked rows).
+#: Taps: 2 x 2 blocks of 520 rows x 1076 columns, each with blank (50) and
+#: overscan (2) columns and masked rows at its edges (``msfc-ccd``'s sensor model).
 TAP_ROWS, TAP_COLS = 520, 1076
 
 
