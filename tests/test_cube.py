@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from astropy.stats import sigma_clipped_stats
 from click.testing import CliRunner
 from fitscorpus import write_camera_set, write_corpus
+from framestats import reference_stats
 
 from sitiancal.service.cli import main as cli
 from sitiancal.storage import cube as cube_module
 from sitiancal.storage.cube import (
     CubeError,
     build_cube,
-    center_box,
     choose_tile,
     frame_statistics,
     frame_statistics_be16,
@@ -87,20 +86,11 @@ def test_coordinates(built) -> None:
             assert np.all(np.diff(times) >= np.timedelta64(0, "ns"))
 
 
-def _reference_stats(frame: np.ndarray) -> dict[str, float]:
-    x = frame.astype(np.float64)
-    r0, r1, c0, c1 = center_box(*frame.shape)
-    mean, _, std = sigma_clipped_stats(x, sigma=3.0, maxiters=1, cenfunc="median",
-                                       stdfunc="mad_std")
-    return {"mean": x.mean(), "median": np.median(x), "clipped_mean": mean,
-            "clipped_std": std, "center_mean": x[r0:r1, c0:c1].mean()}
-
-
 def test_frame_statistics_match_numpy(built) -> None:
     _, _, _, _, ds, _ = built
     frames = ds.frames.values.astype(np.float64)
     for i in range(ds.sizes["frame"]):
-        ref = _reference_stats(frames[i])
+        ref = reference_stats(frames[i])
         assert ds.frame_mean.values[i] == pytest.approx(ref["mean"], rel=1e-12)
         assert ds.frame_median.values[i] == ref["median"]
         assert ds.frame_clipped_mean.values[i] == pytest.approx(ref["clipped_mean"], rel=1e-12)
@@ -123,7 +113,7 @@ def test_statistics_kernel_against_numpy_and_astropy(seed: int, shape: tuple[int
     frame.flat[0] = 65535
     frame = frame.astype(np.uint16)
     stats = frame_statistics(frame)
-    ref = _reference_stats(frame)
+    ref = reference_stats(frame)
     assert stats.mean == pytest.approx(ref["mean"], rel=1e-12)
     assert stats.median == ref["median"]
     assert stats.clipped_mean == pytest.approx(ref["clipped_mean"], rel=1e-12)
