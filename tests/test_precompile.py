@@ -138,3 +138,23 @@ def test_precompile_camera_reaches_the_parallel_kernels():
 
     ny, nx = PRECOMPILE_CAMERA["shape"]
     assert ny * nx >= max(_PARALLEL_MIN, _FUSED_MIN) > _CHUNK_PIXELS
+
+
+def test_precompile_decodes_words_in_place(monkeypatch):
+    # A job's direct reads decode each frame's kept plan window in place (one
+    # contiguous array for src and out): a kernel of its own, which a 61 MP job
+    # compiled during its run until `sitiancal compile` called it this way.
+    from sitiancal.service import precompile
+    from sitiancal.storage import frames
+
+    calls = []
+    decode = frames.decode_be16
+
+    def recording(src, out, *, bzero):
+        calls.append((out is src, src.flags.c_contiguous, src.flags.writeable))
+        return decode(src, out, bzero=bzero)
+
+    monkeypatch.setattr(frames, "decode_be16", recording)
+    precompile._remaining_signatures()
+    assert (True, True, True) in calls  # in place
+    assert (False, False, False) in calls  # a read-only window into another array
