@@ -309,7 +309,7 @@ _BASE_BYTES = 800_000_000
 #: waiting for its next stack from the disk (a tile's first stack is not read
 #: ahead, and a dark or flat group is reduced faster than it is read); the
 #: extra task computes meanwhile. 300-frame 61 MP job from cold files on
-#: 2 cores (Zen 4 VM): see README, Performance.
+#: 2 cores (Zen 4 VM): see benchmarks/HISTORY.md (run 05l).
 EXTRA_TILE_TASKS = 1
 
 
