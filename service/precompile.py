@@ -177,8 +177,9 @@ def _remaining_signatures() -> None:
 
     * FITS word decoding from windows (``A`` layout) and whole rows (``C``),
       of read-only buffers (a memory map, bytes) and writable ones (the
-      direct reader's aligned buffers), into C arrays, and in place (a whole
-      frame read into memory; the 61 MP benchmark compiled it during its run).
+      direct reader's aligned buffers), into C arrays, and in place (a frame
+      read whole into memory, the plan window kept from a set's direct reads:
+      the 61 MP benchmark compiled it during its run).
     * Both candidates of the sorts chosen by timing (:func:`sort_backend`,
       :func:`row_sort_backend`): each times both, so both are compiled even
       where the other wins.
