@@ -478,6 +478,29 @@ def _rate(n: float, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
 
+def cpu_floor_note(result: dict[str, Any]) -> str | None:
+    """What the job's CPU time alone allows: its busy core-seconds over the machine's cores.
+
+    The wall time of a run can come near its read baseline only while the
+    CPU work fits in that time: busy core-s / cores is the least wall time
+    the stages' CPU work takes however well the cores are kept busy. Given
+    for runs on the local threaded scheduler only (a cluster's workers are
+    other processes on other machines).
+    """
+    e2e = result.get("end_to_end")
+    if not e2e or "cpu_s" not in e2e or not str(result.get("scheduler", "")).startswith("threads"):
+        return None
+    cores = int(result["machine"]["cpus"])
+    parts = ", ".join(f"{name} {s['cpu_s']:.1f}" for name, s in result["stages"].items()
+                      if "cpu_s" in s)
+    note = (f"Busy core-s: {e2e['cpu_s']:.1f} ({parts}): on {cores} cores at least "
+            f"{e2e['cpu_s'] / cores:.1f} s however well they are kept busy")
+    read_s = result["baselines"].get("read", {}).get("wall_s")
+    if read_s:
+        note += f"; 3x the read once is {3 * read_s:.1f} s"
+    return note + "."
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Render the result as a markdown table (plus a header line and notes)."""
     m = result["machine"]
@@ -524,6 +547,9 @@ def markdown(result: dict[str, Any]) -> str:
         for key, label in (("kernel_speedup", "kernel"), ("speedup", "whole job")):
             if key in mb:
                 lines.append(f"| speed-up vs ccdproc, {label} | {mb[key]:.1f}x | | |")
+    floor = cpu_floor_note(result)
+    if floor:
+        lines += ["", floor]
     graph = result.get("graph")
     if graph:
         lines += ["", f"Graph construction for a {graph['n_frames']:.0f}-frame cube of this "

@@ -57,6 +57,8 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     assert "| sitiancal master-bias kernel" in table and "Graph construction" in table
     assert "| **end to end** |" in proc.stdout
     assert "read once, 3 runs: " in table and "the ratios use the fastest" in table
+    assert (f"Busy core-s: {e2e['cpu_s']:.1f} (scan " in table
+            and f"3x the read once is {3 * read['wall_s']:.1f} s." in table)
     compiled = result["compiled_during_run"]  # depends on the cache this suite filled so far
     assert isinstance(compiled, list) and all(n.startswith("sitiancal.") for n in compiled)
     assert (f"numba compiled {len(set(compiled))} kernels" if compiled
@@ -206,3 +208,17 @@ def test_spawned_workers_keep_freed_memory_as_a_job_does(tmp_path: Path,
     assert got["env"] == allocator_environment()
     if platform.libc_ver()[0] == "glibc":
         assert got["released"] < 8 << 20
+
+
+def test_cpu_floor_note_sets_the_core_seconds_against_the_read() -> None:
+    bench = _load()
+    result = {"scheduler": "threads (2)", "machine": {"cpus": 2},
+              "stages": {"cube": {"cpu_s": 30.5}, "tiles": {"cpu_s": 66.0}},
+              "end_to_end": {"cpu_s": 96.5}, "baselines": {"read": {"wall_s": 16.1}}}
+    assert bench.cpu_floor_note(result) == (
+        "Busy core-s: 96.5 (cube 30.5, tiles 66.0): on 2 cores at least 48.2 s however "
+        "well they are kept busy; 3x the read once is 48.3 s.")
+    del result["baselines"]["read"]
+    assert bench.cpu_floor_note(result).endswith("kept busy.")
+    result["scheduler"] = "distributed tcp://127.0.0.1:8786, 4 workers"
+    assert bench.cpu_floor_note(result) is None  # the workers' CPU is elsewhere
