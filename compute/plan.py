@@ -19,7 +19,7 @@ import numpy as np
 
 from sitiancal.compute.bias import BiasStability, bias_stability, temporal_row_noise
 from sitiancal.compute.linearity import LinearityFit, fit_linearity
-from sitiancal.compute.ptc import PairStats, PTCFit, fit_ptc, pair_stats
+from sitiancal.compute.ptc import PairStats, PTCFit, find_turnoff, fit_ptc, pair_stats
 from sitiancal.compute.readnoise import ConventionalReadNoise, conventional_read_noise
 from sitiancal.compute.tile import CalibrationParams, FrameGroup, TilePlan
 
@@ -88,12 +88,48 @@ def _read_noise_regime(points: Sequence[dict], conv_rn: ConventionalReadNoise | 
             f"or longer flats")
 
 
-def _ptc_failure(points: Sequence[dict], exc: Exception) -> str:
-    """Reason why the conventional PTC could not be fitted on ``points``."""
+def _ladder_turnover(points: Sequence[dict]) -> float | None:
+    """Turnoff (ADU above the offset) of the conventional PTC points, if they turn over.
+
+    A ladder whose pixels fill their full well below the ADC limit shows it as
+    a PTC whose variance drops past its maximum (clipped pixels have no shot
+    noise): :func:`compute.ptc.find_turnoff` of the points, when the point of
+    maximum variance is not the brightest one. Saturation lies between that
+    point and the next brighter one; where the maximum is the faintest point
+    (no fainter neighbour for the parabola), half-way between the two, the
+    furthest ``find_turnoff`` moves towards a neighbour. None when the
+    variance rises to the brightest point (or there are fewer than two
+    points): no turnover seen.
+    """
+    m = np.array([p["mean"] for p in points], dtype=np.float64)
+    v = np.array([p["var"] for p in points], dtype=np.float64)
+    ok = np.isfinite(m) & np.isfinite(v)
+    if ok.sum() < 2:
+        return None
+    order = np.argsort(m[ok])
+    m, v = m[ok][order], v[ok][order]
+    k = int(np.argmax(v))
+    if k == m.size - 1:
+        return None
+    if k == 0:
+        return float(0.5 * (m[0] + m[1]))
+    return find_turnoff(m, v)
+
+
+def _ptc_failure(points: Sequence[dict], exc: Exception, turnover: float | None = None) -> str:
+    """Reason why the conventional PTC could not be fitted on ``points``.
+
+    ``turnover``: where the points turn over (:func:`_ladder_turnover`), if they do.
+    """
     flat = [p for p in points if not (np.isfinite(p["var"]) and p["var"] > 0
                                       and np.isfinite(p["var_err"]) and p["var_err"] > 0)]
     detail = (f"; {len(flat)} of the {len(points)} flat levels have no temporal noise "
               "(saturated or clipped pixels)" if flat else "")
+    if turnover is not None:
+        below = sum(1 for p in points if p["mean"] < turnover)
+        detail += (f"; the points turn over at ~{turnover:.0f} ADU above the offset ({below} "
+                   f"of {len(points)} levels below it): the pixels saturate below the ADC "
+                   "limit, and the PTC needs more flat levels below that signal")
     return f"the conventional PTC could not be fitted: {exc}{detail}"
 
 
@@ -309,6 +345,9 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
                        "var_err": var_err, "n_pairs": len(stats)})
     ptc = ptc_astier = None
     read_noise_regime = _read_noise_regime(points, conv_rn)
+    # where the points turn over, if they do (a ladder in the read-noise regime
+    # has no shot-noise curve to turn over: its maximum is noise)
+    turnover = _ladder_turnover(points) if read_noise_regime is None else None
     if read_noise_regime is not None:
         for name in ("ptc", "gain", "flat"):
             missing[name] = read_noise_regime
@@ -319,7 +358,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         try:
             ptc = fit_ptc(m, v, e, model="linear")
         except (RuntimeError, ValueError) as exc:
-            missing["ptc"] = _ptc_failure(points, exc)
+            missing["ptc"] = _ptc_failure(points, exc, turnover)
         if ptc is not None:
             try:
                 ptc_astier = fit_ptc(m, v, e, model="astier")
@@ -335,6 +374,13 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     saturation = adc_limit
     if ptc is not None and np.isfinite(ptc.turnoff_adu) and ptc.turnoff_adu < 0.99 * adc_limit:
         saturation = float(ptc.turnoff_adu)
+    elif ptc is None and turnover is not None and turnover < 0.99 * adc_limit:
+        # the PTC could not be fitted, but its points turn over: the pixels' full
+        # well fills below the ADC limit, and levels past it must not feed the
+        # per-pixel gain, the linearity or the flat
+        saturation = turnover
+        notes.append(f"the conventional PTC could not be fitted, but its points turn over: "
+                     f"saturation taken as their turnoff, {turnover:.0f} ADU above the offset")
     elif flats:
         notes.append("the flat ladder does not reach a PTC turnoff below the ADC limit; "
                      "saturation taken as the ADC limit minus the bias level")

@@ -4,6 +4,8 @@
 - flat pairs only (no stacks): conventional PTC, linearity and flat, but no
   per-pixel gain, with the reason;
 - no darks: every other product, and the reason the dark is missing;
+- a CCD-like camera whose full well fills far below the ADC limit, with a
+  ladder of one unsaturated level: no gain or linearity from clipped levels;
 - another seed, shape and header convention (N.I.N.A.) for the core figures.
 """
 
@@ -73,3 +75,44 @@ def test_another_seed_shape_and_convention(tmp_path):
     expected = np.median(np.sqrt(truth.read_noise**2 + (truth.gain * truth.config.row_noise_sigma) ** 2
                                  + truth.gain**2 / 12.0))
     assert rn == pytest.approx(expected, rel=0.02)
+
+
+def test_full_well_below_the_adc_limit_with_too_few_levels_for_a_ptc(tmp_path):
+    # 2 e-/ADU and a 20 000 e- full well: pixels clip at ~10 000 ADU above the
+    # 1000 ADU offset, where the ADC reaches 65 535. The default ladder (3-70 % of
+    # the ADC range) has one unsaturated level, too few for a PTC fit; the points
+    # still turn over, and the clipped levels must not feed the per-pixel gain or
+    # the linearity (fitted on them they gave 0.48 e-/ADU for 2.0, and 26 %
+    # "nonlinearity").
+    outcome, truth = _outcome(tmp_path, shape=(64, 80), seed=35, gain_mean=2.0, gain_sigma=0.02,
+                              full_well=20000.0, read_noise_median=3.5, bias_level=1000.0)
+    full_well_adu = truth.config.full_well / float(np.median(truth.gain))
+    signals = [p["signal"] for p in outcome.planned.linearity_points]
+    saturation = outcome.planned.plan.saturation
+    # between the one unsaturated level and the full well
+    assert max(s for s in signals if s < 0.5 * full_well_adu) < saturation < full_well_adu
+    assert any("points turn over" in n for n in outcome.planned.notes)
+    assert "the points turn over at ~" in outcome.missing["ptc"]
+    assert "more flat levels below that signal" in outcome.missing["ptc"]
+    assert "gain" not in outcome.products and "linearity" not in outcome.products
+    assert "below 70% of saturation" in outcome.missing["gain"]
+    assert "of saturation" in outcome.missing["linearity"]
+    # the products that do not need the ladder's slope are still made
+    assert {"bias", "read_noise", "dark", "flat", "mask"} <= set(outcome.products)
+
+
+def test_ladder_turnover_from_ptc_points():
+    from sitiancal.compute.plan import _ladder_turnover
+    from sitiancal.compute.ptc import find_turnoff
+
+    def pts(means, variances):
+        return [{"mean": m, "var": v} for m, v in zip(means, variances, strict=True)]
+
+    assert _ladder_turnover(pts([1000.0, 4000.0, 8000.0], [500.0, 2000.0, 4000.0])) is None
+    assert _ladder_turnover(pts([1000.0], [500.0])) is None
+    assert _ladder_turnover(pts([1000.0, float("nan")], [500.0, 3.0])) is None
+    # the faintest point is the noisiest: half-way to the next (clipped) one
+    assert _ladder_turnover(pts([10000.0, 2000.0], [3.0, 1000.0])) == 6000.0
+    # an interior maximum: the parabola of find_turnoff, in any order of the points
+    means, variances = [1000.0, 4000.0, 7000.0, 9000.0], [500.0, 2000.0, 3400.0, 40.0]
+    assert _ladder_turnover(pts(means[::-1], variances[::-1])) == find_turnoff(means, variances)
