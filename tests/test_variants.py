@@ -116,3 +116,23 @@ def test_ladder_turnover_from_ptc_points():
     # an interior maximum: the parabola of find_turnoff, in any order of the points
     means, variances = [1000.0, 4000.0, 7000.0, 9000.0], [500.0, 2000.0, 3400.0, 40.0]
     assert _ladder_turnover(pts(means[::-1], variances[::-1])) == find_turnoff(means, variances)
+
+
+def test_hot_pixels_clipped_in_the_longest_darks_keep_their_rate(tmp_path):
+    # The ZWO camera (0.254 e-/ADU) clips at the ADC's 65 535 ADU: a hot pixel
+    # above ~27 e-/s fills it within the 600 s darks. Its clipped group, in the
+    # fit, pulled its rate down by a third; left out per pixel, the rate is the
+    # unclipped groups' slope.
+    outcome, truth = _outcome(tmp_path, shape=(64, 80), seed=36, hot_fraction=2e-2)
+    dark = {a.name: a.data for a in outcome.products["dark"].arrays}
+    rate_adu = np.asarray(dark["DARK_RATE_ADU"][...], dtype=np.float64)
+    chi2 = np.asarray(dark["DARK_CHI2"][...], dtype=np.float64)
+    truth_adu = truth.dark_rate / truth.gain  # ADU/s
+    level = truth.bias + np.max(truth.config.dark_exptimes) * truth_adu
+    clipped = level > 65535
+    unclipped_hot = (truth.dark_rate > 1.0) & ~clipped
+    assert clipped.sum() >= 5
+    rel = rate_adu / truth_adu - 1.0
+    assert np.max(np.abs(rel[clipped])) < 0.05
+    assert np.median(chi2[clipped]) < 3.0  # a straight line through the groups used
+    assert np.max(np.abs(rel[unclipped_hot])) < 0.05
