@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sitiancal.compute.bias import BiasStability, bias_stability, temporal_row_noise
+from sitiancal.compute.defects import count_quantum
 from sitiancal.compute.linearity import LinearityFit, fit_linearity
 from sitiancal.compute.ptc import PairStats, PTCFit, find_turnoff, fit_ptc, pair_stats
 from sitiancal.compute.readnoise import ConventionalReadNoise, conventional_read_noise
@@ -275,6 +276,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     # ---- bias series ----------------------------------------------------------
     stability = None
     row_noise = None
+    quantum = 1
     bias_level: float | None = None
     bias_region: np.ndarray | float = 0.0
     conv_rn = None
@@ -286,7 +288,13 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
             stability = bias_stability(t - t[0], levels)
         else:
             notes.append("bias frames without DATE-OBS: no bias stability series")
-        regions = read_region(bias.indices[: max(2, min(bias.n, 16))]).astype(np.float64)
+        raw = read_region(bias.indices[: max(2, min(bias.n, 16))])
+        quantum = count_quantum(raw[:2])
+        if quantum > 1:
+            notes.append(f"bias counts come in steps of {quantum} ADU (an ADC of fewer than 16 "
+                         "bits, scaled): the RTN test works in those steps")
+        regions = raw.astype(np.float64)
+        del raw
         bias_region = regions.mean(axis=0)
         conv_rn = conventional_read_noise(regions[0], regions[1])
         if table.row_mean is not None:
@@ -447,6 +455,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         saturation=float(saturation), gain_levels=gain_levels, lin_used=lin_used,
         lin_at=lin_at, flat_ref=flat_ref,
         linearizer=tuple(float(c) for c in np.asarray(lin.linearizer)) if lin is not None else (),
+        bias_quantum=quantum,
     )
     return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
                       conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,

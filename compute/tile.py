@@ -155,6 +155,9 @@ class TilePlan:
         linearised signal, from the linearity stage; empty when unknown. The
         per-pixel gain fit uses linearised means and variances, so the
         sensor's nonlinearity near the top of the fit range does not bias g.
+    bias_quantum : int
+        Step (ADU) of the bias frames' counts (``compute.defects.count_quantum``):
+        1 for a 16-bit ADC, 4 or 16 for a 14- or 12-bit one scaled to 16 bits.
     """
 
     bias: FrameGroup | None
@@ -169,6 +172,7 @@ class TilePlan:
     lin_at: tuple[int, ...]
     flat_ref: int | None
     linearizer: tuple[float, ...] = ()
+    bias_quantum: int = 1
 
     @property
     def has_dark_fit(self) -> bool:
@@ -383,7 +387,8 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             maps["bias_trend_z"] = np.asarray(trend.z, dtype=f32)
             maps["rtn"] = detect_rtn(stack, frame_level=level, config=params.defects,
                                      seed=params.seed,
-                                     pixel_index=_sensor_index(where, stack.shape)).astype(f32)
+                                     pixel_index=_sensor_index(where, stack.shape),
+                                     quantum=plan.bias_quantum).astype(f32)
         del stack
 
     # ---- darks --------------------------------------------------------------

@@ -681,3 +681,42 @@ def test_student_t_kernel_equals_numpy_reference() -> None:
     assert flags[2000:].mean() > 0.9 and flags[:2000].mean() < 0.01
     with pytest.raises(ValueError, match="backend"):
         D._student_t_loglike(rows, backend="gpu")
+
+
+def test_count_quantum_is_the_step_of_the_counts():
+    rng = np.random.default_rng(3)
+    counts = rng.normal(2000, 20, size=(2, 64, 64)).astype(np.int64)
+    assert D.count_quantum(counts.astype(np.uint16)) == 1
+    assert D.count_quantum((counts // 4 * 4).astype(np.uint16)) == 4  # 14-bit ADC, x4
+    assert D.count_quantum((counts // 16 * 16 + 3).astype(np.uint16)) == 16  # x16, plus an offset
+    assert D.count_quantum(np.full(10, 512, np.uint16)) == 1  # one value: no step seen
+    assert D.count_quantum(np.array([4.0, 8.5])) == 1
+    assert D.count_quantum(np.array([4.0, 12.0, np.nan])) == 1
+    assert D.count_quantum(np.array([4.0, 12.0, 20.0])) == 8
+
+
+def test_rtn_test_in_the_steps_of_a_coarser_adc():
+    # Gaussian bias series with 4 ADU of noise, counted by a 14-bit ADC scaled to
+    # 16 bits (steps of 4 ADU): dithered by one ADU, the steps are discrete levels
+    # to the test; counted in steps, it flags no more than the same noise in 1 ADU
+    # counts, and still finds telegraph pixels (steps of 32 ADU, 8 sigma).
+    rng = np.random.default_rng(11)
+    n_f, ny, nx = 24, 120, 150
+    noise = rng.normal(0.0, 4.0, size=(n_f, ny, nx))
+    rtn = rng.choice(ny * nx, size=30, replace=False)
+    states = rng.integers(0, 2, size=(n_f, rtn.size))
+    flat = noise.reshape(n_f, -1)
+    flat[:, rtn] += 32.0 * states
+    fine = np.round(1000.0 + noise).astype(np.uint16)
+    coarse = (np.floor(1000.0 + noise) // 4 * 4).astype(np.uint16)
+    assert D.count_quantum(coarse) == 4
+    ref = detect_rtn(fine, seed=1)
+    stepped = detect_rtn(coarse, seed=1, quantum=4)
+    unaware = detect_rtn(coarse, seed=1)
+    others = np.ones(ny * nx, bool)
+    others[rtn] = False
+    assert unaware.ravel()[others].mean() > 0.01  # the failure the quantum removes
+    assert stepped.ravel()[others].sum() <= ref.ravel()[others].sum() + 3
+    assert stepped.ravel()[rtn].mean() > 0.8
+    with pytest.raises(ValueError, match="quantum"):
+        detect_rtn(coarse, quantum=0)

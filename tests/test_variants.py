@@ -136,3 +136,32 @@ def test_hot_pixels_clipped_in_the_longest_darks_keep_their_rate(tmp_path):
     assert np.max(np.abs(rel[clipped])) < 0.05
     assert np.median(chi2[clipped]) < 3.0  # a straight line through the groups used
     assert np.max(np.abs(rel[unclipped_hot])) < 0.05
+
+
+def test_a_14_bit_adc_scaled_to_16_bits(tmp_path):
+    # The same camera counted in steps of 4 ADU (a 14-bit ADC whose counts are
+    # written x4, as many CMOS cameras do): the plan finds the step in the bias
+    # frames, and the RTN test works in it (dithered by one ADU, the steps were
+    # levels: 4 % of the pixels flagged RTN on a 600 x 800 set).
+    import shutil
+
+    from astropy.io import fits
+
+    raw, truth = small_dataset(tmp_path, shape=(64, 80), seed=37)
+    coarse = tmp_path / "coarse"
+    shutil.copytree(raw, coarse)
+    for path in coarse.glob("*.fits"):
+        if path.name == "truth.fits":
+            continue
+        with fits.open(path, mode="update") as hdul:
+            hdul[0].data = (hdul[0].data.astype(np.int64) // 4 * 4).astype(np.uint16)
+    inventory = scan(coarse)
+    store = str(tmp_path / "cube.zarr")
+    build_cube(inventory, store)
+    outcome = compute_products(open_cube(store), store, tmp_path / "work",
+                               params=CalibrationParams())
+    assert outcome.planned.plan.bias_quantum == 4
+    assert any("steps of 4 ADU" in n for n in outcome.planned.notes)
+    mask = next(a for a in outcome.products["mask"].arrays if a.name == "MASK").data
+    rtn = (np.asarray(mask[...]) >> 5) & 1  # MaskBit.RTN
+    assert rtn.sum() <= len(truth.rtn.y) + 0.002 * rtn.size
