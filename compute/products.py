@@ -30,6 +30,7 @@ from sitiancal.compute.defects import (
     hot_warm,
     local_median,
     mask_counts,
+    neighbour_median,
     noisy,
     nonlinear,
     robust_center_scale,
@@ -391,6 +392,17 @@ class Assembler:
             hot[rows], warm[rows] = hot_warm(rb, eb, populations=pops, config=self.params.defects,
                                              center=center, scale=scale,
                                              background=background[rows])
+        # The 64 px cells cannot follow a level that changes over a few pixels
+        # (glow at a corner): the pixels found warm over them are tested again
+        # over the median of their own 5 x 5 neighbourhood (a warm pixel stays
+        # warm while fewer than half of its 24 neighbours are as warm: clusters).
+        cand = np.flatnonzero(warm)
+        if cand.size:
+            yy, xx = np.unravel_index(cand, rate.shape)
+            near = np.fmax(background[yy, xx], neighbour_median(r, yy, xx))
+            _, warm.ravel()[cand] = hot_warm(r[yy, xx], e[yy, xx], populations=pops,
+                                             config=self.params.defects, center=center,
+                                             scale=scale, background=near)
         del ok, background
         arrays.append(ProductArray("DARK_CLASS", cls, "", "population index of each pixel (255: no fit)"))
         self.flag("hot", hot)

@@ -720,3 +720,49 @@ def test_rtn_test_in_the_steps_of_a_coarser_adc():
     assert stepped.ravel()[rtn].mean() > 0.8
     with pytest.raises(ValueError, match="quantum"):
         detect_rtn(coarse, quantum=0)
+
+
+@pytest.mark.parametrize("half", [1, 2, 4])
+def test_neighbour_median_is_scipy_median_filter_without_the_pixel(half: int) -> None:
+    """Each pixel's value is scipy's filter over the mirrored window, the pixel left out."""
+    from scipy.ndimage import generic_filter
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(0.002, 0.0005, (37, 53)).astype(np.float32)
+    footprint = np.ones((2 * half + 1,) * 2, dtype=bool)
+    footprint[half, half] = False
+    # scipy's "mirror" reflects about the edge pixel (d c b | a b c d), as ours;
+    # np.median (its median_filter takes one rank of an even count, not the mean of two)
+    expected = generic_filter(a.astype(np.float64), np.median, footprint=footprint, mode="mirror")
+    yy, xx = np.mgrid[0:37, 0:53]
+    got = D.neighbour_median(a, yy.ravel(), xx.ravel(), half=half).reshape(a.shape)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    # NaN neighbours are left out; a pixel without any neighbour value gets NaN
+    b = np.full((5, 5), np.nan)
+    b[2, 2] = 1.0
+    b[0, 0] = 3.0
+    assert np.isnan(D.neighbour_median(b, [2], [2], half=1)[0])
+    assert D.neighbour_median(b, [2], [2], half=2)[0] == 3.0
+    with pytest.raises(ValueError, match="same length"):
+        D.neighbour_median(a, [1, 2], [1])
+    with pytest.raises(ValueError, match="half"):
+        D.neighbour_median(a, [1], [1], half=0)
+
+
+def test_neighbour_median_follows_a_steep_glow_but_not_a_warm_cluster() -> None:
+    """A glow falling by e in 6 px is the level of its pixels; a 3 x 3 warm cluster is not."""
+    ny, nx = 64, 80
+    y, x = np.mgrid[0:ny, 0:nx]
+    glow = 0.002 + 0.02 * np.exp(-np.hypot(y, x - (nx - 1)) / 6.0)
+    near = D.neighbour_median(glow, y.ravel(), x.ravel()).reshape(glow.shape)
+    away = np.hypot(y, x - (nx - 1)) > 2  # the cusp at the corner falls on every side
+    # The glow is convex, so its pixels stand above their neighbours' median
+    # (10 % of the level at 2 px from the corner, 2.5 % at 10 px), but by less
+    # than the lowest WARM excess, 3 robust sigma of a 0.0006 e-/s main
+    # population.
+    excess = glow - near
+    assert np.max(excess[away]) < DefectConfig().warm_min_nsigma * 0.0006
+    warm = np.full((ny, nx), 0.002)
+    warm[30:33, 40:43] = 0.02
+    med = D.neighbour_median(warm, np.array([31, 30, 32]), np.array([41, 40, 42]))
+    np.testing.assert_array_equal(med, 0.002)
