@@ -12,6 +12,7 @@ zarr arrays); each map is materialised only while its product is assembled.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +41,8 @@ from sitiancal.compute.flat import master_flat, prnu_emva
 from sitiancal.compute.gain import frames_for_precision, gain_populations
 from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.plan import PlanResult
-from sitiancal.compute.readnoise import read_noise_map, read_noise_summary
-from sitiancal.compute.summary import finite_median, row_bands
+from sitiancal.compute.readnoise import median_std_factor, read_noise_map, read_noise_summary
+from sitiancal.compute.summary import clipped_survivors, finite_median, row_bands
 from sitiancal.compute.tile import CalibrationParams
 
 #: Peak memory of building one product, bytes per frame pixel: up to ~1.5 GB at
@@ -125,6 +126,25 @@ def _to_log(gain: np.ndarray, gain_err: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.log(g), np.asarray(gain_err, dtype=np.float64) / g
 
 
+def _gain_centre(lg: np.ndarray, lg_err: np.ndarray) -> tuple[float, float]:
+    """Gain of a one-population camera (e-/ADU) and its error, from ln g and its errors.
+
+    A pixel's gain is ``1 / a`` with the fitted slope ``a`` unbiased, so
+    ``E[ln g_hat] = ln g + (sigma_g / g)^2 / 2`` to second order: the centre is
+    ``exp`` of the mean of ``ln g_hat - (sigma_g / g)^2 / 2`` over the pixels
+    (5-sigma clipped about the median), its error that of the mean. It is not
+    weighted by the pixels' errors: a pixel's fit takes its error from its own
+    counts (a low intercept gives a steeper slope and a smaller error), and
+    the error-weighted centre of a one-component mixture of these corrected
+    values came out 0.4-3 % low on simulated sets. Simulated fits (6-14 levels of 8-40 frames, relative
+    errors of 9-21 %): within 0.2 % of the true gain, where the map's median
+    is 0.2-1.1 % high.
+    """
+    kept = clipped_survivors(lg - 0.5 * lg_err * lg_err, 5.0)
+    centre = float(np.exp(kept.mean()))
+    return centre, centre * float(kept.std(ddof=1)) / math.sqrt(kept.size)
+
+
 def _mixture_table(fit: MixtureFit, name: str, units: str) -> ProductTable:
     best = fit.best
     return ProductTable(
@@ -163,6 +183,8 @@ class Assembler:
     _mask: np.ndarray | None = None
     _evaluated: set[str] = field(default_factory=set)
     _gain_pop: MixtureFit | None = None
+    #: unimodal gain centre and its error (e-/ADU), set with _gain_pop
+    _gain_centre: tuple[float, float] = (float("nan"), float("nan"))
     _gain_conv: np.ndarray | float | None = None
     _gain_med: float | None = None
     _gain_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -211,8 +233,11 @@ class Assembler:
 
         Per pixel, the mean of the gain population the pixel belongs to (a
         per-pixel estimate from ~10 levels is noisier than the population
-        centre); the median per-pixel gain when the population is unimodal;
-        the conventional PTC gain when there is no per-pixel gain.
+        centre); the one population's mean when it is unimodal (the median
+        per-pixel gain where no mixture could be fitted, fewer than 100
+        pixels); the conventional PTC gain when there is no per-pixel gain.
+        The one population's mean is corrected for the skew of ``1/a``
+        (:func:`_gain_centre`), which the map's median is not (+0.2 to +1.1 %).
         """
         with self._gain_lock:  # computed once, possibly on a helper thread
             return self._conversion_gain()
@@ -234,6 +259,8 @@ class Assembler:
                     lg, lg_err = _to_log(g[ok], e[ok])
                     conv[rows][ok] = centres[fit.best.classify(lg, lg_err)]
                 self._gain_conv = conv
+            elif fit is not None:
+                self._gain_conv = self._gain_centre[0]
             else:
                 self._gain_conv = median
         elif self.planned.ptc is not None:
@@ -273,6 +300,7 @@ class Assembler:
                 return None
             idx = _subsample(ok.ravel(), self.params.mixture_samples, self.params.seed)
             lg, lg_err = _to_log(gain.ravel()[idx], err.ravel()[idx])
+            self._gain_centre = _gain_centre(lg, lg_err)  # a unimodal camera's gain
             self._gain_pop = gain_populations(lg, lg_err, seed=self.params.seed,
                                               max_samples=self.params.mixture_samples)
         return self._gain_pop
@@ -319,10 +347,19 @@ class Assembler:
         stats: dict = {"median_adu": _f(center)}
         arrays = [ProductArray("READ_NOISE", self.lazy("bias_std"), "ADU",
                                "per-pixel temporal std of the bias stack")]
+        # The map's median is below the pixels' median read noise by the median
+        # of a sample std from n frames (9 % at 5 frames, 2 % at 20): the figure
+        # quoted for the sensor is the map's median divided by that factor.
+        factor = median_std_factor(self.planned.plan.bias.n)
+        stats["median_std_factor"] = factor
+        stats["median_adu_map"] = stats["median_adu"]
+        stats["median_adu"] = _f(center / factor)
         g = self.conversion_gain()
         if g is not None:
             stats["per_pixel_e"] = read_noise_summary(read_noise_map(std, g))
-            stats["median_e"] = stats["per_pixel_e"].get("median")
+            raw = stats["per_pixel_e"].get("median")
+            stats["median_e_map"] = raw
+            stats["median_e"] = _f(raw / factor) if raw is not None else None
             # stored band by band from the ADU map: the e- map is not kept in memory
             arrays.append(ProductArray("READ_NOISE_E", ScaledMap(self.lazy("bias_std"), g), "e-",
                                        "per-pixel read noise"))
@@ -462,6 +499,16 @@ class Assembler:
             best = pops.best
             mu, sig = np.asarray(best.means), np.asarray(best.sigmas)
             order = np.argsort(mu)
+            # the sensor's gain (what the map's median approximates with a +0.2-1 %
+            # skew): the clipped mean of the corrected ln g of a unimodal camera,
+            # the largest population's mean otherwise, with its error
+            main = int(np.argmax(np.asarray(best.weights)))
+            if len(mu) > 1:
+                stats["population_gain"] = _f(np.exp(mu[main]))
+                stats["population_gain_err"] = (_f(np.exp(mu[main]) * best.means_err[main])
+                                                if best.means_err is not None else None)
+            else:
+                stats["population_gain"], stats["population_gain_err"] = map(_f, self._gain_centre)
             stats["populations"] = {
                 "space": "fitted on ln g with relative errors; gain = exp(mean)",
                 "n_components": len(mu),

@@ -208,7 +208,9 @@ def fig_read_noise(sample_e: np.ndarray, stats: Mapping[str, Any],
     if conv is not None:
         ax.axvline(float(conv), color="C3", label=f"conventional (bias pairs) {float(conv):.3f} e-")
     if med is not None:
-        ax.axvline(float(med), color="k", ls="--", label=f"per-pixel median {float(med):.3f} e-")
+        # the map's median over the median of a sample std from the bias frames used
+        ax.axvline(float(med), color="k", ls="--",
+                   label=f"per-pixel median {float(med):.3f} e- (for the frame count)")
     ax.set_xlabel("read noise (e-)")
     ax.set_ylabel("pixels per bin")
     ax.set_title("Read noise: conventional vs per pixel")

@@ -87,3 +87,20 @@ def test_read_noise_summary_statistics():
     json.dumps(out)
     empty = read_noise_summary(np.full((3, 3), np.nan))
     assert empty["n_pixels"] == 0 and empty["median"] is None and empty["p50"] is None
+
+
+@pytest.mark.parametrize("n", [2, 5, 20, 101])
+def test_median_std_factor_is_the_median_of_sample_stds(n: int):
+    from sitiancal.compute.readnoise import median_std_factor
+
+    rng = np.random.default_rng(n)
+    s = np.std(rng.normal(0.0, 3.0, (400_000, n)), axis=1, ddof=1)
+    # the median of 400k draws: within ~0.3 % / sqrt(n - 1) of the true one
+    assert np.median(s) / 3.0 == pytest.approx(median_std_factor(n), rel=0.004)
+
+
+def test_median_std_factor_needs_two_frames():
+    from sitiancal.compute.readnoise import median_std_factor
+
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        median_std_factor(1)
