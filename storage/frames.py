@@ -448,7 +448,14 @@ def _astropy_read(source: IO[bytes], info: HduInfo, name: str) -> np.ndarray:
 
 
 def _as_counts(data: np.ndarray, name: str) -> np.ndarray:
-    """Native-endian uint16/uint8 copy of integer pixel data, refusing anything else."""
+    """Native-endian uint16/uint8 copy of raw counts, refusing anything else.
+
+    8- and 16-bit integers are taken as they are (signed ones refused where
+    negative). Wider integers and floating point (BITPIX 32, 64, -32, -64:
+    counts a simulator or converter wrote in a wide type) become uint16 when
+    every value is a whole number within 0-65535, checked in row bands
+    (:func:`_wide_as_counts`); otherwise the frame is refused with the reason.
+    """
     if data.dtype.kind == "u" and data.dtype.itemsize in (1, 2):
         return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("="))
     if data.dtype.kind == "i" and data.dtype.itemsize <= 2:
@@ -458,7 +465,44 @@ def _as_counts(data: np.ndarray, name: str) -> np.ndarray:
                                        f"{8 * data.dtype.itemsize}-bit data without BZERO offset")
         return np.ascontiguousarray(data, dtype=np.uint16 if data.dtype.itemsize == 2
                                     else np.uint8)
+    if data.dtype.kind in "iuf" and data.ndim == 2:
+        return _wide_as_counts(data, name)
     raise FrameReadError(name, f"pixel type {data.dtype} is not raw 8- or 16-bit counts")
+
+
+#: Rows of a wide-typed frame checked and converted at once (bounds the temporaries).
+_WIDE_ROWS = 256
+
+
+def _wide_as_counts(data: np.ndarray, name: str) -> np.ndarray:
+    """uint16 counts of a 32/64-bit integer or floating-point frame, or FrameReadError.
+
+    Refused: non-finite values, values with a fraction (not raw counts: DESIGN's
+    "non-integer data"), and values outside 0-65535 (not a 16-bit camera's
+    counts); the reason names the first offending pixel (row, column).
+    """
+    kind = "floating-point" if data.dtype.kind == "f" else f"{8 * data.dtype.itemsize}-bit integer"
+    out = np.empty(data.shape, dtype=np.uint16)
+    for y0 in range(0, data.shape[0], _WIDE_ROWS):
+        band = np.asarray(data[y0 : y0 + _WIDE_ROWS])
+        if data.dtype.kind == "f":
+            bad = ~np.isfinite(band)
+            if bad.any():
+                y, x = np.argwhere(bad)[0]
+                raise FrameReadError(name, f"non-finite value {band[y, x]} at pixel "
+                                           f"({y0 + y}, {x}) in {kind} data: not raw counts")
+            bad = band != np.floor(band)
+            if bad.any():
+                y, x = np.argwhere(bad)[0]
+                raise FrameReadError(name, f"non-integer value {band[y, x]:g} at pixel "
+                                           f"({y0 + y}, {x}) in {kind} data: not raw counts")
+        bad = (band < 0) | (band > 65535)
+        if bad.any():
+            y, x = np.argwhere(bad)[0]
+            raise FrameReadError(name, f"value {band[y, x]:g} at pixel ({y0 + y}, {x}) outside "
+                                       f"0-65535 in {kind} data: not 16-bit raw counts")
+        out[y0 : y0 + band.shape[0]] = band
+    return out
 
 
 def read_frame(path: PathLike, hdu: int | None = None) -> np.ndarray:

@@ -449,8 +449,21 @@ def _operating_state(hdr: _Header, path: str, warn: _Warnings) -> OperatingState
     )
 
 
-def _check_pixels(image: HduInfo) -> None:
-    """Raise ValueError unless the image holds 2-D raw 8- or 16-bit counts."""
+#: Pixel types of files that hold counts in a wider type than the camera's 16
+#: bits (a simulator's or converter's ``int64`` or ``float64``): accepted, and
+#: each frame is converted when read, refused then unless its values are whole
+#: counts within 0-65535 (``storage.frames``).
+WIDE_BITPIX = (32, 64, -32, -64)
+
+
+def _check_pixels(image: HduInfo) -> str | None:
+    """Raise ValueError unless the image holds 2-D raw counts; a warning for wide types.
+
+    8- and 16-bit integers are the camera's counts. 32/64-bit integers and
+    floating point are accepted with the returned warning: their values are
+    checked when the frame is read (whole numbers within 0-65535, else the
+    frame is refused naming the file), which the header alone cannot tell.
+    """
     axes = image.image_axes
     if len(axes) != 2:
         shape = " x ".join(str(a) for a in axes)
@@ -459,17 +472,17 @@ def _check_pixels(image: HduInfo) -> None:
     if 0 in axes:
         raise ValueError(f"empty image (shape {axes[0]} x {axes[1]})")
     bitpix = image.bitpix
-    if bitpix < 0:
-        raise ValueError(f"floating-point data (BITPIX={bitpix}) where raw integer counts "
-                         "are expected")
-    if bitpix in (32, 64):
-        raise ValueError(f"{bitpix}-bit integer data (BITPIX={bitpix}) where 8- or 16-bit raw "
-                         "counts are expected")
     bzero, bscale = image.bzero, image.bscale
-    allowed = {8: (0.0,), 16: (0.0, 32768.0)}[bitpix]
+    allowed = {8: (0.0,), 16: (0.0, 32768.0), 32: (0.0, 2.0**31), 64: (0.0, 2.0**63),
+               -32: (0.0,), -64: (0.0,)}.get(bitpix, ())
     if bscale != 1.0 or bzero not in allowed:
         raise ValueError(f"scaled data (BITPIX={bitpix}, BZERO={bzero:g}, BSCALE={bscale:g}) "
                          "are not raw counts")
+    if bitpix in WIDE_BITPIX:
+        kind = "floating-point" if bitpix < 0 else f"{bitpix}-bit integer"
+        return (f"{kind} data (BITPIX={bitpix}): converted to 16-bit counts when read, "
+                "and refused then unless every value is a whole count within 0-65535")
+    return None
 
 
 def _inspect(path: str, warn: _Warnings) -> FrameRecord | Rejection:
@@ -493,7 +506,7 @@ def _inspect(path: str, warn: _Warnings) -> FrameRecord | Rejection:
 def _classify(path: str, hdr: _Header, warn: _Warnings) -> FrameRecord | Rejection:
     image = hdr.image
     try:
-        _check_pixels(image)
+        wide = _check_pixels(image)
     except ValueError as exc:
         return Rejection(file=path, reason=str(exc))
 
@@ -558,6 +571,8 @@ def _classify(path: str, hdr: _Header, warn: _Warnings) -> FrameRecord | Rejecti
     if image.bitpix == 16 and image.bzero == 0.0:
         warn.file(path, "signed 16-bit data without BZERO=32768: negative values are "
                         "refused when the pixels are read")
+    if wide is not None:
+        warn.file(path, wide)
     ny, nx = image.image_axes
     return FrameRecord(
         path=path, type=ftype, exptime=exptime, temperature=temperature,

@@ -4,8 +4,9 @@
 conventions of MaxIm DL/ASCOM, N.I.N.A., SharpCap, IRAF and Ekos, with 8- and
 16-bit data, images in extension 1, tile-compressed and gzip files, plus the bad
 files a real folder holds (truncated, empty, not FITS, tables, wrong shape,
-missing, negative or contradictory exposure, unknown or contradictory type, float
-with NaN, 32- and 64-bit, 3-D, mixed GAIN or OFFSET, a duplicated frame...).
+missing, negative or contradictory exposure, unknown or contradictory type,
+scaled, 3-D, mixed GAIN or OFFSET, a duplicated frame...), and whole counts in
+32/64-bit and floating-point types, which are accepted.
 It returns one :class:`CorpusFile` per file with what a correct scan must say
 about it, so the same corpus serves scan, cube and reliability tests.
 
@@ -228,6 +229,17 @@ def write_good_frames(w: _Writer) -> None:
     w.files.append(CorpusFile("layout/int16_bias.fits", "good", "bias", exptime=0.0,
                               temperature=-10.0, time=t, pixels=signed.astype(np.uint16),
                               warning="signed 16-bit data without BZERO=32768"))
+    # whole counts in wide types (a simulator's int64 or float64): converted when read
+    for bitpix, dtype in ((32, np.int32), (64, np.int64), (-32, np.float32), (-64, np.float64)):
+        t = w.next_time()
+        counts = _frame(w.rng, w.shape, 700.0)
+        name = f"layout/bitpix{bitpix}_dark.fits"
+        write_fits(w.root / name, counts.astype(dtype),
+                   {**STATE, "IMAGETYP": "DARK", "EXPTIME": 10.0, "CCD-TEMP": -10.0,
+                    "DATE-OBS": date(t)})
+        w.files.append(CorpusFile(name, "good", "dark", exptime=10.0, temperature=-10.0, time=t,
+                                  pixels=counts, warning=f"data (BITPIX={bitpix}): converted to "
+                                                         "16-bit counts when read"))
     # names are not trusted; odd but acceptable headers
     t = w.next_time()
     w.good("bias_001.fits", "dark", {"IMAGETYP": "DARK", "EXPTIME": 60.0, "CCD-TEMP": -10.0,
@@ -295,20 +307,6 @@ def write_bad_files(w: _Writer) -> None:
     write_fits(w.root / "bad/sharpcap_old_no_type.fits", dark,
                {**base, "SWCREATE": "SharpCap"})
     w.bad("bad/sharpcap_old_no_type.fits", "no frame-type keyword")
-    write_fits(w.root / "bad/float32.fits", dark.astype(np.float32),
-               {**base, "IMAGETYP": "DARK"})
-    w.bad("bad/float32.fits", "floating-point data (BITPIX=-32)")
-    write_fits(w.root / "bad/float64.fits", dark.astype(np.float64),
-               {**base, "IMAGETYP": "DARK"})
-    w.bad("bad/float64.fits", "floating-point data (BITPIX=-64)")
-    nan_frame = dark.astype(np.float32)
-    nan_frame[3, 5] = np.nan
-    write_fits(w.root / "bad/float_nan.fits", nan_frame, {**base, "IMAGETYP": "DARK"})
-    w.bad("bad/float_nan.fits", "floating-point data (BITPIX=-32)", note="NaN pixels")
-    write_fits(w.root / "bad/int32.fits", dark.astype(np.int32), {**base, "IMAGETYP": "DARK"})
-    w.bad("bad/int32.fits", "32-bit integer data (BITPIX=32)")
-    write_fits(w.root / "bad/int64.fits", dark.astype(np.int64), {**base, "IMAGETYP": "DARK"})
-    w.bad("bad/int64.fits", "64-bit integer data (BITPIX=64)")
     write_fits(w.root / "bad/cube3d.fits", np.stack([dark, dark, dark]),
                {**base, "IMAGETYP": "DARK"})
     w.bad("bad/cube3d.fits", f"3-D data (NAXIS=3, shape 3 x {ny} x {nx})")

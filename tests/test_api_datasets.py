@@ -48,7 +48,7 @@ def test_register_reads_the_inventory(env):
     assert body["exposure_times"]["dark"] == [0.0, 30.0, 120.0, 600.0]
     # truth.fits (float maps) sits next to the frames: it is the one rejection
     assert [Path(x["file"]).name for x in body["rejected"]] == ["truth.fits"]
-    assert "raw integer counts" in body["rejected"][0]["reason"]
+    assert "no frame-type keyword" in body["rejected"][0]["reason"]
     assert body["label"] == "march" and body["camera"] == "MST3"
     assert body["supported_products"] == ["bias", "read_noise", "dark", "ptc", "gain",
                                           "linearity", "flat", "mask"]

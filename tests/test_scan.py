@@ -197,13 +197,13 @@ def test_fsspec_url_source(corpus) -> None:
 
     root, files, _ = corpus
     fs = fsspec.filesystem("memory")
-    names = ["nina/DARK_30s.fits", "layout/tile_dark.fz", "bad/float32.fits"]
+    names = ["nina/DARK_30s.fits", "layout/tile_dark.fz", "bad/cube3d.fits"]
     for name in names:
         fs.pipe(f"/corpus-test/{name}", (root / name).read_bytes())
     try:
         inventory = scan("memory://corpus-test")
         assert [r.type for r in inventory.frames] == [FrameType.DARK, FrameType.DARK]
-        assert [r.reason[:19] for r in inventory.rejected] == ["floating-point data"]
+        assert [r.reason[:9] for r in inventory.rejected] == ["3-D data "]
         pixels = next(f.pixels for f in files if f.name == names[0])
         np.testing.assert_array_equal(read_frame(inventory.frames[1].path), pixels)
     finally:
@@ -290,6 +290,31 @@ def test_read_frame_errors(corpus, tmp_path: Path) -> None:
     write_fits(tmp_path / "neg.fits", negative, {"IMAGETYP": "BIAS"})
     with pytest.raises(FrameReadError, match=r"negative counts \(minimum -7\)"):
         read_frame(tmp_path / "neg.fits")
+
+
+@pytest.mark.parametrize(("dtype", "value", "reason"), [
+    (np.float32, np.nan, r"non-finite value nan at pixel \(300, 4\) in floating-point data"),
+    (np.float64, 512.25, r"non-integer value 512.25 at pixel \(300, 4\) in floating-point"),
+    (np.float64, -3.0, r"value -3 at pixel \(300, 4\) outside 0-65535 in floating-point"),
+    (np.int64, 70000, r"value 70000 at pixel \(300, 4\) outside 0-65535 in 64-bit integer"),
+    (np.int32, -1, r"value -1 at pixel \(300, 4\) outside 0-65535 in 32-bit integer"),
+])
+def test_wide_typed_frames_are_read_only_as_whole_16_bit_counts(tmp_path: Path, dtype, value,
+                                                                 reason: str) -> None:
+    """Counts in a wide type are read as uint16; a value that is not a count refuses the frame."""
+    counts = np.random.default_rng(3).integers(0, 65536, (400, 9)).astype(dtype)
+    counts[0, :2] = (0, 65535)  # the range's edges are counts
+    write_fits(tmp_path / "ok.fits", counts, {"IMAGETYP": "BIAS"})
+    got = read_frame(tmp_path / "ok.fits")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, counts.astype(np.uint16))
+    counts[300, 4] = value  # past the first band of rows: every band is checked
+    write_fits(tmp_path / "bad.fits", counts, {"IMAGETYP": "BIAS"})
+    with pytest.raises(FrameReadError, match=reason):
+        read_frame(tmp_path / "bad.fits")
+    inventory = scan(tmp_path)  # headers only: accepted, with the warning
+    assert len(inventory.frames) == 2 and not inventory.rejected
+    assert any("converted to 16-bit counts when read" in w for w in inventory.warnings)
 
 
 # ----------------------------------------------------------------------------- CLI
