@@ -263,16 +263,22 @@ def _saturated_left_out(means: np.ndarray, times: Sequence[float],
     fraction): a hot pixel clipped at its full well or the ADC limit in the
     longest darks, whose rate those groups would pull down (by a third at a
     1200 s dark on a 20 000 e- full well, measured). Such groups are set to NaN
-    (the fit leaves them out per pixel) where at least two groups remain, and
-    restored afterwards (the means are also the flats' offsets). A pixel
-    saturated in all but one group keeps them all: its rate is then a lower
-    bound, and it is still a hot pixel.
+    (the fit leaves them out per pixel) where groups of at least two
+    exposure times remain, and restored afterwards (the means are also the
+    flats' offsets). A pixel saturated at all but one exposure time (the
+    bias and a 0 s dark group are one time) keeps them all: its rate is then
+    a lower bound, and it is still a hot pixel.
     """
     k_ref = int(np.argmin(times))
     saturated = np.zeros(means.shape, dtype=bool)
     for k in range(means.shape[0]):  # one group's difference at a time
         np.greater(means[k] - means[k_ref], limit, out=saturated[k])
-    saturated &= (saturated.shape[0] - saturated.sum(axis=0, dtype=np.int16) >= 2)[None]
+    t = np.asarray(times, dtype=np.float64)
+    kept_times = np.zeros(means.shape[1:], dtype=np.int16)
+    for ti in np.unique(t):  # exposure times with an unsaturated group
+        kept_times += ~np.all(saturated[t == ti], axis=0)
+    saturated &= (kept_times >= 2)[None]
+    del kept_times
     where = np.nonzero(saturated)
     del saturated
     kept = means[where]

@@ -766,3 +766,24 @@ def test_neighbour_median_follows_a_steep_glow_but_not_a_warm_cluster() -> None:
     warm[30:33, 40:43] = 0.02
     med = D.neighbour_median(warm, np.array([31, 30, 32]), np.array([41, 40, 42]))
     np.testing.assert_array_equal(med, 0.002)
+
+
+def test_upper_tail_scale_is_sigma_for_a_gaussian_and_wider_for_a_log_normal() -> None:
+    rng = np.random.default_rng(8)
+    g = rng.normal(0.002, 0.0016, 1_000_000).astype(np.float32)  # errors dominate: Gaussian
+    c = float(np.median(g))
+    assert D.upper_tail_scale(g, c) == pytest.approx(0.0016, rel=0.01)
+    assert D.upper_tail_scale(g, c) == pytest.approx(D.robust_center_scale(g)[1], rel=0.01)
+    ln = (0.02 * np.exp(rng.normal(0.0, 0.3, 1_000_000))).astype(np.float32)
+    c, mad_scale = D.robust_center_scale(ln)
+    tail = D.upper_tail_scale(ln, c)
+    # (exp(0.6) - 1) / 2 = 0.411 of the median, against 1.4826 MAD = 0.30
+    assert tail == pytest.approx(0.02 * (np.exp(0.6) - 1.0) / 2.0, rel=0.01)
+    assert tail > 1.3 * mad_scale
+    # 5 of these sigmas: 3.05x the median, 1e-4 of a log-normal 0.3 beyond it
+    assert np.mean(ln > c + 5 * tail) < 2e-4 < np.mean(ln > c + 5 * mad_scale) / 5
+    with_nan = np.where(rng.random(ln.size) < 0.1, np.nan, ln).astype(np.float32)
+    assert D.upper_tail_scale(with_nan, c) == pytest.approx(tail, rel=0.02)
+    assert np.isnan(D.upper_tail_scale(np.full(5, np.nan), 0.0))
+    with pytest.raises(ValueError, match="nsigma"):
+        D.upper_tail_scale(ln, c, nsigma=0.0)
