@@ -152,6 +152,8 @@ class FrameTable:
         Sensor temperature (deg C; NaN when unknown).
     row_mean : ndarray or None
         ``(F, ny)`` per-frame row means (ADU), for temporal row noise.
+    file : ndarray of str or None
+        Each frame's source file, for notes that name a frame.
     """
 
     frame_type: np.ndarray
@@ -162,6 +164,11 @@ class FrameTable:
     center_mean: np.ndarray
     temperature: np.ndarray
     row_mean: np.ndarray | None = None
+    file: np.ndarray | None = None
+
+    def name(self, i: int) -> str:
+        """The frame's file where known, else ``frame <i>``."""
+        return str(self.file[i]) if self.file is not None else f"frame {i}"
 
     def indices(self, kind: str) -> np.ndarray:
         """Indices of the frames of one type, in time order."""
@@ -201,6 +208,63 @@ def group_by_exptime(table: FrameTable, kind: str, *, rtol: float = 1e-3) -> lis
             keys.append(t)
             groups.append([int(i)])
     return [FrameGroup(kind=kind, exptime=k, indices=tuple(g)) for k, g in zip(keys, groups, strict=True)]
+
+
+#: A gap between the sorted signals of one exposure time's flats that starts a
+#: new illumination level: this fraction of the lower signal, plus
+#: :data:`SIGNAL_STEP_ADU`. Lamp flicker moves a frame's mean by ~0.3 %, a lamp
+#: warming up drifts without gaps; illumination ladders step by 10 % or more.
+SIGNAL_STEP_FRACTION = 0.05
+#: Absolute part of the gap (ADU): frame means of flats near the offset move
+#: by the bias drift (+-0.03 ADU in the reference study), not by 5 %.
+SIGNAL_STEP_ADU = 2.0
+
+
+def split_by_signal(table: FrameTable, groups: Sequence[FrameGroup],
+                    offset: float) -> tuple[list[FrameGroup], list[int]]:
+    """Split each exposure time's flats into illumination levels at gaps in their signal.
+
+    A photon transfer series is taken by varying the exposure time or, at one
+    exposure time, the illumination (EMVA 1288 allows both). Frames of one
+    exposure time whose mean signals (``frame_mean - offset``, ADU) sorted
+    have a gap larger than ``SIGNAL_STEP_FRACTION`` of the lower one plus
+    ``SIGNAL_STEP_ADU`` are different levels. In a group of three or more
+    frames, a frame alone on its side of a gap is not a level but a failed
+    exposure (a shutter or lamp fault): it is left out and returned.
+
+    Parameters
+    ----------
+    table : FrameTable
+        Per-frame statistics.
+    groups : sequence of FrameGroup
+        Flat groups by exposure time (:func:`group_by_exptime`).
+    offset : float
+        Offset (bias) level of the frame means (ADU).
+
+    Returns
+    -------
+    (levels, left_out) : list of FrameGroup, list of int
+        The levels ordered by exposure time, then signal, each level's frames
+        in time order (one group per exposure time when nothing splits); the
+        frame indices left out.
+    """
+    out: list[FrameGroup] = []
+    left_out: list[int] = []
+    for g in groups:
+        idx = np.asarray(g.indices, dtype=np.int64)
+        sig = np.asarray(table.frame_mean, dtype=np.float64)[idx] - offset
+        order = np.argsort(sig, kind="stable")
+        s = sig[order]
+        gaps = np.diff(s) > SIGNAL_STEP_FRACTION * np.abs(s[:-1]) + SIGNAL_STEP_ADU
+        for part in np.split(order, np.flatnonzero(gaps) + 1):
+            members = idx[part]
+            if members.size == 1 and idx.size >= 3:
+                left_out.append(int(members[0]))
+                continue
+            members = members[np.argsort(np.nan_to_num(table.time_s[members]), kind="stable")]
+            out.append(FrameGroup(kind=g.kind, exptime=g.exptime,
+                                  indices=tuple(int(i) for i in members)))
+    return out, left_out
 
 
 def _pairs(group: FrameGroup, limit: int) -> list[tuple[int, int]]:
@@ -305,6 +369,24 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         missing["bias"] = "the dataset has fewer than two bias frames"
         missing["read_noise"] = "the dataset has fewer than two bias frames"
 
+    # ---- illumination levels at one exposure time -----------------------------
+    if bias is not None:
+        base = float(np.mean(table.frame_mean[list(bias.indices)]))
+    elif darks:
+        base = float(np.mean(table.frame_mean[list(darks[0].indices)]))
+    else:
+        base = 0.0
+    by_time = len({g.exptime for g in flats})
+    flats, odd = split_by_signal(table, flats, base)
+    for i in odd:
+        notes.append(f"flat {table.name(i)} (exposure {table.exptime[i]:g} s, mean signal "
+                     f"{table.frame_mean[i] - base:.0f} ADU) is far from the other frames of "
+                     "its exposure time: left out (a shutter or lamp fault?)")
+    illumination_ladder = len(flats) > by_time
+    if illumination_ladder:
+        notes.append(f"flats of one exposure time come at several illumination levels: "
+                     f"{len(flats)} levels from {by_time} exposure times, grouped by signal")
+
     # ---- dark matching for flats (EMVA 1288: darks of the same exposure time) --
     dark_times = [g.exptime for g in darks]
     flat_dark: list[int | None] = []
@@ -397,7 +479,13 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     lin = None
     lin_used = tuple(params.lin_lo * saturation <= p["signal"] <= params.lin_hi * saturation
                      for p in lin_points)
-    if sum(lin_used) >= 3:
+    if illumination_ladder:
+        # signal against exposure time measures linearity only at one illumination
+        lin_used = tuple(False for _ in lin_points)
+        missing["linearity"] = ("linearity is measured against exposure time at one "
+                                "illumination; these flats change illumination at one "
+                                "exposure time")
+    elif sum(lin_used) >= 3:
         lin = fit_linearity(np.array([p["exptime"] for p in lin_points]),
                             np.array([p["signal"] for p in lin_points]),
                             np.array([p["signal_err"] for p in lin_points]),

@@ -276,6 +276,7 @@ def _report_table(report: dict[str, Any]) -> str:
     lines += [f"{label:<{width}}  {value}" for label, value in rows]
     for name, reason in report.get("missing", {}).items():
         lines.append(f"{name} not computed: {reason}")
+    lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 
 

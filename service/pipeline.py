@@ -89,6 +89,7 @@ def frame_table(ds: xr.Dataset) -> FrameTable:
         center_mean=ds["center_mean"].values.astype(np.float64),
         temperature=temperature,
         row_mean=ds["row_mean"].values.astype(np.float64) if "row_mean" in ds else None,
+        file=_strings(ds["file"].values) if "file" in ds else None,
     )
 
 
@@ -823,10 +824,12 @@ def calibrate(source: str | Path, camera: str, settings: Settings, *,
         products = [catalog.get_product(pid) for pid in ids]
         job = catalog.get_job(job.id)
         missing = dict(products[0].provenance.get("missing", {})) if products else {}
+        notes = list(products[0].provenance.get("notes", [])) if products else []
         qc = build_report(camera, {p.type: p.stats for p in products}, missing=missing,
                           context={"dataset": dataset_id, "job": job.id,
                                    "products": {p.type: {"id": p.id, "version": p.version}
-                                                for p in products}})
+                                                for p in products},
+                                   "notes": notes})
         run = CalibrationRun(dataset_id, job.id, ids, qc.to_dict())
         if export_dir is not None:
             out = Path(export_dir)

@@ -230,3 +230,104 @@ def test_a_warm_sensor_flags_neither_its_glow_nor_its_population_tail(tmp_path):
     normal = truth.defects == 0
     # 30 720 pixels: the log-normal tail beyond the threshold holds ~3 (1e-4)
     assert (elevated & normal).sum() <= 8, np.argwhere(elevated & normal)
+
+
+def _edited_copy(tmp: Path, src: Path, edit) -> Path:
+    """Copy a simulated set's frames, each through ``edit(name, header, data) -> data``."""
+    from astropy.io import fits
+
+    dst = tmp / "edited"
+    dst.mkdir()
+    for path in sorted(src.glob("*.fits")):
+        if path.name == "truth.fits":
+            continue
+        with fits.open(path) as hdul:
+            header, data = hdul[0].header.copy(), hdul[0].data
+        data = edit(path.name, header, data)
+        fits.PrimaryHDU(data, header=header).writeto(dst / path.name)
+    return dst
+
+
+def _products_of(tmp: Path, raw: Path):
+    inventory = scan(raw)
+    store = str(tmp / "cube.zarr")
+    build_cube(inventory, store)
+    return compute_products(open_cube(store), store, tmp / "work", params=CalibrationParams())
+
+
+def test_an_illumination_ladder_at_one_exposure_time(tmp_path):
+    """Flats that change illumination, not exposure time (EMVA 1288 allows both).
+
+    Grouped by exposure time they were one level (no PTC, no gain, and a
+    flat from a mixture of levels); grouped by signal they give the PTC, the
+    per-pixel gain and the flat, and the linearity (measured against
+    exposure time) says why it is missing.
+    """
+    raw, truth = small_dataset(tmp_path, shape=(64, 80), seed=38, flat_levels=8, flat_frames=12)
+
+    def one_time(name, header, data):
+        if header.get("IMAGETYP", "").lower().startswith("flat"):
+            header["EXPTIME"] = 1.0
+        return data
+
+    outcome = _products_of(tmp_path, _edited_copy(tmp_path, raw, one_time))
+    plan = outcome.planned.plan
+    assert len(plan.flats) == 8 and {g.n for g in plan.flats} == {12}
+    assert any("several illumination levels" in n for n in outcome.planned.notes)
+    assert "one illumination" in outcome.missing["linearity"]
+    true = float(np.median(truth.gain))
+    assert outcome.products["ptc"].stats["gain"] == pytest.approx(true, rel=0.02)
+    assert outcome.products["gain"].stats["population_gain"] == pytest.approx(true, rel=0.01)
+    assert "flat" in outcome.products
+
+
+def test_a_failed_flat_exposure_is_left_out_and_named(tmp_path):
+    """A flat at half the signal of its level (shutter or lamp fault) is left out, with a note."""
+    raw, _ = small_dataset(tmp_path, shape=(64, 80), seed=39, flat_levels=8, flat_frames=12)
+    victim: dict[str, str] = {}
+
+    def halve_one(name, header, data):
+        if (header.get("IMAGETYP", "").lower().startswith("flat") and not victim
+                and 2000 < np.median(data) - 500 < 20000):
+            victim["name"] = name
+            return np.rint((data - 500.0) * 0.5 + 500.0).astype(np.uint16)
+        return data
+
+    outcome = _products_of(tmp_path, _edited_copy(tmp_path, raw, halve_one))
+    assert victim
+    note = next(n for n in outcome.planned.notes if "left out" in n)
+    assert victim["name"] in note and "shutter or lamp fault" in note
+    plan = outcome.planned.plan
+    assert len(plan.flats) == 8 and sorted(g.n for g in plan.flats) == [11] + [12] * 7
+    assert "linearity" in outcome.products  # one odd frame is not an illumination ladder
+
+
+def test_split_by_signal_rules():
+    from sitiancal.compute.plan import FrameGroup, FrameTable, split_by_signal
+
+    def table(means):
+        n = len(means)
+        z = np.zeros(n)
+        return FrameTable(frame_type=np.array(["flat"] * n), exptime=np.ones(n),
+                          time_s=np.arange(n, dtype=float), frame_mean=np.asarray(means, float),
+                          frame_clipped_mean=z, center_mean=z, temperature=z)
+
+    def split(means):
+        t = table(means)
+        return split_by_signal(t, [FrameGroup("flat", 1.0, tuple(range(len(means))))], 500.0)
+
+    rng = np.random.default_rng(0)
+    flicker = 500 + 20000 * (1 + 0.003 * rng.normal(size=40))  # 0.3 % lamp flicker: one level
+    levels, odd = split(flicker)
+    assert len(levels) == 1 and levels[0].n == 40 and odd == []
+    drift = 500 + 20000 * np.linspace(1.0, 1.2, 40)  # a lamp warming up by 20 %: no gap
+    assert len(split(drift)[0]) == 1
+    near_zero = [500.5, 501.9, 503.0, 500.2]  # flats in the read-noise regime: 2 ADU floor
+    assert len(split(near_zero)[0]) == 1
+    ladder = [1500, 2500, 1502, 2497, 4500, 4510, 1498, 2503, 4490]  # three illuminations
+    levels, odd = split(ladder)
+    assert [lv.indices for lv in levels] == [(0, 2, 6), (1, 3, 7), (4, 5, 8)] and odd == []
+    levels, odd = split([20500, 20480, 10500, 20510])  # one failed exposure
+    assert [lv.indices for lv in levels] == [(0, 1, 3)] and odd == [2]
+    levels, odd = split([20500, 10500])  # a pair: nothing to tell which is wrong
+    assert len(levels) == 2 and odd == []
