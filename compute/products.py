@@ -354,7 +354,8 @@ class Assembler:
         # the mask's NOISY class, while the map is in memory (not read again for the
         # mask); the centre is the map's finite median (finite_median's value)
         center, scale = robust_center_scale(std)
-        self.flag("noisy", noisy(std, config=self.params.defects, center=center, scale=scale))
+        self.flag("noisy", noisy(std, config=self.params.defects, center=center, scale=scale,
+                                 n_frames=self.planned.plan.bias.n))
         stats: dict = {"median_adu": _f(center)}
         arrays = [ProductArray("READ_NOISE", self.lazy("bias_std"), "ADU",
                                "per-pixel temporal std of the bias stack")]

@@ -787,3 +787,27 @@ def test_upper_tail_scale_is_sigma_for_a_gaussian_and_wider_for_a_log_normal() -
     assert np.isnan(D.upper_tail_scale(np.full(5, np.nan), 0.0))
     with pytest.raises(ValueError, match="nsigma"):
         D.upper_tail_scale(ln, c, nsigma=0.0)
+
+
+@pytest.mark.parametrize("n_frames", [2, 5, 16, 100])
+def test_noisy_with_the_frame_count_tests_the_pixels_noise(n_frames: int) -> None:
+    """The 5-sigma limit is set on the pixels' noise and exceeded at 1e-5 false alarms."""
+    rng = np.random.default_rng(n_frames)
+    n = 400_000
+    sigma = 4.0 * np.exp(rng.normal(0.0, 0.15, n))  # ADU: a log-normal core, as the sensor's
+    bad = rng.random(n) < 2e-4
+    sigma[bad] *= rng.uniform(3.0, 10.0, bad.sum())  # the noisy tail, 3-10x
+    k = n_frames - 1
+    std = (sigma * np.sqrt(rng.chisquare(k, n) / k)).astype(np.float32)
+    flags = noisy(std, config=CFG, n_frames=n_frames)
+    core_limit = 4.0 * (1.0 + 5.0 * 0.15 * 1.01)  # median + 5 sigma of the core, ~ e^(5 x 0.15)
+    clean = ~bad & (sigma < core_limit)
+    assert flags[clean].sum() <= 3  # 1e-5 of 400k is 4 at the limit, fewer below it
+    old = noisy(std, config=CFG)  # the limit on the measured stds
+    if n_frames <= 16:
+        assert old[clean].sum() > 10 * max(flags[clean].sum(), 1)
+    # the noisy tail: found where the frames can tell it from the limit
+    found = flags[bad].mean()
+    assert found >= {2: 0.15, 5: 0.5, 16: 0.85, 100: 0.95}[n_frames]
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        noisy(std, config=CFG, n_frames=1)
