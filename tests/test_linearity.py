@@ -207,3 +207,21 @@ def test_pixel_residuals_numba_reads_level_major_maps_across_blocks() -> None:
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
     assert np.isnan(fast[40, :12]).all() and np.isfinite(fast[41]).all()
     np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_linearizer_is_the_identity_on_noise() -> None:
+    """A linear response with scattered levels (a flickering lamp) gets no linearizer term.
+
+    11 levels, each mean off by 0.3 % at random: the BIC chose a higher
+    term 26 % of the time (biasing the per-pixel gain by 1 % at 2 % flicker);
+    the F-test keeps a term 3 times in 1000 per order.
+    """
+    from sitiancal.compute.linearity import _fit_linearizer
+
+    rng = np.random.default_rng(12)
+    t = np.linspace(0.8, 5.8, 11)
+    truth = 7700.0 * t + 3.0
+    err = 0.003 * truth
+    orders = [_fit_linearizer(t, truth + rng.normal(0.0, 1.0, t.size) * err, err).size - 1
+              for _ in range(400)]
+    assert np.mean(np.array(orders) > 1) < 0.02

@@ -41,8 +41,10 @@ def test_emva_style_set_without_bias_frames(tmp_path):
     assert "read_noise" in outcome.missing
     # every flat level is corrected by the darks of its own exposure time
     assert all(m is not None for m in outcome.planned.plan.flat_dark)
-    gain = next(a for a in outcome.products["gain"].arrays if a.name == "GAIN").data
-    assert np.nanmedian(gain) == pytest.approx(np.median(truth.gain), rel=0.01)
+    # the camera's gain (the map's median is ~1 % high here: 4 levels of 24
+    # frames give each pixel a ~20 % error, and 1/slope is skewed)
+    stats = outcome.products["gain"].stats
+    assert stats["population_gain"] == pytest.approx(np.median(truth.gain), rel=0.01)
     assert outcome.products["ptc"].stats["gain"] == pytest.approx(np.median(truth.gain), rel=0.015)
 
 
