@@ -63,7 +63,13 @@ from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.readnoise import median_std_factor
 from sitiancal.compute.stats import buffer_median
 from sitiancal.compute.stats import sorting_network as _sorting_network
-from sitiancal.compute.summary import finite_median_mad, finite_values, mean_std, quantiles
+from sitiancal.compute.summary import (
+    MAD_TO_SIGMA,
+    finite_median_mad,
+    finite_values,
+    mean_std,
+    quantiles,
+)
 
 __all__ = [
     "DefectConfig",
@@ -1925,7 +1931,7 @@ def _chi_median_robust_sigma(k: int) -> tuple[float, float]:
         return float(chi2.cdf(k * (m + half) ** 2, k) - chi2.cdf(k * lo * lo, k)) - 0.5
 
     mad = brentq(inside, 1e-12, 10.0 * m + 10.0)
-    return m, 1.4826 * mad
+    return m, MAD_TO_SIGMA * mad
 
 
 def unstable_bias(z: np.ndarray, *, config: DefectConfig | None = None) -> np.ndarray:

@@ -147,9 +147,9 @@ def _gain_centre(lg: np.ndarray, lg_err: np.ndarray) -> tuple[float, float]:
     weighted by the pixels' errors: a pixel's fit takes its error from its own
     counts (a low intercept gives a steeper slope and a smaller error), and
     the error-weighted centre of a one-component mixture of these corrected
-    values came out 0.4-3 % low on simulated sets. Simulated fits (6-14 levels of 8-40 frames, relative
-    errors of 9-21 %): within 0.2 % of the true gain, where the map's median
-    is 0.2-1.1 % high.
+    values came out 0.4-3 % low on simulated sets. Simulated fits (6-14
+    levels of 8-40 frames, relative errors of 9-21 %): within 0.2 % of the
+    true gain, where the map's median is 0.2-1.1 % high.
     """
     kept = clipped_survivors(lg - 0.5 * lg_err * lg_err, 5.0)
     centre = float(np.exp(kept.mean()))
@@ -528,8 +528,8 @@ class Assembler:
             # the sensor's gain (what the map's median approximates with a +0.2-1 %
             # skew): the clipped mean of the corrected ln g of a unimodal camera,
             # the largest population's mean otherwise, with its error
-            main = int(np.argmax(np.asarray(best.weights)))
             if len(mu) > 1:
+                main = int(np.argmax(np.asarray(best.weights)))
                 stats["population_gain"] = _f(np.exp(mu[main]))
                 stats["population_gain_err"] = (_f(np.exp(mu[main]) * best.means_err[main])
                                                 if best.means_err is not None else None)

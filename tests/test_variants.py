@@ -25,12 +25,16 @@ from sitiancal.storage.scan import scan
 LADDER = [0.4, 1.0, 2.0, 3.5, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0]
 
 
-def _outcome(tmp: Path, **config):
-    raw, truth = small_dataset(tmp, **config)
+def _products_of(tmp: Path, raw: Path):
     inventory = scan(raw)
     store = str(tmp / "cube.zarr")
     build_cube(inventory, store)
-    return compute_products(open_cube(store), store, tmp / "work", params=CalibrationParams()), truth
+    return compute_products(open_cube(store), store, tmp / "work", params=CalibrationParams())
+
+
+def _outcome(tmp: Path, **config):
+    raw, truth = small_dataset(tmp, **config)
+    return _products_of(tmp, raw), truth
 
 
 def test_emva_style_set_without_bias_frames(tmp_path):
@@ -249,12 +253,6 @@ def _edited_copy(tmp: Path, src: Path, edit) -> Path:
         fits.PrimaryHDU(data, header=header).writeto(dst / path.name)
     return dst
 
-
-def _products_of(tmp: Path, raw: Path):
-    inventory = scan(raw)
-    store = str(tmp / "cube.zarr")
-    build_cube(inventory, store)
-    return compute_products(open_cube(store), store, tmp / "work", params=CalibrationParams())
 
 
 def test_an_illumination_ladder_at_one_exposure_time(tmp_path):
