@@ -53,6 +53,12 @@ def central_window(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
 
 #: Largest raw count of a 16-bit ADC (ADU).
 ADC_MAX = 65535.0
+#: Fraction of the bias readings at 0 ADU (the ADC floor) above which the plan
+#: notes that the camera offset is too low: a Gaussian bias cut off there is
+#: 3.7 sigma above the floor, where the cut changes a pixel's mean and std by
+#: less than 1e-3 of sigma; more readings at the floor bias them visibly (5 % at
+#: a 1.9 sigma offset: the per-pixel read noise 4 % low on a simulated set).
+_FLOOR_NOTE = 1e-4
 #: A flat ladder has left the read-noise regime when, at its highest level, the
 #: shot-noise variance is at least this many times the read-noise variance
 #: (shot noise >= ~3.2x read noise); below it the PTC, per-pixel gain and flat
@@ -341,6 +347,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     stability = None
     row_noise = None
     quantum = 1
+    bias_floor = False
     bias_level: float | None = None
     bias_region: np.ndarray | float = 0.0
     conv_rn = None
@@ -354,6 +361,15 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
             notes.append("bias frames without DATE-OBS: no bias stability series")
         raw = read_region(bias.indices[: max(2, min(bias.n, 16))])
         quantum = count_quantum(raw[:2])
+        floor = float(np.count_nonzero(raw == 0)) / raw.size
+        bias_floor = floor > 0.0
+        if floor > _FLOOR_NOTE:
+            notes.append(f"{floor:.2%} of the bias readings (central region, {len(raw)} frames) "
+                         "are 0 ADU, the ADC floor: the camera offset is too low for its read "
+                         "noise. The bias level, read noise and dark rate of pixels near the "
+                         "floor are biased (their lowest readings are cut off), and pixels "
+                         "whose bias series reaches it are left out of the RTN test; raise "
+                         "the offset")
         if quantum > 1:
             notes.append(f"bias counts come in steps of {quantum} ADU (an ADC of fewer than 16 "
                          "bits, scaled): the RTN test works in those steps")
@@ -543,7 +559,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         saturation=float(saturation), gain_levels=gain_levels, lin_used=lin_used,
         lin_at=lin_at, flat_ref=flat_ref,
         linearizer=tuple(float(c) for c in np.asarray(lin.linearizer)) if lin is not None else (),
-        bias_quantum=quantum,
+        bias_quantum=quantum, bias_floor=bias_floor,
     )
     return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
                       conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,

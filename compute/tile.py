@@ -158,6 +158,11 @@ class TilePlan:
     bias_quantum : int
         Step (ADU) of the bias frames' counts (``compute.defects.count_quantum``):
         1 for a 16-bit ADC, 4 or 16 for a 14- or 12-bit one scaled to 16 bits.
+    bias_floor : bool
+        True when the bias frames reach 0 ADU, the ADC floor (a camera offset
+        too low for its read noise): the tile pass then leaves the pixels whose
+        bias series reaches the floor out of the RTN test, whose levels and
+        Gaussian within-level noise a cut-off series does not have.
     """
 
     bias: FrameGroup | None
@@ -173,6 +178,7 @@ class TilePlan:
     flat_ref: int | None
     linearizer: tuple[float, ...] = ()
     bias_quantum: int = 1
+    bias_floor: bool = False
 
     @property
     def has_dark_fit(self) -> bool:
@@ -391,10 +397,12 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
         if plan.bias.n >= 3:
             trend = pixel_time_trend(stack, np.asarray(plan.bias_time_s), frame_level=level)
             maps["bias_trend_z"] = np.asarray(trend.z, dtype=f32)
-            maps["rtn"] = detect_rtn(stack, frame_level=level, config=params.defects,
-                                     seed=params.seed,
-                                     pixel_index=_sensor_index(where, stack.shape),
-                                     quantum=plan.bias_quantum).astype(f32)
+            rtn = detect_rtn(stack, frame_level=level, config=params.defects, seed=params.seed,
+                             pixel_index=_sensor_index(where, stack.shape),
+                             quantum=plan.bias_quantum)
+            if plan.bias_floor:  # series cut off at 0 ADU are not Gaussian: no RTN test
+                rtn &= stack.min(axis=0) > 0
+            maps["rtn"] = rtn.astype(f32)
         del stack
 
     # ---- darks --------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from simdata import small_dataset
+from simdata import read_stack, small_dataset
 
 from sitiancal.compute.tile import CalibrationParams
 from sitiancal.service.pipeline import compute_products
@@ -171,6 +171,32 @@ def test_a_14_bit_adc_scaled_to_16_bits(tmp_path):
     mask = next(a for a in outcome.products["mask"].arrays if a.name == "MASK").data
     rtn = (np.asarray(mask[...]) >> 5) & 1  # MaskBit.RTN
     assert rtn.sum() <= len(truth.rtn.y) + 0.002 * rtn.size
+
+
+def test_an_offset_too_low_is_named_and_cut_off_series_are_not_rtn(tmp_path):
+    # OFFSET set so low that the bias sits 3 ADU above the ADC floor (read
+    # noise ~4 ADU): a quarter of the readings are 0 ADU. The plan says so, and
+    # a series cut off at the floor is not tested for RTN (the test took the
+    # cut for a second level: 766 of 90 000 Gaussian series flagged at 2 ADU).
+    raw, truth = small_dataset(tmp_path, shape=(64, 80), seed=45, bias_level=3.0,
+                               bias_pixel_sigma=1.0, n_bias=20)
+    outcome = _products_of(tmp_path, raw)
+    plan = outcome.planned
+    assert plan.plan.bias_floor
+    assert any("0 ADU, the ADC floor" in n and "offset is too low" in n for n in plan.notes)
+    mask = next(a for a in outcome.products["mask"].arrays if a.name == "MASK").data
+    rtn = ((np.asarray(mask[...]) >> 5) & 1).astype(bool)  # MaskBit.RTN
+    bias, _ = read_stack(raw, truth, "bias")
+    floor = bias.min(axis=0) == 0
+    assert floor.mean() > 0.5
+    assert not (rtn & floor).any()
+    assert rtn.sum() <= len(truth.rtn.y)
+
+
+def test_bias_frames_well_above_the_floor_say_nothing_about_the_offset(tmp_path):
+    outcome, _ = _outcome(tmp_path, shape=(48, 64), seed=46)
+    assert not outcome.planned.plan.bias_floor
+    assert not any("ADC floor" in n for n in outcome.planned.notes)
 
 
 def test_read_noise_median_from_five_bias_frames(tmp_path):
