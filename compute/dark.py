@@ -36,12 +36,14 @@ from sitiancal.compute.summary import (
     count_above,
     finite_median,
     finite_values,
+    grouped_median,
     mean_std,
     median,
     quantiles,
 )
 
-__all__ = ["DarkRateFit", "dark_populations", "dark_summary", "fit_dark_rate"]
+__all__ = ["DarkRateFit", "common_mode_rate_err", "dark_populations", "dark_summary",
+           "fit_dark_rate"]
 
 #: Smallest per-frame variance of the model (ADU^2): the variance of the
 #: rounding of a continuous signal to integer ADU (uniform, 1/12).
@@ -418,13 +420,48 @@ def dark_populations(rate_e: np.ndarray, rate_err_e: np.ndarray, *, max_componen
     return fit_mixture(r[ok], e[ok], max_components=max_components, seed=seed)
 
 
+def common_mode_rate_err(exptime: np.ndarray, n_frames: np.ndarray, frame_std: float) -> float:
+    """Error of a map-wide dark rate from noise common to all pixels of a frame (ADU/s).
+
+    A frame's level moves as a whole (white bias drift, the average of its
+    temporal row noise): the map's median rate moves with the levels of the
+    few frames it comes from, whatever the number of pixels. With a level
+    scatter ``s`` per frame (ADU; the std of the bias frames' levels) and
+    group ``k`` of ``n_k`` frames at exposure time ``t_k``, the rate (the
+    slope through the group means, weighted by frame count) has the error
+    ``s / sqrt(sum_k n_k (t_k - tbar)^2)``, ``tbar`` the frame-weighted mean time.
+
+    Parameters
+    ----------
+    exptime : ndarray
+        Exposure time of each group (s); the bias frames are the 0 s group.
+    n_frames : ndarray
+        Frames per group.
+    frame_std : float
+        Scatter of a frame's level (ADU).
+
+    Returns
+    -------
+    float
+        1-sigma error (ADU/s); NaN without two distinct times.
+    """
+    t = np.asarray(exptime, dtype=np.float64)
+    n = np.asarray(n_frames, dtype=np.float64)
+    if t.size < 2 or n.sum() <= 0:
+        return float("nan")
+    tbar = float(np.dot(n, t) / n.sum())
+    lever = float(np.dot(n, (t - tbar) ** 2))
+    return float(frame_std) / np.sqrt(lever) if lever > 0 else float("nan")
+
+
 #: Default dark-rate thresholds of :func:`dark_summary` (e-/s).
 SUMMARY_THRESHOLDS_E = (0.01, 0.1, 1.0)
 _PERCENTILES = (0.1, 1.0, 5.0, 16.0, 50.0, 84.0, 95.0, 99.0, 99.9)
 
 
 def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: float | None,
-                 thresholds: tuple[float, ...] = SUMMARY_THRESHOLDS_E) -> dict:
+                 thresholds: tuple[float, ...] = SUMMARY_THRESHOLDS_E,
+                 common_err: float | None = None) -> dict:
     """Scalar figures of a dark-rate map (e-/s) at the sensor temperature.
 
     Parameters
@@ -435,14 +472,22 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
         Sensor temperature of the dark frames (deg C).
     thresholds : tuple of float
         Rates (e-/s) for the fractions of pixels above them.
+    common_err : float, optional
+        Error of the map-wide rate from noise common to whole frames (e-/s,
+        :func:`common_mode_rate_err`), added in quadrature to ``median_err``
+        (the order statistics count only the pixels' own noise, which a
+        million pixels average away; the frames' common noise they do not).
 
     Returns
     -------
     dict
-        ``median`` with ``median_err`` from the distribution-free order
-        statistic interval (the ranks ``N/2 -+ sqrt(N)/2`` bracket the
-        median with 68 % binomial probability; half their distance is the
-        1-sigma error), ``mean`` and ``mean_err`` (``std / sqrt(N)``),
+        ``median`` (interpolated within its grid cell where the rates
+        take few distinct values, :func:`~sitiancal.compute.summary.grouped_median`;
+        ``median_tied`` rates equal to the plain median) with ``median_err``
+        from the distribution-free order statistic interval (the ranks
+        ``N/2 -+ sqrt(N)/2`` bracket the median with 68 % binomial
+        probability; half their distance is the 1-sigma error; the
+        asymptotic error of a median where rates are tied), ``mean`` and ``mean_err`` (``std / sqrt(N)``),
         ``robust_sigma`` (1.4826 MAD), ``median_pixel_err``, percentiles,
         ``frac_above`` per threshold, ``n_pixels``, ``temperature_c``.
     """
@@ -463,6 +508,8 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     half = 0.5 / np.sqrt(n)
     qs = [max(0.5 - half, 0.0), 0.5, min(0.5 + half, 1.0)] + [p / 100.0 for p in _PERCENTILES]
     lo, med, hi, *pct = quantiles(r, qs)
+    # rates from a few integer frames come on a grid: the median within its cell
+    med, n_tied = grouped_median(r, med)
     robust_sigma = MAD_TO_SIGMA * median(
         np.abs(np.subtract(r, r.dtype.type(med), out=r), out=r))
     del r
@@ -471,15 +518,22 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     if not np.isfinite(median_pixel_err):
         median_pixel_err = None
     median_err = float(0.5 * (hi - lo))
-    if median_err <= 0.0:
+    if median_err <= 0.0 or n_tied > 2:
         # Rates from means of a few integer frames are discrete: with millions of
-        # pixels the 68% rank interval can fall inside one tie. Use the asymptotic
-        # error of a median instead (sqrt(pi/2) sigma / sqrt(N)).
+        # pixels the 68% rank interval can fall inside one tie (or span one grid
+        # step). Use the asymptotic error of a median instead (sqrt(pi/2) sigma
+        # / sqrt(N)).
         median_err = 1.2533 * robust_sigma / np.sqrt(n)
         out["median_err_method"] = "asymptotic 1.2533 * robust sigma / sqrt(N) (tied ranks)"
+    if common_err is not None and np.isfinite(common_err):
+        out["median_err_pixels"] = median_err
+        out["median_err_common"] = float(common_err)
+        median_err = float(np.hypot(median_err, common_err))
+        out["median_err_method"] += " + frame-common noise in quadrature"
     out |= {
         "median": float(med),
         "median_err": median_err,
+        "median_tied": n_tied,
         "mean": mean,
         "mean_err": std / np.sqrt(n) if n > 1 else None,
         "robust_sigma": robust_sigma,

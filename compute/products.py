@@ -23,7 +23,7 @@ import numpy as np
 from sitiancal.compute.allocator import return_freed_memory
 from sitiancal.compute.bias import dsnu_emva, row_column_profiles
 from sitiancal.compute.content import ProductArray, ProductContent, ProductTable, ScaledMap
-from sitiancal.compute.dark import dark_populations, dark_summary
+from sitiancal.compute.dark import common_mode_rate_err, dark_populations, dark_summary
 from sitiancal.compute.defects import (
     MaskBit,
     dead_low,
@@ -423,7 +423,8 @@ class Assembler:
                                   seed=self.params.seed)
             r_ok = np.where(ok, r, np.float32(np.nan))  # the usable rates, NaN elsewhere
             stats["summary"] = dark_summary(r_ok, np.where(ok, e, np.float32(np.nan)),
-                                            temperature=self.temperature)
+                                            temperature=self.temperature,
+                                            common_err=self._common_rate_err(g))
             stats["units"] = unit
             center, mad_scale = robust_center_scale(r_ok)
             # the population's upper side where it is wider (log-normal rates
@@ -471,6 +472,21 @@ class Assembler:
         self.flag("hot", hot)
         self.flag("warm", warm)
         return ProductContent("dark", unit, arrays, tables, stats)
+
+    def _common_rate_err(self, g: float | np.ndarray | None) -> float | None:
+        """Error of the map-wide dark rate from the frames' common level noise (e-/s or ADU/s).
+
+        The scatter of a frame's level is that of the bias frames' levels
+        (:attr:`PlanResult.bias_stability`); ``None`` without it.
+        """
+        plan, stability = self.planned.plan, self.planned.bias_stability
+        if plan.bias is None or stability is None or not np.isfinite(stability.std):
+            return None
+        times = [0.0] + [grp.exptime for grp in plan.darks]
+        counts = [plan.bias.n] + [grp.n for grp in plan.darks]
+        err = common_mode_rate_err(np.array(times), np.array(counts), stability.std)
+        scale = 1.0 if g is None else float(g) if np.ndim(g) == 0 else finite_median(g)
+        return err * scale if np.isfinite(err) else None
 
     def ptc(self) -> ProductContent | None:
         planned = self.planned

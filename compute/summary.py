@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = ["MAD_TO_SIGMA", "clipped_survivors", "fastest_each", "finite_median",
-           "finite_median_mad", "finite_values", "mean_std", "measured_once", "median",
+           "finite_median_mad", "finite_values", "grouped_median", "mean_std", "measured_once", "median",
            "order_statistics", "quantiles", "row_bands", "row_sort_backend", "sort_backend",
            "sort_float64", "sort_rows"]
 
@@ -844,3 +844,74 @@ def median(values: np.ndarray) -> float:
     a, b = order_statistics(values, [n // 2 - 1, n // 2])
     # np.median averages the two middle values in the array's dtype
     return float((a + b) / np.float32(2.0))
+
+
+def grouped_median(values: np.ndarray, med: float | None = None, *,
+                   rtol: float = 1e-6) -> tuple[float, int]:
+    """Median of values that come on a grid, interpolated within the median's grid cell.
+
+    Per-pixel estimates from a few integer frames take few distinct values:
+    a dark rate from 5 dark and 20 bias frames at one exposure time ``t`` is
+    a multiple of ``0.05 / t`` ADU/s, and the plain median of millions of
+    them is one of those values, up to half a step from the median of the
+    distribution they sample (5 % of a 0 C IMX455's dark current at
+    ``t = 60 s``; measured). Each tied value is taken as spread evenly over
+    its cell, the grouped-data median: ``m - h/2 + h (N/2 - n_below) / n_tied``,
+    with ``h`` the step to the nearer distinct neighbouring value. Values
+    without ties (a continuous estimate: fewer than three values at the
+    median) keep their plain median.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Finite values, any shape and units (not modified).
+    med : float, optional
+        Their plain median, when already known.
+    rtol : float
+        Values within ``rtol * |med|`` of the median count as tied with it
+        (float rounding of one grid value computed in different ways: a few
+        float32 units in the last place).
+
+    Returns
+    -------
+    median : float
+        In the units of ``values``; NaN when there are none.
+    n_tied : int
+        Values tied with the plain median (interpolated from 3 on).
+    """
+    v = np.ascontiguousarray(values).reshape(-1)
+    if not v.dtype.isnative:  # e.g. a map read from FITS (big-endian)
+        v = v.astype(v.dtype.newbyteorder("="))
+    n = v.size
+    if n == 0:
+        return float("nan"), 0
+    m = float(median(v) if med is None else med)
+    tol = rtol * abs(m)
+    below, tied, lower, upper = _tie_scan(v, m - tol, m + tol)
+    if tied < 3:
+        return m, int(tied)
+    h = min(m - lower, upper - m)
+    if not np.isfinite(h):
+        return m, int(tied)  # every value tied: no neighbouring grid value
+    return m - 0.5 * h + h * (0.5 * n - below) / tied, int(tied)
+
+
+@njit(cache=True, nogil=True)
+def _tie_scan(v: np.ndarray, lo: float, hi: float) -> tuple[int, int, float, float]:  # pragma: no cover - compiled
+    """Values below ``lo``, within ``[lo, hi]``, the largest below and the smallest above."""
+    below = 0
+    tied = 0
+    lower = -np.inf
+    upper = np.inf
+    for i in range(v.size):
+        x = v[i]
+        if x < lo:
+            below += 1
+            if x > lower:
+                lower = x
+        elif x > hi:
+            if x < upper:
+                upper = x
+        else:
+            tied += 1
+    return below, tied, float(lower), float(upper)

@@ -505,3 +505,65 @@ def test_gain_centre_corrects_the_skew_of_one_over_the_slope(frames: int) -> Non
     assert 1e-4 * true < err < 1e-3 * true
     if frames == 8:
         assert np.median(fit.gain[ok]) > 1.007 * true  # the skew the centre removes
+
+
+def test_grouped_median_of_values_on_a_grid() -> None:
+    # Rates from one exposure time (5 dark, 20 bias frames, t = 60 s) are
+    # multiples of 0.05 / 60 ADU/s: the plain median of millions of them is a
+    # multiple, here ~0.3 of a step from the continuous sample's median; the
+    # grouped median is within a few % of a step of it.
+    from sitiancal.compute.summary import grouped_median
+
+    rng = np.random.default_rng(41)
+    step = 0.05 / 60.0
+    cont = rng.normal(10.3 * step, 0.037, 2_000_000)
+    grid = (np.round(cont / step) * step).astype(np.float32)
+    truth = float(np.median(cont))
+    plain = float(np.median(grid))
+    assert abs(plain - truth) > 0.2 * step
+    got, tied = grouped_median(grid)
+    assert tied > 1000
+    assert abs(got - truth) < 0.05 * step
+    # the plain median passed in, a big-endian copy (a map read from FITS)
+    assert grouped_median(grid, plain) == (got, tied)
+    assert grouped_median(grid.astype(">f4"))[0] == pytest.approx(got, rel=1e-12)
+    # continuous values keep their median; no neighbour, no values
+    assert grouped_median(cont.astype(np.float32))[0] == float(np.median(cont.astype(np.float32)))
+    assert grouped_median(np.full(10, 2.5)) == (2.5, 10)
+    assert np.isnan(grouped_median(np.zeros(0))[0])
+
+
+def test_dark_summary_median_of_rates_on_a_grid_and_its_common_error() -> None:
+
+    rng = np.random.default_rng(42)
+    step = 0.05 / 60.0
+    cont = rng.normal(10.3 * step, 0.037, 1_000_000)
+    grid = (np.round(cont / step) * step).astype(np.float32)
+    out = dark_summary(grid, np.full_like(grid, 0.037), temperature=0.0)
+    assert abs(out["median"] - np.median(cont)) < 0.05 * step
+    assert out["median_tied"] > 1000
+    pixels = 1.2533 * 0.037 / np.sqrt(grid.size)
+    assert out["median_err"] == pytest.approx(pixels, rel=0.05)
+    both = dark_summary(grid, np.full_like(grid, 0.037), temperature=0.0, common_err=3 * pixels)
+    assert both["median_err"] == pytest.approx(np.hypot(out["median_err"], 3 * pixels))
+    assert both["median_err_common"] == 3 * pixels
+    assert both["median_err_pixels"] == out["median_err"]
+
+
+@pytest.mark.parametrize(("times", "counts"), [([0.0, 60.0], [20, 5]),
+                                                ([0.0, 30.0, 60.0, 120.0, 300.0], [16, 5, 5, 5, 5])])
+def test_common_mode_rate_err_is_the_slope_error_of_frame_offsets(times: list, counts: list) -> None:
+    # Every frame's level moves by N(0, s) (white bias drift, averaged row
+    # noise): the frame-weighted slope of the group means through them.
+    from sitiancal.compute.dark import common_mode_rate_err
+
+    rng = np.random.default_rng(43)
+    s, trials = 0.03, 20_000
+    t = np.repeat(times, counts)
+    off = rng.normal(0.0, s, (trials, t.size))
+    slope = np.polyfit(t, off.T, 1)[0]  # each frame a point: the frame-weighted fit
+    expected = common_mode_rate_err(np.array(times), np.array(counts), s)
+    if len(times) == 2:
+        assert expected == pytest.approx(s * np.sqrt(1 / counts[0] + 1 / counts[1]) / times[1])
+    assert np.std(slope) == pytest.approx(expected, rel=0.03)
+    assert np.isnan(common_mode_rate_err(np.array([60.0]), np.array([5]), s))
