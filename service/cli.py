@@ -44,6 +44,11 @@ class _FloatList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
 
 
+TYPES_FROM_PATHS_HELP = ("Files without a frame-type keyword (IMAGETYP...) take their type "
+                         "from a word of their name or folders (bias, zero, dark, flat), "
+                         "with a warning, instead of being rejected.")
+
+
 def _fail(message: str) -> None:
     click.echo(f"sitiancal: error: {message}", err=True)
     sys.exit(2)
@@ -112,9 +117,11 @@ def simulate(out_dir: Path, shape: tuple[int, int], seed: int, n_bias: int | Non
 @click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON.")
 @click.option("--allow-mixed-states", is_flag=True,
               help="Accept frames taken with different GAIN/OFFSET/binning.")
+@click.option("--types-from-paths", is_flag=True, help=TYPES_FROM_PATHS_HELP)
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
-def scan(path: Path, as_json: bool, allow_mixed_states: bool, progress: bool | None) -> None:
+def scan(path: Path, as_json: bool, allow_mixed_states: bool, types_from_paths: bool,
+         progress: bool | None) -> None:
     """Read the FITS headers under PATH and print the dataset inventory."""
     from sitiancal.service.progress import progress_bar
     from sitiancal.storage.scan import ScanError
@@ -123,7 +130,8 @@ def scan(path: Path, as_json: bool, allow_mixed_states: bool, progress: bool | N
     show = sys.stderr.isatty() if progress is None else progress
     try:
         with progress_bar("scan", enabled=show) as bar:
-            inventory = scan_path(path, allow_mixed_states=allow_mixed_states, progress=bar)
+            inventory = scan_path(path, allow_mixed_states=allow_mixed_states, progress=bar,
+                                  types_from_paths=types_from_paths)
     except ScanError as exc:
         _fail(str(exc))
     if as_json:
@@ -137,8 +145,9 @@ def scan(path: Path, as_json: bool, allow_mixed_states: bool, progress: bool | N
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", "store", required=True, help="Cube store (path or URL).")
+@click.option("--types-from-paths", is_flag=True, help=TYPES_FROM_PATHS_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def cube(path: Path, store: str, progress: bool) -> None:
+def cube(path: Path, store: str, types_from_paths: bool, progress: bool) -> None:
     """Scan PATH and write the accepted frames into a zarr v3 cube at STORE."""
     from sitiancal.service.progress import progress_bar
     from sitiancal.storage.cube import CubeError, build_cube
@@ -146,7 +155,7 @@ def cube(path: Path, store: str, progress: bool) -> None:
     from sitiancal.storage.scan import scan as scan_path
 
     try:
-        inventory = scan_path(path)
+        inventory = scan_path(path, types_from_paths=types_from_paths)
         if not inventory.frames:
             _fail(f"{path}: no usable frame; " + "; ".join(
                 f"{r.file}: {r.reason}" for r in inventory.rejected))
@@ -175,10 +184,11 @@ def cube(path: Path, store: str, progress: bool) -> None:
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory budget of the run, e.g. 4GB (default: SITIANCAL_MEMORY_LIMIT, 4GB); "
               "fewer tiles run at once, or smaller ones, to stay within it.")
+@click.option("--types-from-paths", is_flag=True, help=TYPES_FROM_PATHS_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def calibrate(path: Path, camera: str, data_dir: Path | None, export_dir: Path | None,
               products: str | None, params: tuple[str, ...], force: bool,
-              memory_limit: str | None, progress: bool) -> None:
+              memory_limit: str | None, types_from_paths: bool, progress: bool) -> None:
     """Run the whole calibration of the camera dataset at PATH and store its products."""
     from dask.utils import parse_bytes
 
@@ -207,7 +217,8 @@ def calibrate(path: Path, camera: str, data_dir: Path | None, export_dir: Path |
     bar = _stage_bar() if progress else None
     try:
         run = run_calibrate(path, camera, settings, wanted=wanted, params=job_params, force=force,
-                            export_dir=export_dir, progress=bar)
+                            export_dir=export_dir, progress=bar,
+                            types_from_paths=types_from_paths)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     finally:

@@ -26,7 +26,13 @@ rejected     ``LIGHT``, ``Light Frame``, ``OBJECT``, ``SCIENCE``: not calibratio
 ===========  ====================================================================
 
 Older SharpCap versions write no frame-type keyword at all: such files are
-rejected with that reason rather than guessed from their names.
+rejected with that reason rather than guessed from their names, unless the
+scan is asked to (``types_from_paths``, ``--types-from-paths``): then a file
+without a frame-type keyword takes its type from the words of its name or of
+the folders above it, up to the scanned folder (``bias``, ``zero``,
+``dark``, ``flat``, ``dark flat``..., :func:`type_from_path`), with a warning
+naming the word; a path whose nearest naming part is ambiguous, or names no
+type, is rejected. A frame-type keyword always wins over the path.
 """
 
 from __future__ import annotations
@@ -95,6 +101,71 @@ _TYPE_VALUES: dict[str, FrameType | None] = {
                      "flat field frame"), FrameType.FLAT),
     **dict.fromkeys(("light", "light frame", "object", "science", "tricolor image"), None),
 }
+
+
+#: Words of a path that name a frame type (``None``: a science frame); see
+#: :func:`type_from_path`. ``offset`` is left out: folders are named after the
+#: camera's OFFSET setting (``gain100_offset50``).
+_PATH_WORDS: dict[str, FrameType | None] = {
+    **dict.fromkeys(("bias", "biases", "zero", "zeros"), FrameType.BIAS),
+    **dict.fromkeys(("dark", "darks", "darkflat", "darkflats", "flatdark", "flatdarks"),
+                    FrameType.DARK),
+    **dict.fromkeys(("flat", "flats", "flatfield", "flatfields", "skyflat", "skyflats",
+                     "domeflat", "domeflats", "twiflat", "twiflats"), FrameType.FLAT),
+    **dict.fromkeys(("light", "lights", "object", "science"), None),
+}
+_DARK_FLAT = re.compile(r"\b(dark flats?|flat darks?)\b")
+
+
+def _path_words(part: str) -> list[str]:
+    """Lower-case words of one path part: split at non-letters and camelCase humps."""
+    return [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", part)]
+
+
+def type_from_path(path: str, root: str) -> tuple[FrameType | None, str]:
+    """Frame type named by a file's path, for files without a frame-type keyword.
+
+    The file's name (without its suffixes) is read first, then each folder
+    above it up to and including ``root`` (the scanned folder); the first part
+    with a frame-type word decides: ``bias``/``zero``, ``dark`` (also ``dark
+    flat``, ``flat dark``: darks for flats), ``flat`` (sky, dome, twilight),
+    ``light``/``object``/``science`` (a science frame), singular or plural,
+    whole words only (``darkroom`` is none), camelCase split (``DarkFrames``).
+
+    Parameters
+    ----------
+    path, root : str
+        The file and the scanned folder (a local path or URL; ``root`` equal to
+        ``path`` for a single file).
+
+    Returns
+    -------
+    (FrameType or None, str)
+        The type (``None``: a science frame) and the part that named it.
+
+    Raises
+    ------
+    ValueError
+        When no part names a type, or the deciding part names two.
+    """
+    rel = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+    parts = [p for p in re.split(r"[/\\]", rel) if p]
+    root_name = [p for p in re.split(r"[/\\]", root) if p][-1:] if rel != path else []
+    if parts:
+        parts[-1] = parts[-1].split(".", 1)[0]  # the name without .fits, .fits.gz...
+    for part in reversed(root_name + parts):
+        words = _path_words(part)
+        joined = " ".join(words)
+        if _DARK_FLAT.search(joined):
+            return FrameType.DARK, part
+        found = {_PATH_WORDS[w] for w in words if w in _PATH_WORDS}
+        if len(found) > 1:
+            names = sorted("light" if t is None else t.value for t in found)
+            raise ValueError(f"its path part {part!r} names several frame types "
+                             f"({', '.join(names)})")
+        if found:
+            return found.pop(), part
+    raise ValueError("no frame type in its name or folders")
 
 
 def classify_frame_type(value: Any) -> FrameType | None:
@@ -485,13 +556,16 @@ def _check_pixels(image: HduInfo) -> str | None:
     return None
 
 
-def _inspect(path: str, warn: _Warnings) -> FrameRecord | Rejection:
-    """Read one file's headers and turn them into a record or a rejection."""
+def _inspect(path: str, warn: _Warnings, path_root: str | None = None) -> FrameRecord | Rejection:
+    """Read one file's headers and turn them into a record or a rejection.
+
+    ``path_root``: the scanned folder, when types may come from paths.
+    """
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AstropyWarning)
             hdr = _read_headers(path)
-            result = _classify(path, hdr, warn)
+            result = _classify(path, hdr, warn, path_root)
         for w in caught:
             warn.file(path, f"header: {w.message}")
         return result
@@ -503,7 +577,8 @@ def _inspect(path: str, warn: _Warnings) -> FrameRecord | Rejection:
         return Rejection(file=path, reason=f"unreadable: {exc.strerror or exc}")
 
 
-def _classify(path: str, hdr: _Header, warn: _Warnings) -> FrameRecord | Rejection:
+def _classify(path: str, hdr: _Header, warn: _Warnings,
+              path_root: str | None = None) -> FrameRecord | Rejection:
     image = hdr.image
     try:
         wide = _check_pixels(image)
@@ -511,9 +586,22 @@ def _classify(path: str, hdr: _Header, warn: _Warnings) -> FrameRecord | Rejecti
         return Rejection(file=path, reason=str(exc))
 
     cards = [(k, hdr.get(k)) for k in TYPE_KEYWORDS if hdr.get(k) is not None]
+    type_card: str | None = None
     if not cards:
-        return Rejection(file=path, reason="no frame-type keyword (" + ", ".join(TYPE_KEYWORDS)
-                         + "); file names are not trusted")
+        keywords = ", ".join(TYPE_KEYWORDS)
+        if path_root is None:
+            return Rejection(file=path, reason=f"no frame-type keyword ({keywords}); file names "
+                             "are not trusted (--types-from-paths takes the type from them)")
+        try:
+            by_path, part = type_from_path(path, path_root)
+        except ValueError as exc:
+            return Rejection(file=path, reason=f"no frame-type keyword ({keywords}) and {exc}")
+        if by_path is None:
+            return Rejection(file=path, reason=f"not a calibration frame (path part {part!r})")
+        warn.file(path, f"no frame-type keyword: taken as {by_path.value} from its path "
+                        f"({part!r})")
+        cards = [("path", by_path.value)]
+        type_card = f"path part {part!r}"
     types: dict[str, FrameType | None] = {}
     for key, value in cards:
         try:
@@ -578,7 +666,7 @@ def _classify(path: str, hdr: _Header, warn: _Warnings) -> FrameRecord | Rejecti
         path=path, type=ftype, exptime=exptime, temperature=temperature,
         time=_observation_time(hdr, exptime, path, warn), shape=(ny, nx),
         bitpix=image.bitpix, state=_operating_state(hdr, path, warn), hdu=image.index,
-        type_card=f"{key}={value!r}", compression=hdr.compression, size=hdr.size,
+        type_card=type_card or f"{key}={value!r}", compression=hdr.compression, size=hdr.size,
     )
 
 
@@ -676,7 +764,8 @@ def _apply_set_checks(records: list[FrameRecord], rejected: list[Rejection], war
 
 def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
          temperature_tolerance: float = TEMPERATURE_TOLERANCE_C,
-         progress: Callable[[int, int], None] | None = None) -> Inventory:
+         progress: Callable[[int, int], None] | None = None,
+         types_from_paths: bool = False) -> Inventory:
     """Inventory the calibration frames under ``path`` from their headers.
 
     Parameters
@@ -694,6 +783,10 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
         Sensor-temperature spread (deg C) beyond which a warning is issued.
     progress
         ``progress(done, total)`` called after each file's headers are read.
+    types_from_paths
+        A file without a frame-type keyword takes its type from its name or
+        folders (:func:`type_from_path`; a warning names the part), instead of
+        being rejected.
 
     Returns
     -------
@@ -709,8 +802,9 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
     warn = _Warnings()
     records: list[FrameRecord] = []
     rejected: list[Rejection] = []
+    path_root = source if types_from_paths else None
     for done, file in enumerate(files, start=1):
-        result = _inspect(file, warn)
+        result = _inspect(file, warn, path_root)
         (records if isinstance(result, FrameRecord) else rejected).append(result)
         if progress is not None:
             progress(done, len(files))

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from astropy.io import fits
 from click.testing import CliRunner
@@ -151,6 +152,36 @@ def test_calibrate_cli(raw, tmp_path):
                                     "--data-dir", str(tmp_path / "d"), "--no-progress"])
     assert bad.exit_code == 2
     assert "nowhere" in bad.output and "Traceback" not in bad.output
+
+
+def test_calibrate_cli_types_from_paths(raw, tmp_path):
+    # The same frames without IMAGETYP, in folders named by type under neutral
+    # file names (older SharpCap): rejected unless asked, then the same products.
+    from astropy.io import fits
+
+    untyped = tmp_path / "untyped"
+    folders = {"bias": "Bias", "dark": "Darks", "flat": "FlatField"}
+    for i, path in enumerate(sorted(raw.glob("*.fits"))):
+        with fits.open(path) as hdul:
+            kind = str(hdul[0].header["IMAGETYP"]).split()[0].lower()
+            del hdul[0].header["IMAGETYP"]
+            (untyped / folders[kind]).mkdir(parents=True, exist_ok=True)
+            hdul.writeto(untyped / folders[kind] / f"Capture_{i:04d}.fits")
+    args = ["calibrate", str(untyped), "--camera", "MST4", "--data-dir", str(tmp_path / "d"),
+            "--products", "bias,read_noise", "--no-progress"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "--types-from-paths" in refused.output
+    result = CliRunner().invoke(main, [*args, "--types-from-paths", "--export",
+                                       str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    reference = CliRunner().invoke(main, ["calibrate", str(raw), "--camera", "MST3",
+                                          "--data-dir", str(tmp_path / "r"), "--products",
+                                          "bias,read_noise", "--no-progress", "--export",
+                                          str(tmp_path / "reference")])
+    assert reference.exit_code == 0, reference.output
+    for name in ("bias.fits", "read_noise.fits"):
+        np.testing.assert_array_equal(fits.getdata(tmp_path / "export" / name),
+                                      fits.getdata(tmp_path / "reference" / name))
 
 
 def test_verify_the_whole_store_detects_a_corrupted_chunk(raw, tmp_path):

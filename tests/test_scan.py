@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from sitiancal.storage.scan import (
     ScanError,
     classify_frame_type,
     scan,
+    type_from_path,
 )
 
 SHAPE = (24, 40)
@@ -362,3 +365,85 @@ def test_scan_reports_progress_per_file(corpus) -> None:
     assert all(t == inventory.n_files for _, t in calls)
     result = CliRunner().invoke(cli, ["scan", str(root), "--progress", "--json"])
     assert result.exit_code == 0
+
+
+@pytest.mark.parametrize(("rel", "expected", "part"), [
+    ("Bias/cap_001.fits", FrameType.BIAS, "Bias"),
+    ("zeros/a.fits", FrameType.BIAS, "zeros"),
+    ("x/DarkFlats/a.fits", FrameType.DARK, "DarkFlats"),      # darks for flats
+    ("b/flat_dark_01.fits", FrameType.DARK, "flat_dark_01"),
+    ("gain100_offset50/flat/Capture_0001.fits", FrameType.FLAT, "flat"),  # no "offset" word
+    ("Bias/Dark_0001.fits", FrameType.DARK, "Dark_0001"),      # the nearest part decides
+    ("SkyFlats/2024-03-01/frame.fit", FrameType.FLAT, "SkyFlats"),
+    ("b/Lights/m31.fits", None, "Lights"),
+])
+def test_type_from_path_reads_the_nearest_naming_part(rel: str, expected, part: str) -> None:
+    assert type_from_path(f"/data/set/{rel}", "/data/set") == (expected, part)
+    assert type_from_path(f"s3://bucket/set/{rel}", "s3://bucket/set") == (expected, part)
+
+
+@pytest.mark.parametrize(("rel", "message"), [
+    ("darkroom/a.fits", "no frame type"),                # whole words only
+    ("b/c.fits", "no frame type"),
+    ("b/bias_dark.fits", "names several frame types (bias, dark)"),
+])
+def test_type_from_path_refuses_what_it_cannot_tell(rel: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        type_from_path(f"/data/{rel}", "/data")
+
+
+def test_the_scanned_folder_names_a_type_but_not_the_folders_above_it() -> None:
+    assert type_from_path("/data/darks/x.fits", "/data/darks") == (FrameType.DARK, "darks")
+    with pytest.raises(ValueError):
+        type_from_path("/darks/set/x.fits", "/darks/set")
+
+
+def _untyped_set(root: Path) -> None:
+    """Frames without IMAGETYP, named by their folders (as older SharpCap writes them)."""
+    frame = np.full(SHAPE, 500, dtype=np.uint16)
+    base = {**STATE, "CCD-TEMP": -10.0}
+    minute = iter(range(60))
+
+    def cards(exptime: float, **extra: Any) -> dict[str, Any]:
+        return {**base, "EXPTIME": exptime, "DATE-OBS": f"2026-03-14T12:{next(minute):02d}:00",
+                **extra}
+
+    for i in range(2):
+        write_fits(root / "Bias" / f"Capture_{i:04d}.fits", frame + i, cards(0.0))
+        write_fits(root / "Darks" / "60s" / f"Capture_{i:04d}.fits", frame + 5 + i, cards(60.0))
+        write_fits(root / "Flats" / f"Capture_{i:04d}.fits", frame + 9000 + i, cards(2.0))
+    write_fits(root / "Lights" / "m31.fits", frame, cards(30.0))
+    write_fits(root / "misc" / "capture.fits", frame, cards(1.0))
+    # a frame-type keyword wins over the folder
+    write_fits(root / "Bias" / "labelled.fits", frame + 7, cards(60.0, IMAGETYP="Dark Frame"))
+
+
+def test_types_from_paths_only_when_asked(tmp_path: Path) -> None:
+    _untyped_set(tmp_path)
+    strict = scan(tmp_path)
+    assert [r.type for r in strict.frames] == [FrameType.DARK]  # the labelled one
+    assert all("--types-from-paths" in r.reason for r in strict.rejected)
+
+    inv = scan(tmp_path, types_from_paths=True)
+    types = {Path(r.path).relative_to(tmp_path).as_posix(): r.type for r in inv.frames}
+    assert types == {"Bias/Capture_0000.fits": FrameType.BIAS,
+                     "Bias/Capture_0001.fits": FrameType.BIAS,
+                     "Bias/labelled.fits": FrameType.DARK,
+                     "Darks/60s/Capture_0000.fits": FrameType.DARK,
+                     "Darks/60s/Capture_0001.fits": FrameType.DARK,
+                     "Flats/Capture_0000.fits": FrameType.FLAT,
+                     "Flats/Capture_0001.fits": FrameType.FLAT}
+    cards = {Path(r.path).name: r.type_card for r in inv.frames if "Flats" in r.path}
+    assert cards == {f"Capture_000{i}.fits": "path part 'Flats'" for i in range(2)}
+    reasons = {Path(r.file).parent.name: r.reason for r in inv.rejected}
+    assert reasons["Lights"] == "not a calibration frame (path part 'Lights')"
+    assert reasons["misc"].endswith("and no frame type in its name or folders")
+    assert any("Capture_0000.fits" in w and "taken as bias from its path ('Bias')" in w
+               for w in inv.warnings)
+
+
+def test_cli_types_from_paths(tmp_path: Path) -> None:
+    _untyped_set(tmp_path)
+    result = CliRunner().invoke(cli, ["scan", str(tmp_path), "--json", "--types-from-paths"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"] == {"bias": 2, "dark": 3, "flat": 2}
