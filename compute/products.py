@@ -426,27 +426,36 @@ class Assembler:
                                             temperature=self.temperature,
                                             common_err=self._common_rate_err(g))
             stats["units"] = unit
-            center, mad_scale = robust_center_scale(r_ok)
-            # the population's upper side where it is wider (log-normal rates
-            # measured well): HOT and WARM are excesses beyond its tail
-            scale = max(mad_scale, upper_tail_scale(r_ok, center))
+            center, fitted_mad = robust_center_scale(r_ok)
+            # the upper side of the rates the mixture is fitted to (below)
+            fitted_scale = max(fitted_mad, upper_tail_scale(r_ok, center))
             # smooth local level (64 px cells): warm pixels are pixel-scale excesses over it
             background = local_median(r_ok, block=64)
+            # The population's width, and its upper side where that is wider
+            # (log-normal rates measured well), over the local level as the rules
+            # test the pixels: HOT and WARM are excesses beyond its tail. Over the
+            # whole map, a glow's rates had widened both (a 0.5 e-/s corner glow:
+            # 4.3x; 3 of 24 warm pixels found; a glow over the whole frame: none).
+            for rows in _bands(r_ok.shape):  # in place: r_ok is not used after this
+                r_ok[rows] -= np.maximum(background[rows], r_ok.dtype.type(center)) - center
+            mad_scale = robust_center_scale(r_ok)[1]
+            scale = max(mad_scale, upper_tail_scale(r_ok, center))
             del r_ok
             pops = fitting.result()
         stats["populations"] = pops.to_dict()
         tables.append(_mixture_table(pops, "POPULATIONS", unit))
         # The mixture's Gaussian components describe rates whose spread is
-        # their errors'. Where the population's own log-normal spread shows (its
-        # upper side 15 % wider than its core), components follow that tail, and
-        # classifying 3-5 sigma pixels by them flagged the tail as WARM (37 of
-        # 30k pixels at 20 C, none by the 5 sigma rule alone; 10-14 of 120k at
-        # 0 C): the rule alone decides then.
-        skewed = bool(scale > _SKEWED * mad_scale)
+        # their errors'. Where the fitted rates' upper side is 15 % wider than
+        # their core (the population's own log-normal spread, or a glow),
+        # components follow that tail, and classifying 3-5 sigma pixels by them
+        # flagged the tail as WARM (37 of 30k pixels at 20 C, none by the 5
+        # sigma rule alone; 10-14 of 120k at 0 C): the rule alone decides then.
+        skewed = bool(fitted_scale > _SKEWED * fitted_mad)
         warm_pops = None if skewed else pops
         stats["warm_rule"] = ("threshold only (skewed population: upper-side width "
-                              f"{scale / mad_scale:.2f}x the MAD width)" if skewed
+                              f"{fitted_scale / fitted_mad:.2f}x the MAD width)" if skewed
                               else "threshold and population classes")
+        stats["warm_scale"] = _f(scale)
         cls = np.full(rate.shape, 255, dtype=np.uint8)
         hot = np.zeros(rate.shape, dtype=bool)
         warm = np.zeros(rate.shape, dtype=bool)

@@ -264,6 +264,22 @@ def test_a_warm_sensor_flags_neither_its_glow_nor_its_population_tail(tmp_path):
     assert (elevated & normal).sum() <= 8, np.argwhere(elevated & normal)
 
 
+def test_warm_pixels_beside_a_strong_amplifier_glow(tmp_path):
+    # A 0.5 e-/s glow at one corner (250x the dark current): its rates had
+    # widened the population's measured width over the whole map (upper side
+    # 5x the MAD width), and the HOT/WARM thresholds with it: 16 of 360 warm
+    # pixels found. The width is now that of the rates over the local level,
+    # as the rules test the pixels.
+    outcome, truth = _outcome(tmp_path, shape=(300, 400), seed=47, glow_rate=0.5)
+    mask = np.asarray(next(a for a in outcome.products["mask"].arrays if a.name == "MASK").data[...])
+    warm = (truth.defects & 2) != 0  # MaskBit.WARM in the truth
+    flagged = (mask & 3) != 0  # HOT or WARM
+    assert warm.sum() > 300
+    assert (flagged & warm).sum() > 0.6 * warm.sum()
+    assert (flagged & (truth.defects == 0)).sum() <= 3
+    assert outcome.products["dark"].stats["warm_rule"].startswith("threshold only")
+
+
 def _edited_copy(tmp: Path, src: Path, edit) -> Path:
     """Copy a simulated set's frames, each through ``edit(name, header, data) -> data``."""
     from astropy.io import fits
