@@ -447,7 +447,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         mean = float(np.mean([s.mean for s in stats]))
         var = float(np.mean([s.var for s in stats]))
         var_err = float(np.sqrt(np.sum([s.var_err ** 2 for s in stats])) / len(stats))
-        points.append({"level": li, "exptime": g.exptime, "mean": mean, "var": var,
+        points.append({"level": li, "exptime": flats[li].exptime, "mean": mean, "var": var,
                        "var_err": var_err, "n_pairs": len(stats)})
     ptc = ptc_astier = None
     read_noise_regime = _read_noise_regime(points, conv_rn)

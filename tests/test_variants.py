@@ -107,6 +107,19 @@ def test_full_well_below_the_adc_limit_with_too_few_levels_for_a_ptc(tmp_path):
     assert {"bias", "read_noise", "dark", "flat", "mask"} <= set(outcome.products)
 
 
+def test_ptc_points_carry_their_own_levels_exposure_times(tmp_path):
+    # each point of the PTC table is its level's (the last level's time had
+    # been written on every point)
+    outcome, truth = _outcome(tmp_path, shape=(48, 64), seed=48)
+    flats = outcome.planned.plan.flats
+    times = [p["exptime"] for p in outcome.planned.ptc_points]
+    assert times == [flats[p["level"]].exptime for p in outcome.planned.ptc_points]
+    table = next(t for t in outcome.products["ptc"].tables if t.name == "PTC")
+    expected = sorted(set(np.round(truth.frames["exptime"][truth.frames["type"] == "flat"], 6)))
+    assert np.round(np.asarray(table.columns["exptime"]), 6).tolist() == expected[: len(times)]
+    assert len(set(times)) == len(times) > 3
+
+
 def test_ladder_turnover_from_ptc_points():
     from sitiancal.compute.plan import _ladder_turnover
     from sitiancal.compute.ptc import find_turnoff
