@@ -42,6 +42,7 @@ from sitiancal.compute.flat import master_flat, prnu_emva
 from sitiancal.compute.gain import frames_for_precision, gain_populations
 from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.plan import PlanResult
+from sitiancal.compute.ptc import turnoff_is_lower_bound
 from sitiancal.compute.readnoise import median_std_factor, read_noise_map, read_noise_summary
 from sitiancal.compute.summary import clipped_survivors, finite_median, row_bands
 from sitiancal.compute.tile import CalibrationParams
@@ -513,6 +514,7 @@ class Assembler:
             "read_noise_e": _f(fit.read_noise_e), "read_noise_e_err": _f(fit.read_noise_e_err),
             "read_noise_adu": _f(fit.read_noise_adu), "turnoff_adu": _f(fit.turnoff_adu),
             "full_well_e": _f(fit.full_well_e), "chi2_red": _f(fit.chi2_red),
+            "full_well_lower_bound": turnoff_is_lower_bound(cols["mean"], cols["var"]),
             "gain_convention": "g in e-/ADU (EMVA K = 1/g in DN/e-)",
         }
         if planned.ptc_astier is not None:

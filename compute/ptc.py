@@ -26,7 +26,8 @@ from scipy.optimize import curve_fit
 
 from sitiancal.compute.summary import clipped_survivors
 
-__all__ = ["PTCFit", "PairStats", "find_turnoff", "fit_ptc", "pair_stats"]
+__all__ = ["PTCFit", "PairStats", "find_turnoff", "fit_ptc", "pair_stats",
+           "turnoff_is_lower_bound"]
 
 _MODELS = ("linear", "astier")
 
@@ -218,7 +219,13 @@ def find_turnoff(mean: np.ndarray, var: np.ndarray) -> float:
         the vertex of the parabola through it and its two neighbours (the
         vertex may move at most half-way towards a neighbour). If the maximum
         is the brightest point, no turnoff was reached and that point's mean
-        is returned. NaN if there is no finite point.
+        is returned. So is it where the next point's variance has collapsed
+        to below half the maximum (a level clipped at the ADC limit, whose
+        variance is ~0): a parabola through a collapse is no turnover, and it
+        had put the turnoff 9 % below the brightest unclipped level of a
+        ladder that steps from 88 % of the ADC range to full (measured); the
+        brightest unclipped level is then a lower bound. NaN if there is no
+        finite point.
     """
     m = np.asarray(mean, dtype=np.float64).ravel()
     v = np.asarray(var, dtype=np.float64).ravel()
@@ -228,7 +235,7 @@ def find_turnoff(mean: np.ndarray, var: np.ndarray) -> float:
     order = np.argsort(m[ok])
     m, v = m[ok][order], v[ok][order]
     k = int(np.argmax(v))
-    if k == 0 or k == m.size - 1:
+    if k == 0 or turnoff_is_lower_bound(m, v):
         return float(m[k])
     x = m[k - 1 : k + 2]
     y = v[k - 1 : k + 2]
@@ -241,6 +248,28 @@ def find_turnoff(mean: np.ndarray, var: np.ndarray) -> float:
     lo = x[1] - 0.5 * (x[1] - x[0])
     hi = x[1] + 0.5 * (x[2] - x[1])
     return float(np.clip(vertex, lo, hi))
+
+
+def turnoff_is_lower_bound(mean: np.ndarray, var: np.ndarray) -> bool:
+    """Whether :func:`find_turnoff` could only bound the turnoff from below.
+
+    True when the point of maximum variance is the brightest one (no turnover
+    reached) or the next one's variance has collapsed (a clipped level): the
+    turnoff lies at or above that point's mean, up to the next level's.
+
+    Parameters
+    ----------
+    mean, var : numpy.ndarray
+        PTC points: mean (ADU) and variance (ADU^2), any order.
+    """
+    m = np.asarray(mean, dtype=np.float64).ravel()
+    v = np.asarray(var, dtype=np.float64).ravel()
+    ok = np.isfinite(m) & np.isfinite(v)
+    if not ok.any():
+        return False
+    v = v[ok][np.argsort(m[ok])]
+    k = int(np.argmax(v))
+    return k == v.size - 1 or bool(v[k + 1] < 0.5 * v[k])
 
 
 def _astier(mu: np.ndarray, a00: float, gain: float, n00: float) -> np.ndarray:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sitiancal.compute.ptc import PairStats, find_turnoff, fit_ptc, pair_stats
+from sitiancal.compute.ptc import (
+    PairStats,
+    find_turnoff,
+    fit_ptc,
+    pair_stats,
+    turnoff_is_lower_bound,
+)
 
 GAIN = 0.254  # e-/ADU (reference study)
 RN_E = 1.03  # e- (reference study)
@@ -158,6 +164,17 @@ def test_find_turnoff_refines_between_points() -> None:
     # Monotonic curve: no turnoff reached, the brightest point is returned.
     assert find_turnoff(mean, mean / GAIN) == 50000.0
     assert np.isnan(find_turnoff(np.array([np.nan]), np.array([1.0])))
+    # A ladder that steps from below the ADC limit to clipped levels (variance
+    # ~0): the brightest unclipped level, not a parabola through the collapse
+    # (which fell to 52 418 ADU here).
+    mean = np.array([40000.0, 44867.0, 57692.0, 65035.0, 65035.0])
+    var = mean / GAIN
+    var[3:] = 0.0
+    assert find_turnoff(mean, var) == 57692.0
+    assert turnoff_is_lower_bound(mean[::-1], var[::-1])
+    peak = np.array([10000.0, 20000.0, 30000.0, 40000.0, 50000.0])
+    assert turnoff_is_lower_bound(peak, peak / GAIN)  # no turnover reached
+    assert not turnoff_is_lower_bound(peak, -((peak - 33000.0) ** 2) + 1e9)
 
 
 def _astier_var(mu: np.ndarray, a00: float, gain: float, n00: float) -> np.ndarray:

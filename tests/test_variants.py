@@ -118,6 +118,16 @@ def test_ptc_points_carry_their_own_levels_exposure_times(tmp_path):
     expected = sorted(set(np.round(truth.frames["exptime"][truth.frames["type"] == "flat"], 6)))
     assert np.round(np.asarray(table.columns["exptime"]), 6).tolist() == expected[: len(times)]
     assert len(set(times)) == len(times) > 3
+    # the ladder steps from unclipped levels to clipped ones: the full well is
+    # the brightest unclipped level's, a lower bound, and the QC table says so
+    from sitiancal.service.report import build_report
+
+    stats = outcome.products["ptc"].stats
+    mean, var = np.asarray(table.columns["mean"]), np.asarray(table.columns["var"])
+    assert stats["full_well_lower_bound"] is True
+    assert stats["turnoff_adu"] == mean[np.argmax(var)]
+    report = build_report("X", {k: p.stats for k, p in outcome.products.items()})
+    assert next(f for f in report.figures if f.key == "full_well").label == "Full well (lower bound)"
 
 
 def test_ladder_turnover_from_ptc_points():
