@@ -184,6 +184,8 @@ class Assembler:
         Median sensor temperature of the dark frames (deg C).
     partials : dict
         Summed partials of the tile pass.
+    flat_filter : str or None
+        Filter of the flat frames (the flat product's ``filter``).
     """
 
     maps: Mapping[str, object]
@@ -191,6 +193,7 @@ class Assembler:
     params: CalibrationParams
     temperature: float | None = None
     partials: dict[str, float] = field(default_factory=dict)
+    flat_filter: str | None = None
     missing: dict[str, str] = field(default_factory=dict)
     _mask: np.ndarray | None = None
     _evaluated: set[str] = field(default_factory=set)
@@ -658,7 +661,8 @@ class Assembler:
         stats = {"prnu_pct": _f(prnu.prnu_pct), "prnu_highpass_pct": _f(prnu.prnu_highpass_pct),
                  "mean_signal_adu": _f(prnu.mean_signal), "reference_level": ref, "n_frames": n,
                  "excluded_pixels": int(excluded.sum()), "large_scale_block_px": block,
-                 "definition": "EMVA 1288 release 4.0, defective pixels (mask) excluded"}
+                 "definition": "EMVA 1288 release 4.0, defective pixels (mask) excluded",
+                 "filter": self.flat_filter}
         return ProductContent("flat", "", [ProductArray("FLAT", flat, "", "master flat (median 1)")],
                               [], stats)
 
@@ -698,11 +702,15 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
                       wanted: tuple[str, ...] = PRODUCT_TYPES,
                       emit: Callable[[ProductContent], None] | None = None,
                       resident_limit: int | None = None,
+                      flat_filter: str | None = None,
                       ) -> tuple[dict[str, ProductContent], dict[str, str]]:
     """Build every requested product that the data supports.
 
     Parameters
     ----------
+    flat_filter : str, optional
+        Filter of the flat frames (one per dataset, ``storage.scan``): the
+        flat product's ``filter``.
     emit : callable, optional
         Called with each product as soon as it is built; the product is then
         dropped, so at most one product's maps are in memory at a time (a 61 MP
@@ -725,7 +733,8 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
     missing : dict of str to str
         For every requested type not computed, the reason.
     """
-    asm = Assembler(maps, planned, params, temperature=temperature, partials=partials or {})
+    asm = Assembler(maps, planned, params, temperature=temperature, partials=partials or {},
+                    flat_filter=flat_filter)
     out: dict[str, ProductContent] = {}
     builders = {"bias": asm.bias, "read_noise": asm.read_noise, "dark": asm.dark, "ptc": asm.ptc,
                 "gain": asm.gain, "linearity": asm.linearity, "flat": asm.flat,

@@ -295,7 +295,8 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
     products, missing = assemble_products(sink.maps(), planned, params, shape=shape,
                                           temperature=temperature, partials=partials,
                                           wanted=tuple(wanted), emit=emit,
-                                          resident_limit=resident_limit)
+                                          resident_limit=resident_limit,
+                                          flat_filter=ds.attrs.get("flat_filter"))
     timings["products"] = time.perf_counter() - t0
     report("products", hi)
     return ProductsOutcome(products, missing, planned, timings)

@@ -89,7 +89,8 @@ def _image_data(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _primary_header(meta: Mapping[str, Any], n_inputs: int) -> list[tuple[str, Any, str]]:
+def _primary_header(meta: Mapping[str, Any], n_inputs: int,
+                    stats: Mapping[str, Any] | None = None) -> list[tuple[str, Any, str]]:
     cards: list[tuple[str, Any, str]] = [
         ("CAMERA", _ascii(meta["camera"]), "camera name"),
         ("PRODTYPE", _ascii(meta["type"]), "product type"),
@@ -107,6 +108,8 @@ def _primary_header(meta: Mapping[str, Any], n_inputs: int) -> list[tuple[str, A
         ("SWVERSN", _ascii(meta.get("code_version", "")), "software version"),
         ("NINPUTS", int(n_inputs), "number of input frames (INPUTS table)"),
     ]
+    if (stats or {}).get("filter"):  # a master flat is per filter
+        cards.append(("FILTER", _ascii(str(stats["filter"])), "filter of the input flats"))
     bits = meta.get("mask_bits")
     if not bits and meta.get("type") == "mask":
         bits = {str(k): v for k, v in default_mask_bits().items()}
@@ -171,7 +174,7 @@ def build_hdulist(group: zarr.Group) -> fits.HDUList:
         primary = fits.PrimaryHDU()
         _set(primary.header, "BUNIT", _ascii(meta.get("units", "")), "units of the figures")
     header = primary.header
-    for key, value, comment in _primary_header(meta, len(inputs)):
+    for key, value, comment in _primary_header(meta, len(inputs), group.attrs.get("stats")):
         _set(header, key, value, comment)
     hdus: list[fits.hdu.base.ExtensionHDU | fits.PrimaryHDU] = [primary]
     for name in names[1:]:
@@ -554,7 +557,7 @@ def write_fits(group: zarr.Group, path: str | os.PathLike[str], *,
     else:  # a table-only product: the header alone
         header = fits.PrimaryHDU().header
         _set(header, "BUNIT", _ascii(meta.get("units", "")), "units of the figures")
-    for key, value, comment in _primary_header(meta, len(inputs)):
+    for key, value, comment in _primary_header(meta, len(inputs), group.attrs.get("stats")):
         _set(header, key, value, comment)
     src = dict(sources or {})
     # The images (nearly all the bytes) are hashed as they are written; the small

@@ -81,6 +81,9 @@ TEMPERATURE_KEYWORDS = ("CCD-TEMP", "CCD_TEMP", "SENSOR-TEMP", "SENSOR_TEMP", "D
                         "TEMPERAT")
 SETPOINT_KEYWORDS = ("SET-TEMP", "SET_TEMP")
 READOUT_KEYWORDS = ("READOUTM", "READMODE", "READOUT")
+#: Filter name: FILTER (MaxIm, N.I.N.A., SharpCap), FILTNAME, FILTER1 (two-wheel
+#: instruments), INSFLNAM (ESO).
+FILTER_KEYWORDS = ("FILTER", "FILTNAME", "FILTER1", "INSFLNAM")
 
 
 class FrameType(StrEnum):
@@ -215,6 +218,7 @@ class FrameRecord(BaseModel):
     type_card: str = Field("", description="the header card that gave the type")
     compression: str | None = Field(None, description="'gzip', a ZCMPTYPE, or None")
     size: int = Field(0, description="file size, bytes")
+    filter: str | None = Field(None, description="filter name (FILTER...), None if unnamed")
 
 
 class Rejection(BaseModel):
@@ -252,6 +256,10 @@ class Inventory(BaseModel):
         tmin, tmax = self.temperature.get("min"), self.temperature.get("max")
         lines.append("temperature: unknown" if tmin is None
                      else f"temperature: {tmin:.2f} .. {tmax:.2f} C")
+        filters = sorted({str(r.filter) for r in self.frames
+                          if r.type is FrameType.FLAT and r.filter is not None})
+        if filters:
+            lines.append(f"flat filter: {', '.join(filters)}")
         if self.operating_state:
             lines.append("operating state: " + OperatingState(**self.operating_state).describe()
                          + f", instrument {self.operating_state.get('instrument')!r}")
@@ -667,7 +675,14 @@ def _classify(path: str, hdr: _Header, warn: _Warnings,
         time=_observation_time(hdr, exptime, path, warn), shape=(ny, nx),
         bitpix=image.bitpix, state=_operating_state(hdr, path, warn), hdu=image.index,
         type_card=type_card or f"{key}={value!r}", compression=hdr.compression, size=hdr.size,
+        filter=_filter_name(hdr),
     )
+
+
+def _filter_name(hdr: _Header) -> str | None:
+    """The frame's filter name, stripped; None when no filter keyword names one."""
+    card = hdr.first(FILTER_KEYWORDS)
+    return None if card is None else str(card[1]).strip()
 
 
 # ----------------------------------------------------------------------------- set checks
@@ -744,6 +759,8 @@ def _apply_set_checks(records: list[FrameRecord], rejected: list[Rejection], war
     if len(instruments) > 1:
         warn.add(f"frames name different instruments (INSTRUME): {', '.join(instruments)}")
 
+    records = _one_flat_filter(records, rejected)
+
     main_shape = _majority([r.shape for r in records])
     kept = []
     for r in records:
@@ -760,6 +777,35 @@ def _apply_set_checks(records: list[FrameRecord], rejected: list[Rejection], war
         warn.add(f"sensor temperature spans {min(temps):.2f} .. {max(temps):.2f} C "
                  f"(spread {max(temps) - min(temps):.2f} C > tolerance {tolerance:g} C)")
     return records, main_state
+
+
+def _one_flat_filter(records: list[FrameRecord],
+                     rejected: list[Rejection]) -> list[FrameRecord]:
+    """Keep the flats of the majority filter: a master flat (and its PRNU) is per filter.
+
+    Flats through other filters (or without a filter name, where others have
+    one) are rejected, naming both; bias and dark frames (shutter closed) are
+    not checked.
+    """
+    flats = [r.filter for r in records if r.type is FrameType.FLAT]
+    if len(set(flats)) < 2:
+        return records
+    main = _majority(flats)
+
+    def name(f: str | None) -> str:
+        return "no filter name (FILTER...)" if f is None else f"filter {f!r}"
+
+    n_main = flats.count(main)
+    kept = []
+    for r in records:
+        if r.type is not FrameType.FLAT or r.filter == main:
+            kept.append(r)
+        else:
+            rejected.append(Rejection(
+                file=r.path, reason=f"flat with {name(r.filter)}; the set's flats are taken "
+                f"with {name(main)} ({n_main} of {len(flats)} flats): a master flat is per "
+                "filter, so calibrate each filter's flats as a dataset of their own"))
+    return kept
 
 
 def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,

@@ -184,6 +184,38 @@ def test_calibrate_cli_types_from_paths(raw, tmp_path):
                                       fits.getdata(tmp_path / "reference" / name))
 
 
+def test_the_flat_product_names_its_filter(raw, tmp_path):
+    # flats through 'g', two more through 'r' (rejected at the scan, named):
+    # the flat's stats and its FITS header say 'g'
+    from astropy.io import fits
+
+    filtered = tmp_path / "filtered"
+    shutil.copytree(raw, filtered)
+    flats = []
+    for path in sorted(filtered.glob("*.fits")):
+        with fits.open(path, mode="update") as hdul:
+            if str(hdul[0].header["IMAGETYP"]).lower().startswith("flat"):
+                hdul[0].header["FILTER"] = "g"
+                flats.append(path)
+    for i, path in enumerate(flats[:2]):
+        with fits.open(path) as hdul:
+            hdul[0].header["FILTER"] = "r"
+            hdul[0].data = hdul[0].data // 2
+            hdul.writeto(filtered / f"r_{i}.fits")
+    run = calibrate(filtered, "MST2", Settings(data_dir=tmp_path / "d"), wanted=["flat"],
+                    export_dir=tmp_path / "export")
+    catalog = Catalog.open(Settings(data_dir=tmp_path / "d").catalog_url)
+    try:
+        flat = catalog.get_product(run.product_ids[0])
+        assert flat.stats["filter"] == "g"
+        dataset = catalog.get_dataset(run.dataset_id)
+    finally:
+        catalog.close()
+    assert fits.getheader(tmp_path / "export" / "flat.fits")["FILTER"] == "g"
+    reasons = [r["reason"] for r in dataset.inventory["rejected"]]
+    assert sum("flat with filter 'r'" in r for r in reasons) == 2
+
+
 def test_verify_the_whole_store_detects_a_corrupted_chunk(raw, tmp_path):
     data = tmp_path / "d"
     calibrate(raw, "MST5", Settings(data_dir=data), wanted=["bias", "flat"])

@@ -447,3 +447,33 @@ def test_cli_types_from_paths(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["scan", str(tmp_path), "--json", "--types-from-paths"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["counts"] == {"bias": 2, "dark": 3, "flat": 2}
+
+
+def test_flats_of_one_filter_are_kept_the_others_named(tmp_path: Path) -> None:
+    frame = np.full(SHAPE, 500, dtype=np.uint16)
+    base = {**STATE, "CCD-TEMP": -10.0}
+    minute = iter(range(60))
+
+    def write(name: str, kind: str, exptime: float, value: int, **extra: Any) -> None:
+        write_fits(tmp_path / name, frame + value,
+                   {**base, "IMAGETYP": kind, "EXPTIME": exptime,
+                    "DATE-OBS": f"2026-03-14T12:{next(minute):02d}:00", **extra})
+
+    for i in range(3):
+        write(f"flat_g_{i}.fits", "Flat Frame", 2.0, 9000 + i, FILTER="g")
+    for i in range(2):
+        write(f"flat_r_{i}.fits", "Flat Frame", 2.0, 7000 + i, FILTER="r")
+    write("flat_none.fits", "Flat Frame", 2.0, 8000)
+    # bias and darks are not checked: the filter wheel stands anywhere
+    write("bias_0.fits", "Bias Frame", 0.0, 0, FILTER="Dark")
+    write("dark_0.fits", "Dark Frame", 60.0, 5, FILTNAME="r")
+    inv = scan(tmp_path)
+    kept = {Path(r.path).name: r.filter for r in inv.frames}
+    assert kept == {"flat_g_0.fits": "g", "flat_g_1.fits": "g", "flat_g_2.fits": "g",
+                    "bias_0.fits": "Dark", "dark_0.fits": "r"}
+    reasons = {Path(r.file).name: r.reason for r in inv.rejected}
+    assert reasons["flat_r_0.fits"] == (
+        "flat with filter 'r'; the set's flats are taken with filter 'g' (3 of 6 flats): a "
+        "master flat is per filter, so calibrate each filter's flats as a dataset of their own")
+    assert reasons["flat_none.fits"].startswith("flat with no filter name (FILTER...);")
+    assert "flat filter: g" in inv.summary()
