@@ -30,6 +30,7 @@ from sitiancal.compute.defects import (
     gain_outlier,
     hot_warm,
     local_median,
+    log_tail_scale,
     mask_counts,
     neighbour_median,
     noisy,
@@ -444,6 +445,15 @@ class Assembler:
                 r_ok[rows] -= np.maximum(background[rows], r_ok.dtype.type(center)) - center
             mad_scale = robust_center_scale(r_ok)[1]
             scale = max(mad_scale, upper_tail_scale(r_ok, center))
+            # where the rates are measured well, the population's multiplicative
+            # spread is followed to its nsigma point in ln(rate)
+            log_scale = log_tail_scale(r_ok, center, nsigma=self.params.defects.warm_nsigma)
+            if np.isfinite(log_scale):
+                scale = max(scale, log_scale)
+            stats["warm_threshold"] = (f"{self.params.defects.warm_nsigma:g} sigma in ln(rate) "
+                                       "over the local level"
+                                       if np.isfinite(log_scale) and scale == log_scale
+                                       else "linear over the local level")
             del r_ok
             pops = fitting.result()
         stats["populations"] = pops.to_dict()

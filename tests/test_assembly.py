@@ -567,3 +567,24 @@ def test_common_mode_rate_err_is_the_slope_error_of_frame_offsets(times: list, c
         assert expected == pytest.approx(s * np.sqrt(1 / counts[0] + 1 / counts[1]) / times[1])
     assert np.std(slope) == pytest.approx(expected, rel=0.03)
     assert np.isnan(common_mode_rate_err(np.array([60.0]), np.array([5]), s))
+
+
+def test_log_tail_scale_follows_a_multiplicative_population() -> None:
+    from sitiancal.compute.defects import log_tail_scale, upper_tail_scale
+
+    rng = np.random.default_rng(44)
+    rates = rng.lognormal(np.log(0.02), 0.3, 1_000_000) + rng.normal(0, 0.001, 1_000_000)
+    c = float(np.median(rates))
+    width = log_tail_scale(rates.astype(np.float32), c, nsigma=5.0)
+    # 5 sigma in ln(rate): ~exp(1.5) x the median, ~3e-7 of the population beyond
+    assert c + 5 * width == pytest.approx(c * np.exp(5 * 0.3), rel=0.03)
+    assert np.mean(rates > c + 5 * width) < 3e-6
+    # the linear extrapolation from the upper side leaves ~1e-4 beyond
+    linear = upper_tail_scale(rates, c)
+    assert 3e-5 < np.mean(rates > c + 5 * linear) < 3e-4
+    # noise-dominated rates (many <= 0) and a centre <= 0: not in ln(rate)
+    noisy = rng.normal(0.002, 0.001, 100_000)
+    assert np.isnan(log_tail_scale(noisy, float(np.median(noisy))))
+    assert np.isnan(log_tail_scale(rates, 0.0))
+    with pytest.raises(ValueError):
+        log_tail_scale(rates, c, nsigma=0.0)

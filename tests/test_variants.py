@@ -262,29 +262,34 @@ def test_a_warm_sensor_flags_neither_its_glow_nor_its_population_tail(tmp_path):
 
     Their log-normal spread (log-sigma 0.3) then shows: 5 robust sigma of a
     MAD put the WARM threshold at 2.5x the median, where 1e-3 of the pixels
-    lie (133 false WARM on a 300 x 400 set); the glow (0.2 e-/s at its
-    corner) is above the hot floor (201 false HOT there). Every warm and hot
-    pixel of the truth that stands out of the main population is flagged (as
-    HOT or WARM: at 20 C the warm population's 0.2 e-/s is above the 0.1 e-/s
-    hot floor).
+    lie (133 false WARM on a 300 x 400 set), and a linear extrapolation from
+    the upper side at 3.2x, where 1e-4 lie (9 there); the limit is the main
+    population's 5 sigma in ln(rate), ~5x the median. The glow (0.2 e-/s at
+    its corner) is above the hot floor (201 false HOT there). Every warm and
+    hot pixel of the truth that stands out of the main population (6x its
+    median: its 5 sigma with the rates' errors) is flagged (as HOT or WARM:
+    at 20 C the warm population's 0.2 e-/s is above the 0.1 e-/s hot floor).
     """
     from sitiancal.compute.defects import MaskBit
 
-    outcome, truth = _outcome(tmp_path, shape=(160, 192), seed=37, temperature=20.0,
+    outcome, truth = _outcome(tmp_path, shape=(300, 400), seed=37, temperature=20.0,
                               dark_exptimes=[0.0, 60.0, 300.0, 600.0], dark_frames=6,
                               warm_fraction=1e-3, hot_fraction=5e-4, n_bias=20,
                               flat_levels=8, flat_frames=8)
     mask = next(a for a in outcome.products["mask"].arrays if a.name == "MASK").data
     elevated = (mask & (MaskBit.HOT | MaskBit.WARM)) != 0
     true = truth.has("HOT") | truth.has("WARM")
-    assert true.sum() >= 30
+    assert true.sum() >= 150
     # the warm population (log-normal 0.4 about 0.2 e-/s) reaches down into
-    # the main one's tail: ~5 % of it lies below 3x the main median
-    assert elevated[true].mean() >= 0.85
-    assert elevated[truth.has("HOT")].all()
+    # the main one's tail: ~15 % of it lies below 6x the main median
     normal = truth.defects == 0
-    # 30 720 pixels: the log-normal tail beyond the threshold holds ~3 (1e-4)
-    assert (elevated & normal).sum() <= 8, np.argwhere(elevated & normal)
+    main = np.median(truth.dark_rate[normal])
+    assert elevated[true & (truth.dark_rate > 6 * main)].all()
+    assert elevated[true].mean() >= 0.9
+    assert elevated[truth.has("HOT")].all()
+    # 120 000 pixels: the log-normal tail beyond 5 sigma in ln(rate) holds
+    # 0.04 (the linear rule's 5 here)
+    assert (elevated & normal).sum() <= 2, np.argwhere(elevated & normal)
 
 
 def test_warm_pixels_beside_a_strong_amplifier_glow(tmp_path):
