@@ -375,8 +375,11 @@ class Assembler:
         if g is not None:
             stats["per_pixel_e"] = read_noise_summary(read_noise_map(std, g))
             raw = stats["per_pixel_e"].get("median")
+            raw_err = stats["per_pixel_e"].get("median_err")
             stats["median_e_map"] = raw
             stats["median_e"] = _f(raw / factor) if raw is not None else None
+            # the median's sampling error over the pixels (the gain's is not included)
+            stats["median_e_err"] = _f(raw_err / factor) if raw_err is not None else None
             # stored band by band from the ADU map: the e- map is not kept in memory
             arrays.append(ProductArray("READ_NOISE_E", ScaledMap(self.lazy("bias_std"), g), "e-",
                                        "per-pixel read noise"))
@@ -386,6 +389,8 @@ class Assembler:
             stats["conventional_adu_err"] = _f(conv.read_noise_adu_err)
             gscalar = self.gain_median()
             stats["conventional_e"] = _f(conv.read_noise_adu * gscalar) if gscalar else None
+            stats["conventional_e_err"] = (_f(conv.read_noise_adu_err * gscalar) if gscalar
+                                           else None)
         return ProductContent("read_noise", "ADU", arrays, [], stats)
 
     def dark(self) -> ProductContent | None:

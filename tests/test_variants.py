@@ -130,6 +130,29 @@ def test_ptc_points_carry_their_own_levels_exposure_times(tmp_path):
     assert next(f for f in report.figures if f.key == "full_well").label == "Full well (lower bound)"
 
 
+def test_qc_figures_quote_their_errors(tmp_path):
+    # the bias level (the frame levels' scatter over the series), its
+    # stability, and both read noises carry their 1-sigma errors
+    from sitiancal.service.report import build_report
+
+    outcome, truth = _outcome(tmp_path, shape=(48, 64), seed=49)
+    report = build_report("X", {k: p.stats for k, p in outcome.products.items()})
+    fig = {f.key: f for f in report.figures}
+    bias = outcome.products["bias"].stats["stability"]
+    rn = outcome.products["read_noise"].stats
+    assert fig["bias_level"].error == bias["mean_err"] > 0
+    assert fig["bias_stability_std"].error == bias["std_err"] > 0
+    assert fig["read_noise_per_pixel"].error == pytest.approx(
+        rn["per_pixel_e"]["median_err"] / rn["median_std_factor"])
+    assert fig["read_noise_conventional"].error == pytest.approx(
+        rn["conventional_adu_err"] * rn["conventional_e"] / rn["conventional_adu"])
+    # the per-pixel median is the truth's within 3 % (row noise and quantisation add ~1 %)
+    true = float(np.median(truth.read_noise))
+    assert abs(rn["median_e"] - true) < 0.03 * true
+    assert all("+-" in fig[k].text() for k in ("bias_level", "bias_stability_std",
+                                                "read_noise_conventional", "read_noise_per_pixel"))
+
+
 def test_ladder_turnover_from_ptc_points():
     from sitiancal.compute.plan import _ladder_turnover
     from sitiancal.compute.ptc import find_turnoff
