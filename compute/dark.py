@@ -483,7 +483,8 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     dict
         ``median`` (interpolated within its grid cell where the rates
         take few distinct values, :func:`~sitiancal.compute.summary.grouped_median`;
-        ``median_tied`` rates equal to the plain median) with ``median_err``
+        ``median_tied`` rates equal to the plain median, 0 where no tie reaches
+        the ranks ``N/2 -+ sqrt(N)/2``) with ``median_err``
         from the distribution-free order statistic interval (the ranks
         ``N/2 -+ sqrt(N)/2`` bracket the median with 68 % binomial
         probability; half their distance is the 1-sigma error; the
@@ -509,7 +510,11 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     qs = [max(0.5 - half, 0.0), 0.5, min(0.5 + half, 1.0)] + [p / 100.0 for p in _PERCENTILES]
     lo, med, hi, *pct = quantiles(r, qs)
     # rates from a few integer frames come on a grid: the median within its cell
-    med, n_tied = grouped_median(r, med)
+    # (ties large enough to matter reach the ranks N/2 -+ sqrt(N)/2; a scan of
+    # the map for them is skipped otherwise)
+    n_tied = 0
+    if lo == med or hi == med:
+        med, n_tied = grouped_median(r, med)
     robust_sigma = MAD_TO_SIGMA * median(
         np.abs(np.subtract(r, r.dtype.type(med), out=r), out=r))
     del r

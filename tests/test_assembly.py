@@ -588,3 +588,24 @@ def test_log_tail_scale_follows_a_multiplicative_population() -> None:
     assert np.isnan(log_tail_scale(rates, 0.0))
     with pytest.raises(ValueError):
         log_tail_scale(rates, c, nsigma=0.0)
+
+
+def test_threshold_sample_of_a_large_map() -> None:
+    from sitiancal.compute.defects import robust_center_scale
+    from sitiancal.compute.products import THRESHOLD_SAMPLE, threshold_sample
+
+    rng = np.random.default_rng(45)
+    small = rng.normal(0.0, 1.0, (100, 120)).astype(np.float32)
+    assert threshold_sample(small) is small or np.shares_memory(threshold_sample(small), small)
+    assert threshold_sample(small).size == small.size
+    # a map with a column pattern of period 8 (a stride of 8 would see one column)
+    big = rng.lognormal(np.log(0.002), 0.3, (2048, 2560)).astype(np.float32)
+    big += np.tile(np.float32([0, 0, 0, 0, 0, 0, 0, 0.01]), 320)
+    sample = threshold_sample(big)
+    assert THRESHOLD_SAMPLE // 4 < sample.size <= THRESHOLD_SAMPLE
+    step = -(-big.size // sample.size)
+    assert np.gcd(step, big.shape[1]) == 1  # every column alike
+    assert step == 3  # 2 divides the row length
+    c_all, s_all = robust_center_scale(big)
+    c_smp, s_smp = robust_center_scale(sample)
+    assert abs(c_smp - c_all) < 3e-3 * s_all and abs(s_smp / s_all - 1) < 5e-3
