@@ -1996,15 +1996,26 @@ def unstable_bias(z: np.ndarray, *, config: DefectConfig | None = None) -> np.nd
 
 
 def nonlinear(residual_pct: np.ndarray, *, config: DefectConfig | None = None,
-              center: float | None = None, scale: float | None = None) -> np.ndarray:
+              center: float | None = None, scale: float | None = None,
+              weight: np.ndarray | None = None) -> np.ndarray:
     """NONLINEAR pixels from a per-pixel linearity residual (%).
 
     Flags ``|residual - center| > nonlinear_nsigma * scale`` and
     ``|residual| > nonlinear_floor_pct``; center/scale default to the
-    median and robust sigma of the input.
+    median and robust sigma of the input. With ``weight`` (a map, e.g. the
+    square root of each pixel's relative signal, where a residual's noise
+    goes as 1/sqrt(signal)) the deviations are weighted first:
+    ``|(residual - center) * weight| > nonlinear_nsigma * scale``, ``scale``
+    (by default) the robust sigma of the weighted deviations.
     """
     cfg = config if config is not None else DefectConfig()
     v = _float_map(residual_pct)
+    if weight is not None:
+        c = float(finite_median_mad(v, mad=False)[0]) if center is None else float(center)
+        z = (v - v.dtype.type(c)) * np.asarray(weight, dtype=v.dtype)
+        s = robust_center_scale(z)[1] if scale is None else float(scale)
+        return (_finite_gt(np.abs(z), cfg.nonlinear_nsigma * s)
+                & _finite_gt(np.abs(v), cfg.nonlinear_floor_pct))
     c, s = _center_scale(v, center, scale)
     if v.dtype == np.float32 and v.flags.c_contiguous and v.size >= _FUSED_MIN:
         # one compiled pass, the same float32 operations as the expression below

@@ -197,6 +197,16 @@ class SimulationConfig(BaseModel):
                      + self.dead_fraction + self.low_response_fraction + self.rtn_fraction)
         if anomalous > 0.5:
             raise ValueError(f"anomalous-pixel fractions add up to {anomalous} > 0.5")
+        # the farthest corner from the optical centre must keep some light
+        # (the radial loss is quadratic, vignetting_corner at a centred corner)
+        cy, cx = self.vignetting_center
+        ny, nx = self.shape
+        far = 4.0 * (max(cy, 1 - cy) ** 2 * ny * ny + max(cx, 1 - cx) ** 2 * nx * nx) / (
+            ny * ny + nx * nx)
+        if 1.0 - self.vignetting_corner * far <= 0.0:
+            raise ValueError(f"vignetting_corner={self.vignetting_corner:g} about the optical "
+                             f"centre {tuple(self.vignetting_center)} leaves no light at the "
+                             f"farthest corner (loss {self.vignetting_corner * far:.2f} >= 1)")
         c, p = self.nonlinearity_coeff, self.nonlinearity_power
         if c * (p + 1) * 2**p >= 1:  # nonlin(x) must rise up to 2x the ADC range
             raise ValueError("nonlinearity is not monotonic below 2x the ADC range")

@@ -811,3 +811,29 @@ def test_noisy_with_the_frame_count_tests_the_pixels_noise(n_frames: int) -> Non
     assert found >= {2: 0.15, 5: 0.5, 16: 0.85, 100: 0.95}[n_frames]
     with pytest.raises(ValueError, match="at least 2 frames"):
         noisy(std, config=CFG, n_frames=1)
+
+
+def test_nonlinear_weighted_by_signal_evens_out_a_vignetted_field() -> None:
+    # residual noise ~ 1/sqrt(signal): a dim half (30 % of the light) scatters
+    # 1.8x as much; one map-wide width flags its tail, the weighted test does not
+    from sitiancal.compute.defects import nonlinear, robust_center_scale
+
+    rng = np.random.default_rng(46)
+    ny, nx = 400, 500
+    signal = np.ones((ny, nx), dtype=np.float32)
+    signal[:, : nx // 2] = 0.3
+    noise = 0.35 / np.sqrt(signal)  # %, per pixel
+    resid = (rng.standard_normal((ny, nx)) * noise).astype(np.float32)
+    resid[100, 100] = resid[300, 400] = 8.0  # truly nonlinear, dim and bright side
+    cfg = DefectConfig()
+    plain = nonlinear(resid, config=cfg)
+    weight = np.sqrt(signal)
+    weighted = nonlinear(resid, config=cfg, weight=weight)
+    assert weighted[100, 100] and weighted[300, 400]
+    assert plain.sum() - 2 > 20  # the dim half's tail beyond the map-wide 5 sigma
+    assert weighted.sum() - 2 <= 1
+    # the width passed in is that of the weighted deviations
+    c = float(np.median(resid))
+    _, s = robust_center_scale((resid - c) * weight)
+    assert np.array_equal(nonlinear(resid, config=cfg, center=c, scale=s, weight=weight),
+                          weighted)

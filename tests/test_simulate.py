@@ -418,6 +418,11 @@ def test_config_validation():
         SimulationConfig(dark_exptimes=[10.0, 10.0])
     with pytest.raises(ValidationError):
         SimulationConfig(nonlinearity_coeff=0.05)  # not monotonic below 2x the ADC range
+    # an optical centre near one corner: the far corner would get negative light
+    # (the simulation had failed in numpy's Poisson draw)
+    with pytest.raises(ValidationError, match="leaves no light at the farthest corner"):
+        SimulationConfig(vignetting_center=(0.2, 0.8), vignetting_corner=0.4)
+    assert SimulationConfig(vignetting_center=(0.2, 0.8), vignetting_corner=0.3)
     assert SimulationConfig(flat_exptimes=[2.0, 1.0]).flat_levels == 2
     assert SimulationConfig().n_frames == 20 + 7 * 5 + 14 * 40
 
