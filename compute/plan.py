@@ -560,6 +560,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         lin_at=lin_at, flat_ref=flat_ref,
         linearizer=tuple(float(c) for c in np.asarray(lin.linearizer)) if lin is not None else (),
         bias_quantum=quantum, bias_floor=bias_floor,
+        gain=float(ptc.gain) if ptc is not None and np.isfinite(ptc.gain) else float("nan"),
     )
     return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
                       conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,

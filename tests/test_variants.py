@@ -424,3 +424,52 @@ def test_split_by_signal_rules():
     assert [lv.indices for lv in levels] == [(0, 1, 3)] and odd == [2]
     levels, odd = split([20500, 10500])  # a pair: nothing to tell which is wrong
     assert len(levels) == 2 and odd == []
+
+
+def test_cosmic_rays_in_the_darks_do_not_become_dark_current(tmp_path):
+    # Long darks collect cosmic rays: one frame of a group gains 1000-20000
+    # ADU in a pixel. The hit group had entered the pixel's fit (rates of
+    # 0.06-0.9 e-/s for a truth of 0.002, unflagged: the hit inflates the
+    # error too); it is now left out of that pixel's fit.
+    raw, truth = small_dataset(tmp_path, shape=(64, 80), seed=50)
+    rng = np.random.default_rng(51)
+    hits: list[tuple[int, int]] = []
+
+    def edit(name, header, data):
+        if str(header["IMAGETYP"]).lower().startswith("dark") and header["EXPTIME"] >= 120:
+            data = data.astype(np.int64)
+            for _ in range(6):
+                y, x = int(rng.integers(0, data.shape[0])), int(rng.integers(0, data.shape[1]))
+                data[y, x] += int(rng.uniform(1000, 20000))
+                hits.append((y, x))
+            data = np.clip(data, 0, 65535).astype(np.uint16)
+        return data
+
+    outcome = _products_of(tmp_path, _edited_copy(tmp_path, raw, edit))
+    dark = {a.name: np.asarray(a.data[...]) for a in outcome.products["dark"].arrays}
+    ys, xs = np.array(hits).T
+    clean = truth.defects[ys, xs] == 0
+    assert clean.sum() >= 20
+    err = np.abs(dark["DARK_RATE"] - truth.dark_rate)[ys, xs][clean]
+    assert np.max(err) < 0.02  # e-/s; the pixels' own errors are ~0.003
+    mask = next(a for a in outcome.products["mask"].arrays if a.name == "MASK").data
+    assert not np.any(np.asarray(mask[...])[ys, xs][clean] & 3)  # not HOT or WARM
+
+
+def test_hit_groups_left_out_of_a_pixels_dark_fit():
+    from sitiancal.compute.tile import _hit_groups_left_out
+
+    times, counts, g = [0.0, 60.0, 300.0, 600.0], [20, 5, 5, 5], 0.25
+    means = np.array([[500.0, 500.0, 500.0]] * 4)
+    means[1:, 2] += np.array([60.0, 300.0, 600.0]) * 10.0  # a hot pixel: 10 ADU/s
+    variances = np.full((4, 3), 16.0)
+    variances[1:, 2] += (means[1:, 2] - 500.0) / g  # its shot noise, allowed
+    variances[3, 1] = 2000.0**2 / 5  # a hit in one 600 s frame
+    before = means.copy(), variances.copy()
+    with _hit_groups_left_out(means, variances, times, counts, g):
+        assert np.isnan(means[3, 1]) and np.isnan(variances[3, 1])
+        assert np.isfinite(means).sum() == means.size - 1
+    np.testing.assert_array_equal(means, before[0])
+    np.testing.assert_array_equal(variances, before[1])
+    with _hit_groups_left_out(means, variances, times, counts, float("nan")):
+        assert np.isfinite(means).all()  # no gain: nothing tested
