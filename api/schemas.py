@@ -55,6 +55,9 @@ class DatasetCreate(Request):
     label: str | None = Field(None, max_length=500, description="Free text.")
     allow_mixed_states: bool = Field(
         False, description="Accept frames taken with different GAIN/OFFSET/binning.")
+    types_from_paths: bool = Field(
+        False, description="Files without a frame-type keyword (IMAGETYP...) take their type "
+        "from a word of their name or folders (bias, zero, dark, flat), with a warning.")
 
 
 class RejectionOut(BaseModel):

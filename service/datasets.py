@@ -288,8 +288,12 @@ class DatasetRegistry:
         self._guard = threading.Lock()
 
     def register(self, camera: str, source: str | None, label: str | None = None, *,
-                 actor: str = "system", allow_mixed_states: bool = False) -> Dataset:
+                 actor: str = "system", allow_mixed_states: bool = False,
+                 types_from_paths: bool = False) -> Dataset:
         """Scan ``source`` (or create an empty dataset for uploads) and record it.
+
+        ``allow_mixed_states`` and ``types_from_paths`` are passed to
+        :func:`sitiancal.storage.scan.scan`.
 
         Raises
         ------
@@ -308,7 +312,8 @@ class DatasetRegistry:
                                                   label=label, actor=actor)
             return self.catalog.get_dataset(dataset_id)
         resolved = check_source(source, self.settings.input_roots)
-        inventory = scan(resolved, allow_mixed_states=allow_mixed_states)
+        inventory = scan(resolved, allow_mixed_states=allow_mixed_states,
+                         types_from_paths=types_from_paths)
         if not inventory.frames:
             raise NoUsableFrames(resolved, _reasons(inventory))
         dataset_id = self.catalog.add_dataset(camera, inventory, source=resolved, label=label,

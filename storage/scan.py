@@ -599,7 +599,8 @@ def _classify(path: str, hdr: _Header, warn: _Warnings,
         keywords = ", ".join(TYPE_KEYWORDS)
         if path_root is None:
             return Rejection(file=path, reason=f"no frame-type keyword ({keywords}); file names "
-                             "are not trusted (--types-from-paths takes the type from them)")
+                             "are not trusted (--types-from-paths, or types_from_paths in a "
+                             "dataset registration, takes the type from them)")
         try:
             by_path, part = type_from_path(path, path_root)
         except ValueError as exc:

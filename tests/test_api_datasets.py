@@ -264,3 +264,24 @@ def test_check_source_for_url_roots(tmp_path):
     with pytest.raises(InvalidSource):
         check_source("file://relative", roots)
     assert check_source(f"file://{tmp_path}", roots) == os.path.realpath(tmp_path)
+
+
+def test_register_with_types_from_paths(env):
+    # frames without IMAGETYP in folders named by type (older SharpCap)
+    from astropy.io import fits
+
+    client, root = env["client"], env["roots"] / "untyped"
+    for kind, folder, t in (("bias", "Bias", 0.0), ("dark", "Darks", 60.0), ("flat", "Flats", 2.0)):
+        for i in range(2):
+            path = write_frame(root / folder / f"Capture_{i:04d}.fits", kind, t,
+                               seed=10 * len(folder) + i)
+            with fits.open(path, mode="update") as hdul:
+                del hdul[0].header["IMAGETYP"]
+    refused = register(client, str(root))
+    assert refused.status_code == 422, refused.text
+    assert "types_from_paths" in refused.text
+    r = register(client, str(root), types_from_paths=True)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["counts"] == {"bias": 2, "dark": 2, "flat": 2}
+    assert any("taken as dark from its path ('Darks')" in w for w in body["warnings"])

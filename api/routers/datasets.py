@@ -39,7 +39,8 @@ def register_dataset(body: DatasetCreate, datasets: DatasetsDep, who: Operator) 
     lists every rejected file and its reason.
     """
     dataset = datasets.register(body.camera, body.source, body.label, actor=who.name,
-                                allow_mixed_states=body.allow_mixed_states)
+                                allow_mixed_states=body.allow_mixed_states,
+                                types_from_paths=body.types_from_paths)
     out = dataset_out(dataset)
     return JSONResponse(out.model_dump(mode="json"), status_code=201,
                         headers={"Location": f"/v1/datasets/{dataset.id}"})
