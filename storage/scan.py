@@ -593,6 +593,9 @@ def _classify(path: str, hdr: _Header, warn: _Warnings,
     except ValueError as exc:
         return Rejection(file=path, reason=str(exc))
 
+    combined = _combined_frame(hdr)
+    if combined is not None:
+        return Rejection(file=path, reason=combined)
     cards = [(k, hdr.get(k)) for k in TYPE_KEYWORDS if hdr.get(k) is not None]
     type_card: str | None = None
     if not cards:
@@ -678,6 +681,36 @@ def _classify(path: str, hdr: _Header, warn: _Warnings,
         type_card=type_card or f"{key}={value!r}", compression=hdr.compression, size=hdr.size,
         filter=_filter_name(hdr),
     )
+
+
+#: Keywords that count the frames a combined (master) frame was made of: IRAF,
+#: MaxIm and PixInsight (NCOMBINE), Siril (STACKCNT).
+COMBINE_KEYWORDS = ("NCOMBINE", "STACKCNT")
+
+
+def _combined_frame(hdr: _Header) -> str | None:
+    """The reason a file is a combined (master) frame rather than a raw one, else None.
+
+    A master bias, dark or flat left in an operator's folder beside the raw
+    frames (from MaxIm, PixInsight, Siril...) is no raw frame: as one more
+    bias it would bias the temporal statistics, and its floating-point
+    values are refused when read (the whole job with them). It is told by a
+    frame count above one, or by a frame type that says ``master``.
+    """
+    card = hdr.first(COMBINE_KEYWORDS)
+    if card is not None:
+        key, value = card
+        try:
+            count = float(value)
+        except (TypeError, ValueError):
+            count = None
+        if count is not None and count > 1:
+            return f"a combined (master) frame ({key}={value!r}), not a raw frame"
+    for key in TYPE_KEYWORDS:
+        value = hdr.get(key)
+        if isinstance(value, str) and value.strip().lower().startswith("master"):
+            return f"a combined (master) frame ({key}={value!r}), not a raw frame"
+    return None
 
 
 def _filter_name(hdr: _Header) -> str | None:

@@ -302,6 +302,12 @@ def write_bad_files(w: _Writer) -> None:
     w.bad("bad/text_exptime.fits", "unparsable exposure time: EXPTIME='ten'")
     write_fits(w.root / "bad/unknown_type.fits", dark, {**base, "IMAGETYP": "Focus Frame"})
     w.bad("bad/unknown_type.fits", "unknown frame type IMAGETYP='Focus Frame'")
+    write_fits(w.root / "bad/master_bias.fits", dark.astype(np.float32) + np.float32(0.25),
+               {**base, "IMAGETYP": "Bias Frame", "NCOMBINE": 20})
+    w.bad("bad/master_bias.fits", "a combined (master) frame (NCOMBINE=20), not a raw frame")
+    write_fits(w.root / "bad/master_dark.fits", dark, {**base, "IMAGETYP": "Master Dark"})
+    w.bad("bad/master_dark.fits",
+          "a combined (master) frame (IMAGETYP='Master Dark'), not a raw frame")
     write_fits(w.root / "bad/light.fits", dark, {**base, "IMAGETYP": "Light Frame"})
     w.bad("bad/light.fits", "not a calibration frame (IMAGETYP='Light Frame')")
     write_fits(w.root / "bad/sharpcap_old_no_type.fits", dark,
