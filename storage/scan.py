@@ -38,6 +38,7 @@ type, is rejected. A frame-type keyword always wins over the path.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 import re
@@ -794,6 +795,7 @@ def _apply_set_checks(records: list[FrameRecord], rejected: list[Rejection], war
         warn.add(f"frames name different instruments (INSTRUME): {', '.join(instruments)}")
 
     records = _one_flat_filter(records, rejected)
+    records = _one_dark_temperature(records, rejected, tolerance)
 
     main_shape = _majority([r.shape for r in records])
     kept = []
@@ -840,6 +842,41 @@ def _one_flat_filter(records: list[FrameRecord],
                 f"with {name(main)} ({n_main} of {len(flats)} flats): a master flat is per "
                 "filter, so calibrate each filter's flats as a dataset of their own"))
     return kept
+
+
+def _one_dark_temperature(records: list[FrameRecord], rejected: list[Rejection],
+                          tolerance: float) -> list[FrameRecord]:
+    """Keep the darks of the largest temperature cluster: a dark rate is per temperature.
+
+    Dark current doubles every ~6 C: darks of a library at several
+    temperatures (-10, 0, +10 C) in one folder would be fitted as one series.
+    The darks' temperatures are split where sorted neighbours are more than
+    ``tolerance`` (deg C) apart; the cluster with the most darks is kept (the
+    coldest of equals), the others are rejected, naming both temperatures.
+    Darks without a temperature, bias frames and flats are not checked.
+    """
+    darks = sorted((r.temperature, i) for i, r in enumerate(records)
+                   if r.type is FrameType.DARK and r.temperature is not None)
+    if len(darks) < 2 or darks[-1][0] - darks[0][0] <= tolerance:
+        return records
+    clusters: list[list[tuple[float, int]]] = [[darks[0]]]
+    for prev, cur in itertools.pairwise(darks):
+        if cur[0] - prev[0] > tolerance:
+            clusters.append([])
+        clusters[-1].append(cur)
+    if len(clusters) < 2:
+        return records
+    main = max(clusters, key=len)  # the first (coldest) of equals
+    lo, hi = main[0][0], main[-1][0]
+    span = f"{lo:.1f} C" if hi - lo < 0.05 else f"{lo:.1f} .. {hi:.1f} C"
+    out = {i for _, i in main}
+    dropped = {i for c in clusters if c is not main for _, i in c}
+    for i in sorted(dropped):
+        rejected.append(Rejection(
+            file=records[i].path, reason=f"dark at {records[i].temperature:.1f} C; the set's "
+            f"darks are at {span} ({len(out)} of {len(darks)} darks): a dark rate is per "
+            "temperature, so calibrate each temperature's darks as a dataset of their own"))
+    return [r for i, r in enumerate(records) if i not in dropped]
 
 
 def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,

@@ -77,10 +77,14 @@ def test_every_bad_file_is_reported_with_its_reason_and_nothing_stored_changes(t
     settings = make_settings(tmp_path)
     folder = tmp_path / "roots" / "corpus"
     files = write_corpus(folder, SHAPE, seed=11)
-    # a frame 6 C warmer than the rest: the temperature spread is reported
+    # a bias frame 6 C warmer than the rest: the temperature spread is reported;
+    # a dark as warm is rejected (a dark rate is per temperature)
+    write_fits(folder / "warm/bias_warm.fits", np.full(SHAPE, 510, np.uint16),
+               {**STATE, "IMAGETYP": "BIAS", "EXPTIME": 0.0, "CCD-TEMP": -4.0,
+                "DATE-OBS": "2026-03-14T13:00:00"})
     write_fits(folder / "warm/dark_warm.fits", np.full(SHAPE, 520, np.uint16),
                {**STATE, "IMAGETYP": "DARK", "EXPTIME": 10.0, "CCD-TEMP": -4.0,
-                "DATE-OBS": "2026-03-14T13:00:00"})
+                "DATE-OBS": "2026-03-14T13:01:00"})
     before = _existing_state(settings)
     app = create_app(settings, job_function=instant_job, use_dask=False)
     with TestClient(app) as client:
@@ -95,6 +99,8 @@ def test_every_bad_file_is_reported_with_its_reason_and_nothing_stored_changes(t
     for f in bad:
         assert f.name in rejected, f"{f.name} was not rejected"
         assert f.reason in rejected[f.name], (f.name, rejected[f.name])
+    assert rejected.pop("warm/dark_warm.fits").startswith(
+        "dark at -4.0 C; the set's darks are at -10.1 .. -10.0 C")
     assert len(rejected) == len(bad)
     warnings = "\n".join(report["warnings"])
     for f in files:

@@ -477,3 +477,31 @@ def test_flats_of_one_filter_are_kept_the_others_named(tmp_path: Path) -> None:
         "master flat is per filter, so calibrate each filter's flats as a dataset of their own")
     assert reasons["flat_none.fits"].startswith("flat with no filter name (FILTER...);")
     assert "flat filter: g" in inv.summary()
+
+
+def test_darks_of_one_temperature_are_kept_the_others_named(tmp_path: Path) -> None:
+    # a dark library at -10, 0 and +10 C in one folder: the largest cluster
+    # is kept (the coldest of equals); bias frames and flats are not checked
+    frame = np.full(SHAPE, 500, dtype=np.uint16)
+    minute = iter(range(60))
+
+    def write(name: str, kind: str, exptime: float, temp: float, value: int) -> None:
+        write_fits(tmp_path / name, frame + value,
+                   {**STATE, "IMAGETYP": kind, "EXPTIME": exptime, "CCD-TEMP": temp,
+                    "DATE-OBS": f"2026-03-14T12:{next(minute):02d}:00"})
+
+    for i in range(3):
+        write(f"dark_m10_{i}.fits", "Dark Frame", 60.0, -10.0 + 0.1 * i, 10 + i)
+        write(f"dark_0_{i}.fits", "Dark Frame", 60.0, 0.0, 20 + i)
+    write("dark_p10.fits", "Dark Frame", 60.0, 10.0, 30)
+    write("bias_p10.fits", "Bias Frame", 0.0, 10.0, 0)
+    inv = scan(tmp_path)
+    kept = sorted(Path(r.path).name for r in inv.frames)
+    assert kept == ["bias_p10.fits"] + [f"dark_m10_{i}.fits" for i in range(3)]
+    reasons = {Path(r.file).name: r.reason for r in inv.rejected}
+    assert reasons["dark_0_0.fits"] == (
+        "dark at 0.0 C; the set's darks are at -10.0 .. -9.8 C (3 of 7 darks): a dark rate "
+        "is per temperature, so calibrate each temperature's darks as a dataset of their own")
+    assert set(reasons) == {"dark_0_0.fits", "dark_0_1.fits", "dark_0_2.fits", "dark_p10.fits"}
+    # within the tolerance nothing is rejected
+    assert not scan(tmp_path, temperature_tolerance=25.0).rejected
