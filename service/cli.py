@@ -44,9 +44,17 @@ class _FloatList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
 
 
+TEMPERATURE_TOLERANCE_HELP = ("Sensor-temperature spread (deg C) beyond which the scan warns, "
+                              "and the gap that splits the darks into temperature clusters "
+                              "(the largest is kept). Default: 2.")
 TYPES_FROM_PATHS_HELP = ("Files without a frame-type keyword (IMAGETYP...) take their type "
                          "from a word of their name or folders (bias, zero, dark, flat), "
                          "with a warning, instead of being rejected.")
+
+
+def _tolerance(value: float | None) -> dict[str, float]:
+    """``temperature_tolerance`` for the scan, where the option was given."""
+    return {} if value is None else {"temperature_tolerance": float(value)}
 
 
 def _fail(message: str) -> None:
@@ -118,10 +126,12 @@ def simulate(out_dir: Path, shape: tuple[int, int], seed: int, n_bias: int | Non
 @click.option("--allow-mixed-states", is_flag=True,
               help="Accept frames taken with different GAIN/OFFSET/binning.")
 @click.option("--types-from-paths", is_flag=True, help=TYPES_FROM_PATHS_HELP)
+@click.option("--temperature-tolerance", type=click.FloatRange(min=0.0), default=None,
+              metavar="DEG_C", help=TEMPERATURE_TOLERANCE_HELP)
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 def scan(path: Path, as_json: bool, allow_mixed_states: bool, types_from_paths: bool,
-         progress: bool | None) -> None:
+         temperature_tolerance: float | None, progress: bool | None) -> None:
     """Read the FITS headers under PATH and print the dataset inventory."""
     from sitiancal.service.progress import progress_bar
     from sitiancal.storage.scan import ScanError
@@ -131,7 +141,8 @@ def scan(path: Path, as_json: bool, allow_mixed_states: bool, types_from_paths: 
     try:
         with progress_bar("scan", enabled=show) as bar:
             inventory = scan_path(path, allow_mixed_states=allow_mixed_states, progress=bar,
-                                  types_from_paths=types_from_paths)
+                                  types_from_paths=types_from_paths,
+                                  **_tolerance(temperature_tolerance))
     except ScanError as exc:
         _fail(str(exc))
     if as_json:
@@ -185,10 +196,13 @@ def cube(path: Path, store: str, types_from_paths: bool, progress: bool) -> None
               help="Memory budget of the run, e.g. 4GB (default: SITIANCAL_MEMORY_LIMIT, 4GB); "
               "fewer tiles run at once, or smaller ones, to stay within it.")
 @click.option("--types-from-paths", is_flag=True, help=TYPES_FROM_PATHS_HELP)
+@click.option("--temperature-tolerance", type=click.FloatRange(min=0.0), default=None,
+              metavar="DEG_C", help=TEMPERATURE_TOLERANCE_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def calibrate(path: Path, camera: str, data_dir: Path | None, export_dir: Path | None,
               products: str | None, params: tuple[str, ...], force: bool,
-              memory_limit: str | None, types_from_paths: bool, progress: bool) -> None:
+              memory_limit: str | None, types_from_paths: bool,
+              temperature_tolerance: float | None, progress: bool) -> None:
     """Run the whole calibration of the camera dataset at PATH and store its products."""
     from dask.utils import parse_bytes
 
@@ -218,7 +232,8 @@ def calibrate(path: Path, camera: str, data_dir: Path | None, export_dir: Path |
     try:
         run = run_calibrate(path, camera, settings, wanted=wanted, params=job_params, force=force,
                             export_dir=export_dir, progress=bar,
-                            types_from_paths=types_from_paths)
+                            types_from_paths=types_from_paths,
+                            **_tolerance(temperature_tolerance))
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     finally:

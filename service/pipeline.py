@@ -791,12 +791,14 @@ def calibrate(source: str | Path, camera: str, settings: Settings, *,
               wanted: Sequence[str] | None = None, params: Mapping[str, object] | None = None,
               force: bool = False, export_dir: str | Path | None = None,
               progress: StageProgress | None = None,
-              types_from_paths: bool = False) -> CalibrationRun:
+              types_from_paths: bool = False,
+              temperature_tolerance: float | None = None) -> CalibrationRun:
     """Scan, register, run and (optionally) export one camera dataset on the embedded default.
 
     This is ``sitiancal calibrate``: the same job body as the service's jobs.
     ``types_from_paths``: files without a frame-type keyword take their type
-    from their names or folders (``storage.scan.type_from_path``).
+    from their names or folders (``storage.scan.type_from_path``);
+    ``temperature_tolerance`` (deg C): the scan's, where given.
     """
     from sitiancal.service.report import build_report
     from sitiancal.storage.catalog import Catalog
@@ -805,7 +807,8 @@ def calibrate(source: str | Path, camera: str, settings: Settings, *,
 
     report = progress or (lambda stage, fraction: None)
     report("scan", 0.0)
-    inventory = scan(source, types_from_paths=types_from_paths)
+    extra = {} if temperature_tolerance is None else {"temperature_tolerance": temperature_tolerance}
+    inventory = scan(source, types_from_paths=types_from_paths, **extra)
     if not inventory.frames:
         reasons = "; ".join(f"{r.file}: {r.reason}" for r in inventory.rejected) or "no FITS files"
         raise ValueError(f"{source}: no usable frame ({reasons})")

@@ -145,7 +145,7 @@ def test_unknown_job_parameter_is_a_clear_error(raw, tmp_path):
 def test_calibrate_cli(raw, tmp_path):
     result = CliRunner().invoke(main, ["calibrate", str(raw), "--camera", "MST6", "--data-dir",
                                        str(tmp_path / "d"), "--products", "bias,read_noise",
-                                       "--no-progress"])
+                                       "--temperature-tolerance", "5", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "Bias level" in result.output and "2 products stored" in result.output
     bad = CliRunner().invoke(main, ["calibrate", str(tmp_path / "nowhere"), "--camera", "X",

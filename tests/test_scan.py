@@ -505,3 +505,10 @@ def test_darks_of_one_temperature_are_kept_the_others_named(tmp_path: Path) -> N
     assert set(reasons) == {"dark_0_0.fits", "dark_0_1.fits", "dark_0_2.fits", "dark_p10.fits"}
     # within the tolerance nothing is rejected
     assert not scan(tmp_path, temperature_tolerance=25.0).rejected
+    loose = CliRunner().invoke(cli, ["scan", str(tmp_path), "--json",
+                                     "--temperature-tolerance", "25"])
+    assert loose.exit_code == 0 and json.loads(loose.stdout)["counts"]["dark"] == 7
+    strict = CliRunner().invoke(cli, ["scan", str(tmp_path), "--json"])
+    assert json.loads(strict.stdout)["counts"]["dark"] == 3
+    bad = CliRunner().invoke(cli, ["scan", str(tmp_path), "--temperature-tolerance", "-1"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
