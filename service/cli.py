@@ -157,8 +157,11 @@ def scan(path: Path, as_json: bool, allow_mixed_states: bool, types_from_paths: 
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", "store", required=True, help="Cube store (path or URL).")
 @click.option("--types-from-paths", is_flag=True, help=TYPES_FROM_PATHS_HELP)
+@click.option("--temperature-tolerance", type=click.FloatRange(min=0.0), default=None,
+              metavar="DEG_C", help=TEMPERATURE_TOLERANCE_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def cube(path: Path, store: str, types_from_paths: bool, progress: bool) -> None:
+def cube(path: Path, store: str, types_from_paths: bool, temperature_tolerance: float | None,
+         progress: bool) -> None:
     """Scan PATH and write the accepted frames into a zarr v3 cube at STORE."""
     from sitiancal.service.progress import progress_bar
     from sitiancal.storage.cube import CubeError, build_cube
@@ -166,7 +169,8 @@ def cube(path: Path, store: str, types_from_paths: bool, progress: bool) -> None
     from sitiancal.storage.scan import scan as scan_path
 
     try:
-        inventory = scan_path(path, types_from_paths=types_from_paths)
+        inventory = scan_path(path, types_from_paths=types_from_paths,
+                              **_tolerance(temperature_tolerance))
         if not inventory.frames:
             _fail(f"{path}: no usable frame; " + "; ".join(
                 f"{r.file}: {r.reason}" for r in inventory.rejected))
