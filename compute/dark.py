@@ -481,14 +481,14 @@ def dark_summary(rate_e: np.ndarray, rate_err_e: np.ndarray, *, temperature: flo
     Returns
     -------
     dict
-        ``median`` (interpolated within its grid cell where the rates
-        take few distinct values, :func:`~sitiancal.compute.summary.grouped_median`;
-        ``median_tied`` rates equal to the plain median, 0 where no tie reaches
-        the ranks ``N/2 -+ sqrt(N)/2``) with ``median_err``
-        from the distribution-free order statistic interval (the ranks
-        ``N/2 -+ sqrt(N)/2`` bracket the median with 68 % binomial
-        probability; half their distance is the 1-sigma error; the
-        asymptotic error of a median where rates are tied), ``mean`` and ``mean_err`` (``std / sqrt(N)``),
+        ``median`` (interpolated within its grid cell where the rates take
+        few distinct values, :func:`~sitiancal.compute.summary.grouped_median`;
+        ``median_tied`` rates equal to the plain median, 0 where no tie
+        reaches the ranks ``N/2 -+ sqrt(N)/2``) with ``median_err`` from the
+        distribution-free order statistic interval (those ranks bracket the
+        median with 68 % binomial probability; half their distance is the
+        1-sigma error; the asymptotic error of a median where rates are
+        tied), ``mean`` and ``mean_err`` (``std / sqrt(N)``),
         ``robust_sigma`` (1.4826 MAD), ``median_pixel_err``, percentiles,
         ``frac_above`` per threshold, ``n_pixels``, ``temperature_c``.
     """

@@ -69,6 +69,7 @@ from sitiancal.compute.summary import (
     finite_values,
     mean_std,
     quantiles,
+    threshold_sample,
 )
 
 __all__ = [
@@ -314,8 +315,7 @@ def log_tail_scale(values: np.ndarray, center: float, *, nsigma: float = 5.0,
     np.log(np.where(positive, v, v[positive].min()), out=v)
     del positive
     med, mad = finite_median_mad(v)
-    q = float(quantiles(v, [float(ndtr(2.0))])[0])
-    width = max(MAD_TO_SIGMA * mad, (q - med) / 2.0)
+    width = max(MAD_TO_SIGMA * mad, upper_tail_scale(v, med))
     return (math.exp(med + nsigma * width) - float(center)) / nsigma
 
 
@@ -2006,14 +2006,15 @@ def nonlinear(residual_pct: np.ndarray, *, config: DefectConfig | None = None,
     square root of each pixel's relative signal, where a residual's noise
     goes as 1/sqrt(signal)) the deviations are weighted first:
     ``|(residual - center) * weight| > nonlinear_nsigma * scale``, ``scale``
-    (by default) the robust sigma of the weighted deviations.
+    (by default) the robust sigma of the weighted deviations (of
+    :func:`~sitiancal.compute.summary.threshold_sample` of them, for a large map).
     """
     cfg = config if config is not None else DefectConfig()
     v = _float_map(residual_pct)
     if weight is not None:
         c = float(finite_median_mad(v, mad=False)[0]) if center is None else float(center)
         z = (v - v.dtype.type(c)) * np.asarray(weight, dtype=v.dtype)
-        s = robust_center_scale(z)[1] if scale is None else float(scale)
+        s = robust_center_scale(threshold_sample(z))[1] if scale is None else float(scale)
         return (_finite_gt(np.abs(z), cfg.nonlinear_nsigma * s)
                 & _finite_gt(np.abs(v), cfg.nonlinear_floor_pct))
     c, s = _center_scale(v, center, scale)

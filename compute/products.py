@@ -45,7 +45,12 @@ from sitiancal.compute.mixture import MixtureFit
 from sitiancal.compute.plan import PlanResult
 from sitiancal.compute.ptc import turnoff_is_lower_bound
 from sitiancal.compute.readnoise import median_std_factor, read_noise_map, read_noise_summary
-from sitiancal.compute.summary import clipped_survivors, finite_median, row_bands
+from sitiancal.compute.summary import (
+    clipped_survivors,
+    finite_median,
+    row_bands,
+    threshold_sample,
+)
 from sitiancal.compute.tile import CalibrationParams
 
 #: Peak memory of building one product, bytes per frame pixel: up to ~1.5 GB at
@@ -75,35 +80,6 @@ def _f(x: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if np.isfinite(v) else None
-
-
-#: Maps of more pixels than this set their defect thresholds (the population's
-#: centre and widths: not reported figures) from an evenly strided sample of
-#: about this many: a 61 MP map's median and MAD from 4 M of its pixels differ
-#: by ~1e-3 of its width from the whole map's, and each such pair of selections
-#: over the whole map took ~0.35 s of the assembly (the linearity's levels,
-#: the dark's three widths: ~2 s of a 17 s assembly; measured).
-THRESHOLD_SAMPLE = 1 << 22
-
-
-def threshold_sample(values: np.ndarray) -> np.ndarray:
-    """The pixels a map's defect thresholds come from: all of a small map, ~4 M of a large one.
-
-    Every ``p``-th pixel in memory order, ``p`` the smallest stride giving at
-    most :data:`THRESHOLD_SAMPLE` pixels that has no common factor with the
-    row length: the sample then visits every column alike (a stride of 2
-    over rows of even length would sample even columns only, and miss a
-    pattern of odd ones). Returns a view for a large map.
-    """
-    a = np.asarray(values)
-    flat = a.reshape(-1)
-    if flat.size <= THRESHOLD_SAMPLE:
-        return a
-    width = a.shape[-1] if a.ndim else 1
-    step = -(-flat.size // THRESHOLD_SAMPLE)
-    while math.gcd(step, width) != 1:
-        step += 1
-    return flat[::step]
 
 
 def _subsample(mask: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -685,12 +661,9 @@ class Assembler:
                 if np.count_nonzero(np.isfinite(level)) < 10:
                     continue
                 center, scale = robust_center_scale(threshold_sample(level))
-                if weight is not None:
-                    z = (level - np.float32(center)) * weight
-                    scale = robust_center_scale(threshold_sample(z))[1]
-                    del z
-                flag |= nonlinear(level, config=self.params.defects, center=center, scale=scale,
-                                  weight=weight)
+                # weighted: the width is that of the weighted deviations (nonlinear's)
+                flag |= nonlinear(level, config=self.params.defects, center=center,
+                                  scale=scale if weight is None else None, weight=weight)
             self.flag("nonlinear", flag)
             stats["pixel_residual_levels"] = list(at)
         return ProductContent("linearity", "%", arrays, [table], stats)

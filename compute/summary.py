@@ -14,6 +14,7 @@ of a map of millions of pixels.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,10 +24,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["MAD_TO_SIGMA", "clipped_survivors", "fastest_each", "finite_median",
-           "finite_median_mad", "finite_values", "grouped_median", "mean_std", "measured_once", "median",
-           "order_statistics", "quantiles", "row_bands", "row_sort_backend", "sort_backend",
-           "sort_float64", "sort_rows"]
+__all__ = ["MAD_TO_SIGMA", "THRESHOLD_SAMPLE", "clipped_survivors", "fastest_each",
+           "finite_median", "finite_median_mad", "finite_values", "grouped_median", "mean_std",
+           "measured_once", "median", "order_statistics", "quantiles", "row_bands",
+           "row_sort_backend", "sort_backend", "sort_float64", "sort_rows", "threshold_sample"]
 
 #: 1.4826: the MAD of a Gaussian times this is its standard deviation.
 MAD_TO_SIGMA = 1.482602218505602
@@ -915,3 +916,32 @@ def _tie_scan(v: np.ndarray, lo: float, hi: float) -> tuple[int, int, float, flo
         else:
             tied += 1
     return below, tied, float(lower), float(upper)
+
+
+#: Maps of more pixels than this set their defect thresholds (the population's
+#: centre and widths: not reported figures) from an evenly strided sample of
+#: about this many: a 61 MP map's median and MAD from 4 M of its pixels differ
+#: by ~1e-3 of its width from the whole map's, and each such pair of selections
+#: over the whole map took ~0.35 s of the assembly (the linearity's levels,
+#: the dark's three widths: ~2 s of a 17 s assembly; measured).
+THRESHOLD_SAMPLE = 1 << 22
+
+
+def threshold_sample(values: np.ndarray) -> np.ndarray:
+    """The pixels a map's defect thresholds come from: all of a small map, ~4 M of a large one.
+
+    Every ``p``-th pixel in memory order, ``p`` the smallest stride giving at
+    most :data:`THRESHOLD_SAMPLE` pixels that has no common factor with the
+    row length: the sample then visits every column alike (a stride of 2
+    over rows of even length would sample even columns only, and miss a
+    pattern of odd ones). Returns a view for a large map.
+    """
+    a = np.asarray(values)
+    flat = a.reshape(-1)
+    if flat.size <= THRESHOLD_SAMPLE:
+        return a
+    width = a.shape[-1] if a.ndim else 1
+    step = -(-flat.size // THRESHOLD_SAMPLE)
+    while math.gcd(step, width) != 1:
+        step += 1
+    return flat[::step]

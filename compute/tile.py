@@ -285,20 +285,37 @@ def _saturated_left_out(means: np.ndarray, times: Sequence[float],
     saturated = np.zeros(means.shape, dtype=bool)
     for k in range(means.shape[0]):  # one group's difference at a time
         np.greater(means[k] - means[k_ref], limit, out=saturated[k])
+    with _groups_left_out(saturated, times, means):
+        yield
+
+
+@contextmanager
+def _groups_left_out(drop: np.ndarray, times: Sequence[float],
+                     *arrays: np.ndarray) -> Iterator[None]:
+    """Set ``arrays`` to NaN where ``drop`` (K, ...) marks a pixel's group, for its duration.
+
+    A pixel's groups are dropped only where groups of at least two exposure
+    times remain for it (groups already NaN in the first array count as
+    gone), so every pixel keeps a rate; the values are restored afterwards.
+    ``drop`` is consumed.
+    """
     t = np.asarray(times, dtype=np.float64)
-    kept_times = np.zeros(means.shape[1:], dtype=np.int16)
-    for ti in np.unique(t):  # exposure times with an unsaturated group
-        kept_times += ~np.all(saturated[t == ti], axis=0)
-    saturated &= (kept_times >= 2)[None]
+    gone = drop | np.isnan(arrays[0])
+    kept_times = np.zeros(drop.shape[1:], dtype=np.int16)
+    for ti in np.unique(t):  # exposure times with a group left
+        kept_times += ~np.all(gone[t == ti], axis=0)
+    del gone
+    drop &= (kept_times >= 2)[None]
     del kept_times
-    where = np.nonzero(saturated)
-    del saturated
-    kept = means[where]
-    means[where] = np.nan
+    where = np.nonzero(drop)
+    kept = [a[where] for a in arrays]
+    for a in arrays:
+        a[where] = np.nan
     try:
         yield
     finally:
-        means[where] = kept
+        for a, values in zip(arrays, kept, strict=True):
+            a[where] = values
 
 
 #: False-alarm probability per pixel and group of :func:`_hit_groups_left_out`'s test.
@@ -344,20 +361,8 @@ def _hit_groups_left_out(means: np.ndarray, variances: np.ndarray, times: Sequen
         q = float(f_dist.isf(HIT_GROUP_ALPHA, n[k] - 1, n[k_ref] - 1))
         allowed = q * (read + np.maximum(means[k] - means[k_ref], 0.0) / gain)
         np.greater(variances[k], allowed, out=hit[k])
-    kept_times = np.zeros(means.shape[1:], dtype=np.int16)
-    for ti in np.unique(t):  # exposure times with a group left (NaN: already out)
-        kept_times += ~np.all(hit[t == ti] | np.isnan(means[t == ti]), axis=0)
-    hit &= (kept_times >= 2)[None]
-    del kept_times
-    where = np.nonzero(hit)
-    del hit
-    kept = means[where], variances[where]
-    means[where] = np.nan
-    variances[where] = np.nan
-    try:
+    with _groups_left_out(hit, times, means, variances):
         yield
-    finally:
-        means[where], variances[where] = kept
 
 
 def tile_loads(plan: TilePlan, max_batch: int) -> list[tuple[int, ...]]:

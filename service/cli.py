@@ -52,11 +52,6 @@ TYPES_FROM_PATHS_HELP = ("Files without a frame-type keyword (IMAGETYP...) take 
                          "with a warning, instead of being rejected.")
 
 
-def _tolerance(value: float | None) -> dict[str, float]:
-    """``temperature_tolerance`` for the scan, where the option was given."""
-    return {} if value is None else {"temperature_tolerance": float(value)}
-
-
 def _fail(message: str) -> None:
     click.echo(f"sitiancal: error: {message}", err=True)
     sys.exit(2)
@@ -142,7 +137,7 @@ def scan(path: Path, as_json: bool, allow_mixed_states: bool, types_from_paths: 
         with progress_bar("scan", enabled=show) as bar:
             inventory = scan_path(path, allow_mixed_states=allow_mixed_states, progress=bar,
                                   types_from_paths=types_from_paths,
-                                  **_tolerance(temperature_tolerance))
+                                  temperature_tolerance=temperature_tolerance)
     except ScanError as exc:
         _fail(str(exc))
     if as_json:
@@ -170,7 +165,7 @@ def cube(path: Path, store: str, types_from_paths: bool, temperature_tolerance: 
 
     try:
         inventory = scan_path(path, types_from_paths=types_from_paths,
-                              **_tolerance(temperature_tolerance))
+                              temperature_tolerance=temperature_tolerance)
         if not inventory.frames:
             _fail(f"{path}: no usable frame; " + "; ".join(
                 f"{r.file}: {r.reason}" for r in inventory.rejected))
@@ -237,7 +232,7 @@ def calibrate(path: Path, camera: str, data_dir: Path | None, export_dir: Path |
         run = run_calibrate(path, camera, settings, wanted=wanted, params=job_params, force=force,
                             export_dir=export_dir, progress=bar,
                             types_from_paths=types_from_paths,
-                            **_tolerance(temperature_tolerance))
+                            temperature_tolerance=temperature_tolerance)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     finally:

@@ -798,7 +798,7 @@ def calibrate(source: str | Path, camera: str, settings: Settings, *,
     This is ``sitiancal calibrate``: the same job body as the service's jobs.
     ``types_from_paths``: files without a frame-type keyword take their type
     from their names or folders (``storage.scan.type_from_path``);
-    ``temperature_tolerance`` (deg C): the scan's, where given.
+    ``temperature_tolerance`` (deg C): the scan's (None: its default).
     """
     from sitiancal.service.report import build_report
     from sitiancal.storage.catalog import Catalog
@@ -807,8 +807,8 @@ def calibrate(source: str | Path, camera: str, settings: Settings, *,
 
     report = progress or (lambda stage, fraction: None)
     report("scan", 0.0)
-    extra = {} if temperature_tolerance is None else {"temperature_tolerance": temperature_tolerance}
-    inventory = scan(source, types_from_paths=types_from_paths, **extra)
+    inventory = scan(source, types_from_paths=types_from_paths,
+                     temperature_tolerance=temperature_tolerance)
     if not inventory.frames:
         reasons = "; ".join(f"{r.file}: {r.reason}" for r in inventory.rejected) or "no FITS files"
         raise ValueError(f"{source}: no usable frame ({reasons})")

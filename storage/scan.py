@@ -796,17 +796,10 @@ def _apply_set_checks(records: list[FrameRecord], rejected: list[Rejection], war
 
     records = _one_flat_filter(records, rejected)
     records = _one_dark_temperature(records, rejected, tolerance)
-
-    main_shape = _majority([r.shape for r in records])
-    kept = []
-    for r in records:
-        if r.shape == main_shape:
-            kept.append(r)
-        else:
-            rejected.append(Rejection(
-                file=r.path, reason=f"shape {r.shape[0]} x {r.shape[1]} differs from the set's "
-                f"majority shape {main_shape[0]} x {main_shape[1]} (rows x columns)"))
-    records = kept
+    records = _keep_majority(
+        records, rejected, lambda r: r.shape,
+        lambda r, main, n_main, n: f"shape {r.shape[0]} x {r.shape[1]} differs from the set's "
+        f"majority shape {main[0]} x {main[1]} (rows x columns)")
 
     temps = [r.temperature for r in records if r.temperature is not None]
     if temps and max(temps) - min(temps) > tolerance:
@@ -823,24 +816,39 @@ def _one_flat_filter(records: list[FrameRecord],
     one) are rejected, naming both; bias and dark frames (shutter closed) are
     not checked.
     """
-    flats = [r.filter for r in records if r.type is FrameType.FLAT]
-    if len(set(flats)) < 2:
-        return records
-    main = _majority(flats)
-
     def name(f: str | None) -> str:
         return "no filter name (FILTER...)" if f is None else f"filter {f!r}"
 
-    n_main = flats.count(main)
+    return _keep_majority(
+        records, rejected, lambda r: r.filter,
+        lambda r, main, n_main, n: f"flat with {name(r.filter)}; the set's flats are taken with "
+        f"{name(main)} ({n_main} of {n} flats): a master flat is per filter, so calibrate "
+        "each filter's flats as a dataset of their own",
+        applies=lambda r: r.type is FrameType.FLAT)
+
+
+def _keep_majority(records: list[FrameRecord], rejected: list[Rejection],
+                   value: Callable[[FrameRecord], Any],
+                   reason: Callable[[FrameRecord, Any, int, int], str], *,
+                   applies: Callable[[FrameRecord], bool] = lambda r: True
+                   ) -> list[FrameRecord]:
+    """Keep the records whose ``value`` is the majority's among those it ``applies`` to.
+
+    The others are rejected with ``reason(record, majority value, records
+    with it, records it applies to)``; records it does not apply to are kept.
+    """
+    values = [value(r) for r in records if applies(r)]
+    if len(set(values)) < 2:
+        return records
+    main = _majority(values)
+    n_main = values.count(main)
     kept = []
     for r in records:
-        if r.type is not FrameType.FLAT or r.filter == main:
+        if not applies(r) or value(r) == main:
             kept.append(r)
         else:
-            rejected.append(Rejection(
-                file=r.path, reason=f"flat with {name(r.filter)}; the set's flats are taken "
-                f"with {name(main)} ({n_main} of {len(flats)} flats): a master flat is per "
-                "filter, so calibrate each filter's flats as a dataset of their own"))
+            rejected.append(Rejection(file=r.path,
+                                      reason=reason(r, main, n_main, len(values))))
     return kept
 
 
@@ -880,7 +888,7 @@ def _one_dark_temperature(records: list[FrameRecord], rejected: list[Rejection],
 
 
 def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
-         temperature_tolerance: float = TEMPERATURE_TOLERANCE_C,
+         temperature_tolerance: float | None = None,
          progress: Callable[[int, int], None] | None = None,
          types_from_paths: bool = False) -> Inventory:
     """Inventory the calibration frames under ``path`` from their headers.
@@ -897,7 +905,9 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
         Accept frames whose GAIN/OFFSET/binning/readout mode differ from the
         majority (with a warning) instead of rejecting them.
     temperature_tolerance
-        Sensor-temperature spread (deg C) beyond which a warning is issued.
+        Sensor-temperature spread (deg C) beyond which a warning is issued,
+        and the gap that splits the darks into temperature clusters (the
+        largest is kept); None: :data:`TEMPERATURE_TOLERANCE_C`.
     progress
         ``progress(done, total)`` called after each file's headers are read.
     types_from_paths
@@ -926,8 +936,8 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
         if progress is not None:
             progress(done, len(files))
     records = _reject_duplicates(records, rejected)
-    records, state = _apply_set_checks(records, rejected, warn, allow_mixed_states,
-                                       temperature_tolerance)
+    tolerance = TEMPERATURE_TOLERANCE_C if temperature_tolerance is None else temperature_tolerance
+    records, state = _apply_set_checks(records, rejected, warn, allow_mixed_states, tolerance)
     if not files:
         warn.add(f"no FITS files found under {source}")
     elif not records:

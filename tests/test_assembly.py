@@ -592,7 +592,7 @@ def test_log_tail_scale_follows_a_multiplicative_population() -> None:
 
 def test_threshold_sample_of_a_large_map() -> None:
     from sitiancal.compute.defects import robust_center_scale
-    from sitiancal.compute.products import THRESHOLD_SAMPLE, threshold_sample
+    from sitiancal.compute.summary import THRESHOLD_SAMPLE, threshold_sample
 
     rng = np.random.default_rng(45)
     small = rng.normal(0.0, 1.0, (100, 120)).astype(np.float32)
