@@ -138,10 +138,18 @@ class HduInfo:
 
     @property
     def image_axes(self) -> tuple[int, ...]:
-        """Image axis lengths in numpy order (slowest first), e.g. ``(ny, nx)``."""
+        """Image axis lengths in numpy order (slowest first), e.g. ``(ny, nx)``.
+
+        Leading axes of length 1 beyond the second are dropped: a frame some
+        software writes as a one-plane cube (``NAXIS = 3``, ``NAXIS3 = 1``)
+        has the same bytes as the 2-D frame and is one.
+        """
         prefix = "ZNAXIS" if self.is_compressed_image else "NAXIS"
         naxis = _int_card(self.header, prefix, 0)
-        return tuple(_int_card(self.header, f"{prefix}{i}", 0) for i in range(naxis, 0, -1))
+        axes = tuple(_int_card(self.header, f"{prefix}{i}", 0) for i in range(naxis, 0, -1))
+        while len(axes) > 2 and axes[0] == 1:
+            axes = axes[1:]
+        return axes
 
     @property
     def bzero(self) -> float:
@@ -440,7 +448,7 @@ def _astropy_read(source: IO[bytes], info: HduInfo, name: str) -> np.ndarray:
             if data is None:
                 raise FrameReadError(name, f"HDU {info.index} holds no data")
             data = np.asarray(data)
-            return _as_counts(data, name)
+            return _as_counts(data.reshape(info.image_axes), name)
     except FrameReadError:
         raise
     except (OSError, ValueError, IndexError, TypeError, zlib.error, VerifyError) as exc:

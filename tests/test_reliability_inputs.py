@@ -10,8 +10,9 @@
   levels, a flat ladder that never leaves the read-noise regime, too few frames
   per level for per-pixel products), run through ``calibrate``: each missing
   product comes with its specific reason.
-- Tile-compressed and gzip frames, and counts written as 32/64-bit integers
-  or floating point, are read end to end: scan, cube and calibration give the
+- Tile-compressed and gzip frames, counts written as 32/64-bit integers
+  or floating point, and frames stored as one-plane cubes (NAXIS3 = 1), are
+  read end to end: scan, cube and calibration give the
   same products as the same frames uncompressed in 16 bits.
 
 Each time, the catalog rows and store files that existed before are compared
@@ -149,16 +150,36 @@ def _write_wide_copy(src: Path, dst: Path) -> dict[str, int]:
     return kinds
 
 
-@pytest.mark.parametrize("layout", ["compressed", "wide"])
+def _write_plane_copy(src: Path, dst: Path) -> dict[str, int]:
+    """Copy the frames of ``src`` as one-plane cubes (NAXIS3 = 1): uint16 and float32 in turn."""
+    dst.mkdir(parents=True)
+    kinds: dict[str, int] = {}
+    for k, path in enumerate(sorted(p for p in src.glob("*.fits") if p.name != "truth.fits")):
+        with fits.open(path) as hdul:
+            data, header = hdul[0].data, hdul[0].header.copy()
+        for card in ("BZERO", "BSCALE"):
+            header.remove(card, ignore_missing=True)
+        dtype = (np.uint16, np.float32)[k % 2]
+        fits.PrimaryHDU(data.astype(dtype)[np.newaxis], header=header).writeto(dst / path.name)
+        kinds[np.dtype(dtype).name] = kinds.get(np.dtype(dtype).name, 0) + 1
+    with fits.open(dst / path.name) as hdul:
+        assert hdul[0].header["NAXIS"] == 3 and hdul[0].header["NAXIS3"] == 1
+    return kinds
+
+
+@pytest.mark.parametrize("layout", ["compressed", "wide", "planes"])
 def test_compressed_or_wide_typed_frames_give_the_same_products(tmp_path, layout: str):
     sim, _ = small_dataset(tmp_path / "roots")
     packed = tmp_path / "roots" / "packed"
     if layout == "compressed":
         kinds = _write_compressed_copy(sim, packed)
         assert kinds["tile"] > 10 and kinds["gzip"] > 10
-    else:
+    elif layout == "wide":
         kinds = _write_wide_copy(sim, packed)
         assert min(kinds.values()) > 10 and len(kinds) == 4
+    else:
+        kinds = _write_plane_copy(sim, packed)
+        assert min(kinds.values()) > 10 and len(kinds) == 2
     plain_settings = Settings(data_dir=tmp_path / "plain")
     packed_settings = Settings(data_dir=tmp_path / "packed-data")
     plain = calibrate(sim, "PLAIN", plain_settings)
@@ -171,8 +192,10 @@ def test_compressed_or_wide_typed_frames_give_the_same_products(tmp_path, layout
         assert inv_b["counts"] == inv_a["counts"] and inv_b["rejected"] == []
         if layout == "compressed":
             assert {f["compression"] for f in inv_b["frames"]} == {"gzip", "RICE_1"}
-        else:
+        elif layout == "wide":
             assert {f["bitpix"] for f in inv_b["frames"]} == {32, 64, -32, -64}
+        else:
+            assert {f["bitpix"] for f in inv_b["frames"]} == {16, -32}
         want = {p.type: p for p in map(a.get_product, plain.product_ids)}
         got = {p.type: p for p in map(b.get_product, packed_run.product_ids)}
     assert set(got) == set(want) and len(want) >= 6
