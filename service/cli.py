@@ -175,6 +175,8 @@ def cube(path: Path, store: str, types_from_paths: bool, temperature_tolerance: 
         _fail(str(exc))
     except OSError as exc:  # disk full, file size limit, permissions: no traceback
         _fail(f"cube {store} not built: {exc}")
+    for r in ds.attrs.get("left_out", []):
+        click.echo(f"warning: {r['file']} left out: {r['reason']}", err=True)
     click.echo(f"cube of {ds.sizes['frame']} frames "
                f"({ds.sizes['y']} x {ds.sizes['x']}) written to {store}")
 

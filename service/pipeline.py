@@ -750,6 +750,9 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
                                    direct=use_direct_reads(settings.direct_reads,
                                                            2 * math.prod(ds["frames"].shape)))
         staged.extend(writer.drain())
+        # frames the cube build read and refused (their pixels are not raw counts)
+        left_out = [f"{r['file']} left out: {r['reason']}" for r in ds.attrs.get("left_out", [])]
+        notes = [*left_out, *outcome.planned.notes]
         if not outcome.products:
             reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())
             raise ValueError(f"the dataset supports none of the requested products ({reasons})")
@@ -760,12 +763,13 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
         while staged:
             item, payload = staged.pop(0)
             # the missing products and notes go into every version's provenance
-            payload.provenance.update({"missing": outcome.missing, "notes": outcome.planned.notes,
+            payload.provenance.update({"missing": outcome.missing, "notes": notes,
                                        "timings": {**make_payload.timings, **outcome.timings}})
             product = catalog.publish_product(item, payload, store=store, job_id=job_id,
                                               dataset_id=dataset.id, force=job.force)
             ids.append(product.id)
-        message = "; ".join(f"{k} not computed: {v}" for k, v in outcome.missing.items()) or None
+        message = "; ".join([*left_out, *(f"{k} not computed: {v}"
+                                          for k, v in outcome.missing.items())]) or None
         catalog.update_job(job_id, message=message)
         report("done", 1.0)
         return ids

@@ -69,6 +69,7 @@ from sitiancal import __version__
 from sitiancal.storage.digest import LANES, LaneSHA256, lanes_pay
 from sitiancal.storage.frames import (
     DIRECT_ALIGN,
+    FrameContentError,
     FrameReadError,
     HduInfo,
     aligned_buffer,
@@ -85,7 +86,7 @@ from sitiancal.storage.frames import (
     stream_size,
     truncation_reason,
 )
-from sitiancal.storage.scan import FrameRecord, FrameType, Inventory
+from sitiancal.storage.scan import FrameRecord, FrameType, Inventory, Rejection
 
 #: Chunk shape aimed at (rows, columns): ~4.5 MB uint16 chunks, tasks of >~100 ms.
 TILE_TARGET = (1600, 1400)
@@ -511,8 +512,9 @@ def virtual_obstacle(records: Sequence[FrameRecord]) -> str | None:
 class _Ingested:
     index: int
     sha256: str
-    stats: FrameStats
+    stats: FrameStats | None  # None where refused
     source: FrameSource | None = None
+    refused: str | None = None  # the FrameContentError's reason: the frame is left out
 
 
 #: Array of a virtual cube holding each frame's copy of the plan stage's central
@@ -713,8 +715,9 @@ class _PieceStatistics:
         if not self.flip:
             negative = np.flatnonzero(hist[32768:])
             if negative.size:  # int16 words without the BZERO offset: as the checked reader says
-                raise FrameReadError(self.path, f"negative counts (minimum {int(negative[0]) - 32768}) "
-                                                "in signed 16-bit data without BZERO offset")
+                raise FrameContentError(
+                    self.path, f"negative counts (minimum {int(negative[0]) - 32768}) "
+                               "in signed 16-bit data without BZERO offset")
         return _stats_of_pass(hist, self.rows, self.cols, int(self.box[0]), self.shape,
                               self.centre, CLIP_SIGMA)
 
@@ -851,10 +854,13 @@ def _ingest_lanes(items: Sequence[tuple[int, str, int]], shape: tuple[int, int],
     out = []
     for k, (index, path, _) in enumerate(items):
         source = _frame_source(infos[k], path, _unchanged(path, befores[k]))
-        out.append(_Ingested(index, digests[k], counters[k].result(), source))
+        try:
+            out.append(_Ingested(index, digests[k], counters[k].result(), source))
+        except FrameContentError as exc:
+            out.append(_Ingested(index, "", None, refused=exc.reason))
     if windows is not None:
-        windows.write([(index, counter.window())
-                       for (index, _, _), counter in zip(items, counters, strict=True)])
+        windows.write([(index, counter.window()) for (index, _, _), counter, got
+                       in zip(items, counters, out, strict=True) if got.refused is None])
     return out
 
 
@@ -941,6 +947,8 @@ def _ingest_frame(store: str, storage_options: dict[str, Any] | None, index: int
                                     config={"write_empty_chunks": True})
             array[index] = frame
             stats = frame_statistics(frame)
+    except FrameContentError as exc:
+        return _Ingested(index, "", None, refused=exc.reason)
     finally:
         if pool is not None:
             pool.give(buf.base if buf.base is not None else buf)
@@ -1234,6 +1242,14 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
     CubeError
         No frames, unreadable frames, a store that cannot be written, or
         ``layout="virtual"`` with a frame that cannot be read in place.
+        A frame whose pixels are not raw counts (a
+        :class:`~sitiancal.storage.frames.FrameContentError`: NaN, fractional
+        or out-of-range values of a float or wide-integer file, negative
+        signed counts; its header could not tell) is left out instead: the
+        cube is built again without it (its arrays are sized by its frames),
+        and the group attribute ``left_out`` lists each such file with its
+        reason (``[{"file", "reason"}]``, the scan's rejections' form).
+        CubeError when every frame is refused.
 
     Notes
     -----
@@ -1251,9 +1267,41 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
     (``lane_hash``) holds two halves of 32 x 2 MiB pieces (128 MiB) and each
     frame's counters (~0.6 MB at 61 MP) instead.
     """
+    left_out: list[Rejection] = []
+    while True:
+        try:
+            return _build(inventory, store, left_out, tile=tile, progress=progress,
+                          scheduler=scheduler, max_workers=max_workers,
+                          storage_options=storage_options, layout=layout, direct=direct,
+                          lane_hash=lane_hash, plan_window=plan_window)
+        except _FramesRefused as exc:
+            # built again without them: the cube's arrays are sized by its frames
+            refused = [Rejection(file=path, reason=f"refused when read: {why}")
+                       for path, why in exc.refused.items()]
+            left_out.extend(refused)
+            inventory = inventory.leave_out(refused)
+
+
+class _FramesRefused(Exception):
+    """Frames whose pixels a build read and refused (``{path: reason}``)."""
+
+    def __init__(self, refused: dict[str, str]) -> None:
+        self.refused = refused
+        super().__init__(refused)
+
+
+def _build(inventory: Inventory, store: str | os.PathLike[str], left_out: list[Rejection], *,
+           tile: tuple[int, int] | None, progress: ProgressCallback | None, scheduler: Any,
+           max_workers: int | None, storage_options: dict[str, Any] | None, layout: Layout,
+           direct: bool, lane_hash: bool | Literal["auto"],
+           plan_window: tuple[slice, slice] | None) -> xr.Dataset:
+    """One build of :func:`build_cube` (``left_out``: frames refused by earlier builds)."""
     key = _store_key(store)
     if layout not in ("auto", "virtual", "copy"):
         raise ValueError(f"layout must be 'auto', 'virtual' or 'copy', not {layout!r}")
+    if left_out and not inventory.frames:
+        raise CubeError(key, f"every frame was refused when read ({left_out[0].file}: "
+                             f"{left_out[0].reason}; {len(left_out)} in all)")
     if not inventory.frames or inventory.shape is None:
         raise CubeError(key, "the inventory holds no accepted frame")
     records = cube_order(inventory.frames)
@@ -1314,6 +1362,9 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         raise CubeError(key, f"cannot write the cube: {exc}") from None
 
     results.sort(key=lambda r: r.index)
+    refused = {records[r.index].path: r.refused for r in results if r.refused is not None}
+    if refused:
+        raise _FramesRefused(refused)
     try:
         group = zarr.open_group(key, mode="r+", storage_options=storage_options)
         for name, attr in (("frame_mean", "mean"), ("frame_median", "median"),
@@ -1324,6 +1375,8 @@ def build_cube(inventory: Inventory, store: str | os.PathLike[str], *,
         group["col_mean"][:] = np.stack([r.stats.col_mean for r in results])
         group["sha256"][:] = np.array([r.sha256 for r in results], dtype=object)
         final: dict[str, Any] = {"complete": True, "completed": datetime.now(UTC).isoformat()}
+        if left_out:
+            final["left_out"] = [r.model_dump() for r in left_out]
         if chosen == "virtual":
             final["frame_sources"] = [r.source.to_dict() for r in results]  # type: ignore[union-attr]
         if windows is not None:  # every frame's window is written by now

@@ -68,6 +68,19 @@ class FrameReadError(ValueError):
         self.reason = reason
         super().__init__(self.path, reason)
 
+
+class FrameContentError(FrameReadError):
+    """A frame was read whole, but its pixels are not one camera frame's raw counts.
+
+    Non-finite, fractional or out-of-range values of a wide-typed frame,
+    negative counts of signed 16-bit data, an image HDU without data, a pixel
+    type that is not counts. Unlike the other :class:`FrameReadError` cases
+    (unreadable, truncated, changed since the scan: the file or the storage
+    has a problem) this one is the frame's own, which its header could not
+    show: a cube build leaves the frame out and names it
+    (``storage.cube.build_cube``).
+    """
+
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
 
@@ -446,7 +459,7 @@ def _astropy_read(source: IO[bytes], info: HduInfo, name: str) -> np.ndarray:
         with fits.open(source, memmap=False, uint=True, lazy_load_hdus=True) as hdul:
             data = hdul[info.index].data
             if data is None:
-                raise FrameReadError(name, f"HDU {info.index} holds no data")
+                raise FrameContentError(name, f"HDU {info.index} holds no data")
             data = np.asarray(data)
             return _as_counts(data.reshape(info.image_axes), name)
     except FrameReadError:
@@ -469,13 +482,13 @@ def _as_counts(data: np.ndarray, name: str) -> np.ndarray:
     if data.dtype.kind == "i" and data.dtype.itemsize <= 2:
         lo = int(data.min()) if data.size else 0
         if lo < 0:
-            raise FrameReadError(name, f"negative counts (minimum {lo}) in signed "
+            raise FrameContentError(name, f"negative counts (minimum {lo}) in signed "
                                        f"{8 * data.dtype.itemsize}-bit data without BZERO offset")
         return np.ascontiguousarray(data, dtype=np.uint16 if data.dtype.itemsize == 2
                                     else np.uint8)
     if data.dtype.kind in "iuf" and data.ndim == 2:
         return _wide_as_counts(data, name)
-    raise FrameReadError(name, f"pixel type {data.dtype} is not raw 8- or 16-bit counts")
+    raise FrameContentError(name, f"pixel type {data.dtype} is not raw 8- or 16-bit counts")
 
 
 #: Rows of a wide-typed frame checked and converted at once (bounds the temporaries).
@@ -497,18 +510,18 @@ def _wide_as_counts(data: np.ndarray, name: str) -> np.ndarray:
             bad = ~np.isfinite(band)
             if bad.any():
                 y, x = np.argwhere(bad)[0]
-                raise FrameReadError(name, f"non-finite value {band[y, x]} at pixel "
-                                           f"({y0 + y}, {x}) in {kind} data: not raw counts")
+                raise FrameContentError(name, f"non-finite value {band[y, x]} at pixel "
+                                              f"({y0 + y}, {x}) in {kind} data: not raw counts")
             bad = band != np.floor(band)
             if bad.any():
                 y, x = np.argwhere(bad)[0]
-                raise FrameReadError(name, f"non-integer value {band[y, x]:g} at pixel "
-                                           f"({y0 + y}, {x}) in {kind} data: not raw counts")
+                raise FrameContentError(name, f"non-integer value {band[y, x]:g} at pixel "
+                                              f"({y0 + y}, {x}) in {kind} data: not raw counts")
         bad = (band < 0) | (band > 65535)
         if bad.any():
             y, x = np.argwhere(bad)[0]
-            raise FrameReadError(name, f"value {band[y, x]:g} at pixel ({y0 + y}, {x}) outside "
-                                       f"0-65535 in {kind} data: not 16-bit raw counts")
+            raise FrameContentError(name, f"value {band[y, x]:g} at pixel ({y0 + y}, {x}) outside "
+                                          f"0-65535 in {kind} data: not 16-bit raw counts")
         out[y0 : y0 + band.shape[0]] = band
     return out
 

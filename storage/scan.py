@@ -45,7 +45,7 @@ import re
 import warnings
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -242,6 +242,19 @@ class Inventory(BaseModel):
     rejected: list[Rejection]
     warnings: list[str]
     n_files: int = Field(0, description="FITS candidates examined")
+
+    def leave_out(self, rejections: Sequence[Rejection]) -> Inventory:
+        """This inventory with the frames of ``rejections`` moved to its rejected files.
+
+        For frames found unusable after the scan, once their pixels were read
+        (``storage.cube.build_cube``): the counts, exposure times, temperature
+        range and shape are those of the frames left.
+        """
+        gone = {r.file for r in rejections}
+        frames = [r for r in self.frames if r.path not in gone]
+        rejected = sorted([*self.rejected, *rejections], key=lambda r: r.file)
+        return self.model_copy(update={**_tallies(frames), "frames": frames,
+                                       "rejected": rejected})
 
     def summary(self) -> str:
         """Human-readable multi-line description of the inventory."""
@@ -943,14 +956,21 @@ def scan(path: str | os.PathLike[str], *, allow_mixed_states: bool = False,
     elif not records:
         warn.add("no usable calibration frame")
     rejected.sort(key=lambda r: r.file)
-    temps = [r.temperature for r in records if r.temperature is not None]
     return Inventory(
-        source=source,
-        shape=records[0].shape if records else None,
-        counts={t.value: sum(r.type is t for r in records) for t in FrameType},
-        exposure_times={t.value: sorted({r.exptime for r in records if r.type is t})
-                        for t in FrameType},
-        temperature={"min": min(temps) if temps else None, "max": max(temps) if temps else None},
+        source=source, **_tallies(records),
         operating_state=state.model_dump() if state is not None and records else {},
         frames=records, rejected=rejected, warnings=warn.render(), n_files=len(files),
     )
+
+
+def _tallies(records: Sequence[FrameRecord]) -> dict[str, Any]:
+    """The :class:`Inventory` fields that summarise its accepted ``records``."""
+    temps = [r.temperature for r in records if r.temperature is not None]
+    return {
+        "shape": records[0].shape if records else None,
+        "counts": {t.value: sum(r.type is t for r in records) for t in FrameType},
+        "exposure_times": {t.value: sorted({r.exptime for r in records if r.type is t})
+                           for t in FrameType},
+        "temperature": {"min": min(temps) if temps else None,
+                        "max": max(temps) if temps else None},
+    }

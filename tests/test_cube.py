@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from astropy.io import fits
 from click.testing import CliRunner
 from fitscorpus import write_camera_set, write_corpus
 from framestats import reference_stats
@@ -279,6 +280,25 @@ def test_cli_cube(tmp_path: Path) -> None:
     assert f"cube of {len(files)} frames (24 x 40)" in result.stdout
     ds = open_cube(store)
     assert ds.sizes["frame"] == len(files)
+
+
+def test_cli_cube_names_a_frame_refused_when_read(tmp_path: Path) -> None:
+    """A float frame holding a NaN (its header is fine): left out, with a warning naming it."""
+    files = write_camera_set(tmp_path / "set", SHAPE, seed=8)
+    bad = tmp_path / "set" / files[0].name
+    with fits.open(bad) as hdul:
+        data, header = hdul[0].data.astype(np.float32), hdul[0].header.copy()
+    del header["BZERO"]
+    data[2, 3] = np.nan
+    fits.PrimaryHDU(data, header=header).writeto(bad, overwrite=True)
+    store = tmp_path / "cli.zarr"
+    result = CliRunner().invoke(cli, ["cube", str(tmp_path / "set"), "--out", str(store),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {bad} left out: refused when read: non-finite value nan at pixel (2, 3) "
+            "in floating-point data: not raw counts") in result.stderr
+    assert f"cube of {len(files) - 1} frames (24 x 40)" in result.stdout
+    assert open_cube(store).sizes["frame"] == len(files) - 1
 
 
 def test_cli_cube_without_frames(tmp_path: Path) -> None:

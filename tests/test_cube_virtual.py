@@ -49,7 +49,7 @@ from sitiancal.storage.frames import (
     read_file_bytes,
     read_file_direct,
 )
-from sitiancal.storage.scan import scan
+from sitiancal.storage.scan import Rejection, scan
 
 SHAPE = (24, 40)
 TILE = (8, 16)
@@ -774,7 +774,8 @@ def test_piece_statistics_equal_the_whole_frame_pass(tmp_path: Path) -> None:
 
 
 def test_frames_hashed_side_by_side_are_refused_as_one_by_one(tmp_path: Path, monkeypatch) -> None:
-    """Negative counts without BZERO, a truncated file: the same reasons, naming the file."""
+    """Negative counts without BZERO (the frame left out), a truncated file (the build
+    fails): the same reasons, naming the file."""
     from fitscorpus import STATE, write_fits
 
     import sitiancal.storage.cube as cube_module
@@ -787,12 +788,25 @@ def test_frames_hashed_side_by_side_are_refused_as_one_by_one(tmp_path: Path, mo
     write_fits(bad, pixels, {**STATE, "IMAGETYP": "BIAS", "EXPTIME": 0.0, "CCD-TEMP": -10.0,
                              "DATE-OBS": "2026-01-01T00:00:00"})
     inventory = scan(tmp_path / "set")
-    messages = []
-    for lane_hash in (True, False):
-        with pytest.raises(CubeError, match="negative counts") as err:
-            build_cube(inventory, tmp_path / f"n{lane_hash}.zarr", tile=TILE, lane_hash=lane_hash)
-        messages.append(str(err.value).split(": ", 1)[1])
-    assert messages[0] == messages[1] and bad.name in messages[0]
+    assert str(bad) in {r.path for r in inventory.frames}  # the header cannot tell
+    cubes = [build_cube(inventory, tmp_path / f"n{lane_hash}.zarr", tile=TILE,
+                        lane_hash=lane_hash) for lane_hash in (True, False)]
+    reason = ("refused when read: negative counts (minimum -7) in signed 16-bit data "
+              "without BZERO offset")
+    for ds in cubes:
+        assert ds.attrs["left_out"] == [{"file": str(bad), "reason": reason}]
+        assert ds.sizes["frame"] == len(inventory.frames) - 1 and str(bad) not in ds.file.values
+        assert ds.attrs["counts"]["bias"] == inventory.counts["bias"] - 1
+    _same_cube(*cubes)
+    clean = inventory.leave_out([Rejection(file=str(bad), reason="left out by hand")])
+    _same_cube(cubes[0], build_cube(clean, tmp_path / "clean.zarr", tile=TILE, lane_hash=True))
+    # every frame refused: the build fails, saying so
+    write_camera_set(tmp_path / "neg", SHAPE, seed=3, dtype=np.int16, n_bias=0)
+    for k, path in enumerate(sorted((tmp_path / "neg").glob("*.fits"))):
+        write_fits(path, pixels, {**STATE, "IMAGETYP": "BIAS", "EXPTIME": 0.0, "CCD-TEMP": -10.0,
+                                  "DATE-OBS": f"2026-01-01T00:0{k}:00"})
+    with pytest.raises(CubeError, match="every frame was refused when read"):
+        build_cube(scan(tmp_path / "neg"), tmp_path / "neg.zarr", tile=TILE)
 
     # one file cut (its size is no longer the batch's: ingested alone), then every file
     write_camera_set(tmp_path / "set2", SHAPE, seed=3)

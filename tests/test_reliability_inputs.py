@@ -251,3 +251,64 @@ def test_unusable_flats_give_specific_missing_reasons(tmp_path, case):
     assert job.state == "succeeded" and all(reason in (job.message or "")
                                             for reason in reasons.values())
     before.assert_kept_in(Snapshot(settings))
+
+
+def _spoil(path: Path, dtype: type, value: float) -> None:
+    """Rewrite ``path`` with its counts in ``dtype`` and ``value`` at pixel (3, 5)."""
+    with fits.open(path) as hdul:
+        data, header = hdul[0].data.astype(dtype), hdul[0].header.copy()
+    for card in ("BZERO", "BSCALE"):
+        header.remove(card, ignore_missing=True)
+    data[3, 5] = value
+    path.unlink()
+    fits.PrimaryHDU(data, header=header).writeto(path)
+
+
+def test_frames_refused_when_read_are_left_out_and_named(tmp_path):
+    """A NaN in a float flat and a fraction in a float dark: the job leaves both out.
+
+    Their headers are fine (the scan accepts them); only their pixels show that
+    they are not raw counts. The products equal those of the set without the
+    two files, and the job's message, the products' notes and the cube name
+    each file with its reason.
+    """
+    sim, _ = small_dataset(tmp_path / "roots")
+    spoilt, clean = tmp_path / "roots" / "spoilt", tmp_path / "roots" / "clean"
+    shutil.copytree(sim, spoilt)
+    shutil.copytree(sim, clean)
+    names = sorted(p.name for p in sim.glob("*.fits") if p.name != "truth.fits")
+    flat = next(n for n in names if "flat" in n.lower())
+    dark = next(n for n in names if "dark" in n.lower())
+    _spoil(spoilt / flat, np.float32, np.nan)
+    _spoil(spoilt / dark, np.float64, 1000.5)
+    for path in (clean / flat, clean / dark, clean / "truth.fits", spoilt / "truth.fits"):
+        path.unlink()
+    clean_settings = Settings(data_dir=tmp_path / "clean-data")
+    spoilt_settings = Settings(data_dir=tmp_path / "spoilt-data")
+    want_run = calibrate(clean, "CLEAN", clean_settings)
+    before = _existing_state(spoilt_settings)
+    got_run = calibrate(spoilt, "SPOILT", spoilt_settings)
+
+    reasons = {flat: "non-finite value nan at pixel (3, 5) in floating-point data",
+               dark: "non-integer value 1000.5 at pixel (3, 5) in floating-point data"}
+    with Catalog.open(spoilt_settings.catalog_url) as catalog:
+        assert catalog.get_dataset(got_run.dataset_id).inventory["rejected"] == []  # headers fine
+        message = catalog.get_job(got_run.job_id).message
+        products = [catalog.get_product(i) for i in got_run.product_ids]
+    for name, why in reasons.items():
+        line = f"{spoilt / name} left out: refused when read: {why}"
+        assert line in message
+        assert all(any(n.startswith(line) for n in p.provenance["notes"]) for p in products)
+        assert any(n.startswith(line) for n in got_run.report["notes"])
+    with Catalog.open(clean_settings.catalog_url) as catalog:
+        want = {p.type: p for p in map(catalog.get_product, want_run.product_ids)}
+    got = {p.type: p for p in products}
+    assert set(got) == set(want) and len(want) >= 6
+    store_a = ProductStore(clean_settings.product_store_url)
+    store_b = ProductStore(spoilt_settings.product_store_url)
+    for kind, product in got.items():
+        ga, gb = store_a.open_zarr(want[kind].store_key), store_b.open_zarr(product.store_key)
+        for name in ga.array_keys():
+            np.testing.assert_array_equal(gb[name][...], ga[name][...], err_msg=f"{kind}/{name}")
+        assert product.stats == want[kind].stats, kind
+    before.assert_kept_in(Snapshot(spoilt_settings))
