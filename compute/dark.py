@@ -420,16 +420,19 @@ def dark_populations(rate_e: np.ndarray, rate_err_e: np.ndarray, *, max_componen
     return fit_mixture(r[ok], e[ok], max_components=max_components, seed=seed)
 
 
-def common_mode_rate_err(exptime: np.ndarray, n_frames: np.ndarray, frame_std: float) -> float:
+def common_mode_rate_err(exptime: np.ndarray, n_frames: np.ndarray,
+                         frame_std: float | np.ndarray) -> float:
     """Error of a map-wide dark rate from noise common to all pixels of a frame (ADU/s).
 
     A frame's level moves as a whole (white bias drift, the average of its
-    temporal row noise): the map's median rate moves with the levels of the
-    few frames it comes from, whatever the number of pixels. With a level
-    scatter ``s`` per frame (ADU; the std of the bias frames' levels) and
-    group ``k`` of ``n_k`` frames at exposure time ``t_k``, the rate (the
-    slope through the group means, weighted by frame count) has the error
-    ``s / sqrt(sum_k n_k (t_k - tbar)^2)``, ``tbar`` the frame-weighted mean time.
+    temporal row noise, the sensor temperature's jitter scaling a dark's
+    whole signal): the map's median rate moves with the levels of the few
+    frames it comes from, whatever the number of pixels. With a level
+    scatter ``s_k`` per frame of group ``k`` (``n_k`` frames at exposure time
+    ``t_k``), the rate (the slope through the group means, weighted by frame
+    count) has the error ``sqrt(sum_k n_k (t_k - tbar)^2 s_k^2) / L``, with
+    ``L = sum_k n_k (t_k - tbar)^2`` and ``tbar`` the frame-weighted mean
+    time; ``s / sqrt(L)`` for one scatter ``s``.
 
     Parameters
     ----------
@@ -437,21 +440,26 @@ def common_mode_rate_err(exptime: np.ndarray, n_frames: np.ndarray, frame_std: f
         Exposure time of each group (s); the bias frames are the 0 s group.
     n_frames : ndarray
         Frames per group.
-    frame_std : float
-        Scatter of a frame's level (ADU).
+    frame_std : float or ndarray
+        Scatter of a frame's level (ADU): one for all groups, or one per group.
 
     Returns
     -------
     float
-        1-sigma error (ADU/s); NaN without two distinct times.
+        1-sigma error (ADU/s); NaN without two distinct times or with a
+        non-finite scatter where it counts.
     """
     t = np.asarray(exptime, dtype=np.float64)
     n = np.asarray(n_frames, dtype=np.float64)
+    s = np.broadcast_to(np.asarray(frame_std, dtype=np.float64), t.shape)
     if t.size < 2 or n.sum() <= 0:
         return float("nan")
     tbar = float(np.dot(n, t) / n.sum())
-    lever = float(np.dot(n, (t - tbar) ** 2))
-    return float(frame_std) / np.sqrt(lever) if lever > 0 else float("nan")
+    arm = n * (t - tbar) ** 2
+    lever = float(arm.sum())
+    if lever <= 0:
+        return float("nan")
+    return float(np.sqrt(np.dot(arm, s**2))) / lever
 
 
 #: Default dark-rate thresholds of :func:`dark_summary` (e-/s).

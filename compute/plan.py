@@ -199,6 +199,9 @@ class PlanResult:
     bias_level: float | None
     missing: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: scatter (std, ddof 1; ADU) of the frame levels (clipped means) within each
+    #: dark group of ``plan.darks``, NaN for a group of one frame
+    dark_level_std: tuple[float, ...] = ()
 
 
 def group_by_exptime(table: FrameTable, kind: str, *, rtol: float = 1e-3) -> list[FrameGroup]:
@@ -565,4 +568,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
                       conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,
                       linearity=lin, linearity_points=lin_points, bias_level=bias_level,
-                      missing=missing, notes=notes)
+                      missing=missing, notes=notes,
+                      dark_level_std=tuple(
+                          float(np.std(table.frame_clipped_mean[list(g.indices)], ddof=1))
+                          if g.n >= 2 else float("nan") for g in darks))

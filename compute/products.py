@@ -512,15 +512,28 @@ class Assembler:
     def _common_rate_err(self, g: float | np.ndarray | None) -> float | None:
         """Error of the map-wide dark rate from the frames' common level noise (e-/s or ADU/s).
 
-        The scatter of a frame's level is that of the bias frames' levels
-        (:attr:`PlanResult.bias_stability`); ``None`` without it.
+        Each group's frame-level scatter is its own: the bias frames' level
+        scatter (:attr:`PlanResult.bias_stability`) for the 0 s group, the
+        scatter of each dark group's frame levels
+        (:attr:`PlanResult.dark_level_std`: a dark's level also moves with
+        the sensor temperature, in proportion to its signal) for the darks; a
+        group of one frame takes the groups' pooled scatter. ``None`` without
+        two exposure times or any scatter.
         """
         plan, stability = self.planned.plan, self.planned.bias_stability
-        if plan.bias is None or stability is None or not np.isfinite(stability.std):
+        times = [grp.exptime for grp in plan.darks]
+        counts = [grp.n for grp in plan.darks]
+        stds = list(self.planned.dark_level_std) or [float("nan")] * len(times)
+        if plan.bias is not None:
+            times.insert(0, 0.0)
+            counts.insert(0, plan.bias.n)
+            stds.insert(0, stability.std if stability is not None else float("nan"))
+        s, n = np.asarray(stds, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+        known = np.isfinite(s) & (n >= 2)
+        if not known.any():
             return None
-        times = [0.0] + [grp.exptime for grp in plan.darks]
-        counts = [plan.bias.n] + [grp.n for grp in plan.darks]
-        err = common_mode_rate_err(np.array(times), np.array(counts), stability.std)
+        pooled = np.sqrt(np.dot(n[known] - 1, s[known] ** 2) / np.sum(n[known] - 1))
+        err = common_mode_rate_err(np.array(times), n, np.where(known, s, pooled))
         scale = 1.0 if g is None else float(g) if np.ndim(g) == 0 else self.gain_median()
         return err * scale if np.isfinite(err) else None
 

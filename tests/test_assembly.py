@@ -567,6 +567,14 @@ def test_common_mode_rate_err_is_the_slope_error_of_frame_offsets(times: list, c
         assert expected == pytest.approx(s * np.sqrt(1 / counts[0] + 1 / counts[1]) / times[1])
     assert np.std(slope) == pytest.approx(expected, rel=0.03)
     assert np.isnan(common_mode_rate_err(np.array([60.0]), np.array([5]), s))
+    # a scatter of its own per group (a dark's level also follows the sensor
+    # temperature, in proportion to its signal): the same slope through them
+    per_group = s * (1.0 + np.asarray(times) / 30.0)
+    off = rng.normal(0.0, np.repeat(per_group, counts), (trials, t.size))
+    slope = np.polyfit(t, off.T, 1)[0]
+    expected = common_mode_rate_err(np.array(times), np.array(counts), per_group)
+    assert np.std(slope) == pytest.approx(expected, rel=0.03)
+    assert expected > common_mode_rate_err(np.array(times), np.array(counts), s)
 
 
 def test_log_tail_scale_follows_a_multiplicative_population() -> None:

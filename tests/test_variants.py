@@ -6,7 +6,9 @@
 - no darks: every other product, and the reason the dark is missing;
 - a CCD-like camera whose full well fills far below the ADC limit, with a
   ladder of one unsaturated level: no gain or linearity from clipped levels;
-- another seed, shape and header convention (N.I.N.A.) for the core figures.
+- another seed, shape and header convention (N.I.N.A.) for the core figures;
+- a sensor whose temperature jitters between darks: the dark rate's error
+  carries the darks' own frame-level scatter.
 """
 
 from __future__ import annotations
@@ -473,3 +475,40 @@ def test_hit_groups_left_out_of_a_pixels_dark_fit():
     np.testing.assert_array_equal(variances, before[1])
     with _hit_groups_left_out(means, variances, times, counts, float("nan")):
         assert np.isfinite(means).all()  # no gain: nothing tested
+
+
+def test_dark_rate_error_carries_the_darks_own_level_scatter(tmp_path):
+    # 0.4 C rms of temperature jitter scales each dark's whole signal by
+    # ~4.6 % (doubling 6 C): a 600 s dark's level scatters ~3x more than a
+    # bias frame's here (5120 pixels), which no number of pixels averages
+    # away. The error of the map's median rate must carry it (the bias
+    # frames' scatter alone gave an error ~2.5x too small). Each group's
+    # scatter is measured from its 8 frames (7 degrees of freedom: +-27 %).
+    from sitiancal.compute.dark import common_mode_rate_err
+
+    outcome, truth = _outcome(tmp_path, shape=(64, 80), seed=37, temperature_jitter=0.4,
+                              dark_frames=8)
+    c = truth.config
+    stats = outcome.products["dark"].stats["summary"]
+    plan = outcome.planned.plan
+    g = float(np.median(truth.gain))
+    core = truth.defects == 0
+    bias_std = outcome.planned.bias_stability.std
+    times = np.array([0.0] + [grp.exptime for grp in plan.darks])
+    counts = np.array([plan.bias.n] + [grp.n for grp in plan.darks])
+    # each group's scatter: the bias frames' (drift, row noise, read noise over
+    # the frame), the dark signal's shot noise over the frame, and the spread
+    # of the group's own dark signal from its frames' temperatures
+    frames = truth.frames[truth.frames["type"] == "dark"]
+    mean_rate = truth.dark_rate[core].mean()  # e-/s
+    stds = [bias_std]
+    for t in times[1:]:
+        temps = np.asarray(frames["temperature"][np.isclose(frames["exptime"], t)])
+        level = mean_rate * t * c.dark_factor(temps) / g  # ADU
+        shot = np.sqrt(mean_rate * t / core.sum()) / g
+        stds.append(float(np.sqrt(bias_std**2 + shot**2 + np.var(level, ddof=1))))
+    expected = g * common_mode_rate_err(times, counts, np.array(stds))
+    assert expected / 1.6 < stats["median_err_common"] < 1.6 * expected
+    assert stats["median_err_common"] > 2 * g * common_mode_rate_err(times, counts, bias_std)
+    assert len(outcome.planned.dark_level_std) == len(plan.darks)
+
