@@ -533,6 +533,20 @@ def test_grouped_median_of_values_on_a_grid() -> None:
     assert np.isnan(grouped_median(np.zeros(0))[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tie_scan_counts_as_numpy_does(dtype) -> None:
+    from sitiancal.compute.summary import _tie_scan
+
+    rng = np.random.default_rng(46)
+    v = (np.round(rng.normal(10.0, 3.0, 200_001)) * 0.25).astype(dtype)
+    for lo, hi in ((2.5, 2.5), (2.4, 2.6), (-100.0, -99.0), (99.0, 100.0), (-1e9, 1e9)):
+        below, tied, lower, upper = _tie_scan(v, lo, hi)
+        under, over = v[v < lo], v[v > hi]
+        assert below == under.size and tied == v.size - under.size - over.size
+        assert lower == (under.max() if under.size else -np.inf)
+        assert upper == (over.min() if over.size else np.inf)
+
+
 def test_dark_summary_median_of_rates_on_a_grid_and_its_common_error() -> None:
 
     rng = np.random.default_rng(42)
