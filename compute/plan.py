@@ -276,6 +276,59 @@ def split_by_signal(table: FrameTable, groups: Sequence[FrameGroup],
     return out, left_out
 
 
+#: Flat levels whose mean is below this fraction of the 16-bit range set the
+#: offset of a set of flats alone (clear of nonlinearity and saturation).
+_LADDER_OFFSET_FRACTION = 0.5
+#: Largest deviation of those levels from a straight line in exposure time
+#: (fraction of their highest signal) for the line's intercept to be taken.
+_LADDER_OFFSET_RESIDUAL = 0.01
+
+
+def ladder_offset(exptime: Sequence[float], level: Sequence[float],
+                  level_err: Sequence[float] | None = None) -> float | None:
+    """The offset (ADU) of flats taken without bias or dark frames: their ladder at 0 s.
+
+    A flat ladder at constant illumination reads ``offset + rate * t`` (the
+    dark current adds to the rate); the intercept of a straight line through
+    the levels below half the 16-bit range is the camera's offset (its bias
+    level, and anything else independent of the exposure time).
+
+    Parameters
+    ----------
+    exptime : sequence of float
+        Exposure time of each flat level (s).
+    level : sequence of float
+        Mean count of each level (ADU, no offset subtracted).
+    level_err : sequence of float, optional
+        1-sigma error of each level's mean (ADU): the line is weighted by
+        them (a lamp's flicker scatters the bright levels most, so the faint
+        ones fix the intercept); unweighted where any is not positive.
+
+    Returns
+    -------
+    float or None
+        The intercept (ADU); None with fewer than two exposure times below
+        half the range, a slope that is not positive, or levels further than
+        1 % of their highest signal from the line (the illumination changed
+        with the exposure time: twilight flats).
+    """
+    t = np.asarray(exptime, dtype=np.float64)
+    m = np.asarray(level, dtype=np.float64)
+    e = np.ones_like(m) if level_err is None else np.asarray(level_err, dtype=np.float64)
+    use = np.isfinite(t) & np.isfinite(m) & (m < _LADDER_OFFSET_FRACTION * 65535.0)
+    if np.unique(t[use]).size < 2:
+        return None
+    if not np.all(np.isfinite(e[use]) & (e[use] > 0)):
+        e = np.ones_like(m)
+    slope, icpt = np.polyfit(t[use], m[use], 1, w=1.0 / e[use])
+    if not slope > 0:
+        return None
+    resid = m[use] - (slope * t[use] + icpt)
+    if np.max(np.abs(resid)) > _LADDER_OFFSET_RESIDUAL * float(np.max(m[use] - icpt)):
+        return None
+    return float(icpt)
+
+
 def _pairs(group: FrameGroup, limit: int) -> list[tuple[int, int]]:
     """Consecutive disjoint frame pairs of a group, at most ``limit``."""
     idx = group.indices
@@ -389,12 +442,34 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         missing["read_noise"] = "the dataset has fewer than two bias frames"
 
     # ---- illumination levels at one exposure time -----------------------------
+    # a set of flats alone (no bias, no darks): the offset of the flat ladder at 0 s,
+    # from the whole frames (the frame statistics, the tile pass) and from the
+    # central region (the PTC and linearity points)
+    ladder = {"frame": None, "center": None}
+    if bias is None and not darks and flats:
+        for key, stat in (("frame", table.frame_mean), ("center", table.center_mean)):
+            means = [stat[list(g.indices)] for g in flats]
+            ladder[key] = ladder_offset(
+                [g.exptime for g in flats], [float(np.mean(v)) for v in means],
+                [float(np.std(v, ddof=1) / np.sqrt(v.size)) if v.size > 1 else np.nan
+                 for v in means])
+        if ladder["frame"] is not None and ladder["center"] is not None:
+            bias_region = ladder["center"]
+            notes.append(f"no bias or dark frames: the offset is the flat ladder's signal at "
+                         f"0 s, {ladder['frame']:.1f} ADU, one value for every pixel (the fixed "
+                         "bias pattern stays in the flat field)")
+        else:
+            ladder = {"frame": None, "center": None}
+            notes.append("no bias or dark frames, and the flat ladder gives no offset (fewer "
+                         "than two exposure times below half the range, or not linear in "
+                         "exposure time): the flats are not offset-corrected, so the flat "
+                         "field and PRNU carry the camera's offset")
     if bias is not None:
         base = float(np.mean(table.frame_mean[list(bias.indices)]))
     elif darks:
         base = float(np.mean(table.frame_mean[list(darks[0].indices)]))
     else:
-        base = 0.0
+        base = ladder["frame"] or 0.0
     by_time = len({g.exptime for g in flats})
     flats, odd = split_by_signal(table, flats, base)
     for i in odd:
@@ -412,7 +487,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     for g in flats:
         match = [k for k, t in enumerate(dark_times) if abs(t - g.exptime) <= 1e-3 * max(t, 1e-6)]
         flat_dark.append(match[0] if match else None)
-    if bias is None and flats and not all(m is not None for m in flat_dark):
+    if bias is None and darks and flats and not all(m is not None for m in flat_dark):
         notes.append("no bias frames and not every flat level has darks of its exposure "
                      "time: those levels use the dark-fit intercept as offset")
 
@@ -426,7 +501,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
             return float(np.mean(stat[list(bias.indices)]))
         if darks:
             return float(np.mean(stat[list(darks[0].indices)]))
-        return 0.0
+        return ladder["center" if region else "frame"] or 0.0
 
     scaled: list[FrameGroup] = []
     lin_points: list[dict] = []
@@ -533,7 +608,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
             "per-pixel gain needs at least three flat levels below "
             f"{params.gain_max_fraction:.0%} of saturation with >= {params.min_gain_frames} "
             f"frames each (temporal statistics per pixel); the dataset has {sum(gain_levels)} "
-            f"such levels (at most {most} frames per level)"
+            f"such levels (at most {most} frame{'s' if most != 1 else ''} per level)"
         )
         gain_levels = tuple(False for _ in flats)
     flat_ref = None
@@ -564,6 +639,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         linearizer=tuple(float(c) for c in np.asarray(lin.linearizer)) if lin is not None else (),
         bias_quantum=quantum, bias_floor=bias_floor,
         gain=float(ptc.gain) if ptc is not None and np.isfinite(ptc.gain) else float("nan"),
+        flat_offset=ladder["frame"] or 0.0,
     )
     return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
                       conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,

@@ -168,6 +168,11 @@ class TilePlan:
         The camera's gain (e-/ADU, the conventional PTC's; NaN without one):
         the shot noise a dark group's variance may hold, for the test that
         leaves a group with a cosmic-ray hit out of a pixel's dark fit.
+    flat_offset : float
+        Offset (ADU) subtracted from flat levels that have neither a master
+        bias nor darks to subtract: the flat ladder's signal extrapolated to
+        0 s (:func:`compute.plan.ladder_offset`) in a set of flats alone; 0
+        where unknown.
     """
 
     bias: FrameGroup | None
@@ -185,6 +190,7 @@ class TilePlan:
     bias_quantum: int = 1
     bias_floor: bool = False
     gain: float = float("nan")
+    flat_offset: float = 0.0
 
     @property
     def has_dark_fit(self) -> bool:
@@ -538,7 +544,7 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             elif master is not None:
                 offset = master
             else:
-                offset = 0.0
+                offset = plan.flat_offset
             # the kernel stores each level's float32 plane (the float64 result rounded
             # once); the reference level's float64 maps feed the flat signal and the
             # partial sums

@@ -118,7 +118,13 @@ def test_cancel_running_and_queued_jobs(tmp_path, app_with):
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     r = client.delete(f"/v1/jobs/{first['id']}", headers=OP)
     assert r.status_code == 202
-    assert r.json()["state"] == "running" and r.json()["message"] == "cancellation requested"
+    # the job polls every 10 ms: it may already have stopped when the reply is
+    # built (the 202 follows the state the request found, the body the state now)
+    body = r.json()
+    if body["state"] == "running":
+        assert body["message"] == "cancellation requested"
+    else:
+        assert body["state"] == "cancelled", body
     done = wait_for(lambda: _state_is(client, first["id"], "cancelled", "succeeded", "failed"))
     assert done["state"] == "cancelled"
     assert done["products"] == [] and done["error"] is None

@@ -8,7 +8,8 @@
   ladder of one unsaturated level: no gain or linearity from clipped levels;
 - another seed, shape and header convention (N.I.N.A.) for the core figures;
 - a sensor whose temperature jitters between darks: the dark rate's error
-  carries the darks' own frame-level scatter.
+  carries the darks' own frame-level scatter;
+- flats alone (no bias, no darks): the offset from the flat ladder at 0 s.
 """
 
 from __future__ import annotations
@@ -511,4 +512,40 @@ def test_dark_rate_error_carries_the_darks_own_level_scatter(tmp_path):
     assert expected / 1.6 < stats["median_err_common"] < 1.6 * expected
     assert stats["median_err_common"] > 2 * g * common_mode_rate_err(times, counts, bias_std)
     assert len(outcome.planned.dark_level_std) == len(plan.darks)
+
+
+def test_flats_alone_take_their_offset_from_the_ladder(tmp_path):
+    # No bias and no darks: the flats had been used with their ~500 ADU offset
+    # in them, so the master flat (signal + offset over its median) flattened
+    # every pixel's response by offset / (signal + offset), ~2 % here, and the
+    # PRNU with it. The ladder's signal at 0 s is the offset.
+    outcome, truth = _outcome(tmp_path, shape=(64, 80), seed=38, n_bias=0, dark_exptimes=[])
+    plan = outcome.planned.plan
+    assert plan.bias is None and not plan.darks
+    truth_offset = float(np.mean(truth.bias))
+    assert plan.flat_offset == pytest.approx(truth_offset, abs=3.0)
+    assert any("flat ladder's signal at 0 s" in n for n in outcome.planned.notes)
+    assert not any("dark-fit intercept" in n for n in outcome.planned.notes)
+    flat = next(np.asarray(a.data) for a in outcome.products["flat"].arrays if a.name == "FLAT")
+    ideal = truth.response * truth.vignetting / truth.gain  # ADU per unit light
+    ideal = ideal / np.median(ideal)
+    ok = (truth.defects == 0) & np.isfinite(flat)
+    slope = np.polyfit(ideal[ok] - 1.0, flat[ok] - 1.0, 1)[0]
+    assert slope == pytest.approx(1.0, abs=0.006)  # 0.975 with the offset left in
+    # the conventional points and the linearity are above the offset too
+    signals = [p["signal"] for p in outcome.planned.linearity_points]
+    assert min(signals) < 0.1 * 65535 and outcome.products["linearity"].stats
+
+
+def test_ladder_offset_is_the_intercept_of_a_linear_ladder():
+    from sitiancal.compute.plan import ladder_offset
+
+    t = np.array([0.5, 1.0, 2.0, 4.0, 6.0, 9.0, 12.0])
+    level = 480.0 + 3000.0 * t
+    level[-2:] = [40000.0, 65535.0]  # near and at saturation: above half the range
+    assert ladder_offset(t, level) == pytest.approx(480.0)
+    assert ladder_offset([2.0, 2.0, 2.0], [6000.0, 9000.0, 12000.0]) is None  # one time
+    twilight = 480.0 + 3000.0 * t[:5] * np.exp(-t[:5] / 3.0)  # the sky darkens
+    assert ladder_offset(t[:5], twilight) is None
+    assert ladder_offset([1.0, 2.0], [9000.0, 5000.0]) is None  # falling: not a ladder
 
