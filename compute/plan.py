@@ -489,7 +489,12 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         flat_dark.append(match[0] if match else None)
     if bias is None and darks and flats and not all(m is not None for m in flat_dark):
         notes.append("no bias frames and not every flat level has darks of its exposure "
-                     "time: those levels use the dark-fit intercept as offset")
+                     "time: those levels use the dark-fit intercept as offset" if
+                     len({g.exptime for g in darks}) >= 2 else
+                     "no bias frames and not every flat level has darks of its exposure "
+                     f"time: those levels use the {darks[0].exptime:g} s darks' mean as offset")
+        # the region offset of those levels' PTC points (a bias's region otherwise)
+        bias_region = read_region(darks[0].indices[:8]).astype(np.float64).mean(axis=0)
 
     # ---- per-frame signal and lamp-flicker correction -------------------------
     def offset_level(li: int, region: bool) -> float:

@@ -543,6 +543,8 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
                 offset = LinearOffset(master, dark_rate, group.exptime)
             elif master is not None:
                 offset = master
+            elif dark_means:  # no bias, no dark fit: the shortest darks' mean, as the plan
+                offset = dark_means[0]
             else:
                 offset = plan.flat_offset
             # the kernel stores each level's float32 plane (the float64 result rounded

@@ -514,6 +514,30 @@ def test_dark_rate_error_carries_the_darks_own_level_scatter(tmp_path):
     assert len(outcome.planned.dark_level_std) == len(plan.darks)
 
 
+def _flat_slope(outcome, truth) -> float:
+    """Slope of the master flat against the truth's relative response (1: offset removed)."""
+    flat = next(np.asarray(a.data) for a in outcome.products["flat"].arrays if a.name == "FLAT")
+    ideal = truth.response * truth.vignetting / truth.gain  # ADU per unit light
+    ideal = ideal / np.median(ideal)
+    ok = (truth.defects == 0) & np.isfinite(flat)
+    return float(np.polyfit(ideal[ok] - 1.0, flat[ok] - 1.0, 1)[0])
+
+
+def test_flats_with_darks_of_one_other_time_and_no_bias(tmp_path):
+    # No bias, darks of one exposure time that no flat level shares: no dark
+    # fit (one time), so no per-pixel offset from it; the darks' mean is the
+    # offset, as the plan stage takes it (the tile pass had used none).
+    outcome, truth = _outcome(tmp_path, shape=(64, 80), seed=39, n_bias=0,
+                              dark_exptimes=[30.0], dark_frames=6)
+    assert outcome.planned.plan.bias is None and not outcome.planned.plan.has_dark_fit
+    assert _flat_slope(outcome, truth) == pytest.approx(1.0, abs=0.006)  # 0.981 before
+    assert any("30 s darks' mean as offset" in n for n in outcome.planned.notes)
+    # the PTC points are above that offset too: the lowest level's mean is its signal
+    low = min(p["mean"] for p in outcome.planned.ptc_points)
+    signal = min(p["signal"] for p in outcome.planned.linearity_points)
+    assert low == pytest.approx(signal, rel=0.05)
+
+
 def test_flats_alone_take_their_offset_from_the_ladder(tmp_path):
     # No bias and no darks: the flats had been used with their ~500 ADU offset
     # in them, so the master flat (signal + offset over its median) flattened
@@ -526,12 +550,7 @@ def test_flats_alone_take_their_offset_from_the_ladder(tmp_path):
     assert plan.flat_offset == pytest.approx(truth_offset, abs=3.0)
     assert any("flat ladder's signal at 0 s" in n for n in outcome.planned.notes)
     assert not any("dark-fit intercept" in n for n in outcome.planned.notes)
-    flat = next(np.asarray(a.data) for a in outcome.products["flat"].arrays if a.name == "FLAT")
-    ideal = truth.response * truth.vignetting / truth.gain  # ADU per unit light
-    ideal = ideal / np.median(ideal)
-    ok = (truth.defects == 0) & np.isfinite(flat)
-    slope = np.polyfit(ideal[ok] - 1.0, flat[ok] - 1.0, 1)[0]
-    assert slope == pytest.approx(1.0, abs=0.006)  # 0.975 with the offset left in
+    assert _flat_slope(outcome, truth) == pytest.approx(1.0, abs=0.006)  # 0.975 before
     # the conventional points and the linearity are above the offset too
     signals = [p["signal"] for p in outcome.planned.linearity_points]
     assert min(signals) < 0.1 * 65535 and outcome.products["linearity"].stats
