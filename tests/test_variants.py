@@ -9,7 +9,8 @@
 - another seed, shape and header convention (N.I.N.A.) for the core figures;
 - a sensor whose temperature jitters between darks: the dark rate's error
   carries the darks' own frame-level scatter;
-- flats alone (no bias, no darks): the offset from the flat ladder at 0 s.
+- flats alone (no bias, no darks): the offset from the flat ladder at 0 s;
+- a bias frame whose whole level jumped: left out, named.
 """
 
 from __future__ import annotations
@@ -567,4 +568,68 @@ def test_ladder_offset_is_the_intercept_of_a_linear_ladder():
     twilight = 480.0 + 3000.0 * t[:5] * np.exp(-t[:5] / 3.0)  # the sky darkens
     assert ladder_offset(t[:5], twilight) is None
     assert ladder_offset([1.0, 2.0], [9000.0, 5000.0]) is None  # falling: not a ladder
+
+
+def test_a_bias_frame_whose_level_jumped_is_left_out(tmp_path):
+    # One bias frame 30 ADU above the others (a light leak, an offset that
+    # changed): in every pixel's temporal std it doubled the per-pixel read
+    # noise (2.0 e- for 1.03) and pulled the dark rate's zero point.
+    raw, truth = small_dataset(tmp_path, shape=(64, 80), seed=52)
+    jumped = "bias_0007.fits"
+
+    def edit(name, header, data):
+        return (data.astype(np.int64) + 30).astype(np.uint16) if name == jumped else data
+
+    outcome = _products_of(tmp_path, _edited_copy(tmp_path, raw, edit))
+    plan = outcome.planned.plan
+    assert plan.bias.n == truth.config.n_bias - 1
+    note = next(n for n in outcome.planned.notes if jumped in n)
+    assert "left out" in note
+    assert float(note.split(" ADU from the other")[0].rsplit(" ", 1)[1]) == pytest.approx(30, abs=0.2)
+    rn = outcome.products["read_noise"].stats["median_e"]
+    expected = np.median(np.sqrt(truth.read_noise**2 + (truth.gain * truth.config.row_noise_sigma)
+                                 ** 2 + truth.gain**2 / 12.0))
+    assert rn == pytest.approx(expected, rel=0.03)
+    assert outcome.planned.bias_stability.peak_to_peak < 1.0
+
+
+def test_a_dark_frame_with_a_light_leak_is_left_out(tmp_path):
+    # One 600 s dark with 40 ADU of stray light over it: the group's mean and
+    # every pixel's variance had taken it.
+    raw, truth = small_dataset(tmp_path, shape=(64, 80), seed=54, dark_frames=6)
+    names = sorted(p.name for p in raw.glob("dark*.fits"))
+    leaky = None
+
+    def edit(name, header, data):
+        nonlocal leaky
+        if leaky is None and name.startswith("dark") and header["EXPTIME"] == 600.0:
+            leaky = name
+            return (data.astype(np.int64) + 40).astype(np.uint16)
+        return data
+
+    outcome = _products_of(tmp_path, _edited_copy(tmp_path, raw, edit))
+    assert leaky in names
+    group = next(g for g in outcome.planned.plan.darks if g.exptime == 600.0)
+    assert group.n == truth.config.dark_frames - 1
+    assert any(leaky in n and "600 s dark frame" in n for n in outcome.planned.notes)
+    stats = outcome.products["dark"].stats["summary"]
+    truth_median = float(np.median(truth.dark_rate))
+    assert abs(stats["median"] - truth_median) < 0.15 * truth_median
+
+
+def test_level_outliers_leave_a_trend_and_its_noise_alone():
+    from sitiancal.compute.plan import level_outliers
+
+    rng = np.random.default_rng(53)
+    t = np.arange(30) * 3.0
+    level = 500.0 + 0.002 * t + rng.normal(0.0, 0.03, t.size)  # drift and scatter
+    assert level_outliers(t, level).size == 0
+    jumped = level.copy()
+    jumped[[4, 17]] += [2.0, -1.5]
+    assert level_outliers(t, jumped).tolist() == [4, 17]
+    assert level_outliers(np.full(t.size, np.nan), jumped).tolist() == [4, 17]  # frame order
+    assert level_outliers(t[:4], jumped[:4]).size == 0  # too few frames to tell
+    half = level.copy()
+    half[::2] += 5.0  # two alternating levels: not a series with a few jumps
+    assert level_outliers(t, half).size == 0
 
