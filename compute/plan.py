@@ -161,6 +161,11 @@ class FrameTable:
         ``(F, ny)`` per-frame row means (ADU), for temporal row noise.
     file : ndarray of str or None
         Each frame's source file, for notes that name a frame.
+    frame_clipped_std : ndarray or None
+        Standard deviation of each frame's clipped pixels (ADU): the scale of
+        a pixel's noise and fixed pattern, below which a frame's level
+        jump is immaterial (:func:`level_outliers`'s floor); None: no frame
+        is tested for a jump.
     """
 
     frame_type: np.ndarray
@@ -172,6 +177,7 @@ class FrameTable:
     temperature: np.ndarray
     row_mean: np.ndarray | None = None
     file: np.ndarray | None = None
+    frame_clipped_std: np.ndarray | None = None
 
     def name(self, i: int) -> str:
         """The frame's file where known, else ``frame <i>``."""
@@ -284,19 +290,21 @@ LEVEL_OUTLIER_MIN_FRAMES = 5
 
 
 def level_outliers(time_s: np.ndarray, level: np.ndarray, *,
-                   nsigma: float = LEVEL_OUTLIER_SIGMA) -> np.ndarray:
+                   nsigma: float = LEVEL_OUTLIER_SIGMA, floor: float = 0.0) -> np.ndarray:
     """Positions of frames whose level jumps off their series' trend (a light leak, an offset change).
 
     The trend is the Theil-Sen line of level against time (frame order
     where a time is unknown), which the outliers do not move; a frame lies
-    off it when its residual exceeds ``nsigma`` times the residuals' robust
-    sigma (1.4826 MAD). At most a quarter of the frames are outliers:
-    where more lie off the line, the series is not one level with a few
-    jumps, and nothing is returned. A frame offset by ``d`` ADU adds
-    ``d^2 / N`` to every pixel's temporal variance over ``N`` frames: a 30
-    ADU jump in one of 20 bias frames doubled the per-pixel read noise
-    (measured), while 10 sigma of a stable series (~0.03 ADU each) is
-    harmless to leave in or out.
+    off it when its residual exceeds both ``nsigma`` times the residuals'
+    robust sigma (1.4826 MAD) and ``floor``. At most a quarter of the
+    frames are outliers: where more lie off the line, the series is not one
+    level with a few jumps, and nothing is returned. A frame offset by ``d``
+    ADU adds ``~d^2 / N`` to every pixel's temporal variance over ``N``
+    frames: a 30 ADU jump in one of 20 bias frames doubled the per-pixel read
+    noise (measured). The MAD of a few frames can be tiny by chance (five
+    darks of one exposure time: a 0.06 ADU step came out beyond 10 of its
+    sigmas), so ``floor`` sets the least jump that matters; the plan takes
+    ``0.1 sqrt(N)`` times the frames' pixel scatter (a 1 % variance change).
 
     Parameters
     ----------
@@ -306,6 +314,8 @@ def level_outliers(time_s: np.ndarray, level: np.ndarray, *,
         Frame levels (ADU, e.g. the clipped means), same shape.
     nsigma : float
         Threshold in robust sigmas.
+    floor : float
+        Least residual (ADU) that counts as a jump.
 
     Returns
     -------
@@ -328,7 +338,7 @@ def level_outliers(time_s: np.ndarray, level: np.ndarray, *,
     sigma = 1.4826 * float(np.median(np.abs(resid[good] - np.median(resid[good]))))
     if not sigma > 0:
         return np.zeros(0, dtype=np.int64)
-    odd = np.flatnonzero(good & (np.abs(resid) > nsigma * sigma))
+    odd = np.flatnonzero(good & (np.abs(resid) > max(nsigma * sigma, floor)))
     return odd if odd.size <= good.sum() // 4 else np.zeros(0, dtype=np.int64)
 
 
@@ -452,8 +462,11 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     notes: list[str] = []
     def without_jumps(idx: np.ndarray, what: str) -> np.ndarray:
         """``idx`` less the frames whose whole level jumped off their series', each noted."""
+        if table.frame_clipped_std is None or not len(idx):
+            return idx
         levels = table.frame_clipped_mean[idx]
-        odd = level_outliers(table.time_s[idx], levels)
+        floor = 0.1 * np.sqrt(len(idx)) * float(np.median(table.frame_clipped_std[idx]))
+        odd = level_outliers(table.time_s[idx], levels, floor=floor)
         if not odd.size:
             return idx
         keep = np.ones(len(idx), dtype=bool)

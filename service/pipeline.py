@@ -90,6 +90,8 @@ def frame_table(ds: xr.Dataset) -> FrameTable:
         temperature=temperature,
         row_mean=ds["row_mean"].values.astype(np.float64) if "row_mean" in ds else None,
         file=_strings(ds["file"].values) if "file" in ds else None,
+        frame_clipped_std=ds["frame_clipped_std"].values.astype(np.float64)
+        if "frame_clipped_std" in ds else None,
     )
 
 

@@ -632,4 +632,10 @@ def test_level_outliers_leave_a_trend_and_its_noise_alone():
     half = level.copy()
     half[::2] += 5.0  # two alternating levels: not a series with a few jumps
     assert level_outliers(t, half).size == 0
+    # five darks whose MAD is tiny by chance: a 0.06 ADU step is beyond 10 of
+    # its sigmas but below the least jump that matters (the floor)
+    five = np.array([502.400, 502.401, 502.460, 502.399, 502.402])
+    assert level_outliers(np.arange(5.0), five).tolist() == [2]
+    assert level_outliers(np.arange(5.0), five, floor=1.0).size == 0
+    assert level_outliers(np.arange(5.0), five + [0, 0, 40.0, 0, 0], floor=1.0).tolist() == [2]
 
