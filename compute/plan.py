@@ -708,7 +708,10 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
     if read_noise_regime is not None:
         pass  # a flat of read noise: missing["flat"] says why
     elif candidates:
-        flat_ref = min(candidates, key=lambda i: abs(lin_points[i]["signal"] - 0.5 * saturation))
+        # a level of several frames where there is one: its temporal noise is
+        # measured and removed from the PRNU, and its mean is less noisy
+        pool = [i for i in candidates if flats[i].n >= 2] or candidates
+        flat_ref = min(pool, key=lambda i: abs(lin_points[i]["signal"] - 0.5 * saturation))
     elif flats:
         top = max((p["signal"] for p in lin_points), default=float("nan"))
         missing["flat"] = (f"no flat level below saturation: every one of the {len(flats)} "

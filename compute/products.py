@@ -702,10 +702,9 @@ class Assembler:
         if signal is None:
             return None
         flat = master_flat(signal)
-        var = (self.partials.get("flat_var_sum", np.nan)
-               / max(self.partials.get("flat_var_count", 0.0), 1.0))
         ref = self.planned.plan.flat_ref
         n = self.planned.plan.flats[ref].n if ref is not None else 0
+        var, noise = self._flat_temporal_var()
         med = local_median(flat)
         dead, low = dead_low(flat, med, config=self.params.defects)
         self.flag("dead", dead)
@@ -722,9 +721,24 @@ class Assembler:
                  "mean_signal_adu": _f(prnu.mean_signal), "reference_level": ref, "n_frames": n,
                  "excluded_pixels": int(excluded.sum()), "large_scale_block_px": block,
                  "definition": "EMVA 1288 release 4.0, defective pixels (mask) excluded",
+                 "temporal_var_adu2": _f(var), "temporal_noise": noise,
+                 "prnu_upper_bound": noise == "not removed",
                  "filter": self.flat_filter}
         return ProductContent("flat", "", [ProductArray("FLAT", flat, "", "master flat (median 1)")],
                               [], stats)
+
+    def _flat_temporal_var(self) -> tuple[float, str]:
+        """Per-frame temporal variance (ADU^2) of the flat's level, and whether it was measured.
+
+        ``"measured"``: the pixels' mean temporal variance over the level's
+        frames. ``"not removed"`` for a level of one frame (every level of
+        the set is one frame: the plan prefers a level of several): the PRNU
+        then holds that frame's temporal noise, an upper bound.
+        """
+        count = self.partials.get("flat_var_count", 0.0)
+        if count > 0:
+            return float(self.partials.get("flat_var_sum", np.nan)) / count, "measured"
+        return 0.0, "not removed"
 
     def mask(self, shape: tuple[int, int]) -> ProductContent:
         """The defect mask: the flags the other products set, the RTN and unstable-bias classes.

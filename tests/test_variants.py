@@ -10,7 +10,9 @@
 - a sensor whose temperature jitters between darks: the dark rate's error
   carries the darks' own frame-level scatter;
 - flats alone (no bias, no darks): the offset from the flat ladder at 0 s;
-- a bias frame whose whole level jumped: left out, named.
+- a bias frame whose whole level jumped: left out, named;
+- flat levels of one frame: the master flat from a level of several, else a
+  PRNU labelled an upper bound.
 """
 
 from __future__ import annotations
@@ -637,5 +639,51 @@ def test_level_outliers_leave_a_trend_and_its_noise_alone():
     five = np.array([502.400, 502.401, 502.460, 502.399, 502.402])
     assert level_outliers(np.arange(5.0), five).tolist() == [2]
     assert level_outliers(np.arange(5.0), five, floor=1.0).size == 0
-    assert level_outliers(np.arange(5.0), five + [0, 0, 40.0, 0, 0], floor=1.0).tolist() == [2]
+    assert level_outliers(np.arange(5.0), five + np.array([0, 0, 40.0, 0, 0]), floor=1.0).tolist() == [2]
+
+
+def test_the_flat_reference_level_has_several_frames_where_one_does(tmp_path):
+    # The level nearest half of saturation holds one frame (the others were
+    # lost): its temporal noise cannot be measured and its mean is one frame's,
+    # so the master flat comes from the nearest level of several frames.
+    import shutil
+
+    raw, truth = small_dataset(tmp_path, shape=(48, 64), seed=55)
+    outcome = _products_of(tmp_path / "full", raw)
+    ref = outcome.planned.plan.flat_ref
+    ref_time = outcome.planned.plan.flats[ref].exptime
+    dst = tmp_path / "thin"
+    dst.mkdir()
+    kept_one = False
+    for path in sorted(raw.glob("*.fits")):
+        if path.name == "truth.fits":
+            continue
+        rows = truth.frames[truth.frames["file"] == path.name]
+        if rows["type"][0] == "flat" and abs(rows["exptime"][0] - ref_time) < 1e-6:
+            if kept_one:
+                continue
+            kept_one = True
+        shutil.copy(path, dst / path.name)
+    (tmp_path / "thin-work").mkdir()
+    thin = _products_of(tmp_path / "thin-work", dst)
+    plan = thin.planned.plan
+    assert plan.flats[plan.flat_ref].exptime != ref_time and plan.flats[plan.flat_ref].n >= 2
+    assert thin.products["flat"].stats["temporal_noise"] == "measured"
+    assert outcome.products["flat"].stats["prnu_upper_bound"] is False
+
+
+def test_a_flat_of_one_frame_per_level_gives_an_upper_bound_prnu(tmp_path):
+    from sitiancal.service.report import build_report
+
+    outcome, truth = _outcome(tmp_path, shape=(48, 64), seed=56, flat_frames=1)
+    stats = outcome.products["flat"].stats
+    assert stats["n_frames"] == 1 and stats["temporal_noise"] == "not removed"
+    assert stats["prnu_upper_bound"] is True
+    adu = truth.response / truth.gain
+    true_prnu = 100 * np.std(adu[truth.defects == 0]) / np.mean(adu[truth.defects == 0])
+    assert stats["prnu_highpass_pct"] > true_prnu  # the frame's shot noise is in it
+    report = build_report("X", {k: p.stats for k, p in outcome.products.items()})
+    labels = {f.key: f.label for f in report.figures}
+    assert labels["prnu"] == "PRNU (upper bound)"
+    assert labels["prnu_highpass"] == "PRNU (vignetting removed, upper bound)"
 
