@@ -395,6 +395,28 @@ def ladder_offset(exptime: Sequence[float], level: Sequence[float],
     return float(icpt)
 
 
+def _flat_weights(flats: Sequence[FrameGroup], points: Sequence[dict], ref: int | None,
+                  limit: float) -> tuple[float, ...]:
+    """Weights of the flat levels in the master flat, in units of the reference level.
+
+    Every level of positive signal up to ``limit`` (ADU above the offset: the
+    linear range the gain fit uses; the reference level always) adds its
+    frames, each as much as the electrons it collected: level ``l`` of
+    ``n_l`` frames at signal ``S_l`` weighs ``n_l S_ref / sum_k n_k S_k``, so
+    the combination of the levels' means is in the reference level's ADU and
+    its shot noise is that of all those frames stacked. Levels of one frame
+    only where no level has several (their temporal noise is not measured).
+    Empty without a reference level.
+    """
+    if ref is None:
+        return ()
+    s_ref = float(points[ref]["signal"])
+    ok = [i for i, p in enumerate(points) if 0 < p["signal"] <= max(limit, s_ref)]
+    use = [i for i in ok if flats[i].n >= 2] or ok
+    total = sum(flats[i].n * float(points[i]["signal"]) for i in use)
+    return tuple(flats[i].n * s_ref / total if i in use else 0.0 for i in range(len(flats)))
+
+
 def _pairs(group: FrameGroup, limit: int) -> list[tuple[int, int]]:
     """Consecutive disjoint frame pairs of a group, at most ``limit``."""
     idx = group.indices
@@ -717,6 +739,8 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         missing["flat"] = (f"no flat level below saturation: every one of the {len(flats)} "
                            f"levels reaches >= 95% of the saturation level {saturation:.0f} ADU "
                            f"(highest mean signal {top:.0f} ADU above the offset)")
+    flat_weights = _flat_weights(flats, lin_points, flat_ref,
+                                 params.gain_max_fraction * saturation)
     if not darks:
         missing["dark"] = "the dataset has no dark frames"
     elif len({g.exptime for g in darks} | ({0.0} if bias is not None else set())) < 2:
@@ -734,7 +758,7 @@ def make_plan(table: FrameTable, read_region: RegionReader, params: CalibrationP
         linearizer=tuple(float(c) for c in np.asarray(lin.linearizer)) if lin is not None else (),
         bias_quantum=quantum, bias_floor=bias_floor,
         gain=float(ptc.gain) if ptc is not None and np.isfinite(ptc.gain) else float("nan"),
-        flat_offset=ladder["frame"] or 0.0,
+        flat_offset=ladder["frame"] or 0.0, flat_weights=flat_weights,
     )
     return PlanResult(plan=plan, bias_stability=stability, row_noise=row_noise,
                       conventional_rn=conv_rn, ptc_points=points, ptc=ptc, ptc_astier=ptc_astier,

@@ -702,8 +702,11 @@ class Assembler:
         if signal is None:
             return None
         flat = master_flat(signal)
-        ref = self.planned.plan.flat_ref
-        n = self.planned.plan.flats[ref].n if ref is not None else 0
+        plan = self.planned.plan
+        ref = plan.flat_ref
+        weights = plan.flat_weights or tuple(float(i == ref) for i in range(len(plan.flats)))
+        levels = [i for i, w in enumerate(weights) if w > 0]
+        n = sum(plan.flats[i].n for i in levels)
         var, noise = self._flat_temporal_var()
         med = local_median(flat)
         dead, low = dead_low(flat, med, config=self.params.defects)
@@ -716,9 +719,11 @@ class Assembler:
         # Large-scale (vignetting) cells: 64 px on a full frame, smaller on small
         # frames so that a cell still sees an almost flat illumination.
         block = int(np.clip(min(signal.shape) // 16, 8, 64))
-        prnu = prnu_emva(signal, temporal_var=var, n_frames=n, mask=excluded, block=block)
+        # the map's own temporal variance: one "frame" of it
+        prnu = prnu_emva(signal, temporal_var=var, n_frames=1, mask=excluded, block=block)
         stats = {"prnu_pct": _f(prnu.prnu_pct), "prnu_highpass_pct": _f(prnu.prnu_highpass_pct),
                  "mean_signal_adu": _f(prnu.mean_signal), "reference_level": ref, "n_frames": n,
+                 "levels": levels,
                  "excluded_pixels": int(excluded.sum()), "large_scale_block_px": block,
                  "definition": "EMVA 1288 release 4.0, defective pixels (mask) excluded",
                  "temporal_var_adu2": _f(var), "temporal_noise": noise,
@@ -728,12 +733,13 @@ class Assembler:
                               [], stats)
 
     def _flat_temporal_var(self) -> tuple[float, str]:
-        """Per-frame temporal variance (ADU^2) of the flat's level, and whether it was measured.
+        """Temporal variance (ADU^2) of the flat signal map, and whether it was measured.
 
-        ``"measured"``: the pixels' mean temporal variance over the level's
-        frames. ``"not removed"`` for a level of one frame (every level of
-        the set is one frame: the plan prefers a level of several): the PRNU
-        then holds that frame's temporal noise, an upper bound.
+        ``"measured"``: the pixels' mean temporal variance of the map (the
+        levels' per-frame variances over their frame counts, weighted as the
+        map). ``"not removed"`` where the levels are one frame each (the
+        plan prefers levels of several): the PRNU then holds the temporal
+        noise, an upper bound.
         """
         count = self.partials.get("flat_var_count", 0.0)
         if count > 0:

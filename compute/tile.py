@@ -173,6 +173,10 @@ class TilePlan:
         bias nor darks to subtract: the flat ladder's signal extrapolated to
         0 s (:func:`compute.plan.ladder_offset`) in a set of flats alone; 0
         where unknown.
+    flat_weights : tuple of float
+        Weight of each flat level's mean in the master flat's signal (in the
+        reference level's ADU, 0 for a level left out;
+        ``compute.plan._flat_weights``); empty: the reference level alone.
     """
 
     bias: FrameGroup | None
@@ -191,6 +195,7 @@ class TilePlan:
     bias_floor: bool = False
     gain: float = float("nan")
     flat_offset: float = 0.0
+    flat_weights: tuple[float, ...] = ()
 
     @property
     def has_dark_fit(self) -> bool:
@@ -215,7 +220,8 @@ MAP_SPECS: dict[str, tuple[str, str]] = {
     "dark_rate": ("ADU/s", "dark rate: weighted slope of mean signal vs exposure time"),
     "dark_rate_err": ("ADU/s", "1-sigma uncertainty of dark_rate"),
     "dark_chi2": ("", "reduced chi-square of the dark fit"),
-    "flat_signal": ("ADU", "offset-subtracted mean of the reference flat level"),
+    "flat_signal": ("ADU", "offset-subtracted flat signal: the flat levels' means weighted by "
+                           "their electrons, in the reference level's ADU"),
     "gain": ("e-/ADU", "per-pixel gain from the temporal mean-variance fit"),
     "gain_err": ("e-/ADU", "1-sigma uncertainty of gain"),
     "gain_read_var": ("ADU2", "intercept of the per-pixel mean-variance fit"),
@@ -548,10 +554,11 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             else:
                 offset = plan.flat_offset
             # the kernel stores each level's float32 plane (the float64 result rounded
-            # once); the reference level's float64 maps feed the flat signal and the
-            # partial sums
+            # once); without flat weights the reference level's float64 maps feed the
+            # flat signal and the partial sums
             is_ref = li == plan.flat_ref
-            planes = None if is_ref or not sized else (mean[..., li], var[..., li])
+            planes = (None if (is_ref and not plan.flat_weights) or not sized
+                      else (mean[..., li], var[..., li]))
             mom = _moments(load, group, offset=offset, max_batch=params.max_batch_frames,
                            out=planes)
             if not sized:  # no master: the first level gives the shape
@@ -560,10 +567,11 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             if planes is None:
                 mean[..., li] = mom.mean
                 var[..., li] = mom.var
-            if is_ref:
+            if is_ref and not plan.flat_weights:
                 maps["flat_signal"] = mom.mean.astype(f32)
-                partials["flat_var_sum"] = float(np.nansum(mom.var))
-                partials["flat_var_count"] = float(np.isfinite(mom.var).sum())
+                _flat_partials(partials, mom.var / group.n)
+        if plan.flat_weights:
+            maps["flat_signal"] = _combined_flat(mean, var, plan, partials)
         if plan.has_pixel_gain:
             use = np.asarray(plan.gain_levels, dtype=bool)
             lev = np.flatnonzero(use)
@@ -591,6 +599,31 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
         partials["bias_var_sum"] = float(np.nansum(bias_mom.var))
         partials["bias_var_count"] = float(np.isfinite(bias_mom.var).sum())
     return TileResult(maps=maps, partials=partials)
+
+
+def _flat_partials(partials: dict[str, float], signal_var: np.ndarray) -> None:
+    """Sum and count of the flat signal map's temporal variance (ADU^2), for the PRNU."""
+    partials["flat_var_sum"] = float(np.nansum(signal_var, dtype=np.float64))
+    partials["flat_var_count"] = float(np.isfinite(signal_var).sum())
+
+
+def _combined_flat(mean: np.ndarray, var: np.ndarray, plan: TilePlan,
+                   partials: dict[str, float]) -> np.ndarray:
+    """The master flat's signal: the flat levels' means weighted by ``plan.flat_weights``.
+
+    ``mean``, ``var``: ``(..., L)`` per-level means and per-frame temporal
+    variances (ADU, ADU^2). The weighted sum is in the reference level's ADU;
+    its temporal variance ``sum_l w_l^2 var_l / n_l`` goes to the partial
+    sums. float32 (the levels' planes are).
+    """
+    signal = np.zeros(mean.shape[:-1], dtype=np.float32)
+    signal_var = np.zeros_like(signal)
+    for li, w in enumerate(plan.flat_weights):
+        if w > 0:
+            signal += np.float32(w) * mean[..., li]
+            signal_var += np.float32(w * w / plan.flats[li].n) * var[..., li]
+    _flat_partials(partials, signal_var)
+    return signal
 
 
 def expected_maps(plan: TilePlan) -> dict[str, tuple[int, ...]]:

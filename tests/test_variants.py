@@ -12,7 +12,8 @@
 - flats alone (no bias, no darks): the offset from the flat ladder at 0 s;
 - a bias frame whose whole level jumped: left out, named;
 - flat levels of one frame: the master flat from a level of several, else a
-  PRNU labelled an upper bound.
+  PRNU labelled an upper bound;
+- the master flat stacks the frames of every level of the linear range.
 """
 
 from __future__ import annotations
@@ -677,7 +678,8 @@ def test_a_flat_of_one_frame_per_level_gives_an_upper_bound_prnu(tmp_path):
 
     outcome, truth = _outcome(tmp_path, shape=(48, 64), seed=56, flat_frames=1)
     stats = outcome.products["flat"].stats
-    assert stats["n_frames"] == 1 and stats["temporal_noise"] == "not removed"
+    assert stats["n_frames"] == len(stats["levels"]) > 1  # one-frame levels, stacked
+    assert stats["temporal_noise"] == "not removed"
     assert stats["prnu_upper_bound"] is True
     adu = truth.response / truth.gain
     true_prnu = 100 * np.std(adu[truth.defects == 0]) / np.mean(adu[truth.defects == 0])
@@ -686,4 +688,31 @@ def test_a_flat_of_one_frame_per_level_gives_an_upper_bound_prnu(tmp_path):
     labels = {f.key: f.label for f in report.figures}
     assert labels["prnu"] == "PRNU (upper bound)"
     assert labels["prnu_highpass"] == "PRNU (vignetting removed, upper bound)"
+
+
+def test_the_master_flat_stacks_every_level_of_the_linear_range(tmp_path):
+    # The master flat had been one level's mean (12 frames at ~27 000 ADU);
+    # each level below 70 % of saturation now adds its frames, each as much as
+    # the electrons it collected, so its noise is that of all of them stacked.
+    outcome, truth = _outcome(tmp_path, shape=(64, 80), seed=57)
+    plan = outcome.planned.plan
+    used = [i for i, w in enumerate(plan.flat_weights) if w > 0]
+    assert len(used) >= 4 and plan.flat_ref in used
+    signals = np.array([outcome.planned.linearity_points[i]["signal"] for i in used])
+    assert signals.max() <= 0.7 * plan.saturation
+    flat = next(np.asarray(a.data) for a in outcome.products["flat"].arrays if a.name == "FLAT")
+    ideal = truth.response * truth.vignetting / truth.gain
+    ok = (truth.defects == 0) & np.isfinite(flat)
+    ratio = (flat / ideal)[ok]
+    resid = float(np.std(ratio / np.median(ratio)))
+    ref = plan.flat_ref
+    s_ref = outcome.planned.linearity_points[ref]["signal"]
+    g, rn = float(np.median(truth.gain)), float(np.median(truth.read_noise))
+    one_level = np.sqrt((s_ref / g + (rn / g) ** 2) / plan.flats[ref].n) / s_ref
+    assert resid < 0.7 * one_level  # 0.55 here; one level alone is 1
+    stats = outcome.products["flat"].stats
+    assert stats["levels"] == used and stats["n_frames"] == sum(plan.flats[i].n for i in used)
+    adu = truth.response / truth.gain
+    true_prnu = 100 * np.std(adu[truth.defects == 0]) / np.mean(adu[truth.defects == 0])
+    assert stats["prnu_highpass_pct"] == pytest.approx(true_prnu, rel=0.1)
 
