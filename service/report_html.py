@@ -68,6 +68,7 @@ class HTMLReport:
         missing = dict(self.qc.missing)
         skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
                           for k, v in {**missing, **self.skipped}.items())
+        notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in self.qc.context.get("notes", []))
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return (
             "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -81,6 +82,7 @@ class HTMLReport:
             "<h2>QC figures</h2><table><thead><tr><th>figure</th><th>value</th>"
             f"<th>product</th></tr></thead><tbody>{rows}</tbody></table>"
             f"<h2>Plots</h2>{''.join(figs)}"
+            f"<h2>Notes of the calibration</h2><ul>{notes or '<li>none</li>'}</ul>"
             f"<h2>Not computed</h2><ul>{skipped or '<li>nothing</li>'}</ul>"
             "</body></html>")
 
@@ -167,7 +169,7 @@ def job_report(catalog: Any, job_id: str) -> tuple[QCReport, dict[str, Any]]:
         "products": {k: {"id": p.id, "version": p.version, "state": p.state,
                          "created": p.created.isoformat(), "job": p.job,
                          "reused": p.job != job.id} for k, p in sorted(products.items())},
-        **_lineage(products)}
+        "notes": _notes(products), **_lineage(products)}
     qc = build_report(job.camera, {k: p.stats for k, p in products.items()}, missing=missing,
                       context=context)
     return qc, products
@@ -239,6 +241,19 @@ def _missing_reasons(products: Mapping[str, Any],
     return missing
 
 
+def _notes(products: Mapping[str, Any]) -> list[str]:
+    """The calibration notes of the products' jobs (frames left out, offsets used...), once each.
+
+    A job writes its plan's notes into every product's provenance; products
+    of several jobs (a camera's latest versions) bring each job's.
+    """
+    seen: dict[str, None] = {}
+    for _, product in sorted(products.items()):
+        for note in (product.provenance or {}).get("notes") or []:
+            seen.setdefault(str(note), None)
+    return list(seen)
+
+
 def _lineage(products: Mapping[str, Any]) -> dict[str, list[str]]:
     """The jobs and datasets the chosen versions came from."""
     return {"jobs": sorted({p.job for p in products.values() if p.job}),
@@ -265,7 +280,7 @@ def camera_report(catalog: Any, camera: str, basis: ReportBasis = "latest") -> Q
         "basis": basis,
         "products": {k: {"id": p.id, "version": p.version, "state": p.state,
                          "created": p.created.isoformat()} for k, p in sorted(products.items())},
-        **_lineage(products)}
+        "notes": _notes(products), **_lineage(products)}
     return build_report(camera, {k: p.stats for k, p in products.items()}, missing=missing,
                         context=context)
 

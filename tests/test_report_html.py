@@ -261,3 +261,31 @@ def test_figure_text_keeps_small_errors_visible():
         "-0.00 +- 0.23 ADU/h")
     assert Figure("gain", "Gain", 0.25437, "e-/ADU", float("nan")).text() == "0.2544 +- nan e-/ADU"
     assert Figure("none", "Missing", None, "ADU").text() == "n/a"
+
+
+def test_reports_carry_the_calibrations_notes(tmp_path):
+    """A bias frame whose level jumped is left out: the camera and job reports
+    (JSON and HTML) say so, as the CLI's QC table does."""
+    from astropy.io import fits
+
+    from sitiancal.service.report_html import build_job_html_report, camera_report, job_report
+
+    out, _ = small_dataset(tmp_path / "sim", shape=(32, 40), seed=58)
+    frames = tmp_path / "frames"
+    shutil.copytree(out, frames, ignore=shutil.ignore_patterns("truth.fits"))
+    jumped = sorted(frames.glob("bias*.fits"))[3]
+    with fits.open(jumped) as hdul:
+        data, header = hdul[0].data.astype(np.int64) + 30, hdul[0].header.copy()
+    fits.PrimaryHDU(data.astype(np.uint16), header=header).writeto(jumped, overwrite=True)
+    settings = Settings(data_dir=tmp_path / "data")
+    run = calibrate(frames, "MST6", settings)
+    with Catalog.open(settings.catalog_url) as catalog:
+        store = ProductStore(settings.product_store_url)
+        for qc in (camera_report(catalog, "MST6"), job_report(catalog, run.job_id)[0]):
+            notes = qc.to_dict()["notes"]
+            assert sum(jumped.name in n and "left out" in n for n in notes) == 1, notes
+            assert len(notes) == len(set(notes))
+        page = build_job_html_report(catalog, store, run.job_id).html()
+        assert "<h2>Notes of the calibration</h2>" in page
+        assert f"bias frame {jumped}" in page and "left out" in page
+    assert any(jumped.name in n for n in run.report["notes"])
