@@ -205,6 +205,15 @@ class TilePlan:
             times.add(0.0)
         return len(times) >= 2 and len(self.darks) >= 1
 
+    def used_frames(self) -> tuple[int, ...]:
+        """Cube indices of the frames the tile pass uses (bias, dark and flat groups), ascending.
+
+        Frames the plan left out (a level jump, a failed flat exposure, a
+        single bias frame) are not among them.
+        """
+        groups = [*((self.bias,) if self.bias is not None else ()), *self.darks, *self.flats]
+        return tuple(sorted({i for g in groups for i in g.indices}))
+
     @property
     def has_pixel_gain(self) -> bool:
         """True when per-pixel temporal gain statistics are computed."""

@@ -178,6 +178,7 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
                      cancelled: Callable[[], bool] | None = None,
                      span: tuple[float, float] = (0.0, 1.0),
                      emit: Callable[[ProductContent], None] | None = None,
+                     on_plan: Callable[[PlanResult], None] | None = None,
                      memory_limit: int | None = None,
                      cores: int | None = None,
                      direct: bool = False) -> ProductsOutcome:
@@ -204,6 +205,9 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
         The fraction of the whole job these stages cover, for progress.
     emit : callable, optional
         Receives each product as soon as it is built (see ``assemble_products``).
+    on_plan : callable, optional
+        Receives the plan stage's result before the tile pass (e.g. which
+        frames the products will come from, for their provenance).
     memory_limit : int, optional
         Memory budget of the run (bytes) on the threaded scheduler: the number
         of tile tasks run at once, and if need be the tile height, are chosen
@@ -256,6 +260,8 @@ def compute_products(ds: xr.Dataset, cube_store: str, workdir: str | Path, *,
                                               params.ptc_region), params,
                         ny=shape[0], nx=shape[1])
     timings["plan"] = time.perf_counter() - t0
+    if on_plan is not None:
+        on_plan(planned)
     if is_cancelled():
         raise JobCancelled("cancelled after the plan stage")
 
@@ -432,12 +438,18 @@ class _PayloadFactory:
         self.times = ds["time"].values
         self.timings: dict[str, float] = {}
         self.context: dict[str, object] = {}
+        self.used = np.ones(len(self.files), dtype=bool)
+
+    def use_plan(self, planned: PlanResult) -> None:
+        """Inputs are the frames the plan uses: those it left out are no product's input."""
+        self.used = np.zeros(len(self.files), dtype=bool)
+        self.used[list(planned.plan.used_frames())] = True
 
     def __call__(self, content: ProductContent):
         from sitiancal.compute.defects import MaskBit
         from sitiancal.storage.store import ProductPayload, build_provenance
 
-        use = _inputs_of(content.type, self.types)
+        use = _inputs_of(content.type, self.types) & self.used
         inputs = [{"path": self.files[i], "sha256": self.shas[i]} for i in np.flatnonzero(use)]
         tsel = self.times[use]
         tsel = tsel[~np.isnat(tsel)] if np.issubdtype(tsel.dtype, np.datetime64) else tsel[:0]
@@ -748,7 +760,7 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
         outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
                                    client=client, progress=report, cancelled=is_cancelled,
                                    memory_limit=None if client is not None else limit,
-                                   span=(0.45, 0.92), emit=stage,
+                                   span=(0.45, 0.92), emit=stage, on_plan=make_payload.use_plan,
                                    direct=use_direct_reads(settings.direct_reads,
                                                            2 * math.prod(ds["frames"].shape)))
         staged.extend(writer.drain())

@@ -288,4 +288,10 @@ def test_reports_carry_the_calibrations_notes(tmp_path):
         page = build_job_html_report(catalog, store, run.job_id).html()
         assert "<h2>Notes of the calibration</h2>" in page
         assert f"bias frame {jumped}" in page and "left out" in page
+        # the frame is no product's input (the other bias frames are the bias's)
+        bias = next(catalog.get_product(p) for p in run.product_ids
+                    if catalog.get_product(p).type == "bias")
+        paths = {i["path"] for i in catalog.product_inputs(bias.id)}
+        assert str(jumped) not in paths
+        assert len(paths) == len(list(frames.glob("bias*.fits"))) - 1
     assert any(jumped.name in n for n in run.report["notes"])
