@@ -704,8 +704,7 @@ class Assembler:
         flat = master_flat(signal)
         plan = self.planned.plan
         ref = plan.flat_ref
-        weights = plan.flat_weights or tuple(float(i == ref) for i in range(len(plan.flats)))
-        levels = [i for i, w in enumerate(weights) if w > 0]
+        levels = [i for i, w in enumerate(plan.master_flat_weights()) if w > 0]
         n = sum(plan.flats[i].n for i in levels)
         var, noise = self._flat_temporal_var()
         med = local_median(flat)

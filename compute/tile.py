@@ -205,6 +205,12 @@ class TilePlan:
             times.add(0.0)
         return len(times) >= 2 and len(self.darks) >= 1
 
+    def master_flat_weights(self) -> tuple[float, ...]:
+        """``flat_weights``, or the reference level alone where the plan gives none."""
+        if self.flat_weights or self.flat_ref is None:
+            return self.flat_weights
+        return tuple(float(i == self.flat_ref) for i in range(len(self.flats)))
+
     def used_frames(self) -> tuple[int, ...]:
         """Cube indices of the frames the tile pass uses (bias, dark and flat groups), ascending.
 
@@ -562,12 +568,8 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
                 offset = dark_means[0]
             else:
                 offset = plan.flat_offset
-            # the kernel stores each level's float32 plane (the float64 result rounded
-            # once); without flat weights the reference level's float64 maps feed the
-            # flat signal and the partial sums
-            is_ref = li == plan.flat_ref
-            planes = (None if (is_ref and not plan.flat_weights) or not sized
-                      else (mean[..., li], var[..., li]))
+            # the kernel stores each level's float32 plane (the float64 result rounded once)
+            planes = (mean[..., li], var[..., li]) if sized else None
             mom = _moments(load, group, offset=offset, max_batch=params.max_batch_frames,
                            out=planes)
             if not sized:  # no master: the first level gives the shape
@@ -576,11 +578,9 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             if planes is None:
                 mean[..., li] = mom.mean
                 var[..., li] = mom.var
-            if is_ref and not plan.flat_weights:
-                maps["flat_signal"] = mom.mean.astype(f32)
-                _flat_partials(partials, mom.var / group.n)
-        if plan.flat_weights:
-            maps["flat_signal"] = _combined_flat(mean, var, plan, partials)
+        weights = plan.master_flat_weights()
+        if weights:
+            maps["flat_signal"] = _combined_flat(mean, var, plan.flats, weights, partials)
         if plan.has_pixel_gain:
             use = np.asarray(plan.gain_levels, dtype=bool)
             lev = np.flatnonzero(use)
@@ -610,28 +610,24 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
     return TileResult(maps=maps, partials=partials)
 
 
-def _flat_partials(partials: dict[str, float], signal_var: np.ndarray) -> None:
-    """Sum and count of the flat signal map's temporal variance (ADU^2), for the PRNU."""
-    partials["flat_var_sum"] = float(np.nansum(signal_var, dtype=np.float64))
-    partials["flat_var_count"] = float(np.isfinite(signal_var).sum())
-
-
-def _combined_flat(mean: np.ndarray, var: np.ndarray, plan: TilePlan,
-                   partials: dict[str, float]) -> np.ndarray:
-    """The master flat's signal: the flat levels' means weighted by ``plan.flat_weights``.
+def _combined_flat(mean: np.ndarray, var: np.ndarray, flats: Sequence[FrameGroup],
+                   weights: Sequence[float], partials: dict[str, float]) -> np.ndarray:
+    """The master flat's signal: the flat levels' means weighted by ``weights``.
 
     ``mean``, ``var``: ``(..., L)`` per-level means and per-frame temporal
     variances (ADU, ADU^2). The weighted sum is in the reference level's ADU;
-    its temporal variance ``sum_l w_l^2 var_l / n_l`` goes to the partial
-    sums. float32 (the levels' planes are).
+    the sum and count of its temporal variance ``sum_l w_l^2 var_l / n_l``
+    (float64 sums) go to the partial sums, for the PRNU. float32 (the levels'
+    planes are).
     """
     signal = np.zeros(mean.shape[:-1], dtype=np.float32)
     signal_var = np.zeros_like(signal)
-    for li, w in enumerate(plan.flat_weights):
+    for li, w in enumerate(weights):
         if w > 0:
             signal += np.float32(w) * mean[..., li]
-            signal_var += np.float32(w * w / plan.flats[li].n) * var[..., li]
-    _flat_partials(partials, signal_var)
+            signal_var += np.float32(w * w / flats[li].n) * var[..., li]
+    partials["flat_var_sum"] = float(np.nansum(signal_var, dtype=np.float64))
+    partials["flat_var_count"] = float(np.isfinite(signal_var).sum())
     return signal
 
 
