@@ -249,15 +249,18 @@ def test_database_itself_refuses_overlapping_certified_ranges(catalog: Catalog, 
     assert ranges(catalog) == {1: (day(0), day(10)), 2: (day(10), day(15))}
 
 
-def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkeypatch) -> None:
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkeypatch,
+                                                 first: str) -> None:
     """Two threads certify overlapping ranges at the same time.
 
     Each certification is slowed down between reading the certified ranges
-    and writing its own, and B starts while A is in that window. Serial
-    outcomes are: A then B (A trimmed to B's start, B certified) or B then A
-    (A refused: its explicit end overlaps B). Without the series lock B would
-    read "nothing certified", then fail on the database constraint (or on a
-    locked SQLite file): an outcome no serial order gives.
+    and writing its own, and the second starts while the first is in that
+    window (``first`` starts 0.15 s ahead, so each serial order is run).
+    Serial outcomes are: A then B (A trimmed to B's start, B certified) or B
+    then A (A refused: its explicit end overlaps B). Without the series lock
+    the second would read "nothing certified", then fail on the database
+    constraint (or on a locked SQLite file): an outcome no serial order gives.
     """
     a, b = publish(catalog, store, seed=1), publish(catalog, store, seed=2)
     original = Catalog._now_for
@@ -278,8 +281,9 @@ def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkey
         except Exception as exc:  # recorded and checked below
             outcome[name] = exc
 
-    threads = [threading.Thread(target=run, args=("A", a.id, day(0), day(20), 0.0)),
-               threading.Thread(target=run, args=("B", b.id, day(10), day(30), 0.15))]
+    delay = {"A": 0.0, "B": 0.15} if first == "A" else {"A": 0.15, "B": 0.0}
+    threads = [threading.Thread(target=run, args=("A", a.id, day(0), day(20), delay["A"])),
+               threading.Thread(target=run, args=("B", b.id, day(10), day(30), delay["B"]))]
     for t in threads:
         t.start()
     for t in threads:
