@@ -195,15 +195,19 @@ def rss_anon():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
 
 go = threading.Event()
+one_at_a_time = threading.Lock()
 out = []
 
 def work():
     np.ones(1 << 10)  # the thread's first allocation: its arena is chosen now
     go.wait()
-    a = np.ones(128 << 20, np.uint8)  # 128 MB, larger than a thread arena's heap
-    held = rss_anon()
-    del a
-    out.append(held - rss_anon())
+    # one worker measures at a time: another worker touching its own array
+    # between this one's two readings would hide part of what this one freed
+    with one_at_a_time:
+        a = np.ones(128 << 20, np.uint8)  # 128 MB, larger than a thread arena's heap
+        held = rss_anon()
+        del a
+        out.append(held - rss_anon())
 
 def bystander():
     np.ones(1 << 10)  # allocates before the call: the process now has two arenas
