@@ -28,7 +28,7 @@ from typing import Any
 
 from sitiancal.service.settings import Settings
 from sitiancal.storage.catalog import Catalog, Dataset
-from sitiancal.storage.scan import FrameType, Inventory, scan
+from sitiancal.storage.scan import FrameType, Inventory, Rejection, scan
 
 #: Product types a dataset can support, in pipeline order (API.md).
 ALL_PRODUCTS = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask")
@@ -377,10 +377,17 @@ class DatasetRegistry:
         """
         name = display_name or received.path.name
         with self._lock(dataset_id):
-            self.upload_target(dataset_id)
+            before = self.upload_target(dataset_id)
             folder = str(received.path.parent)
             inventory = scan(folder)
             path = str(received.path)
+            # frames the dataset rejected once their pixels were read (a job's
+            # cube left them out: Catalog.leave_out_frames) stay rejected
+            earlier = {r["file"]: r for r in before.inventory.get("rejected") or ()}
+            kept_out = [Rejection.model_validate(earlier[f.path]) for f in inventory.frames
+                        if f.path in earlier and f.path != path]
+            if kept_out:
+                inventory = inventory.leave_out(kept_out)
             accepted = [f for f in inventory.frames if f.path == path]
             if not accepted:
                 reason = next((r.reason for r in inventory.rejected if r.file == path),

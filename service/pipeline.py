@@ -645,9 +645,12 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
                  plan_side: int | None = None) -> tuple[xr.Dataset, str]:
     """Open the dataset's cube, building it first if there is no usable one.
 
-    A cube that is missing, incomplete, or virtual with a raw file changed or
-    vanished since its build (``StaleCubeError``) is built again; ``build_cube``
-    picks the layout (virtual when every frame can be read in place).
+    A cube that is missing, incomplete, virtual with a raw file changed or
+    vanished since its build (``StaleCubeError``), or built from other frames
+    than ``inventory`` accepts now (frames uploaded since; the frames the
+    build itself left out, its ``left_out``, aside) is built again;
+    ``build_cube`` picks the layout (virtual when every frame can be read in
+    place).
     ``plan_side``: a virtual cube built now past the page cache (direct
     reads, see :func:`use_direct_reads`) keeps the plan stage's central region
     of this side (``CalibrationParams.ptc_region``) of every frame.
@@ -656,9 +659,15 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
 
     store = f"{settings.cube_store_url.rstrip('/')}/{dataset_id}.zarr"
     try:
-        return open_cube(store), store
+        ds = open_cube(store)
     except (CubeError, FileNotFoundError):
         pass  # not built yet, an incomplete build or a stale virtual cube: rebuild
+    else:
+        if cube_frames_match(ds, inventory):
+            return ds, store
+        # frames uploaded (or gone) since the build: the cube must hold them
+        log.info("the cube of dataset %s holds other frames than its inventory: building it "
+                 "again", dataset_id)
     lo, hi = span
 
     def cb(done: int, total: int) -> None:
@@ -687,6 +696,17 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
     ds = build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers,
                     direct=direct, plan_window=window)
     return ds, store
+
+
+def cube_frames_match(ds: xr.Dataset, inventory) -> bool:
+    """Whether the cube ``ds`` holds exactly the frames ``inventory`` accepts.
+
+    Frames the cube's build refused when it read them (its ``left_out``) are
+    not expected in it, whether or not the inventory still lists them.
+    """
+    left_out = {str(r["file"]) for r in ds.attrs.get("left_out", [])}
+    expected = {str(f.path) for f in inventory.frames} - left_out
+    return {str(f) for f in ds["file"].values} == expected
 
 
 def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
@@ -725,6 +745,8 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
                                   plan_side=params.ptc_region)
     catalog.set_frame_checksums(dataset.id, {str(f): str(s) for f, s in
                                              zip(ds["file"].values, ds["sha256"].values, strict=True)})
+    # frames refused once their pixels were read: the dataset rejects them too
+    catalog.leave_out_frames(dataset.id, ds.attrs.get("left_out", []))
     cube_s = time.perf_counter() - t0
     if is_cancelled():
         raise JobCancelled("cancelled after the cube was built")

@@ -40,7 +40,7 @@ Public API
 ----------
 ``Catalog.open(url, migrate=True)``, ``close``; cameras: ``upsert_camera``,
 ``get_camera``, ``list_cameras``; datasets: ``add_dataset``, ``add_frames``,
-``set_frame_checksums``, ``get_dataset``, ``list_datasets``; jobs:
+``set_frame_checksums``, ``leave_out_frames``, ``get_dataset``, ``list_datasets``; jobs:
 ``create_job``, ``update_job``, ``get_job``, ``list_jobs``, ``link_product``;
 products: ``reserve_version``, ``publish_product``, ``publish_payload``,
 ``get_product``, ``product_inputs``, ``list_products``, ``certify``,
@@ -685,13 +685,59 @@ class Catalog:
                 raise NotFound(f"unknown dataset {dataset_id!r}")
             count = s.scalar(select(func.count()).select_from(FrameRow)
                              .where(FrameRow.dataset_id == dataset_id)) or 0
-            self._add_frame_rows(s, dataset_id, frame_list, start=count)
+            # after the position of the last frame (frames left out by
+            # :meth:`leave_out_frames` leave gaps)
+            last = s.scalar(select(func.max(FrameRow.position))
+                            .where(FrameRow.dataset_id == dataset_id))
+            self._add_frame_rows(s, dataset_id, frame_list,
+                                 start=0 if last is None else last + 1)
             if inventory is not None:
                 row.inventory = _inventory_dict(inventory)
             self._audit(s, at=_utcnow(), actor=actor, action="dataset.add_frames",
                         entity="dataset", entity_id=dataset_id,
                         details={"added": [str(f["path"]) for f in frame_list]})
             return count + len(frame_list)
+
+    def leave_out_frames(self, dataset_id: str, rejections: Iterable[Mapping[str, str]], *,
+                         actor: str = "system") -> list[str]:
+        """Move frames found unusable once their pixels were read to the dataset's rejected files.
+
+        ``rejections``: ``{"file", "reason"}`` per frame (the cube's
+        ``left_out``: NaN, fractions or out-of-range counts that the header
+        scan could not see). The inventory's counts, exposure times,
+        temperature range and shape become those of the frames left
+        (:meth:`sitiancal.storage.scan.Inventory.leave_out`), each file is
+        listed under ``rejected`` with its reason, and its frame row goes (the
+        file itself is untouched). Frames the dataset no longer accepts are
+        skipped, so calling it again changes nothing. Returns the files moved.
+        """
+        from sitiancal.storage.scan import Inventory, Rejection
+
+        wanted = [Rejection.model_validate(dict(r)) for r in rejections]
+        with self._write() as s:
+            row = s.get(DatasetRow, dataset_id)
+            if row is None:
+                raise NotFound(f"unknown dataset {dataset_id!r}")
+            raw = dict(row.inventory or {})
+            try:  # an upload dataset's source is null
+                inventory = Inventory.model_validate({**raw, "source": raw.get("source") or ""})
+            except ValueError as exc:  # pydantic's ValidationError
+                raise InvalidInput(f"dataset {dataset_id} has no scan inventory to leave "
+                                   f"frames out of: {exc}") from exc
+            accepted = {f.path for f in inventory.frames}
+            moved = [r for r in wanted if r.file in accepted]
+            if not moved:
+                return []
+            row.inventory = {**inventory.leave_out(moved).model_dump(mode="json"),
+                             "source": raw.get("source")}
+            gone = [r.file for r in moved]
+            for frame in s.scalars(select(FrameRow).where(FrameRow.dataset_id == dataset_id,
+                                                          FrameRow.path.in_(gone))):
+                s.delete(frame)
+            self._audit(s, at=_utcnow(), actor=actor, action="dataset.leave_out",
+                        entity="dataset", entity_id=dataset_id,
+                        details={"left_out": [r.model_dump() for r in moved]})
+            return gone
 
     def set_frame_checksums(self, dataset_id: str, checksums: Mapping[str, str], *,
                             actor: str = "system") -> None:

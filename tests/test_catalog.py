@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import IntegrityError
+from test_api_support import write_frame
 
 from sitiancal.storage.catalog import (
     Catalog,
@@ -420,6 +421,40 @@ def test_datasets_and_frames(catalog: Catalog) -> None:
     assert catalog.get_camera("MST3").name == "MST3"
     with pytest.raises(InvalidInput, match="invalid camera name"):
         catalog.add_dataset("../etc", {})
+
+
+def test_frames_left_out_after_reading_move_to_the_rejected_files(catalog: Catalog,
+                                                                   tmp_path) -> None:
+    """``leave_out_frames``: the inventory's tallies are those of the frames left, each file
+    is listed as rejected with its reason, its frame row goes; again, nothing changes."""
+    from sitiancal.storage.scan import scan
+
+    for i, (kind, t) in enumerate([("bias", 0.0), ("bias", 0.0), ("dark", 30.0), ("dark", 60.0)]):
+        write_frame(tmp_path / f"f{i}.fits", kind, t, seed=i)
+    inventory = scan(tmp_path)
+    ds_id = catalog.add_dataset("MST3", inventory)
+    gone = str(tmp_path / "f3.fits")
+    why = "refused when read: non-finite value nan at pixel (1, 2)"
+    assert catalog.leave_out_frames(ds_id, [{"file": gone, "reason": why},
+                                            {"file": "/elsewhere.fits", "reason": "x"}]) == [gone]
+    ds = catalog.get_dataset(ds_id)
+    assert ds.inventory["rejected"] == [{"file": gone, "reason": why}]
+    assert ds.inventory["counts"] == {"bias": 2, "dark": 1, "flat": 0}
+    assert ds.inventory["exposure_times"]["dark"] == [30.0]
+    assert gone not in {f["path"] for f in ds.inventory["frames"]}
+    assert [f.path for f in ds.frames] == [str(tmp_path / f"f{i}.fits") for i in range(3)]
+    assert catalog.leave_out_frames(ds_id, [{"file": gone, "reason": why}]) == []
+    assert catalog.get_dataset(ds_id).inventory == ds.inventory
+    entry = catalog.audit_log(entity="dataset", entity_id=ds_id, action="dataset.leave_out")
+    assert [e.details["left_out"] for e in entry] == [[{"file": gone, "reason": why}]]
+    # a frame added later goes after the last position, gaps and all
+    assert catalog.add_frames(ds_id, [{"path": "/up/b9.fits"}]) == 4
+    assert catalog.get_dataset(ds_id).frames[-1].path == "/up/b9.fits"
+    with pytest.raises(NotFound):
+        catalog.leave_out_frames("nope", [])
+    bare = catalog.add_dataset("MST3", {"counts": {}})
+    with pytest.raises(InvalidInput, match="no scan inventory"):
+        catalog.leave_out_frames(bare, [{"file": gone, "reason": why}])
 
 
 def test_audit_log_records_who_what_when_why(catalog: Catalog, store) -> None:

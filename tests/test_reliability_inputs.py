@@ -32,7 +32,14 @@ import pytest
 from astropy.io import fits
 from fitscorpus import STATE, write_corpus, write_fits
 from simdata import small_dataset
-from test_api_support import OP, TestClient, instant_job, make_settings, publish_product
+from test_api_support import (
+    OP,
+    TestClient,
+    instant_job,
+    make_settings,
+    publish_product,
+    wait_for,
+)
 
 from sitiancal.api.app import create_app
 from sitiancal.service.pipeline import calibrate
@@ -292,7 +299,19 @@ def test_frames_refused_when_read_are_left_out_and_named(tmp_path):
     reasons = {flat: "non-finite value nan at pixel (3, 5) in floating-point data",
                dark: "non-integer value 1000.5 at pixel (3, 5) in floating-point data"}
     with Catalog.open(spoilt_settings.catalog_url) as catalog:
-        assert catalog.get_dataset(got_run.dataset_id).inventory["rejected"] == []  # headers fine
+        # the headers were fine; once read, the dataset rejects both files, with the reasons
+        inventory = catalog.get_dataset(got_run.dataset_id).inventory
+        assert inventory["rejected"] == [
+            {"file": str(spoilt / name), "reason": f"refused when read: {why}: not raw counts"}
+            for name, why in sorted(reasons.items())]
+        assert {f["path"] for f in inventory["frames"]} == {str(spoilt / p.name) for p in
+                                                            clean.glob("*.fits")}
+        with Catalog.open(clean_settings.catalog_url) as clean_catalog:
+            clean_inventory = clean_catalog.get_dataset(want_run.dataset_id).inventory
+        for key in ("counts", "exposure_times", "temperature", "shape"):
+            assert inventory[key] == clean_inventory[key], key
+        assert {f.path for f in catalog.get_dataset(got_run.dataset_id).frames} == {
+            f["path"] for f in inventory["frames"]}
         message = catalog.get_job(got_run.job_id).message
         products = [catalog.get_product(i) for i in got_run.product_ids]
     for name, why in reasons.items():
@@ -312,3 +331,69 @@ def test_frames_refused_when_read_are_left_out_and_named(tmp_path):
             np.testing.assert_array_equal(gb[name][...], ga[name][...], err_msg=f"{kind}/{name}")
         assert product.stats == want[kind].stats, kind
     before.assert_kept_in(Snapshot(spoilt_settings))
+
+
+def test_uploads_after_a_job_are_in_the_next_jobs_cube_and_refused_frames_stay_rejected(tmp_path):
+    """An upload dataset calibrated, then given one more frame, then calibrated again.
+
+    The first job's cube leaves out a float bias holding a NaN (its header is
+    fine): the dataset then lists it as rejected, with the reason, and a later
+    upload (which scans the upload folder again) does not bring it back. The
+    second job's cube is built again with the frame uploaded since (the cube of
+    the first job, kept for the dataset, lacked it): its products list it among
+    their inputs.
+    """
+    sim, _ = small_dataset(tmp_path / "roots", n_bias=6, dark_exptimes=[0.0, 60.0],
+                           dark_frames=3, flat_levels=4, flat_frames=4)
+    names = sorted(p.name for p in sim.glob("*.fits") if p.name != "truth.fits")
+    later = next(n for n in names if "bias" in n.lower())
+    spoilt = tmp_path / "spoilt" / "nan-bias.fits"
+    spoilt.parent.mkdir()
+    shutil.copy(sim / later, spoilt)
+    _spoil(spoilt, np.float32, np.nan)
+    settings = make_settings(tmp_path, max_upload_bytes=1 << 20)
+
+    def upload(path: Path) -> dict:
+        r = client.post(f"/v1/datasets/{dataset}/frames", params={"filename": path.name},
+                        content=path.read_bytes(), headers=OP)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def run_job() -> dict:
+        r = client.post("/v1/jobs", json={"camera": "UP1", "dataset": dataset}, headers=OP)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        return wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}", headers=OP).json())
+                        ["state"] in ("succeeded", "failed") and j, timeout=120)
+
+    with TestClient(create_app(settings, use_dask=False)) as client:
+        r = client.post("/v1/datasets", json={"camera": "UP1", "source": None}, headers=OP)
+        dataset = r.json()["id"]
+        for name in names:
+            if name != later:
+                upload(sim / name)
+        body = upload(spoilt)
+        assert body["counts"]["bias"] == 6 and body["rejected"] == []
+        catalog = client.app.state.sitiancal.catalog
+        uploaded_nan = next(f.path for f in catalog.get_dataset(dataset).frames
+                            if f.path.endswith("nan-bias.fits"))
+        first = run_job()
+        assert first["state"] == "succeeded", first
+        assert "nan-bias.fits left out" in first["message"]
+        body = client.get(f"/v1/datasets/{dataset}", headers=OP).json()
+        assert body["rejected"] == [{"file": uploaded_nan, "reason": "refused when read: "
+                                     "non-finite value nan at pixel (3, 5) in floating-point data: "
+                                     "not raw counts"}]
+        assert body["counts"]["bias"] == 5
+
+        body = upload(sim / later)
+        assert body["counts"]["bias"] == 6 and [r["file"] for r in body["rejected"]] == [
+            uploaded_nan]
+        uploaded_later = next(f.path for f in catalog.get_dataset(dataset).frames
+                              if f.path.endswith(later))
+        second = run_job()
+        assert second["state"] == "succeeded", second
+        bias = next(p for p in map(catalog.get_product, second["products"]) if p.type == "bias")
+        inputs = {i["path"] for i in catalog.product_inputs(bias.id)}
+        assert uploaded_later in inputs and uploaded_nan not in inputs
+        assert len([p for p in inputs if "bias" in Path(p).name.lower()]) == 6
