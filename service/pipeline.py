@@ -12,9 +12,12 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -639,35 +642,127 @@ def use_direct_reads(setting: bool | str, frame_bytes: int, *,
     return memory is not None and frame_bytes > memory
 
 
+class CubeGuard:
+    """Which datasets' cubes this process's jobs open, build and read.
+
+    One job at a time opens, checks or builds a given cube (two jobs of one
+    new dataset had built it into the same store at once, and one or both
+    failed), and a cube is built again only once no job of the process reads
+    it (a copy cube rebuilt under a running job would hand it other frames at
+    the same indices). Jobs of other processes sharing the cube store are not
+    coordinated.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy: set[str] = set()
+        self._readers: Counter[str] = Counter()
+
+    @contextmanager
+    def turn(self, store: str) -> Iterator[None]:
+        """Hold ``store``'s turn: no other job opens, checks or builds it meanwhile."""
+        with self._cond:
+            self._cond.wait_for(lambda: store not in self._busy)
+            self._busy.add(store)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy.discard(store)
+                self._cond.notify_all()
+
+    def wait_unread(self, store: str) -> None:
+        """Wait until no job reads ``store`` (call it holding the store's turn)."""
+        with self._cond:
+            if self._readers[store]:
+                log.info("waiting for %d job(s) reading %s before building it again",
+                         self._readers[store], store)
+            self._cond.wait_for(lambda: self._readers[store] == 0)
+
+    @contextmanager
+    def reading(self, store: str) -> Iterator[None]:
+        """Count a job as reading ``store`` for the duration."""
+        with self._cond:
+            self._readers[store] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers[store] -= 1
+                if not self._readers[store]:
+                    del self._readers[store]
+                self._cond.notify_all()
+
+    def readers(self, store: str) -> int:
+        """Jobs reading ``store`` now."""
+        with self._cond:
+            return self._readers[store]
+
+
+#: The process's :class:`CubeGuard` (used by :func:`reading_dataset_cube`).
+CUBES = CubeGuard()
+
+
 def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
                  progress: StageProgress | None = None, span: tuple[float, float] = (0.0, 1.0),
                  scheduler: object | None = None,
                  plan_side: int | None = None) -> tuple[xr.Dataset, str]:
     """Open the dataset's cube, building it first if there is no usable one.
 
+    :func:`reading_dataset_cube` for a caller that does not hold the cube
+    afterwards (the same parameters; a job holds it while it reads).
+    """
+    with reading_dataset_cube(settings, dataset_id, inventory, progress=progress, span=span,
+                              scheduler=scheduler, plan_side=plan_side) as opened:
+        return opened
+
+
+@contextmanager
+def reading_dataset_cube(settings: Settings, dataset_id: str, inventory, *,
+                         progress: StageProgress | None = None,
+                         span: tuple[float, float] = (0.0, 1.0),
+                         scheduler: object | None = None,
+                         plan_side: int | None = None) -> Iterator[tuple[xr.Dataset, str]]:
+    """The dataset's cube and its store, built first if there is no usable one, held while open.
+
     A cube that is missing, incomplete, virtual with a raw file changed or
     vanished since its build (``StaleCubeError``), or built from other frames
     than ``inventory`` accepts now (frames uploaded since; the frames the
     build itself left out, its ``left_out``, aside) is built again;
     ``build_cube`` picks the layout (virtual when every frame can be read in
-    place).
+    place). The process's jobs take turns to open or build a cube, and one
+    is built again only once no job holds it (:data:`CUBES`).
+    ``progress``: the build's progress as stage ``"cube"`` within ``span``.
     ``plan_side``: a virtual cube built now past the page cache (direct
     reads, see :func:`use_direct_reads`) keeps the plan stage's central region
     of this side (``CalibrationParams.ptc_region``) of every frame.
     """
+    store = f"{settings.cube_store_url.rstrip('/')}/{dataset_id}.zarr"
+    with ExitStack() as held:
+        with CUBES.turn(store):
+            ds = _open_or_build_cube(settings, dataset_id, store, inventory, progress=progress,
+                                     span=span, scheduler=scheduler, plan_side=plan_side)
+            held.enter_context(CUBES.reading(store))  # counted before the turn passes on
+        yield ds, store
+
+
+def _open_or_build_cube(settings: Settings, dataset_id: str, store: str, inventory, *,
+                        progress: StageProgress | None, span: tuple[float, float],
+                        scheduler: object | None, plan_side: int | None) -> xr.Dataset:
+    """The body of :func:`reading_dataset_cube`, holding the store's turn."""
     from sitiancal.storage.cube import CubeError, build_cube, open_cube
 
-    store = f"{settings.cube_store_url.rstrip('/')}/{dataset_id}.zarr"
     try:
         ds = open_cube(store)
     except (CubeError, FileNotFoundError):
         pass  # not built yet, an incomplete build or a stale virtual cube: rebuild
     else:
         if cube_frames_match(ds, inventory):
-            return ds, store
+            return ds
         # frames uploaded (or gone) since the build: the cube must hold them
         log.info("the cube of dataset %s holds other frames than its inventory: building it "
                  "again", dataset_id)
+    CUBES.wait_unread(store)
     lo, hi = span
 
     def cb(done: int, total: int) -> None:
@@ -693,9 +788,8 @@ def dataset_cube(settings: Settings, dataset_id: str, inventory, *,
     # nothing).
     window = (None if not direct or plan_side is None or inventory.shape is None else
               central_window(tuple(inventory.shape), plan_side))
-    ds = build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers,
-                    direct=direct, plan_window=window)
-    return ds, store
+    return build_cube(inventory, store, progress=cb, scheduler=scheduler, max_workers=workers,
+                      direct=direct, plan_window=window)
 
 
 def cube_frames_match(ds: xr.Dataset, inventory) -> bool:
@@ -740,80 +834,81 @@ def run_calibration_job(*, catalog, store, settings: Settings, job_id: str,
     t0 = time.perf_counter()
     report("cube", 0.02)
     limit = memory_limit_bytes(settings)
-    ds, cube_store = dataset_cube(settings, dataset.id, inventory, progress=report,
-                                  span=(0.02, 0.45), scheduler=client,
-                                  plan_side=params.ptc_region)
-    catalog.set_frame_checksums(dataset.id, {str(f): str(s) for f, s in
-                                             zip(ds["file"].values, ds["sha256"].values, strict=True)})
-    # frames refused once their pixels were read: the dataset rejects them too
-    catalog.leave_out_frames(dataset.id, ds.attrs.get("left_out", []))
-    cube_s = time.perf_counter() - t0
-    if is_cancelled():
-        raise JobCancelled("cancelled after the cube was built")
-    workdir = Path(settings.data_dir) / "work" / job_id
-    make_payload = _PayloadFactory(camera=job.camera, ds=ds, params=params,
-                                   dataset_id=dataset.id, job_id=job_id, started=started)
-    make_payload.timings["cube"] = cube_s
-    staged: list = []  # (StagedProduct, payload): published together at the end
-    reused: list[str] = []
-    writer = _StagingWriter(store)
-
-    def stage(content: ProductContent) -> None:
-        """Stage a product as soon as it is built, so its maps can leave memory.
-
-        The catalog work (reuse check, version) happens here; the store write
-        runs on the writer thread while the next product is assembled.
-        """
-        payload = make_payload(content)
-        if not job.force:
-            existing = catalog.find_by_content_key(job.camera, content.type, payload.content_key)
-            if existing is not None:
-                reused.append(existing.id)
-                catalog.link_product(job_id, existing.id, reused=True)
-                return
-        try:
-            payload.validate()
-        except ValueError as exc:
-            raise ValueError(f"{content.type}: {exc}") from exc
-        version = catalog.reserve_version(job.camera, content.type)
-        staged.extend(writer.submit(payload, version))
-
-    try:
-        outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
-                                   client=client, progress=report, cancelled=is_cancelled,
-                                   memory_limit=None if client is not None else limit,
-                                   span=(0.45, 0.92), emit=stage, on_plan=make_payload.use_plan,
-                                   direct=use_direct_reads(settings.direct_reads,
-                                                           2 * math.prod(ds["frames"].shape)))
-        staged.extend(writer.drain())
-        # frames the cube build read and refused (their pixels are not raw counts)
-        left_out = [f"{r['file']} left out: {r['reason']}" for r in ds.attrs.get("left_out", [])]
-        notes = [*left_out, *outcome.planned.notes]
-        if not outcome.products:
-            reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())
-            raise ValueError(f"the dataset supports none of the requested products ({reasons})")
+    # held until the job ends: the cube is not built again while this job reads it
+    with reading_dataset_cube(settings, dataset.id, inventory, progress=report,
+                              span=(0.02, 0.45), scheduler=client,
+                              plan_side=params.ptc_region) as (ds, cube_store):
+        catalog.set_frame_checksums(dataset.id, {
+            str(f): str(s) for f, s in zip(ds["file"].values, ds["sha256"].values, strict=True)})
+        # frames refused once their pixels were read: the dataset rejects them too
+        catalog.leave_out_frames(dataset.id, ds.attrs.get("left_out", []))
+        cube_s = time.perf_counter() - t0
         if is_cancelled():
-            raise JobCancelled("cancelled before publishing")
-        report("publish", 0.95)
-        ids = list(reused)
-        while staged:
-            item, payload = staged.pop(0)
-            # the missing products and notes go into every version's provenance
-            payload.provenance.update({"missing": outcome.missing, "notes": notes,
-                                       "timings": {**make_payload.timings, **outcome.timings}})
-            product = catalog.publish_product(item, payload, store=store, job_id=job_id,
-                                              dataset_id=dataset.id, force=job.force)
-            ids.append(product.id)
-        message = "; ".join([*left_out, *(f"{k} not computed: {v}"
-                                          for k, v in outcome.missing.items())]) or None
-        catalog.update_job(job_id, message=message)
-        report("done", 1.0)
-        return ids
-    finally:
-        writer.close()
-        for item, _ in staged:  # anything not published (failure or cancellation)
-            store.discard(item)
-        remove_tree(workdir)
+            raise JobCancelled("cancelled after the cube was built")
+        workdir = Path(settings.data_dir) / "work" / job_id
+        make_payload = _PayloadFactory(camera=job.camera, ds=ds, params=params,
+                                       dataset_id=dataset.id, job_id=job_id, started=started)
+        make_payload.timings["cube"] = cube_s
+        staged: list = []  # (StagedProduct, payload): published together at the end
+        reused: list[str] = []
+        writer = _StagingWriter(store)
+
+        def stage(content: ProductContent) -> None:
+            """Stage a product as soon as it is built, so its maps can leave memory.
+
+            The catalog work (reuse check, version) happens here; the store write
+            runs on the writer thread while the next product is assembled.
+            """
+            payload = make_payload(content)
+            if not job.force:
+                existing = catalog.find_by_content_key(job.camera, content.type, payload.content_key)
+                if existing is not None:
+                    reused.append(existing.id)
+                    catalog.link_product(job_id, existing.id, reused=True)
+                    return
+            try:
+                payload.validate()
+            except ValueError as exc:
+                raise ValueError(f"{content.type}: {exc}") from exc
+            version = catalog.reserve_version(job.camera, content.type)
+            staged.extend(writer.submit(payload, version))
+
+        try:
+            outcome = compute_products(ds, cube_store, workdir, params=params, wanted=wanted,
+                                       client=client, progress=report, cancelled=is_cancelled,
+                                       memory_limit=None if client is not None else limit,
+                                       span=(0.45, 0.92), emit=stage, on_plan=make_payload.use_plan,
+                                       direct=use_direct_reads(settings.direct_reads,
+                                                               2 * math.prod(ds["frames"].shape)))
+            staged.extend(writer.drain())
+            # frames the cube build read and refused (their pixels are not raw counts)
+            left_out = [f"{r['file']} left out: {r['reason']}" for r in ds.attrs.get("left_out", [])]
+            notes = [*left_out, *outcome.planned.notes]
+            if not outcome.products:
+                reasons = "; ".join(f"{k}: {v}" for k, v in outcome.missing.items())
+                raise ValueError(f"the dataset supports none of the requested products ({reasons})")
+            if is_cancelled():
+                raise JobCancelled("cancelled before publishing")
+            report("publish", 0.95)
+            ids = list(reused)
+            while staged:
+                item, payload = staged.pop(0)
+                # the missing products and notes go into every version's provenance
+                payload.provenance.update({"missing": outcome.missing, "notes": notes,
+                                           "timings": {**make_payload.timings, **outcome.timings}})
+                product = catalog.publish_product(item, payload, store=store, job_id=job_id,
+                                                  dataset_id=dataset.id, force=job.force)
+                ids.append(product.id)
+            message = "; ".join([*left_out, *(f"{k} not computed: {v}"
+                                              for k, v in outcome.missing.items())]) or None
+            catalog.update_job(job_id, message=message)
+            report("done", 1.0)
+            return ids
+        finally:
+            writer.close()
+            for item, _ in staged:  # anything not published (failure or cancellation)
+                store.discard(item)
+            remove_tree(workdir)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -522,6 +523,85 @@ def test_dataset_cube_rebuilds_a_stale_virtual_cube(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rebuilt.frames.values[index], replacement)
     reader = frame_reader(store)
     np.testing.assert_array_equal(reader([index], slice(0, 24), slice(0, 40))[0], replacement)
+
+
+def _counted_builds(monkeypatch) -> dict[str, int]:
+    """Make every cube build slow (0.3 s first) and count builds, and builds at once."""
+    import sitiancal.storage.cube as cube_module
+
+    real, seen, guard = cube_module.build_cube, {"builds": 0, "now": 0, "most": 0}, threading.Lock()
+
+    def slow_build(*args, **kwargs):
+        with guard:
+            seen["builds"] += 1
+            seen["now"] += 1
+            seen["most"] = max(seen["most"], seen["now"])
+        try:
+            time.sleep(0.3)
+            return real(*args, **kwargs)
+        finally:
+            with guard:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(cube_module, "build_cube", slow_build)
+    return seen
+
+
+def test_jobs_of_one_dataset_take_turns_to_build_its_cube(tmp_path: Path, monkeypatch) -> None:
+    """Two jobs of a new dataset at once (the service runs two jobs at a time by default):
+    one builds the cube, the other opens it. Both had built into the same store, and one
+    or both failed ("cannot create the cube: No such file or directory ...")."""
+    write_camera_set(tmp_path / "set", SHAPE, seed=16)
+    inventory = scan(tmp_path / "set")
+    settings = Settings(data_dir=tmp_path / "data")
+    seen = _counted_builds(monkeypatch)
+    got: dict[int, object] = {}
+
+    def job(k: int) -> None:
+        try:
+            ds, _ = dataset_cube(settings, "ds1", inventory)
+            got[k] = (ds.attrs["completed"], ds.sha256.values.tolist())
+        except Exception as exc:
+            got[k] = exc
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not [v for v in got.values() if isinstance(v, Exception)], got
+    assert got[0] == got[1] and seen["builds"] == 1 and seen["most"] == 1
+
+
+def test_a_cube_is_built_again_only_once_no_job_reads_it(tmp_path: Path, monkeypatch) -> None:
+    """Frames uploaded while a job reads the dataset's cube: the next job builds the cube
+    again with them, but only after the first job lets go of it."""
+    from sitiancal.service.pipeline import CUBES, reading_dataset_cube
+
+    write_camera_set(tmp_path / "set", SHAPE, seed=17)
+    full = scan(tmp_path / "set")
+    first = full.leave_out([Rejection(file=full.frames[-1].path, reason="not uploaded yet")])
+    settings = Settings(data_dir=tmp_path / "data")
+    seen = _counted_builds(monkeypatch)
+    second: dict[str, object] = {}
+
+    def next_job() -> None:
+        ds, _ = dataset_cube(settings, "ds1", full)
+        second["files"] = {str(f) for f in ds.file.values}
+
+    with reading_dataset_cube(settings, "ds1", first) as (ds, store):
+        assert len(ds.file) == len(full.frames) - 1 and CUBES.readers(store) == 1
+        waiting = threading.Thread(target=next_job)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and seen["builds"] == 1  # waits for the reading job
+        np.testing.assert_array_equal(ds.frames.values[0], frame_reader(store)([0], slice(None),
+                                                                            slice(None))[0])
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and seen["builds"] == 2 and CUBES.readers(store) == 0
+    assert second["files"] == {f.path for f in full.frames}
+    again, _ = dataset_cube(settings, "ds1", full)  # the same frames: opened, not built
+    assert seen["builds"] == 2 and {str(f) for f in again.file.values} == second["files"]
 
 
 def test_compressed_frames_fall_back_to_copy(tmp_path: Path) -> None:
