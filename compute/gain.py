@@ -24,11 +24,13 @@ from typing import Any, Literal
 
 import numpy as np
 from numba import njit, prange
+from scipy.stats import f as f_dist
 
 from sitiancal.compute.mixture import MixtureFit, fit_mixture
 from sitiancal.compute.stats import weighted_line, weighted_line_block
 
 __all__ = [
+    "LEVEL_OUTLIER_ALPHA",
     "PixelGainFit",
     "fit_pixel_gain",
     "frames_for_precision",
@@ -42,6 +44,13 @@ __all__ = [
 _REF_GAIN = 0.254
 _REF_READ_VAR = (1.028 / _REF_GAIN) ** 2
 _REF_MAX_MEAN = 0.7 * 65535.0
+
+#: One-sided test level of a flat level's variance against the pixel's own fit
+#: (``fit_pixel_gain(reject_alpha=)``): a false rejection per ~1e6 levels.
+LEVEL_OUTLIER_ALPHA = 1e-6
+#: Chi-square tail beyond which a pixel's fit is poor enough for its levels to be
+#: tested one by one (``fit_pixel_gain(reject_alpha=)``).
+_CANDIDATE_P = 1e-3
 
 #: Pixels fitted per vectorised block: bounds the float64 temporaries at
 #: ~1 MB per level and array whatever the size of the input.
@@ -65,6 +74,10 @@ class PixelGainFit:
         NaN with fewer than 3 levels.
     n_used : numpy.ndarray
         Number of levels used per pixel (int).
+    left_out : numpy.ndarray or None
+        Index (along the level axis of the input) of the level left out of
+        each pixel's fit as an outlier, -1 where none (int16); None where no
+        level was tested (``reject_alpha=None``).
     """
 
     gain: np.ndarray
@@ -72,6 +85,7 @@ class PixelGainFit:
     read_var: np.ndarray
     chi2_red: np.ndarray
     n_used: np.ndarray
+    left_out: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary of the maps (medians and counts)."""
@@ -103,6 +117,8 @@ def fit_pixel_gain(
     n_iter: int = 3,
     linearizer: np.ndarray | None = None,
     backend: Literal["auto", "numba", "numpy"] = "auto",
+    reject_alpha: float | None = None,
+    read_var: tuple[np.ndarray, int] | None = None,
 ) -> PixelGainFit:
     """Weighted least-squares fit of ``v = m/g + s^2`` for every pixel at once.
 
@@ -133,6 +149,24 @@ def fit_pixel_gain(
         pixels, float32 inputs widened per value (no float64 copies);
         ``"numpy"``: the vectorised reference (blocks of 131072 pixels). They
         agree to float64 rounding.
+    reject_alpha : float, optional
+        Test every used level of a pixel against the pixel's own fit: the level
+        whose variance lies furthest above the fit's prediction, beyond a
+        one-sided F test at ``reject_alpha`` (``n_i - 1`` degrees of freedom
+        against the other levels' ``sum (n_k - 1) - 2``), is left out and the
+        pixel fitted again, where more than ``min_levels`` levels remain (one
+        level per pixel; :data:`LEVEL_OUTLIER_ALPHA` is the tile pass's). A
+        cosmic ray in one frame of a level adds its charge squared over
+        ``n_i`` to that level's variance: at the faint levels many times the
+        shot noise's, which had pulled the pixel's gain far off its population
+        and flagged it. Needs one frame count per level (``n`` of shape ``(L,)``).
+    read_var : tuple of (numpy.ndarray, int), optional
+        Each pixel's read variance measured apart (ADU^2, ``mean.shape[:-1]``:
+        the bias frames' temporal variance) and the frames it comes from. The
+        level test then predicts a level from the others through this
+        intercept (one parameter): a prediction for the faintest level from
+        the others' own intercept is too uncertain to find a hit there. The
+        fit itself keeps its own intercept.
 
     Returns
     -------
@@ -159,6 +193,13 @@ def fit_pixel_gain(
     12 levels, sigma_g/g = 9.4 %) while the median over pixels stays within
     ~0.1 %. Summaries should use medians (or average ``1/g``).
     """
+    if reject_alpha is not None:
+        fit = fit_pixel_gain(mean, var, n, max_mean=max_mean, min_levels=min_levels,
+                             n_iter=n_iter, linearizer=linearizer, backend=backend)
+        return _leave_out_worst_level(fit, mean, var, n, max_mean=max_mean,
+                                      min_levels=min_levels, n_iter=n_iter,
+                                      linearizer=linearizer, backend=backend,
+                                      alpha=float(reject_alpha), read_var=read_var)
     if min_levels < 2:
         raise ValueError("min_levels must be >= 2")
     if backend not in ("auto", "numba", "numpy"):
@@ -372,6 +413,225 @@ def _gain_fit_kernel(mean_t, var_t, n, max_mean, min_levels, n_iter, coef, dcoef
                 read_var[p] = np.nan
                 chi2_red[p] = np.nan
     return gain, gain_err, read_var, chi2_red, n_used
+
+
+def _leave_out_worst_level(fit: PixelGainFit, mean: np.ndarray, var: np.ndarray,
+                           n: np.ndarray, *, max_mean: float, min_levels: int, n_iter: int,
+                           linearizer: np.ndarray | None, backend: str,
+                           alpha: float,
+                           read_var: tuple[np.ndarray, int] | None) -> PixelGainFit:
+    """``fit`` with each pixel's worst outlying level left out and the pixel fitted again.
+
+    With a known read variance a pixel whose fitted intercept lies far above
+    it is a candidate too (:func:`_candidate_kernel`): the intercept takes up a
+    hit at the faintest level, and the fit stays good.
+
+    A hit level pulls the pixel's whole fit towards it (a 12x variance at one
+    of 8 levels had tripled the slope, and the level then lay within the
+    pulled fit's limits), so each level ``j`` is tested against the
+    prediction of the others: ``v_j / pred_j`` is F distributed with
+    ``n_j - 1`` and the prediction's degrees of freedom
+    (:func:`_prediction_through` with a known read variance,
+    :func:`_prediction` of the others' own fit without). The level furthest
+    beyond its limit goes. That takes a prediction per level: it is done only
+    for the candidates, pixels whose fit is poor beyond a chi-square test at
+    :data:`_CANDIDATE_P` (~1e-3 of clean pixels), failed, or claims a gain
+    error below what its levels allow, with more than
+    ``min_levels`` (and at least 4) levels; a hit that the level test finds
+    makes the whole fit poor far beyond that.
+    """
+    from scipy.stats import chi2 as chi2_dist
+
+    m_in, v_in = np.asarray(mean), np.asarray(var)
+    n_levels = m_in.shape[-1]
+    n_arr = np.asarray(n, dtype=np.float64)
+    if n_arr.ndim > 1:
+        raise ValueError("reject_alpha needs one frame count per level (n of shape (L,))")
+    n_arr = np.broadcast_to(n_arr, (n_levels,))
+    # the fit's own maps (fresh arrays), changed in place where a level goes
+    maps = {k: getattr(fit, k).reshape(-1)
+            for k in ("gain", "gain_err", "read_var", "chi2_red", "n_used")}
+    # no fit of these levels knows a gain better than every level's variance at its
+    # best, sqrt(2 / sum(n_k - 1)) (shot noise alone, a known intercept); a fit that
+    # claims 2x better lost its footing: a hit at the faintest level can make the
+    # reweighting swing between a line through it and one through the others, with
+    # the weights of the one and the line of the other (gain 0.19 +- 0.0001 for 0.25)
+    best_rel = np.sqrt(2.0 / max(float(np.sum(np.maximum(n_arr - 1.0, 0.0))), 1.0))
+    # the chi-square limits of the few distinct degrees of freedom
+    limits = chi2_dist.isf(_CANDIDATE_P, np.arange(1, n_levels + 1, dtype=np.float64))
+    if read_var is not None:
+        s2_map = np.asarray(read_var[0]).reshape(-1)
+        first = np.asarray(m_in)[..., 0].reshape(-1)
+    else:
+        s2_map = first = np.zeros(0)
+    candidates = np.flatnonzero(_candidate_kernel(
+        maps["gain"], maps["gain_err"], maps["read_var"], maps["chi2_red"], maps["n_used"],
+        limits, 0.5 * best_rel, int(min_levels), first, s2_map,
+        float(np.sqrt(2.0 / max(float(n_arr[0]) - 1.0, 1.0)))))
+    left_out = np.full(maps["gain"].size, -1, dtype=np.int16)
+    if candidates.size:
+        m2, v2 = _float_rows(m_in, n_levels), _float_rows(v_in, n_levels)
+        m_c = np.asarray(m2[candidates], dtype=np.float64)
+        v_c = np.asarray(v2[candidates], dtype=np.float64)
+        poly = None if linearizer is None else np.asarray(linearizer, dtype=np.float64).ravel()
+        if poly is not None and poly.size:  # the fit's linearised statistics
+            slope_p = np.polyval(np.polyder(poly), m_c)
+            m_lin, v_lin = np.polyval(poly, m_c), v_c * slope_p * slope_p
+        else:
+            m_lin, v_lin = m_c, v_c
+        valid = _valid_levels(m_lin, v_lin, n_arr[None, :], max_mean)
+        if read_var is not None:  # in linearised units at the faint end
+            s2 = np.asarray(read_var[0], dtype=np.float64).reshape(-1)[candidates]
+            if poly is not None and poly.size > 1:
+                s2 = s2 * np.polyder(poly)[-1] ** 2
+        score = np.zeros(m_c.shape)
+        fits: list[PixelGainFit | None] = []
+        if read_var is not None:  # every level's prediction from the others at once
+            preds = _predictions_through(m_lin, v_lin, valid, n_arr, s2, read_var[1])
+        for j in range(n_levels):
+            test = valid[:, j] & (n_arr[j] >= 2)
+            fits.append(None)
+            if not test.any():
+                continue
+            others = valid.copy()
+            others[:, j] = False
+            if read_var is not None:
+                pred, pred_dof = preds[0][:, j], preds[1][:, j]
+            else:
+                without = m_c.copy()
+                without[:, j] = np.nan  # an invalid level: left out of the fit
+                fits[j] = fit_pixel_gain(without, v_c, n_arr, max_mean=max_mean,
+                                         min_levels=min_levels, n_iter=n_iter,
+                                         linearizer=linearizer,
+                                         backend=backend)  # type: ignore[arg-type]
+                pred, pred_dof = _prediction(m_lin, others, n_arr, fits[j], m_lin[:, j])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ok = test & (pred > 0) & (pred_dof > 0)
+                # F quantiles fall with the prediction's degrees of freedom towards the
+                # chi-square's: only levels beyond that need their own
+                ratio = v_lin[:, j] / pred
+                ok &= ratio > chi2_dist.isf(alpha, n_arr[j] - 1.0) / (n_arr[j] - 1.0)
+                limit = np.full(pred.shape, np.inf)
+                limit[ok] = f_dist.isf(alpha, n_arr[j] - 1.0, pred_dof[ok])
+                ratio = ratio / limit
+            score[:, j] = np.where(ok & np.isfinite(ratio), ratio, 0.0)
+        worst = np.argmax(score, axis=1)
+        out = score[np.arange(worst.size), worst] > 1.0
+        for j in np.unique(worst[out]):
+            rows = out & (worst == j)
+            other = fits[j]
+            if other is None:  # tested through the read variance: fit them without j now
+                without = m_c[rows]
+                without[:, j] = np.nan
+                other = fit_pixel_gain(without, v_c[rows], n_arr, max_mean=max_mean,
+                                       min_levels=min_levels, n_iter=n_iter,
+                                       linearizer=linearizer,
+                                       backend=backend)  # type: ignore[arg-type]
+            else:
+                other = PixelGainFit(**{k: getattr(other, k)[rows] for k in maps})
+            for key, values in maps.items():
+                values[candidates[rows]] = getattr(other, key)
+            left_out[candidates[rows]] = j
+    shape = fit.gain.shape
+    return PixelGainFit(**{k: v.reshape(shape) for k, v in maps.items()},
+                        left_out=left_out.reshape(shape))
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _candidate_kernel(gain, gain_err, read_var, chi2_red, n_used, limits, min_rel, min_levels,
+                      first, s2, rel0):  # pragma: no cover - compiled
+    """Pixels whose levels :func:`_leave_out_worst_level` tests one by one (one pass).
+
+    More than ``min_levels`` (and at least 4) levels used, and: a failed fit;
+    a fit poorer than ``limits[dof - 1]`` (chi-square at ``_CANDIDATE_P``,
+    ``dof = n_used - 2``); a relative gain error below ``min_rel`` (half of
+    what the levels allow); or, with a read variance ``s2`` per pixel, an
+    intercept more than five errors off it, the error taken as the faintest
+    level's ``E_0 rel0`` with ``E_0 = first / g + s2`` (the slope's error adds
+    to it: ~1 % of clean pixels lie beyond three). The intercept takes up a
+    hit at the faintest level and the fit stays good; where the hit drives
+    the fit to a degenerate solution it takes the intercept far below.
+    """
+    n_pix = gain.shape[0]
+    out = np.zeros(n_pix, np.bool_)
+    with_s2 = s2.shape[0] == n_pix
+    n_lim = limits.shape[0]
+    for p in prange(n_pix):
+        nu = n_used[p]
+        if nu <= min_levels or nu < 4:
+            continue
+        g = gain[p]
+        flag = not np.isfinite(g)
+        dof = min(max(nu - 2, 1), n_lim)
+        flag |= chi2_red[p] * dof > limits[dof - 1]
+        flag |= gain_err[p] < min_rel * g
+        if with_s2:
+            e0 = np.float64(first[p]) / g + np.float64(s2[p])
+            flag |= abs(read_var[p] - np.float64(s2[p])) > 5.0 * rel0 * e0
+        out[p] = flag
+    return out
+
+
+def _predictions_through(m: np.ndarray, v: np.ndarray, valid: np.ndarray, n: np.ndarray,
+                         s2: np.ndarray, s2_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each level's variance predicted by the others' line through the read variance ``s2``.
+
+    ``m``, ``v``: ``(P, L)`` linearised means and variances, ``valid``: the
+    usable levels, ``n``: frames per level, ``s2``: ``(P,)`` read variances
+    (ADU^2) from ``s2_frames`` frames. For level ``j`` the slope of
+    ``v - s2 = a m`` over the other levels by weighted least squares,
+    ``a_j = (Sxy - w_j m_j (v_j - s2)) / (S2 - w_j m_j^2)`` (sums over all
+    levels less level ``j``'s terms: no fit per level). The weights
+    ``(n_k - 1) / (2 E_k^2)`` take ``E_k`` from the median over levels of
+    ``(v_k - s2) / m_k`` (one hit level does not move it). The prediction
+    ``a_j m_j + s2`` has the variance ``m_j^2 / S2_j + (1 - m_j S1_j /
+    S2_j)^2 Var(s2)`` (``S1 = sum w m``, ``Var(s2) = 2 s2^2 / (s2_frames -
+    1)``) and, as a scaled chi-square, ``2 pred^2 / Var(pred)`` degrees of
+    freedom (0: no prediction). Returns ``(pred, dof)``, both ``(P, L)``.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mu = np.where(valid, m, 0.0)
+        excess = np.where(valid, v - s2[:, None], 0.0)
+        a0 = np.nanmedian(np.where(valid, excess / m, np.nan), axis=1)
+        model = np.maximum(a0[:, None] * m + s2[:, None], 1e-12)
+        w = np.where(valid, (n[None, :] - 1.0) / (2.0 * model * model), 0.0)
+        wm = w * mu
+        s1 = wm.sum(axis=1)[:, None] - wm
+        s2w = (wm * mu).sum(axis=1)[:, None] - wm * mu
+        sxy = (wm * excess).sum(axis=1)[:, None] - wm * excess
+        a = sxy / s2w
+        var_s2 = (2.0 * s2 * s2 / max(s2_frames - 1, 1))[:, None]
+        pred = a * m + s2[:, None]
+        var_pred = m * m / s2w + (1.0 - m * s1 / s2w) ** 2 * var_s2
+        dof = np.where((a > 0) & (s2w > 0), 2.0 * pred * pred / var_pred, 0.0)
+    return pred, np.nan_to_num(dof, nan=0.0, posinf=1e12)
+
+
+def _prediction(m: np.ndarray, used: np.ndarray, n: np.ndarray, fit: PixelGainFit,
+                at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A fit's variance at mean level ``at`` (ADU^2) and that prediction's degrees of freedom.
+
+    ``m``: ``(P, L)`` linearised means, ``used``: the levels of each pixel's
+    fit, ``n``: frames per level. The prediction ``a at + b`` (its read
+    variance not below 0: a fit pulled by a hit can make it so, and a
+    level's prediction then nearly vanishes) has the variance ``(at, 1) C
+    (at, 1)^T`` from the fit's inverse Fisher matrix ``C`` (weights
+    ``(n_k - 1) / (2 E[v_k]^2)``, as the fit's); as a scaled chi-square its
+    degrees of freedom are ``2 pred^2 / Var(pred)``: an extrapolation to the
+    faintest or brightest level is less certain than the pooled levels'
+    ``sum (n_k - 1)`` would say (which had left clean brightest levels out).
+    """
+    a, b = 1.0 / fit.gain, np.maximum(fit.read_var, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        model = a[:, None] * m + b[:, None]
+        w = np.where(used, (n[None, :] - 1.0) / (2.0 * model * model), 0.0)
+        mu = np.where(used, m, 0.0)
+        s0, s1, s2 = w.sum(axis=1), (w * mu).sum(axis=1), (w * mu * mu).sum(axis=1)
+        det = s0 * s2 - s1 * s1
+        var_pred = (at * at * s0 - 2.0 * at * s1 + s2) / det
+        pred = a * at + b
+        dof = np.where(det > 0, 2.0 * pred * pred / var_pred, 0.0)
+    return pred, np.nan_to_num(dof, nan=0.0, posinf=1e12)
 
 
 def _valid_levels(m: np.ndarray, v: np.ndarray, n: np.ndarray, max_mean: float) -> np.ndarray:

@@ -582,6 +582,10 @@ class Assembler:
                        "median_rel_err": _f(rel),
                        "n_pixels": int(ok.sum()),
                        "gain_convention": "g in e-/ADU (EMVA K = 1/g in DN/e-)"}
+        if "gain_levels_left_out" in self.partials:
+            # pixels with one flat level left out of the fit (far above the pixel's own
+            # fit: a cosmic ray in one of its frames; GAIN_N_USED is one less there)
+            stats["levels_left_out"] = int(self.partials["gain_levels_left_out"])
         tables: list[ProductTable] = []
         # The mixture is fitted once, with the conversion gain (on a helper thread
         # since the assembly started): wait for it rather than fit it again.

@@ -25,7 +25,7 @@ from scipy.stats import f as f_dist
 
 from sitiancal.compute.dark import fit_dark_rate
 from sitiancal.compute.defects import DefectConfig, detect_rtn
-from sitiancal.compute.gain import fit_pixel_gain
+from sitiancal.compute.gain import LEVEL_OUTLIER_ALPHA, fit_pixel_gain
 from sitiancal.compute.linearity import pixel_linearity_residuals
 from sitiancal.compute.stats import (
     LinearOffset,
@@ -589,10 +589,18 @@ def _process_tile(load: TileLoader, plan: TilePlan, params: CalibrationParams,
             n = np.asarray([g.n for g in plan.flats], dtype=np.float64)
             # float32 level statistics, widened per value inside the compiled fit; with a
             # linearizer the fit uses m' = P(m), v' = v P'(m)^2 (linearised counts).
+            # a level whose variance lies far above the prediction of the pixel's other
+            # levels (a cosmic ray in one of its frames) is left out of that pixel's fit;
+            # the bias frames' temporal variance pins the prediction's intercept
             gfit = fit_pixel_gain(mean[..., pick], var[..., pick], n[use],
                                   max_mean=params.gain_max_fraction * plan.saturation,
                                   linearizer=np.asarray(plan.linearizer, dtype=np.float64)
-                                  if plan.linearizer else None)
+                                  if plan.linearizer else None,
+                                  reject_alpha=LEVEL_OUTLIER_ALPHA,
+                                  read_var=None if bias_mom is None or plan.bias is None
+                                  else (bias_mom.var, plan.bias.n))
+            if gfit.left_out is not None:
+                partials["gain_levels_left_out"] = float(np.count_nonzero(gfit.left_out >= 0))
             maps["gain"] = np.asarray(gfit.gain, dtype=f32)
             maps["gain_err"] = np.asarray(gfit.gain_err, dtype=f32)
             maps["gain_read_var"] = np.asarray(gfit.read_var, dtype=f32)

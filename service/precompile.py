@@ -189,6 +189,7 @@ def _remaining_signatures() -> None:
       for frames of one size where they are faster than hashlib
       (:func:`~sitiancal.storage.digest.lane_speedups` times each).
     """
+    from sitiancal.compute.gain import fit_pixel_gain
     from sitiancal.compute.mixture import MixtureModel
     from sitiancal.compute.summary import row_sort_backend, sort_backend
     from sitiancal.storage.digest import lane_speedups
@@ -210,3 +211,8 @@ def _remaining_signatures() -> None:
     for x_type in (np.float32, np.float64):
         for err_type in (np.float32, np.float64):
             two.classify(np.linspace(0.0, 1.0, 4, dtype=x_type), np.full(4, 0.1, err_type))
+    # the refit of pixels with a flat level left out (float64 rows), which needs a hit
+    levels = np.array([[100.0, 400.0, 1600.0, 6400.0]])
+    variances = levels / 0.25 + 16.0
+    variances[0, 1] *= 100.0
+    fit_pixel_gain(levels, variances, np.full(4, 8.0), max_mean=1e4, reject_alpha=1e-6)

@@ -716,3 +716,58 @@ def test_the_master_flat_stacks_every_level_of_the_linear_range(tmp_path):
     true_prnu = 100 * np.std(adu[truth.defects == 0]) / np.mean(adu[truth.defects == 0])
     assert stats["prnu_highpass_pct"] == pytest.approx(true_prnu, rel=0.1)
 
+
+
+def test_cosmic_rays_in_the_flats_do_not_make_gain_outliers(tmp_path, monkeypatch):
+    # A cosmic ray in one flat frame adds its charge (300-5000 e- here) to one
+    # pixel at one level: that level's variance, many times the shot noise's at
+    # the faint levels, had pulled the pixel's gain off its population
+    # (GAIN_OUTLIER). The level is now left out of that pixel's fit where it
+    # stands out from the pixel's other levels (12 frames a level here: a hit
+    # of a few times a bright level's variance cannot be told from chance).
+    # (One hit per pixel: two hit levels of one pixel, ~1e-9 of them at real
+    # rates, leave one level in.)
+    import sitiancal.compute.tile as tile_module
+
+    raw, truth = small_dataset(tmp_path, shape=(64, 80), seed=52)
+    rng = np.random.default_rng(53)
+    hits: list[tuple[int, int]] = []
+    pixels = iter(rng.permutation(truth.gain.size))
+
+    def edit(name, header, data):
+        if str(header["IMAGETYP"]).lower().startswith("flat") and rng.random() < 0.5:
+            data = data.astype(np.int64)
+            y, x = np.unravel_index(next(pixels), data.shape)
+            data[y, x] += int(rng.uniform(300, 5000) / truth.gain[y, x])
+            hits.append((y, x))
+            data = np.clip(data, 0, 65535).astype(np.uint16)
+        return data
+
+    edited = _edited_copy(tmp_path, raw, edit)
+    ys, xs = np.array(hits).T
+    clean = truth.defects[ys, xs] == 0
+    assert clean.sum() >= 30
+
+    def damage(outcome) -> tuple[int, int]:
+        """Clean hit pixels with a gain > 5 sigma off, and flagged GAIN_OUTLIER."""
+        gain = {a.name: np.asarray(a.data[...]) for a in outcome.products["gain"].arrays}
+        pull = ((gain["GAIN"] - truth.gain) / gain["GAIN_ERR"])[ys, xs][clean]
+        mask = np.asarray(next(a for a in outcome.products["mask"].arrays
+                               if a.name == "MASK").data[...])
+        return (int(np.count_nonzero(~(np.abs(pull) < 5))),
+                int(np.count_nonzero(mask[ys, xs][clean] & 128)))
+
+    outcome = _products_of(tmp_path, edited)
+    off, flagged = damage(outcome)
+    # two hits at the brightest level used (6 and 12 times its variance) stay: the
+    # other levels' noise at 12 frames leaves them within 1e-6 of chance
+    assert off <= 2 and flagged <= 2
+    stats = outcome.products["gain"].stats
+    assert clean.sum() // 2 <= stats["levels_left_out"] <= len(hits) + 2
+    # the same set without the level test: the damage the test repairs
+    monkeypatch.setattr(tile_module, "LEVEL_OUTLIER_ALPHA", None)
+    (tmp_path / "plain").mkdir()
+    plain = _products_of(tmp_path / "plain", edited)
+    assert "levels_left_out" not in plain.products["gain"].stats
+    off, flagged = damage(plain)
+    assert off >= 20 and flagged >= 20  # 40 and 36 of the 56
