@@ -801,8 +801,8 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
     resident_limit : int, optional
         With ``emit``: after a product, freed memory goes back to the OS only
         while the resident set exceeds this (bytes; see
-        :func:`compute.allocator.return_freed_memory`), and once at the end;
-        None: after every product. The next product reuses the memory kept:
+        :func:`compute.allocator.return_freed_memory`), before the first (the
+        tile pass's), and once at the end; None: before and after every product. The next product reuses the memory kept:
         given back, its pages are faulted and zeroed by the kernel again
         (300-frame 61 MP job, assembly without the store's writes, 2 cores:
         12.4-13.4 s instead of 16.4-17.5 s, 18.6-20.1 instead of 23.1-23.8
@@ -827,6 +827,12 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
     # their population mixture, each pixel's population) is first needed by the
     # bias; it is computed on a helper thread while the linearity and the bias
     # profiles are built (the same result: it depends on the gain maps alone).
+    if emit is not None:
+        # the same rule before the first product: the tile pass's freed memory, kept
+        # for reuse, goes back while the resident set leaves no room for a product
+        # (61 MP job, 69 frames: the assembly had started at 2.8-3.0 GB and peaked
+        # at 3.3-3.7 GB while the linearity and the conversion gain overlapped)
+        return_freed_memory(above=resident_limit)
     helper = ThreadPoolExecutor(1, thread_name_prefix="sitiancal-gain")
     try:
         if "gain" in maps and "gain_err" in maps:

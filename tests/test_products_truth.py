@@ -413,8 +413,9 @@ def test_freed_memory_goes_back_only_over_the_resident_limit(mid, tmp_path_facto
                                                             limit, expect):
     """Between emitted products the assembly gives freed memory back only while the
     resident set is over ``resident_limit`` (a kept heap is reused by the next
-    product; given back, its pages are zeroed again), and once at the end; without
-    a limit, after every product as before. The products are the same either way."""
+    product; given back, its pages are zeroed again), before the first product by
+    the same rule, and once at the end; without a limit, before and after every
+    product. The products are the same either way."""
     import zarr
 
     from sitiancal.compute import allocator, products
@@ -446,6 +447,8 @@ def test_freed_memory_goes_back_only_over_the_resident_limit(mid, tmp_path_facto
     else:
         assert trimmed[-1] == "trim" and trimmed.count("trim") == 1
     assert (trimmed[-1] == "trim" and trimmed[-2] == "trim") == (expect == "every+end")
+    # and before the first product, by the same rule (the tile pass's kept heap)
+    assert (trimmed[0] == "trim") == (expect != "end")
 
 
 def test_return_freed_memory_above_a_bound(monkeypatch):
