@@ -45,8 +45,9 @@ _REF_GAIN = 0.254
 _REF_READ_VAR = (1.028 / _REF_GAIN) ** 2
 _REF_MAX_MEAN = 0.7 * 65535.0
 
-#: One-sided test level of a flat level's variance against the pixel's own fit
-#: (``fit_pixel_gain(reject_alpha=)``): a false rejection per ~1e6 levels.
+#: One-sided test level of a flat level's variance against the prediction of the
+#: pixel's other levels (``fit_pixel_gain(reject_alpha=)``): a false rejection per
+#: ~1e6 levels tested.
 LEVEL_OUTLIER_ALPHA = 1e-6
 #: Chi-square tail beyond which a pixel's fit is poor enough for its levels to be
 #: tested one by one (``fit_pixel_gain(reject_alpha=)``).
@@ -150,16 +151,17 @@ def fit_pixel_gain(
         ``"numpy"``: the vectorised reference (blocks of 131072 pixels). They
         agree to float64 rounding.
     reject_alpha : float, optional
-        Test every used level of a pixel against the pixel's own fit: the level
-        whose variance lies furthest above the fit's prediction, beyond a
-        one-sided F test at ``reject_alpha`` (``n_i - 1`` degrees of freedom
-        against the other levels' ``sum (n_k - 1) - 2``), is left out and the
-        pixel fitted again, where more than ``min_levels`` levels remain (one
-        level per pixel; :data:`LEVEL_OUTLIER_ALPHA` is the tile pass's). A
-        cosmic ray in one frame of a level adds its charge squared over
-        ``n_i`` to that level's variance: at the faint levels many times the
-        shot noise's, which had pulled the pixel's gain far off its population
-        and flagged it. Needs one frame count per level (``n`` of shape ``(L,)``).
+        Test the levels of a pixel whose fit is suspect against the prediction
+        of its other levels: the level whose variance lies furthest above it,
+        beyond a one-sided F test at ``reject_alpha`` (``n_i - 1`` degrees of
+        freedom against the prediction's own), is left out and the pixel
+        fitted again, where more than ``min_levels`` levels remain (one level
+        per pixel; :data:`LEVEL_OUTLIER_ALPHA` is the tile pass's; see
+        :func:`_leave_out_worst_level`). A cosmic ray in one frame of a level
+        adds its charge squared over ``n_i`` to that level's variance: at the
+        faint levels many times the shot noise's, which had pulled the
+        pixel's gain far off its population and flagged it. Needs one frame
+        count per level (``n`` of shape ``(L,)``).
     read_var : tuple of (numpy.ndarray, int), optional
         Each pixel's read variance measured apart (ADU^2, ``mean.shape[:-1]``:
         the bias frames' temporal variance) and the frames it comes from. The
@@ -422,23 +424,19 @@ def _leave_out_worst_level(fit: PixelGainFit, mean: np.ndarray, var: np.ndarray,
                            read_var: tuple[np.ndarray, int] | None) -> PixelGainFit:
     """``fit`` with each pixel's worst outlying level left out and the pixel fitted again.
 
-    With a known read variance a pixel whose fitted intercept lies far above
-    it is a candidate too (:func:`_candidate_kernel`): the intercept takes up a
-    hit at the faintest level, and the fit stays good.
-
     A hit level pulls the pixel's whole fit towards it (a 12x variance at one
     of 8 levels had tripled the slope, and the level then lay within the
     pulled fit's limits), so each level ``j`` is tested against the
     prediction of the others: ``v_j / pred_j`` is F distributed with
     ``n_j - 1`` and the prediction's degrees of freedom
-    (:func:`_prediction_through` with a known read variance,
-    :func:`_prediction` of the others' own fit without). The level furthest
-    beyond its limit goes. That takes a prediction per level: it is done only
-    for the candidates, pixels whose fit is poor beyond a chi-square test at
-    :data:`_CANDIDATE_P` (~1e-3 of clean pixels), failed, or claims a gain
-    error below what its levels allow, with more than
-    ``min_levels`` (and at least 4) levels; a hit that the level test finds
-    makes the whole fit poor far beyond that.
+    (:func:`_predictions_through`, the others' line through a known read
+    variance; :func:`_prediction` of the others' own fit without one). The
+    level furthest beyond its limit goes. That takes a prediction per level:
+    it is made only for the candidates of :func:`_candidate_kernel` (~0.2 %
+    of clean pixels): a fit poor beyond a chi-square test at
+    :data:`_CANDIDATE_P`, failed, claiming a gain error below what its
+    levels allow, or with an intercept far from the known read variance
+    (which takes up a hit at the faintest level while the fit stays good).
     """
     from scipy.stats import chi2 as chi2_dist
 
