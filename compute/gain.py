@@ -491,11 +491,11 @@ def _leave_out_worst_level(fit: PixelGainFit, mean: np.ndarray, var: np.ndarray,
             fits.append(None)
             if not test.any():
                 continue
-            others = valid.copy()
-            others[:, j] = False
             if read_var is not None:
                 pred, pred_dof = preds[0][:, j], preds[1][:, j]
             else:
+                others = valid.copy()
+                others[:, j] = False
                 without = m_c.copy()
                 without[:, j] = np.nan  # an invalid level: left out of the fit
                 fits[j] = fit_pixel_gain(without, v_c, n_arr, max_mean=max_mean,

@@ -583,8 +583,9 @@ class Assembler:
                        "n_pixels": int(ok.sum()),
                        "gain_convention": "g in e-/ADU (EMVA K = 1/g in DN/e-)"}
         if "gain_levels_left_out" in self.partials:
-            # pixels with one flat level left out of the fit (far above the pixel's own
-            # fit: a cosmic ray in one of its frames; GAIN_N_USED is one less there)
+            # pixels with one flat level left out of the fit (far above the prediction of
+            # the pixel's other levels: a cosmic ray in one of its frames; GAIN_N_USED is
+            # one less there)
             stats["levels_left_out"] = int(self.partials["gain_levels_left_out"])
         tables: list[ProductTable] = []
         # The mixture is fitted once, with the conversion gain (on a helper thread
@@ -802,8 +803,8 @@ def assemble_products(maps: Mapping[str, object], planned: PlanResult, params: C
         With ``emit``: after a product, freed memory goes back to the OS only
         while the resident set exceeds this (bytes; see
         :func:`compute.allocator.return_freed_memory`), before the first (the
-        tile pass's), and once at the end; None: before and after every product. The next product reuses the memory kept:
-        given back, its pages are faulted and zeroed by the kernel again
+        tile pass's), and once at the end; None: before and after every
+        product. The next product reuses the memory kept: given back, its pages are faulted and zeroed by the kernel again
         (300-frame 61 MP job, assembly without the store's writes, 2 cores:
         12.4-13.4 s instead of 16.4-17.5 s, 18.6-20.1 instead of 23.1-23.8
         busy core-s; the resident set 2.0-2.3 GB after each product,

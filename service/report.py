@@ -116,6 +116,7 @@ def build_report(camera: str, stats: Mapping[str, Mapping[str, Any]], *,
     g = stats.get("gain", {})
     lin = stats.get("linearity", {})
     fl = stats.get("flat", {})
+    bound = bool(_get(fl, "prnu_upper_bound"))  # one-frame flat levels: noise not removed
     m = stats.get("mask", {})
     dark_units = d.get("units", "e-/s")
     figs = [
@@ -149,12 +150,10 @@ def build_report(camera: str, stats: Mapping[str, Mapping[str, Any]], *,
         Figure("nonlinearity_above_3000", "Nonlinearity (max, > 3000 ADU)",
                _get(lin, "max_nonlinearity_above_3000_pct"), "%", product="linearity"),
         Figure("linearity_r2", "Linearity R^2", _get(lin, "r2"), "", product="linearity"),
-        Figure("prnu", "PRNU (upper bound)" if _get(fl, "prnu_upper_bound") else "PRNU",
+        Figure("prnu", "PRNU" + (" (upper bound)" if bound else ""),
                _get(fl, "prnu_pct"), "%", product="flat"),
-        Figure("prnu_highpass", "PRNU (vignetting removed, upper bound)"
-               if _get(fl, "prnu_upper_bound") else "PRNU (vignetting removed)",
-               _get(fl, "prnu_highpass_pct"), "%",
-               product="flat"),
+        Figure("prnu_highpass", "PRNU (vignetting removed" + (", upper bound)" if bound else ")"),
+               _get(fl, "prnu_highpass_pct"), "%", product="flat"),
         Figure("dsnu", "DSNU (bias, total)", _get(b, "dsnu", "total"), "ADU", product="bias"),
         Figure("anomalous_fraction", "Anomalous pixels", _pct(_get(m, "counts", "any", "fraction")),
                "%", product="mask"),

@@ -257,7 +257,8 @@ def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkey
 
     Each certification is slowed down between reading the certified ranges
     and writing its own, and the second starts while the first is in that
-    window (``first`` starts 0.15 s ahead, so each serial order is run).
+    window (``first`` starts 0.3 s ahead, well inside the other's 0.8 s, so
+    each serial order is run, and asserted as that order's outcome).
     Serial outcomes are: A then B (A trimmed to B's start, B certified) or B
     then A (A refused: its explicit end overlaps B). Without the series lock
     the second would read "nothing certified", then fail on the database
@@ -267,7 +268,7 @@ def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkey
     original = Catalog._now_for
 
     def slow_now_for(self, session, series_id):
-        time.sleep(0.4)
+        time.sleep(0.8)
         return original(self, session, series_id)
 
     monkeypatch.setattr(Catalog, "_now_for", slow_now_for)
@@ -282,7 +283,7 @@ def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkey
         except Exception as exc:  # recorded and checked below
             outcome[name] = exc
 
-    delay = {"A": 0.0, "B": 0.15} if first == "A" else {"A": 0.15, "B": 0.0}
+    delay = {"A": 0.0, "B": 0.3} if first == "A" else {"A": 0.3, "B": 0.0}
     threads = [threading.Thread(target=run, args=("A", a.id, day(0), day(20), delay["A"])),
                threading.Thread(target=run, args=("B", b.id, day(10), day(30), delay["B"]))]
     for t in threads:
@@ -292,10 +293,11 @@ def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkey
     assert not isinstance(outcome["B"], Exception), outcome["B"]
     final = ranges(catalog)
     assert final[2] == (day(10), day(30))
-    if isinstance(outcome["A"], Exception):  # B got the lock first
+    if first == "B":  # B holds the series lock while A waits: A's explicit end overlaps B
         assert isinstance(outcome["A"], ValidityConflict), outcome["A"]
         assert 1 not in final
-    else:
+    else:  # A certified, then trimmed to B's start by B
+        assert not isinstance(outcome["A"], Exception), outcome["A"]
         assert final[1] == (day(0), day(10))
     spans = sorted(final.values())
     for (_, e1), (s2, _) in itertools.pairwise(spans):
