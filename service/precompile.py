@@ -185,13 +185,16 @@ def _remaining_signatures() -> None:
       where the other wins.
     * The classification of points by a mixture, for float32 and float64
       values and errors (which of them a product passes depends on its data).
+    * The grouped median's tie scan (float32 and float64 maps), which a job
+      reaches only where many of a map's values tie with its median: the
+      61 MP benchmark compiled it during its run.
     * The side-by-side SHA-256 kernels of the cube build, which a job uses
       for frames of one size where they are faster than hashlib
       (:func:`~sitiancal.storage.digest.lane_speedups` times each).
     """
     from sitiancal.compute.gain import fit_pixel_gain
     from sitiancal.compute.mixture import MixtureModel
-    from sitiancal.compute.summary import row_sort_backend, sort_backend
+    from sitiancal.compute.summary import grouped_median, row_sort_backend, sort_backend
     from sitiancal.storage.digest import lane_speedups
     from sitiancal.storage.frames import decode_be16
 
@@ -216,3 +219,7 @@ def _remaining_signatures() -> None:
     variances = levels / 0.25 + 16.0
     variances[0, 1] *= 100.0
     fit_pixel_gain(levels, variances, np.full(4, 8.0), max_mean=1e4, reject_alpha=1e-6)
+    # the grouped median's tie scan, reached only where many values tie with
+    # the median (a large dark map of few distinct rates)
+    for x_type in (np.float32, np.float64):
+        grouped_median(np.repeat(np.arange(3, dtype=x_type), 4))

@@ -158,3 +158,29 @@ def test_precompile_decodes_words_in_place(monkeypatch):
     precompile._remaining_signatures()
     assert (True, True, True) in calls  # in place
     assert (False, False, False) in calls  # a read-only window into another array
+
+
+def test_precompile_compiles_the_grouped_medians_tie_scan():
+    # A large dark map whose rates tie at its median reaches the tie scan,
+    # which the small job's maps never do: the 61 MP benchmark compiled it
+    # during its run until `sitiancal compile` called it.
+    from sitiancal.compute.summary import _tie_scan
+    from sitiancal.service import precompile
+
+    precompile._remaining_signatures()
+    dtypes = {sig[0].dtype.name for sig in _tie_scan.signatures}
+    assert {"float32", "float64"} <= dtypes
+
+
+def test_rtn_confirm_gives_its_kernels_pixel_rows():
+    # rtn_confirm's values are (frames, pixels); the k-means start takes one
+    # row per pixel. Handed the transpose (Fortran order), numba compiled a
+    # second signature of the kernel during a 61 MP job.
+    from sitiancal.compute.defects import _kmeans_1d_kernel, rtn_confirm
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(100.0, 3.0, (30, 40))
+    values[:15, :5] += 20.0  # two-level pixels
+    rtn_confirm(values)
+    assert _kmeans_1d_kernel.signatures
+    assert {sig[0].layout for sig in _kmeans_1d_kernel.signatures} == {"C"}
