@@ -135,6 +135,15 @@ def test_dark_median_within_its_error(mid):
     assert abs(summary["median"] - true_median) < 3 * summary["median_err"] + 1e-5
 
 
+def test_dark_mean_within_its_error(mid):
+    # the mean of the measured rates is not moved by their noise (the median
+    # of a skewed population is: compute.dark.dark_summary's notes)
+    outcome, truth, _ = mid
+    summary = outcome.products["dark"].stats["summary"]
+    true_mean = float(np.mean(truth.dark_rate, dtype=np.float64))
+    assert abs(summary["mean"] - true_mean) < 3 * summary["mean_err"]
+
+
 def test_hot_pixels_recall_and_precision(mid):
     outcome, truth, _ = mid
     mask = _array(outcome, "mask", "MASK")

@@ -148,6 +148,9 @@ def test_qc_figures_quote_their_errors(tmp_path):
     bias = outcome.products["bias"].stats["stability"]
     rn = outcome.products["read_noise"].stats
     assert fig["bias_level"].error == bias["mean_err"] > 0
+    dark = outcome.products["dark"].stats["summary"]
+    assert fig["dark_current_mean"].value == dark["mean"]
+    assert fig["dark_current_mean"].error == dark["mean_err"] > 0
     assert fig["bias_stability_std"].error == bias["std_err"] > 0
     assert fig["read_noise_per_pixel"].error == pytest.approx(
         rn["per_pixel_e"]["median_err"] / rn["median_std_factor"])
