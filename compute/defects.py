@@ -1054,13 +1054,14 @@ def _tied_gmm(y: np.ndarray, k: int, *, max_iter: int = 300, tol: float = 1e-7,
         ll = -0.5 * n * (np.log(2 * np.pi * var) + 1.0)
         return np.ones((m, 1)), y.mean(axis=1, keepdims=True), var, ll
     if backend == "numba":
+        # C rows for both kernels (a transposed stack would compile other signatures)
+        yc = np.ascontiguousarray(y, dtype=np.float64)
         mu = np.empty((m, k))
-        _kmeans_1d_kernel(np.sort(y, axis=1), mu)
+        _kmeans_1d_kernel(np.sort(yc, axis=1), mu)
         w = np.empty((m, k))
         var = np.empty(m)
         ll = np.empty(m)
-        _tied_gmm_kernel(np.ascontiguousarray(y, dtype=np.float64), mu, floor, int(max_iter),
-                         float(tol), w, var, ll)
+        _tied_gmm_kernel(yc, mu, floor, int(max_iter), float(tol), w, var, ll)
         return w, mu, var, ll
     mu = _kmeans_1d_init(np.sort(y, axis=1), k)
     near = np.argmin(np.abs(y[:, None, :] - mu[:, :, None]), axis=1)  # (M, F)

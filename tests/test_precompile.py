@@ -160,27 +160,42 @@ def test_precompile_decodes_words_in_place(monkeypatch):
     assert (False, False, False) in calls  # a read-only window into another array
 
 
-def test_precompile_compiles_the_grouped_medians_tie_scan():
+def test_precompile_compiles_the_grouped_medians_tie_scan(monkeypatch):
     # A large dark map whose rates tie at its median reaches the tie scan,
     # which the small job's maps never do: the 61 MP benchmark compiled it
     # during its run until `sitiancal compile` called it.
-    from sitiancal.compute.summary import _tie_scan
+    from sitiancal.compute import summary
     from sitiancal.service import precompile
 
+    dtypes = set()
+    scan = summary._tie_scan
+
+    def recording(v, lo, hi):
+        dtypes.add(v.dtype.name)
+        return scan(v, lo, hi)
+
+    monkeypatch.setattr(summary, "_tie_scan", recording)
     precompile._remaining_signatures()
-    dtypes = {sig[0].dtype.name for sig in _tie_scan.signatures}
-    assert {"float32", "float64"} <= dtypes
+    assert dtypes == {"float32", "float64"}
 
 
-def test_rtn_confirm_gives_its_kernels_pixel_rows():
-    # rtn_confirm's values are (frames, pixels); the k-means start takes one
+def test_rtn_kernels_are_handed_c_rows(monkeypatch):
+    # rtn_confirm's values are (frames, pixels) and the k-means start takes one
     # row per pixel. Handed the transpose (Fortran order), numba compiled a
     # second signature of the kernel during a 61 MP job.
-    from sitiancal.compute.defects import _kmeans_1d_kernel, rtn_confirm
+    from sitiancal.compute import defects
 
+    layouts = []
+    kernel = defects._kmeans_1d_kernel
+
+    def recording(y, means):
+        layouts.append(y.flags.c_contiguous)
+        return kernel(y, means)
+
+    monkeypatch.setattr(defects, "_kmeans_1d_kernel", recording)
     rng = np.random.default_rng(3)
     values = rng.normal(100.0, 3.0, (30, 40))
     values[:15, :5] += 20.0  # two-level pixels
-    rtn_confirm(values)
-    assert _kmeans_1d_kernel.signatures
-    assert {sig[0].layout for sig in _kmeans_1d_kernel.signatures} == {"C"}
+    defects.rtn_confirm(values)
+    defects._tied_gmm(np.asfortranarray(values.T), 2)  # any caller's layout
+    assert layouts and all(layouts)
