@@ -652,3 +652,89 @@ def test_threshold_sample_of_a_large_map() -> None:
     c_all, s_all = robust_center_scale(big)
     c_smp, s_smp = robust_center_scale(sample)
     assert abs(c_smp - c_all) < 3e-3 * s_all and abs(s_smp / s_all - 1) < 5e-3
+
+
+class _LazyMap:
+    """A map read when asked (as a zarr array is), counting its reads."""
+
+    def __init__(self, value: np.ndarray, fail: bool = False) -> None:
+        self.value, self.fail, self.reads = value, fail, 0
+
+    def __array__(self, dtype=None, copy=None):
+        self.reads += 1
+        if self.fail:
+            raise OSError("disk gone")
+        return self.value.copy()
+
+
+def _read_ahead(monkeypatch, reads: dict, maps: dict, order: tuple, depth: int = 2):
+    from sitiancal.compute import products
+
+    monkeypatch.setattr(products, "_BUILDER_READS", reads)
+    return products._ReadAhead(maps, order, depth=depth)
+
+
+def test_read_ahead_hands_each_builder_its_maps_once(monkeypatch) -> None:
+    maps = {n: _LazyMap(np.full((3, 4), i, np.float32)) for i, n in enumerate("abcd")}
+    maps["numpy"] = np.zeros(2)  # in memory already: never scheduled
+    ahead = _read_ahead(monkeypatch, {"x": ("a", "b"), "y": ("c", "numpy"), "z": ("a",)},
+                        maps, ("x", "y", "z"))
+    try:
+        first = ahead.take("x", "a")
+        np.testing.assert_array_equal(first, maps["a"].value)
+        first[...] = -1.0  # the taker's own array: the next reader of "a" gets the map
+        assert ahead.take("x", "a") is None  # taken: the builder reads it itself
+        np.testing.assert_array_equal(ahead.take("x", "b"), maps["b"].value)
+        ahead.finish("x")
+        np.testing.assert_array_equal(ahead.take("y", "c"), maps["c"].value)
+        assert ahead.take("y", "numpy") is None
+        assert ahead.take("y", "d") is None  # not one of y's reads
+        ahead.finish("y")
+        np.testing.assert_array_equal(ahead.take("z", "a"), maps["a"].value)
+        assert ahead.take(None, "a") is None  # outside a builder
+    finally:
+        ahead.close()
+    assert [maps[n].reads for n in "abcd"] == [2, 1, 1, 0]
+
+
+def test_read_ahead_drops_what_a_builder_did_not_take(monkeypatch) -> None:
+    maps = {n: _LazyMap(np.full(5, i, np.float64)) for i, n in enumerate("abc")}
+    ahead = _read_ahead(monkeypatch, {"x": ("a", "b"), "y": ("c",)}, maps, ("x", "y"), depth=1)
+    try:
+        ahead.finish("x")  # x built nothing (its product was not supported)
+        np.testing.assert_array_equal(ahead.take("y", "c"), maps["c"].value)
+        assert not ahead._ready
+    finally:
+        ahead.close()
+    assert maps["b"].reads == 0  # skipped once x ended (a may have been read already)
+
+
+def test_read_ahead_never_waits_behind_a_full_buffer(monkeypatch) -> None:
+    # a builder asking for its maps out of order, with one map held at most: the
+    # thread holds "a" and cannot read "c"; the builder reads "c" itself
+    import threading
+
+    maps = {n: _LazyMap(np.full(4, i, np.int64)) for i, n in enumerate("abc")}
+    ahead = _read_ahead(monkeypatch, {"x": ("a", "b", "c")}, maps, ("x",), depth=1)
+    got: list = []
+    try:
+        t = threading.Thread(target=lambda: got.append(ahead.take("x", "c")))
+        t.start()
+        t.join(10.0)
+        assert not t.is_alive() and got[0] is None
+        np.testing.assert_array_equal(ahead.take("x", "a"), maps["a"].value)
+        np.testing.assert_array_equal(ahead.take("x", "b"), maps["b"].value)
+    finally:
+        ahead.close()
+
+
+def test_read_ahead_hands_a_failed_read_to_its_builder(monkeypatch) -> None:
+    maps = {"a": _LazyMap(np.zeros(3), fail=True), "b": _LazyMap(np.ones(3))}
+    ahead = _read_ahead(monkeypatch, {"x": ("a", "b")}, maps, ("x",))
+    try:
+        with pytest.raises(OSError, match="disk gone"):
+            ahead.take("x", "a")
+        np.testing.assert_array_equal(ahead.take("x", "b"), np.ones(3))
+    finally:
+        ahead.close()
+    ahead.close()  # twice: nothing left to stop

@@ -417,6 +417,56 @@ def test_helper_threads_change_no_product(bimodal, tmp_path_factory, monkeypatch
             np.testing.assert_array_equal(values, inline[kind][1][name], err_msg=f"{kind} {name}")
 
 
+def test_read_ahead_changes_no_product(mid, tmp_path_factory, monkeypatch):
+    """The builders' maps read ahead on a thread of their own give exactly the
+    products of reading each map when asked (the job's scratch maps, zarr)."""
+    import json
+
+    import zarr
+
+    from sitiancal.compute import products
+    from sitiancal.storage.store import to_jsonable
+
+    outcome, _, ds = mid
+    work = sorted({p.resolve() for p in
+                   tmp_path_factory.getbasetemp().glob("mid*/work/maps.zarr")})
+    assert len(work) == 1
+    group = zarr.open_group(str(work[0]), mode="r")
+    maps = {name: group[name] for name in group.array_keys()}
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    served: list[tuple[str, str]] = []
+    take = products._ReadAhead.take
+
+    def recording(self, builder, name):
+        value = take(self, builder, name)
+        if value is not None:
+            served.append((builder, name))
+        return value
+
+    monkeypatch.setattr(products._ReadAhead, "take", recording)
+
+    def build() -> dict:
+        built, _ = products.assemble_products(maps, outcome.planned, CalibrationParams(seed=3),
+                                              shape=shape)
+        return {kind: (json.dumps(to_jsonable(c.stats), sort_keys=True),
+                       {a.name: np.asarray(a.data) for a in c.arrays})
+                for kind, c in built.items()}
+
+    ahead = build()
+    assert served == [(b, n) for b in products._BUILD_ORDER
+                      for n in products._BUILDER_READS.get(b, ()) if n in maps]
+    monkeypatch.setattr(products, "_BUILDER_READS", {})
+    served.clear()
+    asked = build()
+    assert not served
+    assert ahead.keys() == asked.keys()
+    for kind, (stats, arrays) in ahead.items():
+        assert stats == asked[kind][0], kind
+        assert arrays.keys() == asked[kind][1].keys()
+        for name, values in arrays.items():
+            np.testing.assert_array_equal(values, asked[kind][1][name], err_msg=f"{kind} {name}")
+
+
 @pytest.mark.parametrize("limit, expect", [(None, "every"), (1 << 60, "end"), (0, "every+end")])
 def test_freed_memory_goes_back_only_over_the_resident_limit(mid, tmp_path_factory, monkeypatch,
                                                             limit, expect):
