@@ -367,25 +367,50 @@ class _Inline:
         pass
 
 
-def test_helper_threads_change_no_product(bimodal, tmp_path_factory, monkeypatch):
-    """The conversion gain and the dark populations, computed on helper threads while the
-    other products are built, give exactly the products of a build on one thread (the
-    bimodal set: a per-pixel conversion gain from two gain populations)."""
-    import json
-    import threading
-
+def _scratch_maps(tmp_path_factory, fixture: str) -> dict:
+    """The tile pass's scratch maps (zarr) of a module fixture's job."""
     import zarr
+
+    work = sorted({p.resolve() for p in
+                   tmp_path_factory.getbasetemp().glob(f"{fixture}*/work/maps.zarr")})
+    assert len(work) == 1
+    group = zarr.open_group(str(work[0]), mode="r")
+    return {name: group[name] for name in group.array_keys()}
+
+
+def _assembled(maps: dict, outcome, ds) -> dict:
+    """Every product assembled from ``maps``: type -> (stats as JSON, arrays)."""
+    import json
 
     from sitiancal.compute import products
     from sitiancal.storage.store import to_jsonable
 
+    built, _ = products.assemble_products(maps, outcome.planned, CalibrationParams(seed=3),
+                                          shape=(ds.sizes["y"], ds.sizes["x"]))
+    return {kind: (json.dumps(to_jsonable(c.stats), sort_keys=True),
+                   {a.name: np.asarray(a.data) for a in c.arrays})
+            for kind, c in built.items()}
+
+
+def _assert_same_products(one: dict, other: dict) -> None:
+    assert one.keys() == other.keys()
+    for kind, (stats, arrays) in one.items():
+        assert stats == other[kind][0], kind
+        assert arrays.keys() == other[kind][1].keys()
+        for name, values in arrays.items():
+            np.testing.assert_array_equal(values, other[kind][1][name], err_msg=f"{kind} {name}")
+
+
+def test_helper_threads_change_no_product(bimodal, tmp_path_factory, monkeypatch):
+    """The conversion gain and the dark populations, computed on helper threads while the
+    other products are built, give exactly the products of a build on one thread (the
+    bimodal set: a per-pixel conversion gain from two gain populations)."""
+    import threading
+
+    from sitiancal.compute import products
+
     outcome, _, ds = bimodal
-    work = sorted({p.resolve() for p in
-                   tmp_path_factory.getbasetemp().glob("bimodal*/work/maps.zarr")})
-    assert len(work) == 1
-    group = zarr.open_group(str(work[0]), mode="r")
-    maps = {name: group[name] for name in group.array_keys()}
-    shape = (ds.sizes["y"], ds.sizes["x"])
+    maps = _scratch_maps(tmp_path_factory, "bimodal")
     computed_on: list[str] = []
     real = products.Assembler._conversion_gain
 
@@ -395,45 +420,22 @@ def test_helper_threads_change_no_product(bimodal, tmp_path_factory, monkeypatch
         return real(self)
 
     monkeypatch.setattr(products.Assembler, "_conversion_gain", recording)
-
-    def build() -> dict:
-        built, _ = products.assemble_products(maps, outcome.planned, CalibrationParams(seed=3),
-                                              shape=shape)
-        return {kind: (json.dumps(to_jsonable(c.stats), sort_keys=True),
-                       {a.name: np.asarray(a.data) for a in c.arrays})
-                for kind, c in built.items()}
-
-    threaded = build()
+    threaded = _assembled(maps, outcome, ds)
     assert computed_on == ["sitiancal-gain_0"]
     assert len(threaded["gain"][0]) and '"bimodal": true' in threaded["gain"][0]
     monkeypatch.setattr(products, "ThreadPoolExecutor", _Inline)
-    inline = build()
+    inline = _assembled(maps, outcome, ds)
     assert computed_on[-1] == threading.main_thread().name
-    assert threaded.keys() == inline.keys()
-    for kind, (stats, arrays) in threaded.items():
-        assert stats == inline[kind][0], kind
-        assert arrays.keys() == inline[kind][1].keys()
-        for name, values in arrays.items():
-            np.testing.assert_array_equal(values, inline[kind][1][name], err_msg=f"{kind} {name}")
+    _assert_same_products(threaded, inline)
 
 
 def test_read_ahead_changes_no_product(mid, tmp_path_factory, monkeypatch):
     """The builders' maps read ahead on a thread of their own give exactly the
     products of reading each map when asked (the job's scratch maps, zarr)."""
-    import json
-
-    import zarr
-
     from sitiancal.compute import products
-    from sitiancal.storage.store import to_jsonable
 
     outcome, _, ds = mid
-    work = sorted({p.resolve() for p in
-                   tmp_path_factory.getbasetemp().glob("mid*/work/maps.zarr")})
-    assert len(work) == 1
-    group = zarr.open_group(str(work[0]), mode="r")
-    maps = {name: group[name] for name in group.array_keys()}
-    shape = (ds.sizes["y"], ds.sizes["x"])
+    maps = _scratch_maps(tmp_path_factory, "mid")
     served: list[tuple[str, str]] = []
     take = products._ReadAhead.take
 
@@ -444,27 +446,14 @@ def test_read_ahead_changes_no_product(mid, tmp_path_factory, monkeypatch):
         return value
 
     monkeypatch.setattr(products._ReadAhead, "take", recording)
-
-    def build() -> dict:
-        built, _ = products.assemble_products(maps, outcome.planned, CalibrationParams(seed=3),
-                                              shape=shape)
-        return {kind: (json.dumps(to_jsonable(c.stats), sort_keys=True),
-                       {a.name: np.asarray(a.data) for a in c.arrays})
-                for kind, c in built.items()}
-
-    ahead = build()
+    ahead = _assembled(maps, outcome, ds)
     assert served == [(b, n) for b in products._BUILD_ORDER
                       for n in products._BUILDER_READS.get(b, ()) if n in maps]
     monkeypatch.setattr(products, "_BUILDER_READS", {})
     served.clear()
-    asked = build()
+    asked = _assembled(maps, outcome, ds)
     assert not served
-    assert ahead.keys() == asked.keys()
-    for kind, (stats, arrays) in ahead.items():
-        assert stats == asked[kind][0], kind
-        assert arrays.keys() == asked[kind][1].keys()
-        for name, values in arrays.items():
-            np.testing.assert_array_equal(values, asked[kind][1][name], err_msg=f"{kind} {name}")
+    _assert_same_products(ahead, asked)
 
 
 @pytest.mark.parametrize("limit, expect", [(None, "every"), (1 << 60, "end"), (0, "every+end")])
