@@ -53,9 +53,12 @@ from sitiancal.compute.summary import (
 )
 from sitiancal.compute.tile import CalibrationParams
 
+#: Maps :class:`_ReadAhead` holds read and not yet taken (61 MP: ~0.25 GB each).
+READ_AHEAD_MAPS = 2
 #: Peak memory of building one product, bytes per frame pixel: up to ~1.5 GB at
-#: 61 MP (a product's float32 maps, its flags and temporaries), rounded up.
-PRODUCT_BYTES_PER_PIXEL = 25
+#: 61 MP (a product's float32 maps, its flags and temporaries), rounded up, and
+#: the float32 maps read ahead for the products after it (:class:`_ReadAhead`).
+PRODUCT_BYTES_PER_PIXEL = 25 + 4 * READ_AHEAD_MAPS
 
 #: Product types, in the order they are assembled (the mask needs the others).
 PRODUCT_TYPES = ("bias", "read_noise", "dark", "ptc", "gain", "linearity", "flat", "mask")
@@ -77,8 +80,6 @@ _BUILDER_READS = {"linearity": ("flat_signal",), "gain": ("gain", "gain_err"),
                   "read_noise": ("bias_std",), "dark": ("dark_rate", "dark_rate_err"),
                   "bias": ("bias_mean",), "flat": ("flat_signal",),
                   "mask": ("rtn", "bias_trend_z")}
-#: Maps :class:`_ReadAhead` holds read and not yet taken (61 MP: ~0.25 GB each).
-READ_AHEAD_MAPS = 2
 
 
 def _f(x: object) -> float | None:
