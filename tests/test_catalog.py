@@ -24,6 +24,7 @@ from sitiancal.storage.catalog import (
     InvalidInput,
     NoProduct,
     NotFound,
+    ProductVersion,
     StateConflict,
     ValidityConflict,
     current_revision,
@@ -291,14 +292,14 @@ def test_concurrent_certifications_never_overlap(catalog: Catalog, store, monkey
     for t in threads:
         t.join(timeout=60)
     assert not isinstance(outcome["B"], Exception), outcome["B"]
+    # B first: B holds the series lock while A waits, and A's explicit end
+    # overlaps B (refused). A first: A certified, then trimmed to B's start by B.
+    serial = {"B": ({2: (day(10), day(30))}, ValidityConflict),
+              "A": ({1: (day(0), day(10)), 2: (day(10), day(30))}, ProductVersion)}
+    expected_ranges, expected_a = serial[first]
+    assert type(outcome["A"]) is expected_a, outcome["A"]
     final = ranges(catalog)
-    assert final[2] == (day(10), day(30))
-    if first == "B":  # B holds the series lock while A waits: A's explicit end overlaps B
-        assert isinstance(outcome["A"], ValidityConflict), outcome["A"]
-        assert 1 not in final
-    else:  # A certified, then trimmed to B's start by B
-        assert not isinstance(outcome["A"], Exception), outcome["A"]
-        assert final[1] == (day(0), day(10))
+    assert final == expected_ranges
     spans = sorted(final.values())
     for (_, e1), (s2, _) in itertools.pairwise(spans):
         assert e1 is not None and e1 <= s2
