@@ -1384,7 +1384,7 @@ def rtn_confirm(values: np.ndarray, *, config: DefectConfig | None = None) -> np
     n_f, m = v.shape
     if m == 0:
         return np.zeros(0, dtype=bool)
-    y = np.ascontiguousarray(v.T)  # one row per pixel (the kernels take C rows)
+    y = v.T
     # standardise per pixel (scale-free criteria)
     sd = np.maximum(y.std(axis=1), 1e-300)
     y = (y - y.mean(axis=1, keepdims=True)) / sd[:, None]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numba import njit, prange
+from scipy.stats import chi2 as chi2_dist
 from scipy.stats import f as f_dist
 
 from sitiancal.compute.mixture import MixtureFit, fit_mixture
@@ -438,8 +439,6 @@ def _leave_out_worst_level(fit: PixelGainFit, mean: np.ndarray, var: np.ndarray,
     levels allow, or with an intercept far from the known read variance
     (which takes up a hit at the faintest level while the fit stays good).
     """
-    from scipy.stats import chi2 as chi2_dist
-
     m_in, v_in = np.asarray(mean), np.asarray(var)
     n_levels = m_in.shape[-1]
     n_arr = np.asarray(n, dtype=np.float64)
@@ -479,7 +478,7 @@ def _leave_out_worst_level(fit: PixelGainFit, mean: np.ndarray, var: np.ndarray,
             m_lin, v_lin = m_c, v_c
         valid = _valid_levels(m_lin, v_lin, n_arr[None, :], max_mean)
         if read_var is not None:  # in linearised units at the faint end
-            s2 = np.asarray(read_var[0], dtype=np.float64).reshape(-1)[candidates]
+            s2 = s2_map[candidates].astype(np.float64)
             if poly is not None and poly.size > 1:
                 s2 = s2 * np.polyder(poly)[-1] ** 2
         score = np.zeros(m_c.shape)
