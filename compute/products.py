@@ -143,6 +143,7 @@ class _ReadAhead:
         self._cond = threading.Condition()
         self._ready: dict[tuple[str, str], np.ndarray | BaseException] = {}
         self._dropped: set[str] = set()  # builders that ended
+        self._given_up: set[tuple[str, str]] = set()  # items their builder read itself
         self._next = 0  # index of the schedule's next item to read
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="sitiancal-read-ahead",
@@ -157,7 +158,7 @@ class _ReadAhead:
                 if self._closed or self._next >= len(self._schedule):
                     return
                 item = self._schedule[self._next]
-                if item[0] in self._dropped:
+                if item[0] in self._dropped or item in self._given_up:
                     self._next += 1
                     self._cond.notify_all()
                     continue
@@ -167,7 +168,8 @@ class _ReadAhead:
                 value = exc
             with self._cond:
                 self._next += 1
-                if item[0] not in self._dropped and not self._closed:
+                if (item[0] not in self._dropped and item not in self._given_up
+                        and not self._closed):
                     self._ready[item] = value
                 self._cond.notify_all()
 
@@ -182,9 +184,12 @@ class _ReadAhead:
                     return None  # not scheduled, or taken already: the caller reads it
                 # Wait while the thread reads towards it; with the held maps at
                 # ``depth`` it cannot go on (a builder asking for its maps out of
-                # order): then the caller reads this one itself.
+                # order): then the caller reads this one itself, and the thread
+                # skips it (or drops it, if it is reading it now).
                 self._cond.wait_for(lambda: item in self._ready or self._closed
                                     or self._next > pos or len(self._ready) >= self._depth)
+                if item not in self._ready:
+                    self._given_up.add(item)
             value = self._ready.pop(item, None)
             self._cond.notify_all()
         if isinstance(value, BaseException):

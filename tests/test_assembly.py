@@ -711,7 +711,8 @@ def test_read_ahead_drops_what_a_builder_did_not_take(monkeypatch) -> None:
 
 def test_read_ahead_never_waits_behind_a_full_buffer(monkeypatch) -> None:
     # a builder asking for its maps out of order, with one map held at most: the
-    # thread holds "a" and cannot read "c"; the builder reads "c" itself
+    # thread holds "a" and cannot read "c"; the builder reads "c" itself, and the
+    # thread skips it
     import threading
 
     maps = {n: _LazyMap(np.full(4, i, np.int64)) for i, n in enumerate("abc")}
@@ -724,8 +725,12 @@ def test_read_ahead_never_waits_behind_a_full_buffer(monkeypatch) -> None:
         assert not t.is_alive() and got[0] is None
         np.testing.assert_array_equal(ahead.take("x", "a"), maps["a"].value)
         np.testing.assert_array_equal(ahead.take("x", "b"), maps["b"].value)
+        ahead._thread.join(10.0)  # the schedule's end: the thread stops by itself
+        assert not ahead._thread.is_alive()
     finally:
         ahead.close()
+    # "c", which the builder read itself, was not read again for nothing
+    assert [maps[n].reads for n in "abc"] == [1, 1, 0]
 
 
 def test_read_ahead_hands_a_failed_read_to_its_builder(monkeypatch) -> None:
