@@ -142,8 +142,8 @@ class _ReadAhead:
         self._depth = max(1, int(depth))
         self._cond = threading.Condition()
         self._ready: dict[tuple[str, str], np.ndarray | BaseException] = {}
-        self._dropped: set[str] = set()  # builders that ended
-        self._given_up: set[tuple[str, str]] = set()  # items their builder read itself
+        # items not to read (their builder ended, or read the map itself)
+        self._skip: set[tuple[str, str]] = set()
         self._next = 0  # index of the schedule's next item to read
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="sitiancal-read-ahead",
@@ -158,7 +158,7 @@ class _ReadAhead:
                 if self._closed or self._next >= len(self._schedule):
                     return
                 item = self._schedule[self._next]
-                if item[0] in self._dropped or item in self._given_up:
+                if item in self._skip:
                     self._next += 1
                     self._cond.notify_all()
                     continue
@@ -168,8 +168,7 @@ class _ReadAhead:
                 value = exc
             with self._cond:
                 self._next += 1
-                if (item[0] not in self._dropped and item not in self._given_up
-                        and not self._closed):
+                if item not in self._skip and not self._closed:
                     self._ready[item] = value
                 self._cond.notify_all()
 
@@ -189,7 +188,7 @@ class _ReadAhead:
                 self._cond.wait_for(lambda: item in self._ready or self._closed
                                     or self._next > pos or len(self._ready) >= self._depth)
                 if item not in self._ready:
-                    self._given_up.add(item)
+                    self._skip.add(item)
             value = self._ready.pop(item, None)
             self._cond.notify_all()
         if isinstance(value, BaseException):
@@ -199,7 +198,8 @@ class _ReadAhead:
     def finish(self, builder: str) -> None:
         """``builder`` ended: drop what it did not take and skip what it would have."""
         with self._cond:
-            self._dropped.add(builder)
+            # from the item being read on: the thread drops that one when it is read
+            self._skip.update(k for k in self._schedule[self._next:] if k[0] == builder)
             for item in [k for k in self._ready if k[0] == builder]:
                 del self._ready[item]
             self._cond.notify_all()
@@ -975,7 +975,7 @@ def _build(asm: Assembler, builders: dict[str, Callable[[], ProductContent | Non
            out: dict[str, ProductContent], resident_limit: int | None = None) -> None:
     """Build the products in :data:`_BUILD_ORDER` into ``out`` (see :func:`assemble_products`)."""
     order = tuple(n for n in _BUILD_ORDER if n != "mask" or "mask" in wanted)
-    asm._read_ahead = _ReadAhead(asm.maps, order)
+    ahead = asm._read_ahead = _ReadAhead(asm.maps, order)
     asm._builder_thread = threading.get_ident()
     try:
         for name in order:
@@ -983,14 +983,12 @@ def _build(asm: Assembler, builders: dict[str, Callable[[], ProductContent | Non
             try:
                 content = builders[name]()
             finally:
-                if asm._read_ahead is not None:
-                    asm._read_ahead.finish(name)
+                ahead.finish(name)
                 asm._building = None
             _keep(asm, name, content, wanted, emit, out, resident_limit)
     finally:
-        if asm._read_ahead is not None:
-            asm._read_ahead.close()
-            asm._read_ahead = None
+        ahead.close()
+        asm._read_ahead = None
 
 
 def _keep(asm: Assembler, name: str, content: ProductContent | None, wanted: tuple[str, ...],
