@@ -485,6 +485,66 @@ def test_hit_groups_left_out_of_a_pixels_dark_fit():
         assert np.isfinite(means).all()  # no gain: nothing tested
 
 
+def _groups_left_reference(means, variances, times, counts, gain, limit):
+    """The dark fit's left-out groups (saturated, then hit), pixel by pixel, as the
+    docstrings of ``_saturated_left_out`` and ``_hit_groups_left_out`` state them."""
+    from scipy.stats import f as f_dist
+
+    from sitiancal.compute.tile import HIT_GROUP_ALPHA
+
+    m, v = means.copy(), variances.copy()
+    t = np.asarray(times)
+    k_ref = int(np.argmin(t))
+
+    def leave_out(drop, pixel, arrays):
+        gone = drop | np.isnan(arrays[0][(slice(None), *pixel)])
+        if len({ti for ti, g in zip(t, gone, strict=True) if not g}) >= 2:
+            for a in arrays:
+                a[(slice(None), *pixel)][drop] = np.nan
+
+    for pixel in np.ndindex(means.shape[1:]):
+        col = m[(slice(None), *pixel)]
+        leave_out(col - col[k_ref] > limit, pixel, [m])
+    if np.isfinite(gain) and gain > 0 and counts[k_ref] >= 2:
+        for pixel in np.ndindex(means.shape[1:]):
+            mc, vc = m[(slice(None), *pixel)], v[(slice(None), *pixel)]
+            read = max(vc[k_ref], 1.0 / 12.0)
+            hit = np.zeros(len(t), dtype=bool)
+            for k in range(len(t)):
+                if k != k_ref and counts[k] >= 2:
+                    q = f_dist.isf(HIT_GROUP_ALPHA, counts[k] - 1, counts[k_ref] - 1)
+                    hit[k] = vc[k] > q * (read + max(mc[k] - mc[k_ref], 0.0) / gain)
+            leave_out(hit, pixel, [m, v])
+    return m, v
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dark_groups_left_out_match_the_per_pixel_rules(seed):
+    # the vectorised context managers of the tile pass against the rules applied
+    # pixel by pixel: the same groups set to NaN (hot pixels saturating, hits,
+    # groups already NaN, two groups at one exposure time), restored afterwards
+    from sitiancal.compute.tile import _hit_groups_left_out, _saturated_left_out
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(3, 7))
+    times = list(np.sort(rng.choice([0.0, 0.0, 30.0, 60.0, 60.0, 120.0, 300.0], k)))
+    counts = [int(c) for c in rng.integers(1, 12, k)]
+    shape = (k, 9, 11)
+    means = 1000 + rng.normal(0, 30, shape) * rng.choice([1, 100], shape, p=[0.8, 0.2])
+    variances = np.abs(rng.normal(10, 5, shape)) * rng.choice([1, 1e4], shape, p=[0.9, 0.1])
+    means[rng.random(shape) < 0.05] = np.nan
+    gain, limit = [(0.25, 300.0), (1.0, 50.0), (float("nan"), 300.0)][seed % 3]
+    want = _groups_left_reference(means, variances, times, counts, gain, limit)
+    before = means.copy(), variances.copy()
+    with _saturated_left_out(means, times, limit), \
+            _hit_groups_left_out(means, variances, times, counts, gain):
+        np.testing.assert_array_equal(means, want[0])
+        np.testing.assert_array_equal(variances, want[1])
+        assert np.isnan(means).sum() > np.isnan(before[0]).sum()
+    np.testing.assert_array_equal(means, before[0])
+    np.testing.assert_array_equal(variances, before[1])
+
+
 def test_dark_rate_error_carries_the_darks_own_level_scatter(tmp_path):
     # 0.4 C rms of temperature jitter scales each dark's whole signal by
     # ~4.6 % (doubling 6 C): a 600 s dark's level scatters ~3x more than a
