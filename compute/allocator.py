@@ -59,10 +59,15 @@ def keep_freed_memory() -> bool:
     ``mmap`` and unmaps it when freed, so the kernel zeroes every page again
     (measured here: 19% of the job's CPU time in ``clear_page``). With these
     settings arrays up to 256 MB come from one heap shared by all threads and
-    freed memory stays in it for reuse; up to 1 GB of free heap top is kept,
-    and :func:`compute.products.assemble_products` still hands freed memory
-    back between products (:func:`return_freed_memory`), so the peak stays within the
-    job's budget. Measured on a 69-frame 61 MP set (2 cores): ``clear_page``
+    freed memory stays in it for reuse, until the heap's free top reaches
+    1 GB: glibc then gives all of it back (down to ``M_TOP_PAD``, 128 kB),
+    not only the part above the threshold. :func:`compute.products.assemble_products`
+    hands freed memory back between products (:func:`return_freed_memory`), so the
+    peak stays within the job's budget. A whole 300-frame 61 MP job (2 cores)
+    shrank its heap 11-12 times, ~3-4 GB in all, nearly all of it those explicit
+    calls; never trimming by itself (``M_TRIM_THRESHOLD`` -1) changed neither
+    that nor the job's time (benchmarks/HISTORY.md, 2026-12-08). Measured on a
+    69-frame 61 MP set (2 cores): ``clear_page``
     fell from 19% to 8% of the CPU samples and the job from 75 s to 71-73 s,
     at the same peak RSS (3.1 GB). Called at the start of every job, and by
     the service before it starts any thread: the one-arena setting applies to
